@@ -1,0 +1,524 @@
+"""The on-device model: a Llama / Qwen2 family transformer written out by hand.
+
+One file, read top to bottom: the config (HF config.json fields), the layers (RMSNorm, RoPE in
+HF's rotate-half convention with llama3 scaling, grouped-query attention through SDPA, SwiGLU),
+the static KV cache the sampler fills, checkpoint load/save in the HF layout (safetensors, no
+`transformers` needed), and the tokenizer with hand-written chat formats (ChatML, Llama-3).
+Module names equal HF's parameter names minus the leading "model.", so checkpoints map 1:1.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- config
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass
+class ModelConfig:
+    """The fields of an HF Llama / Qwen2 config.json that change the computation."""
+    model_type: str = "llama"  # "llama" or "qwen2"
+    vocab_size: int = 32
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", "factor", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # Llama: bias on q, k, v and o. Qwen2 always has q/k/v bias.
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; allowed: "
+                             f"{sorted(ARCHITECTURES)}")
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        rope_type = (self.rope_scaling or {}).get("rope_type",
+                                                  (self.rope_scaling or {}).get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported; allowed: "
+                             "none/'default', 'llama3'")
+        if rope_type == "default":
+            self.rope_scaling = None
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type == "llama" and self.attention_bias
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """Parse an HF config.json dict, classic (rope_theta / rope_scaling) or newer
+        (rope_parameters) style. Anything that would silently change the model is an error."""
+        model_type = hf.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"unsupported architecture: model_type={model_type!r}, architectures="
+                             f"{hf.get('architectures')}; supported: {sorted(ARCHITECTURES)}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; allowed: 'silu'")
+        if hf.get("use_sliding_window", False):
+            raise ValueError("use_sliding_window=true is not supported (Qwen2 sliding-window "
+                             "attention); set it to false")
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            raise ValueError(f"pretraining_tp={hf['pretraining_tp']} is not supported; allowed: 1")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = hf.get("rope_theta") or rope.pop("rope_theta", None) or 10000.0
+        rope.pop("rope_theta", None)
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported")
+        rope.pop("partial_rotary_factor", None)
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        kw = {f.name: hf[f.name] for f in fields(cls)
+              if f.name in hf and f.name not in ("rope_theta", "rope_scaling", "head_dim")}
+        kw.setdefault("num_key_value_heads", hf["num_attention_heads"])
+        kw["torch_dtype"] = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
+        return cls(**kw, head_dim=hf.get("head_dim") or 0, rope_theta=float(theta),
+                   rope_scaling=rope if rope.get("rope_type", "default") != "default" else None)
+
+    def to_hf(self) -> dict:
+        """The classic Hub-style config.json that both our loader and transformers read."""
+        d = asdict(self)
+        d["architectures"] = [ARCHITECTURES[self.model_type]]
+        d["hidden_act"] = "silu"
+        d["use_cache"] = True
+        if self.model_type == "qwen2":
+            del d["attention_bias"], d["mlp_bias"]
+            d.update(use_sliding_window=False, sliding_window=None,
+                     max_window_layers=self.num_hidden_layers)
+        return d
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32, scale in the input dtype (as HF does, for bit-level parity)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama-3's wavelength-dependent scaling if set."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s = cfg.rope_scaling
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths (low frequencies) are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    mid = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(mid, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """cos/sin tables [B, T, head_dim] for explicit integer positions [B, T]."""
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on x [B, H, T, D] (HF convention: pairs (i, i + D/2))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Static key/value buffers [layers, B, kv_heads, max_len, head_dim], allocated once.
+
+    Layout: every row writes new tokens into the same columns (prompts are left-padded), so a
+    step writes one column slice. `valid` [B, max_len] marks real (non-padding) filled slots and
+    is the attention mask; `pos` is the next column to write (a Python int: no host sync).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=None):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def first_of_groups(self, n: int) -> "KVCache":
+        """A view of rows 0, n, 2n, ... sharing this cache's storage: prefilling it fills the
+        first row of each group of n (the rows of one prompt's samples)."""
+        view = KVCache.__new__(KVCache)
+        L, B, H, T, D = self.k.shape
+        view.k = self.k.view(L, B // n, n, H, T, D)[:, :, 0]
+        view.v = self.v.view(L, B // n, n, H, T, D)[:, :, 0]
+        view.valid = self.valid.view(B // n, n, T)[:, 0]
+        view.pos = self.pos
+        return view
+
+    def copy_to_groups(self, n: int, upto: int):
+        """Copy columns [0, upto) of each group's first row into the group's other n-1 rows."""
+        L, B, H, T, D = self.k.shape
+        for buf in (self.k, self.v):
+            g = buf.view(L, B // n, n, H, T, D)
+            g[:, :, 1:, :, :upto] = g[:, :, :1, :, :upto]
+        g = self.valid.view(B // n, n, T)
+        g[:, 1:, :upto] = g[:, :1, :upto]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                  cfg.head_dim)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this chunk into its columns, attend to everything so far
+            start, end = cache.pos, cache.pos + T
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj = nn.Linear(h, i, bias=b), nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(key_valid, T: int, offset: int):
+    """Boolean SDPA mask [B, 1, T, offset+T]: query t (at column offset+t) sees valid keys at
+    columns <= its own. Each query also sees itself, so padding queries never get an all-masked
+    row (which would make NaNs); their outputs are never used."""
+    L = offset + T
+    q_col = torch.arange(offset, L, device=key_valid.device)[:, None]
+    k_col = torch.arange(L, device=key_valid.device)[None, :]
+    mask = (k_col <= q_col) & key_valid[:, None, :L]
+    return (mask | (k_col == q_col))[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # fp32 RoPE frequencies, deliberately not a buffer so model.to(bf16) cannot round them
+        self.inv_freq = rope_inv_freq(cfg)
+        self.gradient_checkpointing = False  # recompute each block in backward (saves memory)
+
+    def forward(self, tokens, positions, attn_mask=None, cache: KVCache | None = None,
+                last_only: bool = False):
+        """tokens, positions: [B, T] ints. attn_mask: [B, T] bool, False for padding tokens.
+        With a cache, the T tokens are written at columns cache.pos.. and attend to all earlier
+        valid columns; cache.pos then advances. Returns logits [B, T, V] ([B, 1, V] with
+        last_only, which skips the vocabulary projection of every other position)."""
+        B, T = tokens.shape
+        x = self.embed_tokens(tokens)
+        if self.inv_freq.device != tokens.device:
+            self.inv_freq = self.inv_freq.to(tokens.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        if cache is not None:
+            cache.valid[:, cache.pos:cache.pos + T] = True if attn_mask is None else attn_mask
+            mask = attention_mask(cache.valid, T, cache.pos)
+        elif attn_mask is not None:
+            mask = attention_mask(attn_mask, T, 0)
+        else:
+            mask = None  # plain causal attention over a batch without padding
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_weights(self, seed: int = 0, std: float = 0.02):
+        """Random initialisation for models trained from scratch (normal(0, std), norms at 1)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name == "norm.weight":
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _atomic_write(path: str, write):
+    """Write through a temp file in the same directory, fsync, rename: never a torn file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _hf_name(ours: str) -> str:
+    return ours if ours.startswith("lm_head.") else "model." + ours
+
+
+def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
+    """Load an HF Llama/Qwen2 directory (config.json + model*.safetensors, sharded or not),
+    strictly: a missing or unexpected tensor is an error that names it. dtype defaults to fp32
+    on CPU and bf16 on CUDA."""
+    from safetensors import safe_open
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = ModelConfig.from_hf(json.load(f))
+    device = torch.device(device or "cpu")
+    dtype = DTYPES.get(dtype, dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = sorted(n for n in os.listdir(path)
+                        if n.startswith("model") and n.endswith(".safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no model*.safetensors in {path}")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {_hf_name(n): n for n in model.state_dict()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    state = {}
+    for shard in shards:
+        with safe_open(os.path.join(path, shard), framework="pt") as f:
+            for name in f.keys():
+                if cfg.tie_word_embeddings and name == "lm_head.weight":
+                    continue  # a tied head stored anyway: it is the embedding
+                if name not in expected:
+                    raise ValueError(f"unexpected tensor {name!r} in {os.path.join(path, shard)}")
+                t = f.get_tensor(name)
+                if not t.is_floating_point():
+                    raise ValueError(f"tensor {name!r} in {shard} has dtype {t.dtype}: quantised "
+                                     "checkpoints are not supported; dequantise to float first")
+                state[expected[name]] = t.to(device=device, dtype=dtype)
+    missing = [hf for hf, ours in expected.items() if ours not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} is missing tensors: {missing[:8]}"
+                         + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    model.load_state_dict(state, strict=False, assign=True)  # the loaded tensors become the params
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model
+
+
+def save_pretrained(model: Transformer, path: str, tokenizer: "Tokenizer | None" = None):
+    """Write config.json + model.safetensors in the HF layout (a tied embedding stored once),
+    each file atomically; with a tokenizer also its files. Loads in ours and in transformers."""
+    from safetensors.torch import save
+    os.makedirs(path, exist_ok=True)
+    cfg = model.config
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    state = {_hf_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        del state["lm_head.weight"]
+    blob = save(state, metadata={"format": "pt"})
+    _atomic_write(os.path.join(path, "model.safetensors"), lambda f: f.write(blob))
+    atomic_write_text(os.path.join(path, "config.json"), json.dumps(hf, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(path)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """tokenizers.Tokenizer plus what generation needs: eos ids, pad id, and the chat format
+    ("chatml" for Qwen2-style, "llama3", or None for raw-text models), written by hand."""
+
+    def __init__(self, tk, eos_ids, pad_id, bos_id=None, chat_format=None, default_system=None,
+                 special_tokens=None):
+        self.tk, self.eos_ids, self.pad_id, self.bos_id = tk, list(eos_ids), pad_id, bos_id
+        self.chat_format, self.default_system = chat_format, default_system
+        self.special_tokens = special_tokens or {}  # name -> token string, saved to config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, adding nothing (chat markup and BOS come from apply_chat)."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    def token_id(self, text: str) -> int | None:
+        return self.tk.token_to_id(text)
+
+    def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render chat messages as the model family's own template does."""
+        if self.chat_format == "chatml":
+            if messages[0]["role"] != "system" and self.default_system is not None:
+                messages = [{"role": "system", "content": self.default_system}] + messages
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        if self.chat_format == "llama3":
+            text = "<|begin_of_text|>" + "".join(
+                f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                for m in messages)
+            return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n"
+                           if add_generation_prompt else "")
+        raise ValueError("this tokenizer has no chat format (a raw-text model): give the prompt "
+                         "as a string, not as chat messages")
+
+    def save(self, path: str):
+        self.tk.save(os.path.join(path, "tokenizer.json"))
+        conf = dict(self.special_tokens)
+        if self.chat_format:
+            conf["chat_format"] = self.chat_format
+        atomic_write_text(os.path.join(path, "tokenizer_config.json"), json.dumps(conf, indent=2))
+
+
+def _token_str(v):
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def _default_system_message(template: str) -> str | None:
+    """The default system message a ChatML template inserts when none is given, read from the
+    template's own text (e.g. Qwen2.5's "You are Qwen, ..."); None if it inserts none."""
+    m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", template)
+    return m.group(1).replace("\\n", "\n").replace("\\'", "'") if m else None
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """tokenizer.json through `tokenizers`; eos/pad/bos from tokenizer_config.json and
+    generation_config.json; the chat format recognised from the template's markup."""
+    from tokenizers import Tokenizer as HFTokenizer
+    tk = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+
+    def read(name):
+        p = os.path.join(path, name)
+        return json.load(open(p)) if os.path.exists(p) else {}
+
+    tc, gc, mc = read("tokenizer_config.json"), read("generation_config.json"), read("config.json")
+    template = tc.get("chat_template") or ""
+    if isinstance(template, list):  # named templates: use the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), "")
+    fmt = tc.get("chat_format")
+    if fmt is None and "<|im_start|>" in template:
+        fmt = "chatml"
+    elif fmt is None and "<|start_header_id|>" in template:
+        fmt = "llama3"
+    eos = gc.get("eos_token_id", mc.get("eos_token_id"))
+    eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    eos_tok = _token_str(tc.get("eos_token"))
+    if eos_tok is not None and tk.token_to_id(eos_tok) is not None:
+        eos_ids = [tk.token_to_id(eos_tok)] + [e for e in eos_ids if e != tk.token_to_id(eos_tok)]
+    if not eos_ids:
+        raise ValueError(f"no eos token found in {path} (tokenizer_config.json eos_token or "
+                         "generation_config.json eos_token_id)")
+    pad_tok = _token_str(tc.get("pad_token"))
+    pad_id = tk.token_to_id(pad_tok) if pad_tok else None
+    bos_tok = _token_str(tc.get("bos_token"))
+    specials = {k: _token_str(tc[k]) for k in ("eos_token", "pad_token", "bos_token")
+                if tc.get(k) is not None}
+    return Tokenizer(tk, eos_ids, eos_ids[0] if pad_id is None else pad_id,
+                     tk.token_to_id(bos_tok) if bos_tok else None, fmt,
+                     _default_system_message(template) if fmt == "chatml" else None, specials)
+
+
+def build_char_tokenizer(alphabet: str) -> Tokenizer:
+    """A character-level tokenizer for models trained from scratch: one id per character of
+    `alphabet`, plus <pad> (0) and <eos> (1)."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    chars = sorted(set(alphabet))
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tk = HFTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens(["<pad>", "<eos>"])
+    return Tokenizer(tk, [1], 0, None, None, None, {"eos_token": "<eos>", "pad_token": "<pad>"})

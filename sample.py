@@ -1,0 +1,106 @@
+"""Batched generation with a static KV cache: the rollout engine (DESIGN.md: sample.py).
+
+generate() left-pads the ragged prompts, prefills each distinct prompt once into the first row
+of its group of n sample rows, copies that cache into the other n-1 rows, then decodes all rows
+together one token per step. The cache is allocated once at exactly prompt + new-token length;
+every step writes one column. Rows stop independently on a stop id; the only host sync in the
+loop is an "all finished?" check every `check_every` steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model import KVCache, Transformer
+
+
+@dataclass
+class Generation:
+    """Rows are prompt-major: rows i*n .. i*n+n-1 are the samples of prompt i."""
+    tokens: torch.Tensor    # [R, max_new_tokens] long; pad_id after a row stopped
+    logprobs: torch.Tensor  # [R, max_new_tokens] log-prob of each token under the sampling dist.
+    mask: torch.Tensor      # [R, max_new_tokens] bool; generated tokens incl. the stop token
+    lengths: torch.Tensor   # [R] long; number of generated tokens (mask.sum(1))
+    finished: torch.Tensor  # [R] bool; the row ended on a stop id (False: hit max_new_tokens)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None):
+    """Ragged prompts -> (ids [P, L], real-token mask [P, L], positions [P, L]), right-aligned
+    so that every row's next token goes in the same column."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), L, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, L - len(p):] = True
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def sample_next(logits, temperature: float, top_k: int, top_p: float, generator):
+    """Draw one token per row from softmax(logits / T) restricted to the top-k / top-p
+    support; return (token, its log-prob under that restricted distribution). T = 0: greedy,
+    with the log-prob of the untempered softmax."""
+    if temperature == 0:
+        token = logits.argmax(-1)
+        return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    logp = torch.log_softmax(logits, -1)
+    token = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return token, logp.gather(-1, token[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids=(),
+             seed: int = 0, pad_id: int = 0, check_every: int = 8) -> Generation:
+    """Sample n continuations of each prompt (lists of token ids, any lengths)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 (got {temperature}), top_k >= 0 (got {top_k}), "
+                         f"0 < top_p <= 1 (got {top_p})")
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    P, R = len(prompts), len(prompts) * n
+    ids, real, positions = left_pad(prompts, pad_id, device)
+    Lp = ids.shape[1]
+    if Lp + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"longest prompt ({Lp}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings={model.config.max_position_embeddings}")
+    generator = torch.Generator(device).manual_seed(seed)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+
+    # the last sampled token is never fed back, so the cache needs Lp + max_new_tokens - 1 columns
+    cache = KVCache(model.config, R, Lp + max_new_tokens - 1, device, dtype)
+    logits = model(ids, positions, attn_mask=real, cache=cache.first_of_groups(n), last_only=True)
+    cache.copy_to_groups(n, Lp)
+    cache.pos = Lp
+    logits = logits[:, -1].float().repeat_interleave(n, dim=0)
+    next_pos = (positions[:, -1] + 1).repeat_interleave(n)[:, None]
+
+    tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(R, max_new_tokens, device=device)
+    mask = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=device)
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        token, lp = sample_next(logits, temperature, top_k, top_p, generator)
+        token = token.masked_fill(done, pad_id)
+        tokens[:, t], logprobs[:, t], mask[:, t] = token, lp.masked_fill(done, 0.0), ~done
+        done = done | torch.isin(token, stop)
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
+            break
+        logits = model(token[:, None], next_pos + t, cache=cache)[:, -1].float()
+    return Generation(tokens, logprobs, mask, mask.sum(1), done)

@@ -1,0 +1,169 @@
+"""model.py against transformers' own Llama / Qwen2 implementations (random small configs)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_models import FAMILIES, make_hf_model
+from model import (ModelConfig, Tokenizer, Transformer, build_char_tokenizer, load_pretrained,
+                   load_tokenizer, save_pretrained)
+
+transformers = pytest.importorskip("transformers")
+
+
+def positions_for(mask):
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_logits_match_transformers(name, tmp_path):
+    hf = make_hf_model(name)
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(str(tmp_path)).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (2, 90))  # positions beyond llama3's original 32 context
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids, torch.arange(90).expand(2, -1))
+    assert (ref - got).abs().max().item() <= 1e-4
+    # a left-padded batch: real positions must match HF's masked forward
+    mask = torch.ones(2, 90, dtype=torch.bool)
+    mask[1, :37] = False
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask.long(), position_ids=positions_for(mask)).logits
+        got = ours(ids, positions_for(mask), attn_mask=mask)
+    assert (ref - got)[mask].abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["qwen2_untied", "llama3_rope", "llama_untied_headdim"])
+def test_save_roundtrip_and_transformers_loads_ours(name, tmp_path):
+    hf = make_hf_model(name, seed=3)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(str(tmp_path / "hf"))
+    save_pretrained(ours, str(tmp_path / "ours"))
+    again = load_pretrained(str(tmp_path / "ours"))
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    cfg = json.load(open(tmp_path / "ours" / "config.json"))
+    assert "rope_parameters" not in cfg and "rope_theta" in cfg  # classic Hub style
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").float().eval()
+    ids = torch.randint(3, 97, (1, 70))
+    with torch.no_grad():
+        assert (reloaded(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
+        assert torch.equal(again(ids, torch.arange(70)[None]), ours(ids, torch.arange(70)[None]))
+
+
+def test_tied_embedding_stored_once(tmp_path):
+    model = Transformer(ModelConfig(tie_word_embeddings=True)).init_weights(0)
+    save_pretrained(model, str(tmp_path))
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    loaded = load_pretrained(str(tmp_path))
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = make_hf_model("llama_gqa_tied")
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    ours = load_pretrained(str(tmp_path))
+    ids = torch.randint(3, 97, (1, 20))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids, torch.arange(20)[None])).abs().max() <= 1e-4
+
+
+def test_strict_loading_names_the_tensor(tmp_path):
+    save_pretrained(Transformer(ModelConfig(tie_word_embeddings=False)).init_weights(0),
+                    str(tmp_path))
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    missing = dict(state)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    save_file(missing, path)
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
+        load_pretrained(str(tmp_path))
+    save_file({**state, "model.layers.0.self_attn.q_proj.qweight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="q_proj.qweight"):
+        load_pretrained(str(tmp_path))
+    quant = dict(state)
+    quant["model.layers.0.mlp.down_proj.weight"] = torch.zeros(384, 128, dtype=torch.int8)
+    save_file(quant, path)
+    with pytest.raises(ValueError, match="quantised"):
+        load_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "gpt2"}, "gpt2"),
+    ({"hidden_act": "gelu"}, "gelu"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "dynamic"),
+    ({"use_sliding_window": True}, "sliding"),
+])
+def test_unsupported_config_is_an_error(change, message):
+    hf = ModelConfig().to_hf()
+    hf.update(change)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(hf)
+
+
+def test_config_styles_agree():
+    classic = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+               "intermediate_size": 100, "num_hidden_layers": 2, "vocab_size": 10,
+               "rope_theta": 500000.0,
+               "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    newer = dict(classic, rope_theta=None, rope_scaling=None,
+                 rope_parameters=dict(classic["rope_scaling"], rope_theta=500000.0))
+    a, b = ModelConfig.from_hf(classic), ModelConfig.from_hf(newer)
+    assert a == b and a.rope_theta == 500000.0 and a.rope_scaling["factor"] == 32.0
+
+
+def _tokenizer(chat_format, default_system=None):
+    tk = build_char_tokenizer("abc").tk
+    return Tokenizer(tk, [1], 0, chat_format=chat_format, default_system=default_system)
+
+
+def test_chatml_format():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    tok = _tokenizer("chatml", default_system="You are Qwen.")
+    assert tok.apply_chat(msgs) == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                                    "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.apply_chat(msgs[1:], add_generation_prompt=False) == (
+        "<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n")
+
+
+def test_llama3_format():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " 2+2? "}]
+    assert _tokenizer("llama3").apply_chat(msgs) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_raw_tokenizer_refuses_chat():
+    with pytest.raises(ValueError, match="no chat format"):
+        _tokenizer(None).apply_chat([{"role": "user", "content": "a"}])
+
+
+def test_char_tokenizer_roundtrip(tmp_path):
+    tok = build_char_tokenizer("0123456789,|=[]+-*#AH")
+    text = "07,03,12|033=[007+003=010,010*012=120]10#23#03#H"
+    ids = tok.encode(text)
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    assert tok.decode([tok.eos_ids[0]]) == "<eos>"
+    tok.save(str(tmp_path))
+    again = load_tokenizer(str(tmp_path))
+    assert again.encode(text) == ids and again.eos_ids == [1] and again.pad_id == 0
+
+
+def test_load_tokenizer_reads_template_and_eos(tmp_path):
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    template = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a "
+                "helpful AI assistant named SmolLM<|im_end|>\\n' }}{% endif %}")
+    json.dump({"chat_template": template, "eos_token": "<eos>", "pad_token": {"content": "<pad>"}},
+              open(tmp_path / "tokenizer_config.json", "w"))
+    json.dump({"eos_token_id": [1, 0]}, open(tmp_path / "generation_config.json", "w"))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.chat_format == "chatml" and tok.eos_ids == [1, 0] and tok.pad_id == 0
+    assert tok.default_system == "You are a helpful AI assistant named SmolLM"
