@@ -1,0 +1,318 @@
+"""Tests for algo.py against independently derived numbers: a closed-form gradient, hand-computed
+advantages and caps, and gradients assembled response by response with separate autograd calls."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from algo import (FilterResult, accumulate_policy_gradient, filter_prompts, group_advantages,
+                  micro_batches, policy_gradient_loss, sequence_token_logprobs, update_dual)
+
+# -----------------------------------------------------------------------------
+# unbiasedness on a toy policy: softmax over K responses, fixed rewards
+
+THETA = torch.tensor([0.5, -0.3, 1.0, 0.0, -1.2], dtype=torch.float64)
+REWARD = torch.tensor([1.0, 0.25, 0.0, 0.25, 1.0], dtype=torch.float64)
+
+
+def exact_gradient(theta, reward):
+    """d/dtheta sum_k p_k r_k = p_k (r_k - sum_j p_j r_j) for p = softmax(theta)."""
+    p = torch.softmax(theta, 0)
+    return p * (reward - (p * reward).sum())
+
+
+def estimator_samples(G, kind, reward, n_groups, seed):
+    """g(x) = sum_i coef_i (onehot(y_i) - p) for n_groups independent groups: [n_groups, K]."""
+    p = torch.softmax(THETA, 0)
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.multinomial(p, n_groups * G, replacement=True, generator=gen).view(n_groups, G)
+    coef = group_advantages(reward[y], kind)                       # [n_groups, G]
+    g = torch.zeros(n_groups, len(p), dtype=torch.float64).scatter_add_(1, y, coef)
+    return g - coef.sum(1, keepdim=True) * p                     # grad log softmax = onehot - p
+
+
+@pytest.mark.parametrize("G", [2, 4, 8])
+def test_gapg_is_unbiased(G):
+    g = estimator_samples(G, "gapg", REWARD, 100_000, seed=G)
+    mean, se = g.mean(0), g.std(0) / math.sqrt(len(g))
+    exact = exact_gradient(THETA, REWARD)
+    assert (exact.abs() > 0.01).all()
+    assert ((mean - exact).abs() < 4 * se).all(), (mean, exact, se)
+    if G == 2:  # the test has power: dividing by G instead of G-1 (half the step) is caught
+        assert ((mean * (G - 1) / G - exact).abs() > 10 * se).any()
+
+
+def test_grpo_is_biased():
+    # GRPO is scale invariant; the true gradient scales with the rewards. At 1/100 of the scale
+    # the GRPO mean stays O(0.1) while the exact gradient is O(1e-3).
+    small = REWARD / 100
+    g = estimator_samples(4, "grpo", small, 100_000, seed=0)
+    mean, se = g.mean(0), g.std(0) / math.sqrt(len(g))
+    exact = exact_gradient(THETA, small)
+    assert ((mean - exact).abs() > 10 * se).any(), (mean, exact, se)
+    g_big = estimator_samples(4, "grpo", REWARD, 100_000, seed=0)   # same draws, 100x rewards
+    assert (g_big.mean(0) - mean).abs().max() < 0.01 * mean.abs().max()   # equal up to eps
+
+# -----------------------------------------------------------------------------
+# advantages by hand
+
+def test_hand_advantages_G4():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    # mean 0.25; centred 0.75, -0.25 x3; unbiased var = (0.5625 + 3 * 0.0625) / 3 = 0.25, std 0.5
+    torch.testing.assert_close(group_advantages(r, "gapg"), r.new_tensor([[0.25, -1 / 12, -1 / 12, -1 / 12]]))
+    torch.testing.assert_close(group_advantages(r, "dr_grpo"), r.new_tensor([[0.75, -0.25, -0.25, -0.25]]))
+    torch.testing.assert_close(group_advantages(r, "grpo", eps=0.0), r.new_tensor([[1.5, -0.5, -0.5, -0.5]]))
+    # zero-variance group: all advantages 0 under every kind (no NaN from 0 / (0 + eps))
+    flat = torch.full((1, 4), 0.25, dtype=torch.float64)
+    for kind in ("gapg", "grpo", "dr_grpo"):
+        assert group_advantages(flat, kind).abs().max() == 0
+
+
+def test_flattening_example_G8():
+    r = torch.zeros(2, 8, dtype=torch.float64)
+    r[0, 0], r[1, 0] = 1.0, 0.25
+    grpo = group_advantages(r, "grpo")
+    # unbiased std of [1, 0 x7] is sqrt((7/8) / 7) = 1/sqrt(8); top advantage (7/8) sqrt(8)
+    assert grpo[0, 0].item() == pytest.approx(0.875 * math.sqrt(8), rel=1e-5)
+    assert grpo[1, 0].item() == pytest.approx(0.875 * math.sqrt(8), rel=1e-4)   # identical: hierarchy erased
+    gapg = group_advantages(r, "gapg")
+    # top (1 - 1/8) / 7 = 1/8, others -(1/8) / 7 = -1/56; the 0.25 group is exactly 1/4 of that
+    torch.testing.assert_close(gapg[0], r.new_tensor([1 / 8] + [-1 / 56] * 7))
+    torch.testing.assert_close(gapg[1], r.new_tensor([1 / 32] + [-1 / 224] * 7))
+    assert gapg[0, 0] / gapg[1, 0] == pytest.approx(4.0)
+
+
+def test_da_grpo_hand_group():
+    r = torch.tensor([[1.0, 0.25, 0.25, 0.0]], dtype=torch.float64)
+    help = torch.tensor([[False, True, True, False]])
+    # A_r = r - 0.375 = [.625, -.125, -.125, -.375]; c = [0,1,1,0], A_c = [-.5, .5, .5, -.5]
+    # A = A_r - 0.5 A_c = [.875, -.375, -.375, -.125]
+    torch.testing.assert_close(group_advantages(r, "da_grpo", help=help, dual=0.5),
+                               r.new_tensor([[0.875, -0.375, -0.375, -0.125]]))
+    torch.testing.assert_close(group_advantages(r, "da_grpo", help=help, dual=0.0),
+                               r.new_tensor([[0.625, -0.125, -0.125, -0.375]]))
+
+
+def test_update_dual_hand_sequence():
+    # dual 0, tau 0.3, eta 0.5: 0 + .5*.5 = .25; +.5*.3 = .4; -.5*.2 = .3; .2; 0.2-.15 = .05; max(0, -.1) = 0
+    dual, seen = 0.0, []
+    for rate in (0.8, 0.6, 0.1, 0.1, 0.0, 0.0):
+        dual = update_dual(dual, rate, tau=0.3, eta=0.5)
+        seen.append(dual)
+    assert seen == pytest.approx([0.25, 0.4, 0.3, 0.2, 0.05, 0.0])
+
+
+def test_advantage_errors():
+    with pytest.raises(ValueError, match="G=1"):
+        group_advantages(torch.ones(3, 1), "gapg")
+    with pytest.raises(ValueError, match="gapg.*grpo.*dr_grpo.*da_grpo"):
+        group_advantages(torch.ones(3, 4), "ppo")
+    with pytest.raises(ValueError, match="help"):
+        group_advantages(torch.ones(3, 4), "da_grpo")
+
+# -----------------------------------------------------------------------------
+# filtering (SPEC 6). A group is a string: L = locally correct, W = wrong, H = help call.
+
+def batch(groups, cloud):
+    local_ok = torch.tensor([[c == "L" for c in g] for g in groups])
+    help = torch.tensor([[c == "H" for c in g] for g in groups])
+    cloud_ok = torch.tensor(cloud)
+    rewards = local_ok.double() + 0.25 * (help & cloud_ok[:, None]).double()   # v3, alpha_c = 0.25
+    return local_ok, cloud_ok, help, rewards
+
+
+def run_filter(groups, cloud, rho=3 / 7, rule="any_correct", seed=0):
+    local_ok, cloud_ok, help, rewards = batch(groups, cloud)
+    return filter_prompts(local_ok, cloud_ok, help, rho, rule,
+                          torch.Generator().manual_seed(seed), rewards=rewards)
+
+
+@pytest.mark.parametrize("n_d1,cap", list(enumerate([0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4])))
+def test_cap_is_floor_rho_d1(n_d1, cap):
+    groups = ["LW"] * n_d1 + ["HW"] * 10
+    res = run_filter(groups, [True] * len(groups))
+    assert (res.n_d1, res.n_d2, res.n_d2_candidates, res.n_d2_dropped) == (n_d1, cap, 10, 10 - cap)
+    assert res.selected.dtype == torch.long
+    assert res.selected[:n_d1].tolist() == list(range(n_d1))          # all of D1, sorted
+    assert len(res.selected) == n_d1 + cap and (res.selected[n_d1:] >= n_d1).all()
+    assert res.selected.tolist() == sorted(set(res.selected.tolist()))
+
+
+@pytest.mark.parametrize("rho,n_d1,cap", [(3 / 7, 7, 3), (0.29, 100, 29), (0.58, 50, 29), (0.7, 90, 63)])
+def test_cap_rounding(rho, n_d1, cap):
+    # 0.29 * 100 = 28.999999999999996 in binary floating point; the cap must still be 29
+    res = run_filter(["LW"] * n_d1 + ["HW"] * 100, [True] * (n_d1 + 100), rho=rho)
+    assert res.n_d2 == cap
+
+
+def test_empty_d1_keeps_no_d2():
+    res = run_filter(["HH", "HW", "WH"], [True, True, True])
+    assert res.selected.tolist() == [] and (res.n_d1, res.n_d2, res.n_d2_dropped) == (0, 0, 3)
+
+
+def test_everything_in_d2_kept_when_under_cap():
+    res = run_filter(["LL", "LW", "HW", "WL", "HH"], [True] * 5, rho=1.0)
+    assert res.selected.tolist() == [0, 1, 2, 3, 4]
+    assert (res.n_d1, res.n_d2, res.n_d2_candidates, res.n_d2_dropped) == (3, 2, 2, 0)
+
+
+def test_rho_zero_keeps_no_d2():
+    res = run_filter(["LW", "HW"], [True, True], rho=0.0)
+    assert res.selected.tolist() == [0] and res.n_d2_dropped == 1
+
+
+def test_d2_needs_a_help_call_and_a_correct_cloud():
+    # 0: no help call (cloud verdict meaningless); 1: cloud wrong; 2: a real candidate
+    res = run_filter(["LW", "LW", "LW", "WW", "HW", "WH"], [True, True, True, True, False, True], rho=1.0)
+    assert res.n_d2_candidates == 1 and res.selected.tolist() == [0, 1, 2, 5]
+
+
+def test_all_correct_groups_under_both_rules():
+    groups, cloud = ["LLLL", "LWLW", "LLLL", "HWHW", "WWWW"], [True] * 5
+    res = run_filter(groups, cloud, rho=1.0, rule="any_correct")
+    assert res.selected.tolist() == [0, 1, 2, 3] and res.n_d1 == 3 and res.n_d2 == 1
+    res = run_filter(groups, cloud, rho=1.0, rule="mixed")
+    assert res.selected.tolist() == [1, 3] and res.n_d1 == 1 and res.n_d2 == 1
+    # zero-variance groups: the two LLLL and WWWW; the mixed rule selects none of them
+    assert res.n_zero_variance == 3 and res.n_zero_variance_selected == 0
+    # the smaller D1 of "mixed" also shrinks the cap: floor(0.5 * 1) = 0
+    assert run_filter(groups, cloud, rho=0.5, rule="mixed").selected.tolist() == [1]
+
+
+def test_zero_variance_count():
+    groups = ["LLLL", "WWWW", "HHHH", "HHHH", "LWHW", "HWWW"]
+    cloud = [True, True, True, False, True, True]   # HHHH with cloud right: all 0.25; wrong: all 0
+    res = run_filter(groups, cloud, rho=1.0)
+    assert res.n_zero_variance == 4
+    assert res.selected.tolist() == [0, 2, 4, 5] and res.n_zero_variance_selected == 2
+
+
+def test_rule_none_selects_everything():
+    res = run_filter(["LL", "WW", "HW", "HH"], [True, True, True, False], rho=0.0, rule="none")
+    assert res.selected.tolist() == [0, 1, 2, 3]
+    assert (res.n_d1, res.n_d2, res.n_d2_candidates, res.n_d2_dropped) == (1, 1, 1, 0)
+
+
+def test_filter_is_deterministic_given_the_generator():
+    groups = ["LW"] * 10 + ["HW"] * 10
+    picks = [run_filter(groups, [True] * 20, seed=s).selected.tolist() for s in (1, 1, 2, 3)]
+    assert picks[0] == picks[1]
+    assert len({tuple(p) for p in picks}) > 1
+
+
+def test_d2_choice_is_uniform():
+    # 5 candidates, cap floor(0.4 * 5) = 2: each of the 10 pairs has probability 1/10
+    local_ok, cloud_ok, help, rewards = batch(["LW"] * 5 + ["HW"] * 5, [True] * 10)
+    gen, n, pairs = torch.Generator().manual_seed(0), 4000, {}
+    for _ in range(n):
+        kept = tuple(filter_prompts(local_ok, cloud_ok, help, 0.4, generator=gen, rewards=rewards).selected[5:].tolist())
+        pairs[kept] = pairs.get(kept, 0) + 1
+    assert len(pairs) == 10
+    sd = math.sqrt(n * 0.1 * 0.9)
+    assert all(abs(c - n / 10) < 5 * sd for c in pairs.values()), pairs
+
+
+def test_filter_errors():
+    with pytest.raises(ValueError, match="rho"):
+        run_filter(["LW"], [True], rho=-0.1)
+    with pytest.raises(ValueError, match="any_correct"):
+        run_filter(["LW"], [True], rule="both")
+    assert isinstance(run_filter(["LW"], [True]), FilterResult)
+
+# -----------------------------------------------------------------------------
+# the loss on a tiny stand-in causal model with model.py's call signature
+
+class TinyCausal(nn.Module):
+    """Embedding, causal mean over real tokens, position embedding, linear head: logits [N, L, V]."""
+    def __init__(self, vocab=7, dim=4, max_len=16):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.tok = nn.Parameter(torch.randn(vocab, dim, generator=g, dtype=torch.float64))
+        self.pos = nn.Parameter(0.5 * torch.randn(max_len, dim, generator=g, dtype=torch.float64))
+        self.head = nn.Parameter(torch.randn(dim, vocab, generator=g, dtype=torch.float64))
+
+    def forward(self, tokens, positions, attn_mask=None, cache=None):
+        real = torch.ones_like(tokens, dtype=torch.bool) if attn_mask is None else attn_mask
+        x = self.tok[tokens] * real[..., None]
+        h = x.cumsum(1) / real.cumsum(1).clamp(min=1)[..., None]
+        return torch.tanh(h + self.pos[positions]) @ self.head
+
+
+START, TEMP = 3, 0.7
+
+
+def loss_batch():
+    """7 rows of [3 prompt | 5 response] tokens, some left padding, some masked response tokens."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 7, (7, 8), generator=g)
+    attn = torch.ones(7, 8, dtype=torch.bool)
+    attn[1, :1] = attn[4, :2] = False                               # left-padded prompts
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    mask = torch.rand(7, 5, generator=g) < 0.7                      # device tokens of the response
+    mask[2, 3:] = False                                             # right padding / cloud tokens
+    coef = torch.randn(7, generator=g, dtype=torch.float64)
+    return ids, pos, attn, mask, coef
+
+
+def hand_gradient(model, ids, pos, attn, mask, coef, n_selected):
+    """-(1/n_selected) sum_i coef_i grad log pi(y_i): one forward and one autograd.grad per response,
+    log pi(y_i) summed over its device tokens t as log_softmax(logits[t-1] / T)[token_t]."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(ids)):
+        logits = model(ids[i:i + 1], pos[i:i + 1], attn_mask=attn[i:i + 1])[0]
+        terms = [torch.log_softmax(logits[START + j - 1] / TEMP, -1)[ids[i, START + j]]
+                 for j in range(mask.shape[1]) if mask[i, j]]
+        grads = torch.autograd.grad(torch.stack(terms).sum(), params)
+        total = [t - coef[i] * g / n_selected for t, g in zip(total, grads)]
+    return total
+
+
+def test_loss_gradient_matches_hand_assembled():
+    model = TinyCausal()
+    ids, pos, attn, mask, coef = loss_batch()
+    logp = sequence_token_logprobs(model, ids, pos, attn, START, TEMP)
+    assert logp.shape == (7, 5)
+    policy_gradient_loss(logp, mask, coef, n_selected=3).backward()
+    for p, h in zip(model.parameters(), hand_gradient(model, ids, pos, attn, mask, coef, 3)):
+        torch.testing.assert_close(p.grad, h, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_micro_batches_give_the_same_gradient(size):
+    model = TinyCausal()
+    ids, pos, attn, mask, coef = loss_batch()
+    hand = hand_gradient(model, ids, pos, attn, mask, coef, 3)
+    accumulate_policy_gradient(model, ids, pos, attn, START, TEMP, mask, coef, 3, size)
+    for p, h in zip(model.parameters(), hand):
+        torch.testing.assert_close(p.grad, h, rtol=1e-6, atol=1e-6)
+
+
+def test_micro_batch_slices():
+    assert micro_batches(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert micro_batches(7, 7) == [slice(0, 7)] and micro_batches(0, 2) == []
+    assert micro_batches(3, 10) == [slice(0, 3)]
+
+
+def test_masked_tokens_carry_no_gradient():
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    coef = torch.tensor([2.0, -1.0])
+    grads = []
+    for masked_value in (0.0, 123.0, -math.inf):
+        logp = torch.tensor([[-1.0, 0.0, -2.0], [0.0, -0.5, 0.0]])
+        logp[~mask] = masked_value
+        logp.requires_grad_(True)
+        loss = policy_gradient_loss(logp, mask, coef, n_selected=2)
+        # -(2 * (-1 - 2) + (-1) * (-0.5)) / 2 = -(-6 + 0.5) / 2 = 2.75
+        assert loss.item() == pytest.approx(2.75)
+        loss.backward()
+        grads.append(logp.grad)
+    expected = torch.tensor([[-1.0, 0.0, -1.0], [0.0, 0.5, 0.0]])   # -coef_i / n_selected on device tokens
+    for g in grads:
+        torch.testing.assert_close(g, expected)
+
+
+def test_loss_errors():
+    with pytest.raises(ValueError, match="n_selected"):
+        policy_gradient_loss(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), torch.ones(1), 0)
