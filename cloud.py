@@ -1,0 +1,505 @@
+"""The frozen cloud model pi_c and its persistent answer cache (SPEC.md section 1; DESIGN.md cloud.py).
+
+The cloud sees the prompt x alone (task.cloud_messages) and is treated as deterministic: each
+prompt reaches it at most once, across a whole run including crash and resume, because every
+answer is appended (flushed and fsynced) to a JSONL cache and served from there afterwards.
+
+Backends share one small interface, `complete(task, examples) -> list[str]`; a backend may put
+an exception in place of a text to report that this one prompt failed (never cached, retried on
+the next run). Backends: OracleBackend (a simulation, for synthetic tasks), HttpBackend
+(OpenAI-compatible /v1/chat/completions on urllib), LocalBackend (a larger local checkpoint).
+
+CLI: python cloud.py --task tiny_countdown --split train --backend oracle --cache runs/cc.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import inspect
+import json
+import os
+import random
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class CloudError(RuntimeError):
+    """A cloud request failed. Messages never contain the API key."""
+
+
+class CloudAuthError(CloudError):
+    """401/403: no request can succeed until the key is fixed, so the whole batch stops."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+
+RECORD_FIELDS = {"task": str, "key": str, "prompt_sha256": str, "answer": str, "verdict": bool,
+                 "backend": str, "model": str}
+
+
+def prompt_digest(messages) -> str:
+    """sha256 of the exact messages sent to the cloud, stored to catch a cache reused across
+    a changed prompt template."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+class CloudCache:
+    """Persistent JSONL cache, one record per (task name, example key): the cloud's answer text,
+    its verdict, the backend and the model name (never a secret).
+
+    Kill safety: each append is one write of whole lines, flushed and fsynced. On load, a torn
+    or corrupt LAST line (a crash mid-write) is ignored and cut off before the next append; a
+    corrupt earlier line is an error naming it. path=None keeps the cache in memory only."""
+
+    def __init__(self, path=None):
+        self.path = Path(path) if path is not None else None
+        self.records: dict[tuple[str, str], dict] = {}
+        self.ignored_torn_line = False
+        self._truncate_to = None    # byte offset where a torn last line starts
+        self._needs_newline = False  # the last record is whole but lacks its "\n"
+        self._lock = threading.Lock()
+        if self.path is not None and self.path.exists():
+            self._load()
+
+    def _load(self):
+        data = self.path.read_bytes()
+        lines, offset = [], 0
+        for raw in data.split(b"\n"):
+            lines.append((offset, raw))
+            offset += len(raw) + 1
+        nonblank = [i for i, (_, raw) in enumerate(lines) if raw.strip()]
+        for i in nonblank:
+            start, raw = lines[i]
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                problem = self._record_problem(record)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                problem = f"not valid JSON ({e})"
+            if problem is None:
+                self.records.setdefault((record["task"], record["key"]), record)  # first answer wins
+            elif i == nonblank[-1]:
+                self.ignored_torn_line, self._truncate_to = True, start
+            else:
+                raise ValueError(f"{self.path}:{i + 1}: corrupt cloud cache record ({problem}); only a "
+                                 f"torn last line is repaired automatically")
+        if self._truncate_to is None and data and not data.endswith(b"\n"):
+            self._needs_newline = True
+
+    @staticmethod
+    def _record_problem(record) -> str | None:
+        if not isinstance(record, dict):
+            return "not a JSON object"
+        for name, kind in RECORD_FIELDS.items():
+            if not isinstance(record.get(name), kind):
+                return f"field {name!r} missing or not a {kind.__name__}"
+        return None
+
+    def __len__(self):
+        return len(self.records)
+
+    def get(self, task_name: str, key: str) -> dict | None:
+        return self.records.get((task_name, key))
+
+    def put(self, task_name: str, key: str, answer: str, verdict: bool, backend: str, model: str,
+            prompt_sha256: str = "") -> None:
+        self.put_many([{"task": task_name, "key": key, "prompt_sha256": prompt_sha256, "answer": answer,
+                        "verdict": bool(verdict), "backend": backend, "model": model}])
+
+    def put_many(self, records: list[dict]) -> None:
+        """Append records (one write, one fsync). A key already cached keeps its first answer."""
+        for record in records:
+            problem = self._record_problem(record)
+            if problem is not None:
+                raise ValueError(f"bad cloud cache record: {problem}")
+        with self._lock:
+            fresh = [r for r in records if (r["task"], r["key"]) not in self.records]
+            if not fresh:
+                return
+            if self.path is not None:
+                self._append(fresh)
+            for r in fresh:
+                self.records[(r["task"], r["key"])] = r
+
+    def _append(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        if self._needs_newline:
+            text = "\n" + text
+        with open(self.path, "r+b" if self.path.exists() else "wb") as f:
+            if self._truncate_to is not None:
+                f.truncate(self._truncate_to)
+            f.seek(0, os.SEEK_END)
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        self._truncate_to, self._needs_newline = None, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+
+class OracleBackend:
+    """A SIMULATED strong cloud model for synthetic tasks (not a real LLM): for each prompt it is
+    correct with probability p_correct, decided by a generator seeded from
+    sha256(f"{seed}:{task.name}:{example.key}"), so the same prompt always gets the same text.
+    Wrong answers are task.oracle_answer(example, False, rng): plausible, but wrong."""
+    name = "oracle"
+
+    def __init__(self, p_correct: float = 0.95, seed: int = 0):
+        if not isinstance(p_correct, (int, float)) or isinstance(p_correct, bool) or not 0 <= p_correct <= 1:
+            raise ValueError(f"oracle p_correct={p_correct!r} must be a number in [0, 1]")
+        self.p_correct, self.seed = float(p_correct), int(seed)
+        self.model_name = f"oracle(p_correct={self.p_correct},seed={self.seed})"
+
+    def rng_for(self, task, example) -> random.Random:
+        digest = hashlib.sha256(f"{self.seed}:{task.name}:{example.key}".encode("utf-8")).digest()
+        return random.Random(int.from_bytes(digest[:8], "big"))
+
+    def complete(self, task, examples) -> list[str]:
+        texts = []
+        for example in examples:
+            rng = self.rng_for(task, example)
+            texts.append(task.oracle_answer(example, rng.random() < self.p_correct, rng))
+        return texts
+
+
+def chat_completions_url(base_url: str) -> str:
+    """{base}/v1/chat/completions, whether or not base_url already ends in /v1."""
+    base = base_url.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    return base + "/chat/completions"
+
+
+def _retry_after_seconds(value) -> float | None:
+    """Retry-After as seconds (the HTTP-date form is ignored: plain backoff is used instead)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds >= 0 else None
+
+
+class HttpBackend:
+    """An OpenAI-compatible chat endpoint: POST {base_url}/v1/chat/completions.
+
+    The API key is read from the environment variable `api_key_env` at each request (no header
+    when unset, e.g. a local vLLM server); it is never logged, stored or put in an error message.
+    Timeouts, connection errors, 429 (honouring Retry-After seconds) and 5xx are retried up to
+    `retries` times with exponential backoff and jitter; 401/403 stop the batch (naming the
+    variable); other 4xx, malformed JSON and missing/empty choices fail that prompt at once.
+    Up to `concurrency` requests run in parallel threads; results keep the input order."""
+    name = "http"
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0,
+                 max_tokens: int = 2048, timeout: float = 60, retries: int = 5, concurrency: int = 8,
+                 backoff: float = 1.0, max_wait: float = 600.0):
+        if not base_url or not model:
+            raise ValueError("http cloud backend needs base_url and model")
+        if int(concurrency) < 1 or int(retries) < 0 or float(timeout) <= 0:
+            raise ValueError(f"http cloud backend: need concurrency >= 1 (got {concurrency}), "
+                             f"retries >= 0 (got {retries}), timeout > 0 (got {timeout})")
+        self.url = chat_completions_url(base_url)
+        self.model = self.model_name = model
+        self.api_key_env = api_key_env
+        self.temperature, self.max_tokens = float(temperature), int(max_tokens)
+        self.timeout, self.retries, self.concurrency = float(timeout), int(retries), int(concurrency)
+        self.backoff, self.max_wait = float(backoff), float(max_wait)
+        self.sleep = time.sleep  # replaceable in tests
+
+    def _scrub(self, text: str, key: str | None) -> str:
+        return text.replace(key, "***") if key else text
+
+    def chat(self, messages: list[dict]) -> str:
+        """One request with retries; returns the answer text or raises CloudError."""
+        key = os.environ.get(self.api_key_env) or None
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
+                           "max_tokens": self.max_tokens}).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        last_error = ""
+        for attempt in range(self.retries + 1):
+            wait = None
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+                return self._parse(raw, key)
+            except urllib.error.HTTPError as e:
+                try:
+                    detail = self._scrub(e.read()[:300].decode("utf-8", "replace"), key)
+                except OSError:
+                    detail = "(no body)"
+                if e.code in (401, 403):
+                    state = "is set" if key else "is NOT set"
+                    raise CloudAuthError(f"HTTP {e.code} from {self.url}: the API key was refused; check the "
+                                         f"environment variable {self.api_key_env} (it {state}). Server said: {detail}") from None
+                if e.code != 429 and e.code < 500:
+                    raise CloudError(f"HTTP {e.code} from {self.url} (not retried): {detail}") from None
+                last_error = f"HTTP {e.code}: {detail}"
+                if e.code == 429:
+                    wait = _retry_after_seconds(e.headers.get("Retry-After"))
+            except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
+                last_error = self._scrub(f"{type(e).__name__}: {e}", key)
+            if attempt < self.retries:
+                if wait is None:
+                    wait = self.backoff * 2 ** attempt * (0.5 + random.random())
+                self.sleep(min(wait, self.max_wait))
+        raise CloudError(f"{self.url}: gave up after {self.retries + 1} attempts; last error: {last_error}")
+
+    def _parse(self, raw: bytes, key: str | None) -> str:
+        snippet = self._scrub(raw[:200].decode("utf-8", "replace"), key)
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CloudError(f"malformed JSON from {self.url}: {snippet!r}") from None
+        choices = payload.get("choices") if isinstance(payload, dict) else None
+        if not isinstance(choices, list) or not choices:
+            raise CloudError(f"response from {self.url} has no choices: {snippet!r}")
+        message = choices[0].get("message") if isinstance(choices[0], dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, str) or not content.strip():
+            raise CloudError(f"response from {self.url} has an empty choices[0].message.content: {snippet!r}")
+        return content
+
+    def complete(self, task, examples) -> list:
+        """Answer texts in input order; a prompt that failed gets its CloudError instead."""
+        def one(messages):
+            try:
+                return self.chat(messages)
+            except CloudAuthError:
+                raise
+            except CloudError as e:
+                return e
+        if not examples:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(examples))) as pool:
+            futures = [pool.submit(one, task.cloud_messages(ex)) for ex in examples]
+            try:
+                return [f.result() for f in futures]
+            except CloudAuthError:
+                for f in futures:
+                    f.cancel()
+                raise
+
+
+class LocalBackend:
+    """A larger local checkpoint (model.py / sample.py), greedy decoding. Chat tasks are
+    formatted with the tokenizer's chat format; raw-text tasks send their prompt as is."""
+    name = "local"
+
+    def __init__(self, path: str, max_new_tokens: int = 1024, device=None, dtype=None, batch_size: int = 16):
+        self.path, self.model_name = str(path), str(path)
+        self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
+        self.device, self.dtype = device, dtype
+        self.model = self.tokenizer = None
+
+    def _load(self):
+        from model import load_pretrained, load_tokenizer  # lazy: only this backend needs them
+        self.model = load_pretrained(self.path, dtype=self.dtype, device=self.device)
+        self.tokenizer = load_tokenizer(self.path)
+
+    def complete(self, task, examples) -> list[str]:
+        import torch
+        from sample import generate
+        if self.model is None:
+            self._load()
+        tok = self.tokenizer
+        prompts = []
+        for ex in examples:
+            text = ex.prompt if isinstance(ex.prompt, str) else tok.apply_chat(task.cloud_messages(ex),
+                                                                               add_generation_prompt=True)
+            prompts.append(tok.encode(text))
+        eos = set(tok.eos_ids)
+        stop_ids = list(tok.eos_ids)
+        for stop in task.stop_texts:
+            ids = tok.encode(stop)
+            if len(ids) == 1 and ids[0] not in stop_ids:
+                stop_ids.append(ids[0])
+        texts = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), self.batch_size):
+                batch = prompts[i:i + self.batch_size]
+                out = generate(self.model, batch, n=1, max_new_tokens=self.max_new_tokens, temperature=0.0,
+                               stop_ids=stop_ids, seed=0)
+                for row in range(len(batch)):
+                    ids = out.tokens[row, :int(out.lengths[row])].tolist()
+                    if ids and ids[-1] in eos:
+                        ids = ids[:-1]
+                    texts.append(tok.decode(ids))
+        return texts
+
+
+BACKENDS = {"oracle": OracleBackend, "http": HttpBackend, "local": LocalBackend}
+
+
+# ----------------------------------------------------------------------------------------------
+# The cloud: cache first, then the backend
+
+@dataclass(frozen=True)
+class CloudAnswer:
+    """The cloud's answer to one prompt. cached: served without a new call. error: set when the
+    call failed (then text is "" and correct is False; nothing was cached)."""
+    text: str
+    correct: bool
+    cached: bool
+    error: str | None = None
+
+
+class Cloud:
+    """Answers prompts from the cache, sending each uncached distinct prompt to the backend once
+    (SPEC section 1), and records the verdict task.cloud_correct with the answer."""
+
+    def __init__(self, backend, cache: CloudCache, backend_name: str | None = None, model_name: str | None = None):
+        self.backend, self.cache = backend, cache
+        self.backend_name = backend_name or getattr(backend, "name", type(backend).__name__)
+        self.model_name = model_name or getattr(backend, "model_name", "")
+        self.calls_made = self.served_from_cache = self.failures = 0
+
+    def _cached(self, task, example, digest: str) -> dict | None:
+        record = self.cache.get(task.name, example.key)
+        if record is None:
+            return None
+        mine = (self.backend_name, self.model_name, digest)
+        theirs = (record["backend"], record["model"], record["prompt_sha256"])
+        if mine != theirs:
+            other_prompt = " for a different prompt" if digest != theirs[2] else ""
+            raise ValueError(f"cloud cache {self.cache.path} answered {task.name}:{example.key} with backend "
+                             f"{theirs[0]!r}, model {theirs[1]!r}{other_prompt}; this run uses backend "
+                             f"{mine[0]!r}, model {mine[1]!r}: use a separate cache file")
+        return record
+
+    def ask(self, task, examples) -> list[CloudAnswer]:
+        answers: list[CloudAnswer | None] = [None] * len(examples)
+        pending: dict[str, tuple] = {}  # key -> (example, digest, [positions])
+        for i, example in enumerate(examples):
+            if example.key in pending:
+                pending[example.key][2].append(i)
+                continue
+            digest = prompt_digest(task.cloud_messages(example))
+            record = self._cached(task, example, digest)
+            if record is not None:
+                answers[i] = CloudAnswer(record["answer"], record["verdict"], cached=True)
+                self.served_from_cache += 1
+            else:
+                pending[example.key] = (example, digest, [i])
+        if pending:
+            batch = [example for example, _, _ in pending.values()]
+            texts = self.backend.complete(task, batch)
+            if len(texts) != len(batch):
+                raise RuntimeError(f"cloud backend returned {len(texts)} answers for {len(batch)} prompts")
+            fresh = []
+            for (example, digest, positions), text in zip(pending.values(), texts):
+                self.calls_made += 1
+                if isinstance(text, BaseException):
+                    self.failures += 1
+                    answer = CloudAnswer("", False, cached=False, error=f"{type(text).__name__}: {text}")
+                else:
+                    answer = CloudAnswer(text, bool(task.cloud_correct(example, text)), cached=False)
+                    fresh.append({"task": task.name, "key": example.key, "prompt_sha256": digest, "answer": text,
+                                  "verdict": answer.correct, "backend": self.backend_name, "model": self.model_name})
+                answers[positions[0]] = answer
+                for j in positions[1:]:  # a repeat within this call costs no new call
+                    self.served_from_cache += 1
+                    answers[j] = CloudAnswer(answer.text, answer.correct, cached=True, error=answer.error)
+            self.cache.put_many(fresh)
+        return answers
+
+
+def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:
+    """Build a Cloud from {"backend": "oracle"|"http"|"local", <that backend's arguments>}; unknown
+    backend names or arguments are errors listing what is allowed. cache_path=None: in memory."""
+    settings = {**(cfg or {}), **kwargs}
+    name = settings.pop("backend", "oracle")
+    if cache_path is None:
+        cache_path = settings.pop("cache_path", None)
+    settings.pop("cache_path", None)
+    if name not in BACKENDS:
+        raise ValueError(f"cloud backend={name!r} is not allowed; use one of {sorted(BACKENDS)}")
+    cls = BACKENDS[name]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"cloud backend {name!r} has no argument(s) {unknown}; allowed: {allowed}")
+    backend = cls(**settings)
+    return Cloud(backend, CloudCache(cache_path), backend.name, backend.model_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: prefill the cache for a whole dataset
+
+def main(argv=None) -> int:
+    from tasks import make_task
+    p = argparse.ArgumentParser(description="Prefill the cloud answer cache for a dataset split.")
+    p.add_argument("--task", required=True, choices=["tiny_countdown", "countdown", "math"])
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--backend", default="oracle", choices=sorted(BACKENDS))
+    p.add_argument("--cache", default="runs/cloud_cache.jsonl", help="cache file (JSONL)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--chunk", type=int, default=64, help="prompts per backend call (cache written after each)")
+    # task options
+    p.add_argument("--data-train", help="math: train JSONL")
+    p.add_argument("--data-test", help="math: test JSONL")
+    p.add_argument("--math-kind", default="math", choices=["math", "gsm8k"])
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--n-test", type=int)
+    p.add_argument("--task-seed", type=int)
+    # backend options
+    p.add_argument("--p-correct", type=float, default=0.95, help="oracle")
+    p.add_argument("--seed", type=int, default=0, help="oracle")
+    p.add_argument("--base-url", help="http")
+    p.add_argument("--model", help="http: model name")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="http: NAME of the env var holding the key")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--retries", type=int, default=5)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--path", help="local: checkpoint directory")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="local")
+    args = p.parse_args(argv)
+
+    if args.task == "math":
+        task = make_task("math", path_train=args.data_train, path_test=args.data_test, kind=args.math_kind)
+    else:
+        options = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.task_seed}
+        task = make_task(args.task, **{k: v for k, v in options.items() if v is not None})
+    if args.backend == "oracle":
+        settings = {"p_correct": args.p_correct, "seed": args.seed}
+    elif args.backend == "http":
+        settings = {"base_url": args.base_url, "model": args.model, "api_key_env": args.api_key_env,
+                    "temperature": args.temperature, "max_tokens": args.max_tokens, "timeout": args.timeout,
+                    "retries": args.retries, "concurrency": args.concurrency}
+    else:
+        settings = {"path": args.path, "max_new_tokens": args.max_new_tokens}
+    cloud = make_cloud({"backend": args.backend, **settings}, cache_path=args.cache)
+
+    examples = task.examples(args.split)[:args.limit]
+    start, correct = time.time(), 0
+    for i in range(0, len(examples), max(1, args.chunk)):
+        answers = cloud.ask(task, examples[i:i + args.chunk])
+        correct += sum(a.correct for a in answers)
+        done = min(i + args.chunk, len(examples))
+        elapsed = time.time() - start
+        eta = elapsed / done * (len(examples) - done)
+        line = (f"{done}/{len(examples)}  calls {cloud.calls_made}  cached {cloud.served_from_cache}  "
+                f"failures {cloud.failures}  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
+        print("\r" + line.ljust(79), end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    print(f"task {task.name} split {args.split}: {len(examples)} prompts, calls made {cloud.calls_made}, "
+          f"served from cache {cloud.served_from_cache}, failures {cloud.failures}, "
+          f"cloud correct {correct}/{len(examples)}; cache {args.cache}")
+    return 1 if cloud.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,919 @@
+"""Datasets, prompts and answer verifiers (SPEC.md sections 1, 1b, 2 and 5; DESIGN.md tasks.py).
+
+Three tasks share one small interface (`Task`):
+  - CountdownTask       TinyZero-style Countdown for instruct models, Template I prompts.
+  - TinyCountdownTask   a character-level Countdown for the from-scratch demo (fixed-width fields
+                        and a per-digit self-check before the answer/help decision).
+  - MathTask            MATH / MATH-lighteval / GSM8K from local JSONL files, Template II prompts.
+Nothing here calls a model, and nothing ever eval()s model text: arithmetic goes through
+our own small parser with exact rationals (fractions.Fraction).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from reward import HELP_MARKER, template1_formatted
+from reward import help_called as marker_help_called
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt. key: stable unique id (cache key); prompt: raw text (char-level tasks) or chat
+    messages [{"role", "content"}]; data: task-specific fields (numbers, target, solution, gold)."""
+    key: str
+    prompt: str | list
+    data: dict
+
+    def __hash__(self):  # the dict/list fields are unhashable; the key identifies the example
+        return hash(self.key)
+
+
+class Task:
+    """The interface every task implements; defaults suit marker-based (pretrained) tasks."""
+    name: str = "task"
+    stop_texts: tuple = ()      # texts that, as a single token, end generation besides EOS
+    alphabet: str | None = None  # char-level tasks only: every character prompts/completions use
+
+    def examples(self, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    def help_called(self, text: str) -> bool:
+        """SPEC section 2 (lenient marker, last of answer/marker wins)."""
+        return marker_help_called(text)
+
+    def local_correct(self, example: Example, text: str) -> bool:
+        """The task's verdict on a DEVICE response: False for help calls and unparseable answers."""
+        raise NotImplementedError
+
+    def formatted(self, text: str) -> bool:
+        """Format check used by the v1 reward (SPEC section 3)."""
+        return template1_formatted(text)
+
+    def cloud_messages(self, example: Example) -> list[dict]:
+        """What the cloud sees: the prompt x alone, never the device's reasoning (SPEC section 1)."""
+        raise NotImplementedError
+
+    def cloud_correct(self, example: Example, cloud_text: str) -> bool:
+        raise NotImplementedError
+
+    def oracle_answer(self, example: Example, correct: bool, rng: random.Random) -> str:
+        """Text a simulated strong model returns: a correct solution or a plausible wrong one."""
+        raise NotImplementedError
+
+    def self_check_mask(self, pieces: list[str]) -> list[bool]:
+        """True for generated tokens that are a declared self-check and carry no policy gradient
+        (SPEC section 5, last bullet). Pretrained-model tasks declare none."""
+        return [False] * len(pieces)
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not allowed; use one of {SPLITS}")
+    return split
+
+
+def _disjoint_splits(draw, canonical, rng: random.Random, n_train: int, n_test: int):
+    """Draw examples until both splits are full. No canonical form (e.g. sorted numbers and
+    target) appears twice, so train and test are disjoint. The test split is drawn first, so it
+    does not change when n_train changes."""
+    seen, test, train = set(), [], []
+    draws_left = 100 * (n_train + n_test) + 10_000
+    while len(test) < n_test or len(train) < n_train:
+        if draws_left == 0:
+            raise ValueError(f"could only generate {len(test) + len(train)} distinct examples of the "
+                             f"{n_train + n_test} requested; widen the number/target ranges or ask for fewer")
+        draws_left -= 1
+        example = draw(rng)
+        if example is None or canonical(example) in seen:
+            continue
+        seen.add(canonical(example))
+        (test if len(test) < n_test else train).append(example)
+    return {"train": train, "test": test}
+
+
+def _check_count(name: str, value, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _check_range(name: str, value, lo: int, hi: int) -> tuple[int, int]:
+    ok = (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    if not ok or not lo <= value[0] <= value[1] <= hi:
+        raise ValueError(f"{name}={value!r} must be a pair (low, high) with {lo} <= low <= high <= {hi}")
+    return int(value[0]), int(value[1])
+
+
+def _check_ops(ops: str, allowed: str = "+-*/") -> str:
+    if not isinstance(ops, str) or not ops or any(c not in allowed for c in ops) or len(set(ops)) != len(ops):
+        raise ValueError(f"ops={ops!r} must be a non-empty string of distinct characters from {allowed!r}")
+    return ops
+
+
+# ----------------------------------------------------------------------------------------------
+# Countdown expressions: our own recursive-descent parser over exact rationals.
+
+MAX_EXPRESSION_CHARS = 200   # longer answers are rejected outright (cheap, and never slow)
+MAX_LITERAL_DIGITS = 6       # "123456789" is not a Countdown number
+MAX_PAREN_DEPTH = 100        # bounds the parser's recursion (200 chars allow no deeper anyway)
+_ASCII_DIGITS = "0123456789"  # str.isdigit() would also accept "３" and "٣"
+_SPACES = " \t\r\n"
+
+
+class _Invalid(Exception):
+    """Raised inside the parser; check_countdown turns it into False."""
+
+
+def _tokenize(text: str) -> list:
+    """Integer literals (as int) and the single characters + - * / ( )."""
+    tokens, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c in _SPACES:
+            i += 1
+        elif c in _ASCII_DIGITS:
+            j = i
+            while j < len(text) and text[j] in _ASCII_DIGITS:
+                j += 1
+            if j - i > MAX_LITERAL_DIGITS:
+                raise _Invalid("literal too long")
+            tokens.append(int(text[i:j]))
+            i = j
+        elif c in "+-*/()":
+            tokens.append(c)
+            i += 1
+        else:
+            raise _Invalid(f"character {c!r}")
+    return tokens
+
+
+class _Parser:
+    """expr := term (('+'|'-') term)* ; term := factor (('*'|'/') factor)* ;
+    factor := INTEGER | '(' expr ')'. No unary signs, no powers, no names."""
+
+    def __init__(self, tokens: list):
+        self.tokens, self.pos, self.depth = tokens, 0, 0
+
+    def peek(self):
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self):
+        token = self.peek()
+        self.pos += 1
+        return token
+
+    def expr(self) -> Fraction:
+        value = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.take()
+            rhs = self.term()
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def term(self) -> Fraction:
+        value = self.factor()
+        while self.peek() in ("*", "/"):
+            op = self.take()
+            rhs = self.factor()
+            if op == "*":
+                value = value * rhs
+            elif rhs == 0:
+                raise _Invalid("division by zero")
+            else:
+                value = value / rhs
+        return value
+
+    def factor(self) -> Fraction:
+        token = self.take()
+        if isinstance(token, int):
+            return Fraction(token)
+        if token == "(":
+            self.depth += 1
+            if self.depth > MAX_PAREN_DEPTH:
+                raise _Invalid("parentheses nested too deep")
+            value = self.expr()
+            if self.take() != ")":
+                raise _Invalid("unbalanced parentheses")
+            self.depth -= 1
+            return value
+        raise _Invalid(f"unexpected {token!r}")
+
+
+def check_countdown(expression: str, numbers: list[int], target: int) -> bool:
+    """True iff `expression` uses every given number exactly once (as a multiset), only + - * /
+    and parentheses over ASCII integer literals, and equals `target` exactly (Fraction arithmetic).
+
+    [ours] Whitespace is allowed anywhere between tokens, and so is one trailing "= N" when N is
+    the target itself. Anything else (unary signs, "**", names, unicode digits, glued numbers,
+    division by zero, unbalanced parentheses, > 200 characters, > 6-digit literals) is False,
+    never an exception.
+    """
+    try:
+        if not isinstance(expression, str) or len(expression) > MAX_EXPRESSION_CHARS:
+            return False
+        if "=" in expression:
+            expression, stated = expression.split("=", 1)
+            stated = stated.strip(_SPACES)
+            if not stated or any(c not in _ASCII_DIGITS for c in stated) or int(stated) != target:
+                return False
+        tokens = _tokenize(expression)
+        literals = sorted(t for t in tokens if isinstance(t, int))
+        if literals != sorted(int(n) for n in numbers):
+            return False  # checked before evaluating: only the given numbers are ever multiplied
+        parser = _Parser(tokens)
+        value = parser.expr()
+        if parser.pos != len(tokens):
+            return False  # leftovers such as ")" or "2 3"
+        return value == target
+    except (_Invalid, ValueError, TypeError, ZeroDivisionError, RecursionError):
+        return False
+
+
+def _last_answer_block(text: str) -> str | None:
+    """Content of the LAST <answer>...</answer> block, or None."""
+    blocks = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL | re.IGNORECASE)
+    return blocks[-1] if blocks else None
+
+
+def _random_expression(numbers: list[int], ops: str, rng: random.Random):
+    """A random expression tree over all `numbers` (each once): returns (text, value) or None if
+    a division was not exact or an intermediate went negative."""
+    items = [(str(n), n, True) for n in numbers]  # (text, integer value, is a leaf)
+    rng.shuffle(items)
+    while len(items) > 1:
+        i = rng.randrange(len(items) - 1)
+        (left, a, left_leaf), (right, b, right_leaf) = items[i], items[i + 1]
+        op = rng.choice(ops)
+        if op == "+":
+            value = a + b
+        elif op == "-":
+            value = a - b
+        elif op == "*":
+            value = a * b
+        else:
+            if b == 0 or a % b:
+                return None
+            value = a // b
+        if value < 0:
+            return None
+        left = left if left_leaf else f"({left})"
+        right = right if right_leaf else f"({right})"
+        items[i:i + 2] = [(f"{left} {op} {right}", value, False)]
+    return items[0][0], items[0][1]
+
+
+def _ops_in_words(ops: str) -> str:
+    """"+-*/" -> "+, -, * and /"."""
+    return ops if len(ops) == 1 else ", ".join(ops[:-1]) + " and " + ops[-1]
+
+
+TEMPLATE1_SYSTEM = (
+    "You are a helpful assistant. You first reason about the problem step by step inside "
+    "<think> </think> tags, and then give your final answer inside <answer> </answer> tags at the "
+    "very end of your response. If after thorough reasoning you cannot find a solution, end your "
+    f"response with the help request {HELP_MARKER} instead of an answer."
+)
+CLOUD_TEMPLATE1_SYSTEM = (
+    "You are a helpful assistant. You first reason about the problem step by step inside "
+    "<think> </think> tags, and then give your final answer inside <answer> </answer> tags at the "
+    "very end of your response."
+)
+
+
+class CountdownTask(Task):
+    """TinyZero-style Countdown with Template I prompts (SPEC section 1b, paper section 9).
+
+    Each example: 3 or 4 numbers from `number_range`, a target reached by a random expression
+    using every number exactly once (exact division only, no negative intermediates), and that
+    expression as `data["solution"]`. [ours] The prompt asks to use each number exactly once,
+    which is what the verifier (and TinyZero's) checks.
+    """
+    name = "countdown"
+
+    def __init__(self, n_numbers=(3, 4), number_range=(1, 99), ops="+-*/", target_range=(1, 100),
+                 n_train=5000, n_test=1000, seed=0):
+        self.n_numbers = (n_numbers,) if isinstance(n_numbers, int) else tuple(n_numbers)
+        if not self.n_numbers or any(isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 6
+                                     for n in self.n_numbers):
+            raise ValueError(f"n_numbers={n_numbers!r} must be an integer or a list of integers in 2..6")
+        self.number_range = _check_range("number_range", number_range, 0, 999)
+        self.target_range = _check_range("target_range", target_range, 0, 10**6)
+        self.ops = _check_ops(ops)
+        _check_count("n_train", n_train)
+        _check_count("n_test", n_test)
+        self.n_train, self.n_test, self.seed = n_train, n_test, seed
+        self._splits = None
+
+    def _draw(self, rng: random.Random) -> Example | None:
+        count = rng.choice(self.n_numbers)  # kept across retries, so each count is equally common
+        for _ in range(100):
+            numbers = [rng.randint(*self.number_range) for _ in range(count)]
+            made = _random_expression(numbers, self.ops, rng)
+            if made is not None and self.target_range[0] <= made[1] <= self.target_range[1]:
+                break
+        else:
+            return None
+        solution, target = made
+        return Example(key=f"countdown:{','.join(map(str, numbers))}->{target}",
+                       prompt=self.messages(numbers, target, TEMPLATE1_SYSTEM),
+                       data={"numbers": numbers, "target": target, "solution": solution})
+
+    def examples(self, split: str) -> list[Example]:
+        _check_split(split)
+        if self._splits is None:
+            self._splits = _disjoint_splits(
+                self._draw, lambda ex: (tuple(sorted(ex.data["numbers"])), ex.data["target"]),
+                random.Random(self.seed), self.n_train, self.n_test)
+        return list(self._splits[split])
+
+    def messages(self, numbers: list[int], target: int, system: str) -> list[dict]:
+        question = (f"Using the numbers {list(numbers)}, create an equation that equals {target}. "
+                    f"You can use {_ops_in_words(self.ops)}, and each number must be used exactly once. "
+                    "Show your reasoning in <think> </think> tags and return the final equation in "
+                    "<answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
+        return [{"role": "system", "content": system},
+                {"role": "user", "content": question + " Let me solve this step by step."}]
+
+    def local_correct(self, example: Example, text: str) -> bool:
+        if self.help_called(text):
+            return False
+        answer = _last_answer_block(text)
+        return answer is not None and check_countdown(answer, example.data["numbers"], example.data["target"])
+
+    def cloud_messages(self, example: Example) -> list[dict]:
+        """[ours] The same question, with a system message that offers no help escape."""
+        return self.messages(example.data["numbers"], example.data["target"], CLOUD_TEMPLATE1_SYSTEM)
+
+    def cloud_correct(self, example: Example, cloud_text: str) -> bool:
+        return self.local_correct(example, cloud_text)
+
+    def oracle_answer(self, example: Example, correct: bool, rng: random.Random) -> str:
+        numbers, target = example.data["numbers"], example.data["target"]
+        if correct:
+            return f"<answer>{example.data['solution']}</answer>"
+        for _ in range(50):
+            made = _random_expression(numbers, self.ops, rng)
+            if made is not None and made[1] != target:
+                return f"<answer>{made[0]}</answer>"
+        return f"<answer>({example.data['solution']}) + 1</answer>"  # an extra literal: never correct
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny character-level Countdown (issue 5): prompt "07,03,12|033=", response
+# "[007+003=010,010*012=120]10#23#03#H".
+
+def _apply_op(a: int, op: str, b: int) -> int | None:
+    """One chain step with true arithmetic; None if not a whole number in 0..999."""
+    if op == "+":
+        value = a + b
+    elif op == "-":
+        value = a - b
+    elif op == "*":
+        value = a * b
+    elif op == "/":
+        if b == 0 or a % b:
+            return None
+        value = a // b
+    else:
+        return None
+    return value if 0 <= value <= 999 else None
+
+
+def _run_chain(order: list[int], ops: list[str]) -> list[tuple] | None:
+    """Left-to-right chain ((order[0] op order[1]) op order[2]) ...: its steps (a, op, b, result),
+    or None if an intermediate leaves 0..999 or a division is not exact."""
+    steps, value = [], order[0]
+    for op, b in zip(ops, order[1:]):
+        result = _apply_op(value, op, b)
+        if result is None:
+            return None
+        steps.append((value, op, b, result))
+        value = result
+    return steps
+
+
+def _chain_text(steps: list[tuple]) -> str:
+    return "[" + ",".join(f"{a:03d}{op}{b:03d}={r:03d}" for a, op, b, r in steps) + "]"
+
+
+def tiny_check_text(final: int, target: int) -> str:
+    """Per-digit interleaved self-check: (final digit, target digit, '=' while every digit so far
+    agrees else '#') for each of the 3 positions. 120 vs 033 -> "10#23#03#"."""
+    out, differed = [], False
+    for f, t in zip(f"{final:03d}", f"{target:03d}"):
+        differed = differed or f != t
+        out.append(f + t + ("#" if differed else "="))
+    return "".join(out)
+
+
+_TINY_STEP_RE = re.compile(r"([0-9]{3})([+\-*/])([0-9]{3})=([0-9]{3})")
+
+
+class TinyCountdownTask(Task):
+    """Character-level Countdown for the from-scratch demo (issue 5, SPEC section 5 last bullet).
+
+    prompt   "07,03,12|033="      numbers 2-digit, target 3-digit, zero-padded
+    response "[007+003=010,010*012=120]" + "10#23#03#" + "A" or "H"
+             a left-to-right chain (first step: two given numbers; each later step: the previous
+             result and one unused given number, in either order), then the self-check of the
+             final value against the target (tiny_check_text), then the decision: A answer, H help.
+    The decision is the first 'A' or 'H' of the response (both are stop texts). The self-check
+    tokens carry no policy gradient (self_check_mask) and do not affect correctness.
+    """
+    name = "tiny_countdown"
+    stop_texts = ("A", "H")
+
+    def __init__(self, n_numbers=3, number_range=(1, 20), ops="+-*", n_train=20000, n_test=500, seed=0):
+        _check_count("n_numbers", n_numbers, minimum=2)
+        self.n_numbers = n_numbers
+        self.number_range = _check_range("number_range", number_range, 0, 99)
+        self.ops = _check_ops(ops)
+        _check_count("n_train", n_train)
+        _check_count("n_test", n_test)
+        self.n_train, self.n_test, self.seed = n_train, n_test, seed
+        self.alphabet = "0123456789,|=[]+-*#AH" + ("/" if "/" in self.ops else "")
+        self._splits = None
+        n = n_numbers - 1
+        step = r"[0-9]{3}[" + re.escape(self.ops) + r"][0-9]{3}=[0-9]{3}"
+        self._format_re = re.compile(r"\[" + step + ("(?:," + step + "){%d}" % (n - 1)) + r"\]"
+                                     r"((?:[0-9][0-9][=#]){3})([AH])")
+
+    # --- data -----------------------------------------------------------------------------------
+    def _random_chain(self, numbers: list[int], rng: random.Random) -> list[tuple] | None:
+        order = list(numbers)
+        rng.shuffle(order)
+        return _run_chain(order, [rng.choice(self.ops) for _ in range(len(numbers) - 1)])
+
+    def _draw(self, rng: random.Random) -> Example | None:
+        numbers = [rng.randint(*self.number_range) for _ in range(self.n_numbers)]
+        steps = self._random_chain(numbers, rng)
+        if steps is None or not 1 <= steps[-1][3] <= 999:
+            return None
+        target = steps[-1][3]
+        prompt = ",".join(f"{x:02d}" for x in numbers) + f"|{target:03d}="
+        return Example(key=f"tiny_countdown:{prompt}", prompt=prompt,
+                       data={"numbers": numbers, "target": target, "solution": _chain_text(steps)})
+
+    def examples(self, split: str) -> list[Example]:
+        _check_split(split)
+        if self._splits is None:
+            self._splits = _disjoint_splits(
+                self._draw, lambda ex: (tuple(sorted(ex.data["numbers"])), ex.data["target"]),
+                random.Random(self.seed), self.n_train, self.n_test)
+        return list(self._splits[split])
+
+    # --- parsing and verdicts -------------------------------------------------------------------
+    def chain_correct(self, chain: str, numbers: list[int], target: int) -> bool:
+        """Verdict on a bare chain "[...]": n-1 well-formed steps, each written result equal to the
+        true result of its step (0..999), every given number used exactly once, final == target."""
+        if not (chain.startswith("[") and chain.endswith("]")):
+            return False
+        steps = chain[1:-1].split(",")
+        if len(steps) != len(numbers) - 1:
+            return False
+        unused, previous = list(numbers), None
+        for step in steps:
+            m = _TINY_STEP_RE.fullmatch(step)
+            if m is None or m.group(2) not in self.ops:
+                return False
+            a, op, b, written = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+            if previous is None:  # first step: two given numbers
+                for x in (a, b):
+                    if x not in unused:
+                        return False
+                    unused.remove(x)
+            elif a == previous and b in unused:
+                unused.remove(b)
+            elif b == previous and a in unused:
+                unused.remove(a)
+            else:
+                return False
+            if _apply_op(a, op, b) != written:
+                return False
+            previous = written
+        return not unused and previous == target
+
+    @staticmethod
+    def decision(text: str) -> str | None:
+        """The decision character: the first 'A' or 'H' in the response (None if neither)."""
+        for c in text:
+            if c in "AH":
+                return c
+        return None
+
+    def help_called(self, text: str) -> bool:
+        return self.decision(text) == "H"
+
+    def local_correct(self, example: Example, text: str) -> bool:
+        """Decision 'A' as the last character and a correct chain; the check is not graded."""
+        if self.decision(text) != "A" or text.index("A") != len(text) - 1:
+            return False
+        close = text.find("]")
+        return close >= 0 and self.chain_correct(text[:close + 1], example.data["numbers"], example.data["target"])
+
+    def formatted(self, text: str) -> bool:
+        """The exact grammar with n-1 steps, a self-check whose first digits copy the final written
+        result and whose '='/'#' follow the digit comparisons it writes, then A or H. (The target
+        digits cannot be verified here: formatted() sees no example.)"""
+        m = self._format_re.fullmatch(text)
+        if m is None:
+            return False
+        final = text[:text.index("]")][-3:]
+        check = m.group(1)
+        claimed_target = int(check[1] + check[4] + check[7])
+        return final == check[0] + check[3] + check[6] and check == tiny_check_text(int(final), claimed_target)
+
+    def self_check_mask(self, pieces: list[str]) -> list[bool]:
+        """True for tokens lying wholly after the first ']' and before the decision character."""
+        text = "".join(pieces)
+        close = text.find("]")
+        if close < 0:
+            return [False] * len(pieces)
+        end = len(text)
+        for i in range(close + 1, len(text)):
+            if text[i] in "AH":
+                end = i
+                break
+        mask, start = [], 0
+        for piece in pieces:
+            stop = start + len(piece)
+            mask.append(bool(piece) and start > close and stop <= end)
+            start = stop
+        return mask
+
+    # --- cloud ----------------------------------------------------------------------------------
+    def cloud_messages(self, example: Example) -> list[dict]:
+        return [{"role": "user", "content": example.prompt}]
+
+    def cloud_correct(self, example: Example, cloud_text: str) -> bool:
+        """A correct chain "[...]" at the start; a trailing check/decision is tolerated unless
+        the decision is a help call."""
+        text = cloud_text.strip()
+        close = text.find("]")
+        if close < 0 or self.decision(text[close + 1:]) == "H":
+            return False
+        return self.chain_correct(text[:close + 1], example.data["numbers"], example.data["target"])
+
+    def wrong_chain(self, example: Example, rng: random.Random, tries: int = 8) -> str:
+        """A near miss: of `tries` random valid chains (true arithmetic, all numbers), the one whose
+        final value is closest to the target without equalling it; if none, any wrong chain."""
+        numbers, target = example.data["numbers"], example.data["target"]
+        best = None
+        for _ in range(tries):
+            steps = self._random_chain(numbers, rng)
+            if steps is not None and steps[-1][3] != target:
+                if best is None or abs(steps[-1][3] - target) < abs(best[-1][3] - target):
+                    best = steps
+        if best is None:
+            wrong = []
+            for order in sorted(set(itertools.permutations(numbers))):
+                for ops in itertools.product(self.ops, repeat=len(numbers) - 1):
+                    steps = _run_chain(list(order), list(ops))
+                    if steps is not None and steps[-1][3] != target:
+                        wrong.append(steps)
+            if not wrong:  # every chain lands on the target: there is no wrong chain to write
+                return example.data["solution"]
+            best = rng.choice(wrong)
+        return _chain_text(best)
+
+    def oracle_answer(self, example: Example, correct: bool, rng: random.Random) -> str:
+        return example.data["solution"] if correct else self.wrong_chain(example, rng)
+
+    def warm_start_completion(self, example: Example, rng: random.Random,
+                              p_correct: float = 0.7, p_help: float = 0.2) -> str:
+        """A supervised trace for the warm start (issue 5): the solution with probability
+        p_correct, else a near-miss wrong chain; the correct self-check; then 'H' with probability
+        p_help REGARDLESS of correctness (routing is left to RL), else 'A'."""
+        chain = example.data["solution"] if rng.random() < p_correct else self.wrong_chain(example, rng)
+        final = int(chain[-4:-1])
+        decision = "H" if rng.random() < p_help else "A"
+        return chain + tiny_check_text(final, example.data["target"]) + decision
+
+
+# ----------------------------------------------------------------------------------------------
+# Math answers: the last \boxed{...}, normalisation, comparison; GSM8K final numbers.
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) with nested braces matched; also the
+    "\\boxed 5" form. None if there is none or the last one is unbalanced."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    j = i
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        depth = 0
+        for k in range(j, len(text)):
+            if text[k] == "{":
+                depth += 1
+            elif text[k] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[j + 1:k]
+        return None
+    if j > i:  # "\boxed 5$": up to the next dollar sign or whitespace
+        m = re.match(r"[^\s$]+", text[j:])
+        return m.group(0) if m else None
+    return None
+
+
+def _braced_argument(s: str, i: int):
+    """The LaTeX argument starting at s[i]: {group}, a \\command, or one character.
+    Returns (content, index after it) or None."""
+    if i >= len(s):
+        return None
+    if s[i] == "{":
+        depth = 0
+        for k in range(i, len(s)):
+            depth += {"{": 1, "}": -1}.get(s[k], 0)
+            if depth == 0:
+                return s[i + 1:k], k + 1
+        return None
+    if s[i] == "\\":
+        m = re.match(r"\\[a-zA-Z]+", s[i:])
+        if m:
+            return m.group(0), i + len(m.group(0))
+    return s[i], i + 1
+
+
+def _fix_fracs(s: str) -> str:
+    """\\frac12 -> \\frac{1}{2}, \\frac1{2} -> \\frac{1}{2} (also inside arguments)."""
+    out, i = [], 0
+    while True:
+        j = s.find("\\frac", i)
+        if j < 0:
+            out.append(s[i:])
+            return "".join(out)
+        out.append(s[i:j])
+        numerator = _braced_argument(s, j + 5)
+        denominator = numerator and _braced_argument(s, numerator[1])
+        if not denominator:
+            out.append(s[j:])
+            return "".join(out)
+        out.append("\\frac{" + _fix_fracs(numerator[0]) + "}{" + _fix_fracs(denominator[0]) + "}")
+        i = denominator[1]
+
+
+_TEXT_COMMAND = r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)"
+_TRAILING_UNIT_RE = re.compile(r"^(?P<value>.*[0-9}].*?)\s*" + _TEXT_COMMAND + r"\{[^{}]*\}(?:\^\{?[0-9]\}?)?\s*$")
+_TEXT_RE = re.compile(_TEXT_COMMAND + r"\{([^{}]*)\}")
+
+
+def normalize_math_answer(s: str) -> str:
+    """Canonical text of a math answer (MATH-style normalisation, our own rules):
+    drops $ signs, spacing commands, \\left/\\right, degree signs, percent signs, \\text{} units
+    after a value, a leading "x =", spaces and a final period; \\dfrac/\\tfrac -> \\frac;
+    \\frac12 -> \\frac{1}{2}; \\sqrt2 -> \\sqrt{2}; a/b -> \\frac{a}{b}; 1,000 -> 1000;
+    1{,}000 -> 1000; .5 -> 0.5; 2.50 -> 2.5; (C) -> C."""
+    s = str(s).strip()
+    s = s.replace("\n", " ").replace("\\!", "").replace("\\displaystyle", "")
+    for space in ("\\,", "\\;", "\\:", "\\quad", "\\qquad", "~"):
+        s = s.replace(space, " ")
+    s = s.replace("\\ ", " ")
+    s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)  # but not \\leftarrow, \\rightarrow
+    s = s.replace("{,}", ",")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\$", "").replace("$", "")
+    for degree in ("^{\\circ}", "^\\circ", "°", "\\degree"):
+        s = s.replace(degree, "")
+    s = s.replace("\\%", "").replace("%", "")
+    m = _TRAILING_UNIT_RE.match(s)
+    if m:
+        s = m.group("value")
+    while _TEXT_RE.search(s):
+        s = _TEXT_RE.sub(r"\1", s)
+    m = re.match(r"\s*[a-zA-Z]\s*=", s)
+    if m and "=" not in s[m.end():]:
+        s = s[m.end():]
+    s = s.replace(" ", "").rstrip(".")
+    s = re.sub(r"\\sqrt([0-9a-zA-Z])", r"\\sqrt{\1}", s)
+    s = _fix_fracs(s)
+    m = re.fullmatch(r"(-?)([0-9]+)/([0-9]+)", s)
+    if m:
+        s = f"{m.group(1)}\\frac{{{m.group(2)}}}{{{m.group(3)}}}"
+    if re.fullmatch(r"-?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?", s):
+        s = s.replace(",", "")
+    s = re.sub(r"^(-?)\.([0-9])", r"\g<1>0.\2", s)
+    if re.fullmatch(r"-?[0-9]+\.[0-9]+", s):
+        s = s.rstrip("0").rstrip(".")
+    if s == "-0":
+        s = "0"
+    m = re.fullmatch(r"\(([A-Z])\)", s)
+    if m:
+        s = m.group(1)
+    return s
+
+
+def _as_number(s: str) -> Fraction | None:
+    """The value of a normalised answer that is a plain number or a simple fraction, else None."""
+    num = r"-?[0-9]+(?:\.[0-9]+)?"
+    if re.fullmatch(num, s):
+        return Fraction(s)
+    m = re.fullmatch(r"(-?)\\frac\{(" + num + r")\}\{(" + num + r")\}", s)
+    if m and Fraction(m.group(3)) != 0:
+        value = Fraction(m.group(2)) / Fraction(m.group(3))
+        return -value if m.group(1) else value
+    return None
+
+
+def _numbers_close(x: Fraction, y: Fraction, rel_tol: float = 1e-6) -> bool:
+    return x == y or math.isclose(float(x), float(y), rel_tol=rel_tol, abs_tol=1e-12)
+
+
+def math_answers_equal(a: str | None, b: str | None) -> bool:
+    """Equal after normalisation, or both numbers within a relative tolerance of 1e-6."""
+    if a is None or b is None:
+        return False
+    na, nb = normalize_math_answer(a), normalize_math_answer(b)
+    if not na or not nb:
+        return False
+    if na == nb:
+        return True
+    x, y = _as_number(na), _as_number(nb)
+    return x is not None and y is not None and _numbers_close(x, y)
+
+
+_NUMBER_RE = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?|-?\.[0-9]+")
+
+
+def _clean_number(token: str) -> str | None:
+    token = token.replace(",", "")
+    try:
+        Fraction(token)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return token
+
+
+def gsm8k_final_number(text: str) -> str | None:
+    """GSM8K verdict input: the number after the last "####", else in the last \\boxed{}, else the
+    last number of the text; commas stripped."""
+    if "####" in text:
+        found = _NUMBER_RE.findall(text.rsplit("####", 1)[1])
+        return _clean_number(found[0]) if found else None
+    boxed = last_boxed(text)
+    if boxed is not None:
+        found = _NUMBER_RE.findall(boxed)
+        return _clean_number(found[0]) if found else None
+    found = _NUMBER_RE.findall(text)
+    return _clean_number(found[-1]) if found else None
+
+
+def gsm8k_answers_equal(prediction: str | None, gold: str) -> bool:
+    if prediction is None:
+        return False
+    x, y = _clean_number(prediction), _clean_number(gold)
+    return x is not None and y is not None and _numbers_close(Fraction(x), Fraction(y))
+
+
+def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line number, record) for each non-blank line of a JSONL file; a missing file, invalid
+    JSON or a record without one of `fields` (as a string) is an error naming file, line, field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            for name in fields:
+                if not isinstance(record.get(name), str):
+                    problem = "missing" if name not in record else "not a string"
+                    raise ValueError(f"{path}:{line_number}: field {name!r} is {problem}")
+            records.append((line_number, record))
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+TEMPLATE2_SYSTEM = (  # str.format(max_steps=..., marker=HELP_MARKER)
+    "Solve the problem step by step, writing your reasoning as \"Step 1: ...\", \"Step 2: ...\" "
+    "and so on, and put the final answer in \\boxed{{}}. If you have not solved the problem after "
+    "{max_steps} steps, stop and reply with {marker} instead of an answer."
+)
+CLOUD_TEMPLATE2_SYSTEM = "Solve the problem step by step and put the final answer in \\boxed{}."
+
+
+class MathTask(Task):
+    """MATH / MATH-lighteval ({"problem", "solution"}; gold = the last \\boxed{} of the solution)
+    or GSM8K ({"question", "answer"}; gold = the number after "####") from local JSONL files,
+    with Template II prompts (SPEC section 1b; help after `max_steps` steps, paper: 6)."""
+
+    KINDS = {"math": ("problem", "solution"), "gsm8k": ("question", "answer")}
+
+    def __init__(self, path_train=None, path_test=None, kind="math", max_steps=6):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind={kind!r} is not allowed; use one of {sorted(self.KINDS)}")
+        _check_count("max_steps", max_steps, minimum=1)
+        self.kind, self.max_steps, self.name = kind, max_steps, kind
+        self.paths = {"train": path_train, "test": path_test}
+        self._loaded = {}
+
+    def examples(self, split: str) -> list[Example]:
+        _check_split(split)
+        if split not in self._loaded:
+            path = self.paths[split]
+            if path is None:
+                raise ValueError(f"MathTask has no {split} file; pass path_{split}=...")
+            self._loaded[split] = self._load(path)
+        return list(self._loaded[split])
+
+    def _load(self, path) -> list[Example]:
+        question_field, answer_field = self.KINDS[self.kind]
+        examples = []
+        for line_number, record in load_jsonl(path, (question_field, answer_field)):
+            question, solution = record[question_field], record[answer_field]
+            if self.kind == "math":
+                gold = last_boxed(solution)
+                if gold is None:
+                    raise ValueError(f"{path}:{line_number}: field {answer_field!r} has no \\boxed{{...}} answer")
+            else:
+                gold = gsm8k_final_number(solution) if "####" in solution else None
+                if gold is None:
+                    raise ValueError(f"{path}:{line_number}: field {answer_field!r} does not end with '#### <number>'")
+            digest = hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
+            examples.append(Example(key=f"{self.kind}:{digest}", prompt=self.messages(question, cloud=False),
+                                    data={"problem": question, "solution": solution, "gold": gold,
+                                          "source": f"{path}:{line_number}"}))
+        return examples
+
+    def messages(self, problem: str, cloud: bool) -> list[dict]:
+        if cloud:
+            system = CLOUD_TEMPLATE2_SYSTEM
+        else:
+            system = TEMPLATE2_SYSTEM.format(max_steps=self.max_steps, marker=HELP_MARKER)
+        return [{"role": "system", "content": system},
+                {"role": "user", "content": problem + "\nLet's think step by step."}]
+
+    def _answer_correct(self, example: Example, text: str) -> bool:
+        if self.help_called(text):
+            return False
+        if self.kind == "gsm8k":
+            return gsm8k_answers_equal(gsm8k_final_number(text), example.data["gold"])
+        return math_answers_equal(last_boxed(text), example.data["gold"])
+
+    def local_correct(self, example: Example, text: str) -> bool:
+        return self._answer_correct(example, text)
+
+    def formatted(self, text: str) -> bool:
+        """[ours] Template II: a "Step 1:" and either a final \\boxed{} answer or a help call."""
+        return bool(re.search(r"Step\s*1\s*:", text)) and (self.help_called(text) or last_boxed(text) is not None)
+
+    def cloud_messages(self, example: Example) -> list[dict]:
+        """[ours] The problem with a system message that offers no help escape."""
+        return self.messages(example.data["problem"], cloud=True)
+
+    def cloud_correct(self, example: Example, cloud_text: str) -> bool:
+        return self._answer_correct(example, cloud_text)
+
+    def oracle_answer(self, example: Example, correct: bool, rng: random.Random) -> str:
+        """Correct: the reference solution. Wrong: a boxed (or ####) answer that differs."""
+        if correct:
+            return example.data["solution"]
+        gold = example.data["gold"]
+        value = _as_number(normalize_math_answer(gold))
+        if value is not None:
+            wrong = value + rng.choice([-2, -1, 1, 2, 10])
+            wrong_text = str(wrong.numerator) if wrong.denominator == 1 else f"{wrong.numerator}/{wrong.denominator}"
+        else:
+            wrong_text = f"{gold}+1"
+        if self.kind == "gsm8k":
+            return f"Step 1: I estimate the result.\n#### {wrong_text}"
+        return f"Step 1: I estimate the result.\nThe answer is $\\boxed{{{wrong_text}}}$."
+
+
+# ----------------------------------------------------------------------------------------------
+
+TASKS = {"tiny_countdown": TinyCountdownTask, "countdown": CountdownTask, "math": MathTask}
+
+
+def make_task(name: str, **kwargs) -> Task:
+    """Build a task by name; unknown names or arguments are errors listing what is allowed."""
+    if name not in TASKS:
+        raise ValueError(f"task={name!r} is not allowed; use one of {sorted(TASKS)}")
+    cls = TASKS[name]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"task {name!r} has no argument(s) {unknown}; allowed: {allowed}")
+    return cls(**kwargs)

@@ -1,0 +1,436 @@
+"""cloud.py: the kill-safe cache, one call per prompt, the oracle simulation, the HTTP client
+against a fake endpoint on 127.0.0.1, and the local backend with a fake model."""
+import json
+import os
+import sys
+import threading
+import time
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cloud import (Cloud, CloudAuthError, CloudCache, CloudError, HttpBackend, LocalBackend,  # noqa: E402
+                   OracleBackend, chat_completions_url, make_cloud)
+from tasks import CountdownTask, TinyCountdownTask  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def task():
+    return TinyCountdownTask(n_train=600, n_test=50, seed=7)
+
+
+class CountingBackend:
+    """The oracle, recording every example key it is asked about."""
+    name = "oracle"
+
+    def __init__(self, fail_keys=()):
+        self.oracle = OracleBackend()
+        self.model_name = self.oracle.model_name
+        self.sent, self.fail_keys = [], set(fail_keys)
+
+    def complete(self, task, examples):
+        self.sent.extend(ex.key for ex in examples)
+        texts = self.oracle.complete(task, examples)
+        return [CloudError("simulated outage") if ex.key in self.fail_keys else t for ex, t in zip(examples, texts)]
+
+
+def _lines(path):
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache and Cloud
+
+def test_each_prompt_sent_once_and_answers_in_order(task, tmp_path):
+    a, b, c, d = task.examples("train")[:4]
+    backend = CountingBackend()
+    cloud = Cloud(backend, CloudCache(tmp_path / "cache.jsonl"), "oracle", backend.model_name)
+    answers = cloud.ask(task, [a, b, a, c, b])
+    assert backend.sent == [a.key, b.key, c.key]
+    assert cloud.calls_made == 3 and cloud.served_from_cache == 2 and cloud.failures == 0
+    expected = {ex.key: OracleBackend().complete(task, [ex])[0] for ex in (a, b, c)}
+    assert [x.text for x in answers] == [expected[k] for k in (a.key, b.key, a.key, c.key, b.key)]
+    assert [x.cached for x in answers] == [False, False, True, False, True]
+    assert all(x.correct == task.cloud_correct(ex, x.text) for x, ex in zip(answers, [a, b, a, c, b]))
+    again = cloud.ask(task, [a, d])
+    assert backend.sent == [a.key, b.key, c.key, d.key]
+    assert again[0].cached and not again[1].cached
+    assert cloud.calls_made == 4 and cloud.served_from_cache == 3
+    records = [json.loads(line) for line in _lines(tmp_path / "cache.jsonl")]
+    assert [r["key"] for r in records] == [a.key, b.key, c.key, d.key]
+    assert all(r["backend"] == "oracle" and r["task"] == "tiny_countdown" for r in records)
+    assert all(set(r) >= {"answer", "verdict", "model"} for r in records)
+
+
+def test_resume_reuses_answers(task, tmp_path):
+    path = tmp_path / "cache.jsonl"
+    examples = task.examples("train")[:20]
+    first = Cloud(CountingBackend(), CloudCache(path), "oracle", OracleBackend().model_name).ask(task, examples)
+    backend = CountingBackend()
+    resumed = Cloud(backend, CloudCache(path), "oracle", backend.model_name)
+    second = resumed.ask(task, examples)
+    assert backend.sent == [] and resumed.calls_made == 0 and resumed.served_from_cache == 20
+    assert [x.text for x in second] == [x.text for x in first]
+    assert [x.correct for x in second] == [x.correct for x in first]
+
+
+def test_cache_survives_torn_last_line(task, tmp_path):
+    path = tmp_path / "cache.jsonl"
+    examples = task.examples("train")[:7]
+    Cloud(CountingBackend(), CloudCache(path), "oracle", OracleBackend().model_name).ask(task, examples[:5])
+    with open(path, "a", encoding="utf-8") as f:  # a crash in the middle of writing record 6
+        f.write('{"task": "tiny_countdown", "key": "' + examples[5].key + '", "prompt_sha256": "ab')
+    cache = CloudCache(path)
+    assert len(cache) == 5 and cache.ignored_torn_line
+    backend = CountingBackend()
+    cloud = Cloud(backend, cache, "oracle", backend.model_name)
+    cloud.ask(task, examples)
+    assert backend.sent == [examples[5].key, examples[6].key]  # nothing else lost
+    lines = _lines(path)
+    assert len(lines) == 7 and all(json.loads(line) for line in lines)
+    assert path.read_bytes().endswith(b"\n")
+    assert len(CloudCache(path)) == 7 and not CloudCache(path).ignored_torn_line
+
+
+def test_cache_whole_last_record_without_newline(task, tmp_path):
+    path = tmp_path / "cache.jsonl"
+    examples = task.examples("train")[:3]
+    Cloud(CountingBackend(), CloudCache(path), "oracle", OracleBackend().model_name).ask(task, examples[:2])
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # the crash lost only the final "\n"
+    cache = CloudCache(path)
+    assert len(cache) == 2
+    Cloud(CountingBackend(), cache, "oracle", OracleBackend().model_name).ask(task, examples)
+    assert len(_lines(path)) == 3 and len(CloudCache(path)) == 3
+
+
+def test_cache_corrupt_middle_line_is_an_error(task, tmp_path):
+    path = tmp_path / "cache.jsonl"
+    Cloud(CountingBackend(), CloudCache(path), "oracle", OracleBackend().model_name).ask(task, task.examples("train")[:3])
+    lines = _lines(path)
+    lines[1] = lines[1][:40]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cache\.jsonl:2: corrupt"):
+        CloudCache(path)
+    lines[1] = json.dumps({"task": "t", "key": "k"})  # valid JSON, missing fields
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cache\.jsonl:2: .*'prompt_sha256'"):
+        CloudCache(path)
+
+
+def test_failures_are_reported_not_cached_and_retried(task, tmp_path):
+    path = tmp_path / "cache.jsonl"
+    a, b = task.examples("train")[:2]
+    flaky = CountingBackend(fail_keys={b.key})
+    cloud = Cloud(flaky, CloudCache(path), "oracle", flaky.model_name)
+    answers = cloud.ask(task, [a, b, b])
+    assert answers[0].error is None
+    assert answers[1].error and "simulated outage" in answers[1].error
+    assert answers[1].text == "" and answers[1].correct is False and answers[2].error
+    assert cloud.failures == 1 and cloud.calls_made == 2
+    assert [json.loads(line)["key"] for line in _lines(path)] == [a.key]
+    healthy = CountingBackend()
+    retry = Cloud(healthy, CloudCache(path), "oracle", healthy.model_name)
+    (answer,) = retry.ask(task, [b])
+    assert healthy.sent == [b.key] and answer.error is None and not answer.cached
+    assert len(CloudCache(path)) == 2
+
+
+def test_cache_from_another_backend_is_refused(task, tmp_path):
+    path = tmp_path / "cache.jsonl"
+    ex = task.examples("train")[0]
+    make_cloud({"backend": "oracle", "p_correct": 0.95}, cache_path=path).ask(task, [ex])
+    other = make_cloud({"backend": "oracle", "p_correct": 0.5}, cache_path=path)
+    with pytest.raises(ValueError, match="separate cache file"):
+        other.ask(task, [ex])
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record["prompt_sha256"] = "0" * 64  # as if the prompt template had changed since
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="for a different prompt"):
+        make_cloud({"backend": "oracle", "p_correct": 0.95}, cache_path=path).ask(task, [ex])
+
+
+def test_make_cloud_errors(tmp_path):
+    with pytest.raises(ValueError, match="'gpt'.*'http'"):
+        make_cloud({"backend": "gpt"})
+    with pytest.raises(ValueError, match="p_corect"):
+        make_cloud({"backend": "oracle", "p_corect": 0.9})
+    with pytest.raises(ValueError, match="p_correct"):
+        make_cloud(backend="oracle", p_correct=1.5)
+    cloud = make_cloud(backend="http", base_url="http://127.0.0.1:9", model="m", cache_path=tmp_path / "c.jsonl")
+    assert isinstance(cloud.backend, HttpBackend) and cloud.model_name == "m"
+
+
+# ----------------------------------------------------------------------------------------------
+# The oracle simulation
+
+def test_oracle_deterministic_per_prompt(task):
+    examples = task.examples("train")[:40]
+    one = OracleBackend(seed=3).complete(task, examples)
+    assert one == OracleBackend(seed=3).complete(task, examples)
+    assert one[::-1] == OracleBackend(seed=3).complete(task, examples[::-1])  # batch order irrelevant
+    assert one[5] == OracleBackend(seed=3).complete(task, [examples[5]])[0]
+    assert one != OracleBackend(seed=4).complete(task, examples)
+
+
+@pytest.mark.parametrize("p", [0.95, 0.5])
+def test_oracle_correctness_rate(task, p):
+    examples = task.examples("train")[:600]
+    texts = OracleBackend(p_correct=p, seed=0).complete(task, examples)
+    rate = sum(task.cloud_correct(ex, t) for ex, t in zip(examples, texts)) / len(examples)
+    assert abs(rate - p) < 4 * (p * (1 - p) / len(examples)) ** 0.5 + 0.005
+
+
+def test_oracle_extremes(task):
+    examples = task.examples("test")
+    assert all(task.cloud_correct(ex, t) for ex, t in zip(examples, OracleBackend(1.0).complete(task, examples)))
+    assert not any(task.cloud_correct(ex, t) for ex, t in zip(examples, OracleBackend(0.0).complete(task, examples)))
+    countdown = CountdownTask(n_train=0, n_test=200, seed=1)
+    cd = countdown.examples("test")
+    rate = sum(countdown.cloud_correct(ex, t) for ex, t in zip(cd, OracleBackend(0.95).complete(countdown, cd))) / len(cd)
+    assert 0.88 < rate <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP client against a fake OpenAI-compatible endpoint
+
+class FakeEndpoint:
+    """A scripted chat-completions server on 127.0.0.1: each request pops the next scripted
+    response (status, body, headers, delay seconds); when the script is empty it answers 200
+    with the reversed user message."""
+
+    def __init__(self):
+        self.script, self.requests, self.lock = [], [], threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with endpoint.lock:
+                    endpoint.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    step = endpoint.script.pop(0) if endpoint.script else None
+                    endpoint.in_flight += 1
+                    endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
+                try:
+                    if step is None:
+                        content = body["messages"][-1]["content"][::-1]
+                        time.sleep(0.02)
+                        step = (200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}), {}, 0)
+                    status, payload, headers, delay = step
+                    time.sleep(delay)
+                    data = payload.encode("utf-8")
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+                finally:
+                    with endpoint.lock:
+                        endpoint.in_flight -= 1
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def endpoint():
+    server = FakeEndpoint()
+    yield server
+    server.close()
+
+
+def ok(content):
+    return (200, json.dumps({"choices": [{"message": {"content": content}}]}), {}, 0)
+
+
+def make_backend(url, **kwargs):
+    settings = dict(model="cloud-model", api_key_env="TEST_CLOUD_KEY", timeout=2, retries=3, backoff=0.01)
+    settings.update(kwargs)
+    backend = HttpBackend(url, **settings)
+    backend.slept = []
+    backend.sleep = backend.slept.append  # record the waits instead of waiting
+    return backend
+
+
+MESSAGES = [{"role": "user", "content": "07,03,12|033="}]
+
+
+def test_urls():
+    assert chat_completions_url("http://h:1") == "http://h:1/v1/chat/completions"
+    assert chat_completions_url("http://h:1/") == "http://h:1/v1/chat/completions"
+    assert chat_completions_url("http://h:1/v1") == "http://h:1/v1/chat/completions"
+    assert chat_completions_url("https://api.x.com/v1/") == "https://api.x.com/v1/chat/completions"
+
+
+def test_http_success(endpoint, monkeypatch):
+    monkeypatch.setenv("TEST_CLOUD_KEY", "sk-test-123")
+    endpoint.script = [ok("[007*003=021,021+012=033]")]
+    backend = make_backend(endpoint.url + "/v1/", temperature=0.0, max_tokens=64)
+    assert backend.chat(MESSAGES) == "[007*003=021,021+012=033]"
+    (request,) = endpoint.requests
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == "Bearer sk-test-123"
+    assert request["body"] == {"model": "cloud-model", "messages": MESSAGES, "temperature": 0.0, "max_tokens": 64}
+
+
+def test_http_no_key_sends_no_header(endpoint, monkeypatch):
+    monkeypatch.delenv("TEST_CLOUD_KEY", raising=False)
+    endpoint.script = [ok("hi")]
+    assert make_backend(endpoint.url).chat(MESSAGES) == "hi"
+    assert "Authorization" not in endpoint.requests[0]["headers"]
+
+
+def test_http_500_then_success(endpoint):
+    endpoint.script = [(500, "boom", {}, 0), (503, "busy", {}, 0), ok("fine")]
+    backend = make_backend(endpoint.url, backoff=0.5)
+    assert backend.chat(MESSAGES) == "fine"
+    assert len(endpoint.requests) == 3
+    assert len(backend.slept) == 2
+    assert 0.25 <= backend.slept[0] <= 0.75 and 0.5 <= backend.slept[1] <= 1.5  # 0.5 * 2^k, jittered
+
+
+def test_http_429_honours_retry_after(endpoint):
+    endpoint.script = [(429, "slow down", {"Retry-After": "2"}, 0), ok("done")]
+    backend = make_backend(endpoint.url)
+    assert backend.chat(MESSAGES) == "done"
+    assert backend.slept == [2.0]
+
+
+def test_http_timeout_is_retried(endpoint):
+    endpoint.script = [ok("late"), ok("on time")]
+    endpoint.script[0] = (200, endpoint.script[0][1], {}, 0.6)  # slower than the client's timeout
+    backend = make_backend(endpoint.url, timeout=0.2)
+    start = time.time()
+    assert backend.chat(MESSAGES) == "on time"
+    assert len(endpoint.requests) == 2 and len(backend.slept) == 1
+    assert time.time() - start < 2
+
+
+def test_http_gives_up_and_reports_per_prompt(endpoint, task):
+    endpoint.script = [(500, "down", {}, 0)] * 3
+    backend = make_backend(endpoint.url, retries=2)
+    with pytest.raises(CloudError, match="gave up after 3 attempts.*HTTP 500"):
+        backend.chat(MESSAGES)
+    endpoint.script = [(502, "down", {}, 0)] * 2
+    ex = task.examples("test")[0]
+    cloud = Cloud(make_backend(endpoint.url, retries=1), CloudCache(None), "http", "cloud-model")
+    (answer,) = cloud.ask(task, [ex])
+    assert answer.error and "502" in answer.error and cloud.failures == 1 and len(cloud.cache) == 0
+
+
+@pytest.mark.parametrize("payload,needle", [
+    ("this is not json", "malformed JSON"),
+    ('{"choices": []}', "no choices"),
+    ('{"id": 1}', "no choices"),
+    ('{"choices": [{"message": {"content": null}}]}', "empty"),
+    ('{"choices": [{"message": {"content": "  "}}]}', "empty"),
+    ('{"choices": [{"text": "old api"}]}', "empty"),
+])
+def test_http_bad_responses_are_clear_errors(endpoint, payload, needle):
+    endpoint.script = [(200, payload, {}, 0)]
+    with pytest.raises(CloudError, match=needle):
+        make_backend(endpoint.url).chat(MESSAGES)
+    assert len(endpoint.requests) == 1  # not retried
+
+
+def test_http_400_not_retried(endpoint):
+    endpoint.script = [(400, '{"error": "context too long"}', {}, 0)]
+    with pytest.raises(CloudError, match="HTTP 400.*context too long"):
+        make_backend(endpoint.url).chat(MESSAGES)
+    assert len(endpoint.requests) == 1
+
+
+def test_http_401_names_env_var_and_hides_key(endpoint, monkeypatch, task):
+    secret = "sk-very-secret-987"
+    monkeypatch.setenv("TEST_CLOUD_KEY", secret)
+    endpoint.script = [(401, f'{{"error": "Incorrect API key provided: {secret}"}}', {}, 0)]
+    with pytest.raises(CloudAuthError) as err:
+        make_backend(endpoint.url).chat(MESSAGES)
+    assert "TEST_CLOUD_KEY" in str(err.value) and secret not in str(err.value)
+    assert len(endpoint.requests) == 1
+    endpoint.script = [(401, "no", {}, 0)] * 3
+    with pytest.raises(CloudAuthError):  # stops the whole batch
+        make_backend(endpoint.url, concurrency=1).complete(task, task.examples("test")[:3])
+
+
+def test_http_concurrency_and_order(endpoint, task):
+    examples = task.examples("test")[:12]
+    backend = make_backend(endpoint.url, concurrency=3)
+    texts = backend.complete(task, examples)
+    assert texts == [ex.prompt[::-1] for ex in examples]  # the fake echoes the prompt reversed
+    assert 1 <= endpoint.max_in_flight <= 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Local backend with a fake model.py / sample.py
+
+def test_local_backend_with_fake_model(monkeypatch, task):
+    import torch
+
+    class CharTokenizer:
+        eos_ids = [0]
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+        def apply_chat(self, messages, add_generation_prompt=True):
+            assert add_generation_prompt
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    calls = {}
+
+    def load_pretrained(path, dtype=None, device=None):
+        calls["load"] = (path, dtype, device)
+        return "fake-model"
+
+    def generate(model, prompts, n=1, max_new_tokens=16, temperature=1.0, stop_ids=(), seed=0):
+        calls.setdefault("generate", []).append({"prompts": prompts, "temperature": temperature,
+                                                 "stop_ids": list(stop_ids), "max_new_tokens": max_new_tokens})
+        tokens = torch.zeros(len(prompts), max_new_tokens, dtype=torch.long)
+        lengths = torch.zeros(len(prompts), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            answer = [ord(c) for c in f"echo{len(prompt)}"] + [0]  # ends with EOS
+            tokens[row, :len(answer)] = torch.tensor(answer)
+            lengths[row] = len(answer)
+        return types.SimpleNamespace(tokens=tokens, lengths=lengths)
+
+    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load_pretrained=load_pretrained,
+                                                                     load_tokenizer=lambda path: CharTokenizer()))
+    monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate))
+
+    backend = LocalBackend("/ckpt/big", max_new_tokens=16, batch_size=2)
+    examples = task.examples("test")[:3]
+    texts = backend.complete(task, examples)
+    assert calls["load"] == ("/ckpt/big", None, None)
+    assert texts == [f"echo{len(ex.prompt)}" for ex in examples]  # EOS stripped
+    first = calls["generate"][0]
+    assert first["prompts"] == [[ord(c) for c in ex.prompt] for ex in examples[:2]]  # raw prompt, no chat
+    assert first["temperature"] == 0.0 and first["max_new_tokens"] == 16
+    assert sorted(first["stop_ids"]) == sorted([0, ord("A"), ord("H")])
+    assert len(calls["generate"]) == 2  # batches of 2
+
+    countdown = CountdownTask(n_train=0, n_test=1, seed=0)
+    (ex,) = countdown.examples("test")
+    (text,) = backend.complete(countdown, [ex])
+    chat = "".join(f"<{m['role']}>{m['content']}" for m in countdown.cloud_messages(ex)) + "<assistant>"
+    assert calls["generate"][-1]["prompts"] == [[ord(c) for c in chat]]
+    assert calls["generate"][-1]["stop_ids"] == [0]
+    assert text == f"echo{len(chat)}"

@@ -1,0 +1,564 @@
+"""tasks.py: the Countdown checker, dataset generators, the tiny task's format, math answers."""
+import json
+import os
+import random
+import re
+import sys
+import time
+from fractions import Fraction
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from reward import HELP_MARKER  # noqa: E402
+from tasks import (CountdownTask, Example, MathTask, TinyCountdownTask, check_countdown,  # noqa: E402
+                   gsm8k_final_number, last_boxed, make_task, math_answers_equal)
+
+# ----------------------------------------------------------------------------------------------
+# check_countdown: adversarial table. Default numbers [3, 7, 12] and target 33 (3*7+12).
+
+N, T = [3, 7, 12], 33
+COUNTDOWN_CASES = [
+    # (expression, numbers, target, verdict)
+    ("3*7+12", N, T, True),
+    ("3 * 7 + 12", N, T, True),
+    ("(3*7)+12", N, T, True),
+    ("12+7*3", N, T, True),
+    ("12 + (7 * 3)", N, T, True),
+    ("\t3*7\n+ 12 ", N, T, True),
+    ("((((((((((3*7))))))))))+12", N, T, True),
+    ("(" * 60 + "3*7" + ")" * 60 + "+12", N, T, True),  # deep but under the length bound
+    ("3*7+12 = 33", N, T, True),  # [ours] a trailing "= target" is allowed
+    ("3*7+12=33", N, T, True),
+    ("3*7+12 = 34", N, T, False),
+    ("3*7+12 = 33 = 33", N, T, False),
+    ("3*7+12 =", N, T, False),
+    ("3*7+12 = 33.0", N, T, False),
+    ("3*7+12", N, 34, False),
+    ("3*7*12", N, T, False),  # wrong value
+    ("3*7", N, T, False),  # 12 unused
+    ("3*7+12+3", N, T, False),  # 3 reused
+    ("3*7+12", [3, 7, 12, 1], T, False),  # 1 unused
+    ("37+12", N, 49, False),  # 3 and 7 glued
+    ("12+21", [1, 2, 21], 33, False),  # "12" glued from 1 and 2
+    ("3 7 12", N, T, False),
+    ("3*7 12", N, T, False),
+    ("3*7--12", N, 9 + 24, False),  # unary minus (3*7 - -12 = 33)
+    ("3*7-(-12)", N, T, False),
+    ("+3*7+12", N, T, False),  # unary plus
+    ("3*7+(+12)", N, T, False),
+    ("-3*7+12", N, -9, False),
+    ("3**7+12", N, T, False),
+    ("2**99999", [2, 99999], 0, False),
+    ("__import__('os').system('echo hi')", N, T, False),
+    ("abs(3)*7+12", N, T, False),
+    ("1/0", [1, 0], 0, False),
+    ("7/(3-3)", [7, 3, 3], 0, False),  # division by zero from given numbers
+    ("((((", N, T, False),
+    ("(3*7+12", N, T, False),
+    ("3*7+12)", N, T, False),
+    ("()", [], 0, False),
+    ("3*()7+12", N, T, False),
+    ("", N, T, False),
+    ("   ", N, T, False),
+    ("３*7+12", N, T, False),  # fullwidth digit
+    ("٣*7+12", N, T, False),  # Arabic-Indic digit
+    ("3*7+１２", N, T, False),
+    ("3×7+12", N, T, False),
+    ("3*7＋12", N, T, False),
+    ("3*7+12.0", N, T, False),
+    ("0x3*7+12", N, T, False),
+    ("3e0*7+12", N, T, False),
+    ("3*7+12;", N, T, False),
+    ("3*7+12 # comment", N, T, False),
+    ("3*7+12\x00", N, T, False),
+    ("<answer>3*7+12</answer>", N, T, False),
+    ("3*7+1234567", [3, 7, 1234567], 1234588, False),  # literal longer than 6 digits
+    ("1+" * 5000 + "1", [1] * 5001, 5001, False),  # 10 kB
+    ("(" * 5000 + "3*7+12" + ")" * 5000, N, T, False),  # 10 kB of parentheses
+    ("3*7+12" + " " * 10000, N, T, False),  # over the length bound, however harmless
+    ("9/(1/3)", [9, 1, 3], 27, True),  # rational intermediate
+    ("4/8*6", [4, 8, 6], 3, True),
+    ("12/7+3", N, T, False),  # not a whole number
+    ("10-4-3", [10, 4, 3], 3, True),  # left associative
+    ("10-4-3", [10, 4, 3], 9, False),
+    ("24/4/2", [24, 4, 2], 3, True),
+    ("24/4/2", [24, 4, 2], 12, False),
+    ("2+3*4", [2, 3, 4], 14, True),  # precedence
+    ("2+3*4", [2, 3, 4], 20, False),
+    ("5+5+2", [5, 5, 2], 12, True),  # duplicates in the list
+    ("5+2", [5, 5, 2], 7, False),
+    ("5+5+5", [5, 5, 2], 15, False),
+    ("3*7+012", N, T, True),  # [ours] a leading zero reads as the same number
+]
+
+
+def test_table_is_large():
+    assert len(COUNTDOWN_CASES) >= 40
+
+
+@pytest.mark.parametrize("expression,numbers,target,expected", COUNTDOWN_CASES)
+def test_check_countdown_table(expression, numbers, target, expected):
+    start = time.perf_counter()
+    verdict = check_countdown(expression, numbers, target)
+    elapsed = time.perf_counter() - start
+    assert verdict is expected
+    assert elapsed < 0.010, f"{elapsed * 1000:.1f} ms"
+
+
+def test_check_countdown_never_raises_on_odd_inputs():
+    assert check_countdown(None, N, T) is False
+    assert check_countdown("3*7+12", ["x"], T) is False
+    assert check_countdown(b"3*7+12", N, T) is False
+
+
+def _random_tree(values, rng):
+    """An independent random expression: (text, exact value or None on division by zero)."""
+    if len(values) == 1:
+        return str(values[0]), Fraction(values[0])
+    cut = rng.randrange(1, len(values))
+    (lt, lv), (rt, rv) = _random_tree(values[:cut], rng), _random_tree(values[cut:], rng)
+    op = rng.choice("+-*/")
+    if lv is None or rv is None or (op == "/" and rv == 0):
+        value = None
+    else:
+        value = {"+": lv + rv, "-": lv - rv, "*": lv * rv, "/": lv / rv if rv else None}[op]
+    pad = lambda: " " * rng.randrange(2)  # noqa: E731
+    return f"({pad()}{lt}{pad()}{op}{pad()}{rt}{pad()})", value
+
+
+def test_check_countdown_agrees_with_exact_evaluation():
+    rng = random.Random(1234)
+    checked = 0
+    for _ in range(1500):
+        numbers = [rng.randint(0, 99) for _ in range(rng.choice([2, 3, 4]))]
+        order = numbers[:]
+        rng.shuffle(order)
+        text, value = _random_tree(order, rng)
+        if value is None:
+            assert check_countdown(text, numbers, 0) is False
+            continue
+        checked += 1
+        assert check_countdown(text, numbers, value) is True, (text, numbers, value)
+        assert check_countdown(text, numbers, value + 1) is False
+        assert check_countdown(text, numbers + [1], value) is False  # a number left unused
+        if len(numbers) > 2:
+            assert check_countdown(text, numbers[:-1] + [numbers[-1] + 100], value) is False
+    assert checked > 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# Countdown datasets
+
+def _canonical(example):
+    return tuple(sorted(example.data["numbers"])), example.data["target"]
+
+
+def test_countdown_splits_disjoint_deterministic_and_solved():
+    a = CountdownTask(n_train=400, n_test=100, seed=3)
+    b = CountdownTask(n_train=400, n_test=100, seed=3)
+    c = CountdownTask(n_train=400, n_test=100, seed=4)
+    train, test = a.examples("train"), a.examples("test")
+    assert len(train) == 400 and len(test) == 100
+    assert [e.key for e in train] == [e.key for e in b.examples("train")]
+    assert [e.key for e in test] == [e.key for e in b.examples("test")]
+    assert [e.key for e in train] != [e.key for e in c.examples("train")]
+    assert not {_canonical(e) for e in train} & {_canonical(e) for e in test}
+    assert len({e.key for e in train + test}) == 500
+    for e in train + test:
+        numbers, target = e.data["numbers"], e.data["target"]
+        assert len(numbers) in (3, 4) and all(1 <= x <= 99 for x in numbers) and 1 <= target <= 100
+        assert check_countdown(e.data["solution"], numbers, target)
+        assert a.local_correct(e, f"<think>ok</think> <answer>{e.data['solution']}</answer>")
+        system, user = e.prompt
+        assert system["role"] == "system" and HELP_MARKER in system["content"]
+        assert "<think>" in system["content"] and "<answer>" in system["content"]
+        assert user["role"] == "user" and str(target) in user["content"] and str(numbers) in user["content"]
+        assert "step by step" in user["content"]
+    counts = [len(e.data["numbers"]) for e in train]
+    assert 0.35 < counts.count(3) / len(counts) < 0.65
+    # the test split does not depend on n_train
+    d = CountdownTask(n_train=50, n_test=100, seed=3)
+    assert [e.key for e in d.examples("test")] == [e.key for e in test]
+
+
+def test_countdown_verdicts_and_cloud():
+    task = CountdownTask(n_train=0, n_test=5, seed=0)
+    ex = Example("countdown:3,7,12->33", [], {"numbers": [3, 7, 12], "target": 33, "solution": "3 * 7 + 12"})
+    assert task.local_correct(ex, "<think>x</think> <answer>3*7+12</answer>")
+    assert task.local_correct(ex, "<answer>1+1</answer> no wait <answer>12 + 3*7</answer>")  # the last one
+    assert not task.local_correct(ex, "<answer>3*7+12</answer> <answer>1+1</answer>")
+    assert not task.local_correct(ex, "<answer>3*7+12</answer> " + HELP_MARKER)  # a help call
+    assert not task.local_correct(ex, "3*7+12")  # no answer block
+    cloud = task.cloud_messages(ex)
+    assert HELP_MARKER not in json.dumps(cloud) and "[3, 7, 12]" in cloud[-1]["content"]
+    rng = random.Random(0)
+    assert task.cloud_correct(ex, task.oracle_answer(ex, True, rng))
+    assert not any(task.cloud_correct(ex, task.oracle_answer(ex, False, rng)) for _ in range(20))
+
+
+def test_bad_split_and_bad_arguments():
+    task = CountdownTask(n_train=5, n_test=5)
+    with pytest.raises(ValueError, match="'validation'"):
+        task.examples("validation")
+    with pytest.raises(ValueError, match="number_range"):
+        TinyCountdownTask(number_range=(1, 200))
+    with pytest.raises(ValueError, match="ops"):
+        CountdownTask(ops="+^")
+    with pytest.raises(ValueError, match="allowed|use one of"):
+        make_task("chess")
+    with pytest.raises(ValueError, match="n_nubmers"):
+        make_task("tiny_countdown", n_nubmers=3)
+    assert make_task("tiny_countdown", n_train=3, n_test=2).name == "tiny_countdown"
+    with pytest.raises(ValueError, match="distinct examples"):  # 1..2 cannot make 105 distinct prompts
+        TinyCountdownTask(number_range=(1, 2), n_train=100, n_test=5).examples("train")
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny task
+
+def _verify_chain(chain, numbers, target=None):
+    """Independent check of a bare chain: returns its final value if every step is honest and
+    uses the numbers as specified, else None."""
+    m = re.fullmatch(r"\[(.*)\]", chain)
+    if not m:
+        return None
+    unused, prev = list(numbers), None
+    for step in m.group(1).split(","):
+        s = re.fullmatch(r"([0-9]{3})([-+*])([0-9]{3})=([0-9]{3})", step)
+        if not s:
+            return None
+        a, op, b, r = int(s[1]), s[2], int(s[3]), int(s[4])
+        if prev is None:
+            for x in (a, b):
+                if x not in unused:
+                    return None
+                unused.remove(x)
+        elif a == prev and b in unused:
+            unused.remove(b)
+        elif b == prev and a in unused:
+            unused.remove(a)
+        else:
+            return None
+        if {"+": a + b, "-": a - b, "*": a * b}[op] != r:
+            return None
+        prev = r
+    if unused or (target is not None and prev != target):
+        return None
+    return prev
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return TinyCountdownTask()
+
+
+def test_tiny_default_dataset(tiny):
+    train, test = tiny.examples("train"), tiny.examples("test")
+    assert len(train) == 20000 and len(test) == 500
+    assert not {_canonical(e) for e in train} & {_canonical(e) for e in test}
+    assert [e.key for e in test] == [e.key for e in TinyCountdownTask(n_train=10).examples("test")]
+    for e in train[:3000] + test:
+        numbers, target = e.data["numbers"], e.data["target"]
+        assert len(numbers) == 3 and all(1 <= x <= 20 for x in numbers) and 1 <= target <= 999
+        assert e.prompt == ",".join(f"{x:02d}" for x in numbers) + f"|{target:03d}="
+        assert set(e.prompt) <= set(tiny.alphabet)
+        assert _verify_chain(e.data["solution"], numbers, target) == target
+        assert set(e.data["solution"]) <= set(tiny.alphabet)
+    assert tiny.stop_texts == ("A", "H")
+    assert set(tiny.alphabet) == set("0123456789,|=[]+-*#AH")
+    assert "/" in TinyCountdownTask(ops="+-*/", n_train=1, n_test=1).alphabet
+
+
+EX_33 = Example("k33", "07,03,12|033=", {"numbers": [7, 3, 12], "target": 33, "solution": "[007*003=021,021+012=033]"})
+EX_13 = Example("k13", "05,03,02|013=", {"numbers": [5, 3, 2], "target": 13, "solution": "[005*002=010,010+003=013]"})
+
+TINY_CASES = [
+    # (example, response, local_correct, help_called, formatted)
+    (EX_33, "[007*003=021,021+012=033]00=33=33=A", True, False, True),
+    (EX_33, "[003*007=021,012+021=033]00=33=33=A", True, False, True),  # operands either way round
+    (EX_33, "[007*003=021,021+012=033]00=33=33=H", False, True, True),  # help, though right
+    (EX_33, "[007+003=010,010+012=033]00=33=33=A", False, False, True),  # fake arithmetic on target
+    (EX_33, "[007+003=010,010*012=120]10#23#03#A", False, False, True),  # honest miss
+    (EX_33, "[007+003=010,010*012=120]10#23#03#H", False, True, True),
+    (EX_33, "[007*003=021,021+012=033]99#99#99#A", True, False, False),  # check is not graded
+    (EX_33, "[007*003=021,021+012=033]A", True, False, False),
+    (EX_33, "[007*003=021,021+012=033]00=33=33=AA", False, False, False),  # text after the decision
+    (EX_33, "[007*003=021,021+012=033]00=33=3", False, False, False),  # truncated
+    (EX_33, "[007*003=021,021+0", False, False, False),
+    (EX_33, "[007*H", False, True, False),  # a help call mid-chain is still a help call
+    (EX_33, "A", False, False, False),
+    (EX_33, "", False, False, False),
+    (EX_33, "[007*003=021]02#13#13#A", False, False, False),  # too few steps
+    (EX_33, "[007*003=021,021+012=033,033*001=033]00=33=33=A", False, False, False),  # too many
+    (EX_33, "[007*003=021,021+012=033]00=33=33=B", False, False, False),
+    (EX_13, "[005*002=010,010+003=013]00=11=33=A", True, False, True),
+    (EX_13, "[005+005=010,010+003=013]00=11=33=A", False, False, True),  # 5 reused, 2 unused
+    (EX_13, "[004*002=008,008+005=013]00=11=33=A", False, False, True),  # 4 is not given
+    (EX_13, "[005*002=010,003+010=013]00=11=33=A", True, False, True),
+    (EX_13, "[005*002=010,010+003=013]00=11=33=H", False, True, True),
+    (EX_13, "[005+003=008,008*002=016]00=11=63#A", False, False, True),
+    (EX_13, "[005-003=002,002*002=004]00=01#43#A", False, False, True),
+    (EX_13, "[003-005=998,998+...]", False, False, False),  # no negative results
+    (EX_13, "[005*002=010,010+003=013]00=11=33#A", True, False, False),  # inconsistent check char
+    (EX_13, "[005*002=010,010+003=013]10#11#33#A", True, False, False),  # check copies a wrong digit
+    (EX_13, "[００５*002=010,010+003=013]00=11=33=A", False, False, False),
+]
+
+
+@pytest.mark.parametrize("example,response,correct,help,formatted", TINY_CASES)
+def test_tiny_verdicts(tiny, example, response, correct, help, formatted):
+    assert tiny.local_correct(example, response) is correct
+    assert tiny.help_called(response) is help
+    assert tiny.formatted(response) is formatted
+
+
+def test_tiny_step_out_of_range_is_wrong(tiny):
+    ex = Example("k", "20,20,20|999=", {"numbers": [20, 20, 20], "target": 999, "solution": ""})
+    assert not tiny.local_correct(ex, "[020*020=400,400*020=999]99=99=99=A")  # true result 8000
+
+
+def test_tiny_cloud_correct(tiny):
+    assert tiny.cloud_correct(EX_33, "[007*003=021,021+012=033]")
+    assert tiny.cloud_correct(EX_33, " [007*003=021,021+012=033]\n")
+    assert tiny.cloud_correct(EX_33, "[007*003=021,021+012=033]00=33=33=A")
+    assert not tiny.cloud_correct(EX_33, "[007*003=021,021+012=033]00=33=33=H")
+    assert not tiny.cloud_correct(EX_33, "[007+003=010,010*012=120]")
+    assert not tiny.cloud_correct(EX_33, "I don't know")
+    assert tiny.cloud_messages(EX_33) == [{"role": "user", "content": "07,03,12|033="}]
+    rng = random.Random(5)
+    assert tiny.oracle_answer(EX_33, True, rng) == EX_33.data["solution"]
+    for _ in range(20):
+        wrong = tiny.oracle_answer(EX_33, False, rng)
+        value = _verify_chain(wrong, [7, 3, 12])
+        assert value is not None and value != 33  # honest arithmetic, misses the target
+        assert not tiny.cloud_correct(EX_33, wrong)
+
+
+def test_tiny_self_check_mask(tiny):
+    response = "[005*002=010,010+003=013]00=11=33=A"
+    mask = tiny.self_check_mask(list(response))
+    assert mask == [False] * 25 + [True] * 9 + [False]
+    assert tiny.self_check_mask(list("[005*002=010,010+003=013]00=11=33=H"))[25:34] == [True] * 9
+    assert tiny.self_check_mask(["[005*002=010,", "010+003=013]", "00=", "11=33=", "A"]) == [False, False, True, True, False]
+    assert tiny.self_check_mask(["[005*002=010,010+003=013", "]00=", "11=33=", "A"]) == [False, False, True, False]
+    assert tiny.self_check_mask(list("[005*002=010,010+0")) == [False] * 18  # no check reached
+    assert tiny.self_check_mask(list("[005*002=010,010+003=013]00=1")) == [False] * 25 + [True] * 4
+    assert tiny.self_check_mask([]) == []
+    assert CountdownTask(n_train=1, n_test=1).self_check_mask(["<think>", "a"]) == [False, False]
+
+
+def _expected_check(final, target):
+    out, differed = "", False
+    for i in range(3):
+        f, t = f"{final:03d}"[i], f"{target:03d}"[i]
+        differed |= f != t
+        out += f + t + ("#" if differed else "=")
+    return out
+
+
+def test_tiny_check_text_examples():
+    assert _expected_check(120, 33) == "10#23#03#"  # the worked examples of issue 5
+    assert _expected_check(33, 33) == "00=33=33="
+    assert _expected_check(34, 33) == "00=33=43#"
+
+
+def test_warm_start_statistics(tiny):
+    rng = random.Random(0)
+    examples = tiny.examples("test")
+    n, correct, helps, help_when_right, help_when_wrong, n_right = 4000, 0, 0, 0, 0, 0
+    for i in range(n):
+        ex = examples[i % len(examples)]
+        completion = tiny.warm_start_completion(ex, rng)
+        chain, check, decision = completion[:-10], completion[-10:-1], completion[-1]
+        target = ex.data["target"]
+        final = _verify_chain(chain, ex.data["numbers"])
+        assert final is not None  # always honest arithmetic over all numbers
+        assert check == _expected_check(final, target)
+        assert decision in "AH"
+        assert tiny.formatted(completion)
+        right = final == target
+        correct += right
+        helps += decision == "H"
+        n_right += right
+        help_when_right += right and decision == "H"
+        help_when_wrong += (not right) and decision == "H"
+        assert tiny.local_correct(ex, completion) is (right and decision == "A")
+    assert abs(correct / n - 0.7) < 0.03
+    assert abs(helps / n - 0.2) < 0.03
+    assert abs(help_when_right / n_right - 0.2) < 0.04  # routing is not taught
+    assert abs(help_when_wrong / (n - n_right) - 0.2) < 0.05
+
+
+def test_warm_start_wrong_attempts_are_near_misses(tiny):
+    rng = random.Random(1)
+    examples = tiny.examples("test")[:200]
+    distances = []
+    for ex in examples:
+        completion = tiny.warm_start_completion(ex, rng, p_correct=0.0, p_help=0.0)
+        assert completion.endswith("A")
+        final = _verify_chain(completion[:-10], ex.data["numbers"])
+        assert final != ex.data["target"]
+        distances.append(abs(final - ex.data["target"]))
+    distances.sort()
+    assert distances[len(distances) // 2] <= 20  # closest of 8 tries: typically close
+
+
+# ----------------------------------------------------------------------------------------------
+# Math answers
+
+MATH_CASES = [
+    # (a, b, equal)
+    ("\\frac{1}{2}", "\\frac12", True),
+    ("\\dfrac{1}{2}", "\\frac{1}{2}", True),
+    ("\\tfrac{3}{4}", "3/4", True),
+    ("0.5", "\\frac{1}{2}", True),
+    ("-\\frac{1}{2}", "-0.5", True),
+    ("\\frac{-1}{2}", "-\\frac12", True),
+    ("2.50", "2.5", True),
+    ("2.0", "2", True),
+    (".5", "0.5", True),
+    ("x = 5", "5", True),
+    ("y=-3", "-3", True),
+    ("5 \\text{ cm}", "5", True),
+    ("10\\text{ inches}", "10", True),
+    ("12 \\text{cm}^2", "12", True),
+    ("\\text{Tuesday}", "Tuesday", True),
+    ("\\text{(C)}", "C", True),
+    ("$5$", "5", True),
+    ("\\$18.00", "18", True),
+    ("50\\%", "50", True),
+    ("50%", "50", True),
+    ("90^\\circ", "90", True),
+    ("90^{\\circ}", "90", True),
+    ("1,000", "1000", True),
+    ("1{,}000", "1000", True),
+    ("\\left( 1, 2 \\right)", "(1,2)", True),
+    ("(1, 2)", "(1,2)", True),
+    ("\\left\\{1, 2\\right\\}", "\\{1,2\\}", True),
+    ("x \\rightarrow 2", "x\\rightarrow2", True),
+    ("\\sqrt2", "\\sqrt{2}", True),
+    ("\\frac{\\sqrt3}{2}", "\\frac{\\sqrt{3}}{2}", True),
+    ("3\\!\\cdot\\!4", "3\\cdot4", True),
+    ("a\\,b", "ab", True),
+    ("1.0000001", "1", True),  # relative tolerance 1e-6
+    ("5.", "5", True),
+    ("\\displaystyle\\frac{2}{3}", "\\frac{2}{3}", True),
+    ("0.3333", "\\frac{1}{3}", False),  # beyond the tolerance
+    ("2", "3", False),
+    ("\\frac{1}{2}", "\\frac{1}{3}", False),
+    ("x+1", "x-1", False),
+    ("(1,2)", "(2,1)", False),
+    ("10", "100", False),
+    ("\\sqrt{2}", "2", False),
+    ("", "0", False),
+    (None, "0", False),
+    ("-0", "0", True),
+]
+
+
+def test_math_table_is_large():
+    assert len(MATH_CASES) >= 30
+
+
+@pytest.mark.parametrize("a,b,expected", MATH_CASES)
+def test_math_answers_equal(a, b, expected):
+    assert math_answers_equal(a, b) is expected
+    if a is not None:
+        assert math_answers_equal(b, a) is expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so \\boxed{5}.", "5"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("first \\boxed{1}, finally \\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed{x^{2}+{1}}", "x^{2}+{1}"),
+    ("$\\boxed 7$", "7"),
+    ("\\fbox{3}", "3"),
+    ("\\boxed{1} then \\boxed{2", None),  # the last one is unbalanced
+    ("no box", None),
+    ("\\boxed", None),
+])
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("She pays 3 * 6 = 18 dollars.\n#### 18", "18"),
+    ("#### 1,234", "1234"),
+    ("#### -7.5", "-7.5"),
+    ("The answer is \\boxed{\\$1,200}.", "1200"),
+    ("So she has 5 apples and 12 pears, total 17.", "17"),
+    ("nothing here", None),
+])
+def test_gsm8k_final_number(text, expected):
+    assert gsm8k_final_number(text) == expected
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_math_task_loads_and_checks(tmp_path):
+    good = _write(tmp_path / "math.jsonl", [
+        json.dumps({"problem": "What is 1/2 + 0?", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "level": "Level 1"}),
+        "",
+        json.dumps({"problem": "Compute 2+3.", "solution": "Step: \\boxed{1} no, \\boxed{5}"}),
+    ])
+    task = MathTask(path_train=good, path_test=good, kind="math", max_steps=4)
+    train = task.examples("train")
+    assert [e.data["gold"] for e in train] == ["\\frac{1}{2}", "5"]
+    assert train[0].key == MathTask(path_train=good).examples("train")[0].key  # stable
+    system, user = train[0].prompt
+    assert "Step 1" in system["content"] and "\\boxed{}" in system["content"] and "4 steps" in system["content"]
+    assert HELP_MARKER in system["content"] and user["content"].startswith("What is 1/2 + 0?")
+    assert HELP_MARKER not in json.dumps(task.cloud_messages(train[0]))
+    assert task.local_correct(train[0], "Step 1: add.\nThe answer is \\boxed{0.5}.")
+    assert task.local_correct(train[0], "Step 1: \\boxed{\\dfrac12}")
+    assert not task.local_correct(train[0], "Step 1: \\boxed{0.5}. " + HELP_MARKER)
+    assert not task.local_correct(train[0], "Step 1: I think it is 0.5")
+    assert task.formatted("Step 1: add. Step 2: \\boxed{5}")
+    assert task.formatted("Step 1: hmm. " + HELP_MARKER)
+    assert not task.formatted("\\boxed{5}")
+    rng = random.Random(0)
+    for ex in train:
+        assert task.cloud_correct(ex, task.oracle_answer(ex, True, rng))
+        assert not task.cloud_correct(ex, task.oracle_answer(ex, False, rng))
+
+
+def test_gsm8k_task(tmp_path):
+    path = _write(tmp_path / "gsm.jsonl", [json.dumps({"question": "How many?", "answer": "5+7=12\n#### 1,212"})])
+    task = MathTask(path_test=path, kind="gsm8k")
+    (ex,) = task.examples("test")
+    assert ex.data["gold"] == "1212" and task.name == "gsm8k"
+    assert task.local_correct(ex, "Step 1: ... so 1212 in all.")
+    assert task.local_correct(ex, "Step 1: ...\n#### 1,212.00")
+    assert not task.local_correct(ex, "Step 1: ... so 1213 in all.")
+    assert not task.cloud_correct(ex, task.oracle_answer(ex, False, random.Random(0)))
+    with pytest.raises(ValueError, match="path_train"):
+        task.examples("train")
+
+
+def test_jsonl_errors_name_file_line_and_field(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        MathTask(path_train=missing).examples("train")
+    bad_json = _write(tmp_path / "bad.jsonl", [json.dumps({"problem": "p", "solution": "\\boxed{1}"}), "{oops"])
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
+        MathTask(path_train=bad_json).examples("train")
+    no_field = _write(tmp_path / "nofield.jsonl", [json.dumps({"problem": "p", "solution": "\\boxed{1}"}),
+                                                   json.dumps({"problem": "p"}), json.dumps({"x": 1})])
+    with pytest.raises(ValueError, match=r"nofield\.jsonl:2: field 'solution' is missing"):
+        MathTask(path_train=no_field).examples("train")
+    no_box = _write(tmp_path / "nobox.jsonl", [json.dumps({"problem": "p", "solution": "it is 3"})])
+    with pytest.raises(ValueError, match=r"nobox\.jsonl:1: field 'solution' has no \\boxed"):
+        MathTask(path_train=no_box).examples("train")
+    not_gsm = _write(tmp_path / "gsm.jsonl", [json.dumps({"question": "q", "answer": "12"})])
+    with pytest.raises(ValueError, match=r"gsm\.jsonl:1: field 'answer'"):
+        MathTask(path_train=not_gsm, kind="gsm8k").examples("train")
+    not_object = _write(tmp_path / "list.jsonl", ["[1, 2]"])
+    with pytest.raises(ValueError, match=r"list\.jsonl:1"):
+        MathTask(path_train=not_object).examples("train")
+    with pytest.raises(ValueError, match="kind"):
+        MathTask(kind="aime")
