@@ -157,18 +157,30 @@ def rope_cos_sin(inv_freq, positions, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on x [B, H, T, D] (HF convention: pairs (i, i + D/2))."""
+    """Rotate-half RoPE on x [B, H, T, D] (HF convention: pairs (i, i + D/2)):
+    x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+
+
+
+def attention_mask(key_valid, T: int, offset: int):
+    """Boolean SDPA mask [B, 1, T, offset+T]: query t (at column offset+t) sees valid keys at
+    columns <= its own. Each query also sees itself, so padding queries never get an all-masked
+    row (which would make NaNs); their outputs are never used."""
+    L = offset + T
+    q_col = torch.arange(offset, L, device=key_valid.device)[:, None]
+    k_col = torch.arange(L, device=key_valid.device)[None, :]
+    mask = (k_col <= q_col) & key_valid[:, None, :L]
+    return (mask | (k_col == q_col))[:, None]
 
 
 class KVCache:
     """Static key/value buffers [layers, B, kv_heads, max_len, head_dim], allocated once.
 
-    Layout: every row writes new tokens into the same columns (prompts are left-padded), so a
-    step writes one column slice. `valid` [B, max_len] marks real (non-padding) filled slots and
-    is the attention mask; `pos` is the next column to write (a Python int: no host sync).
+    Every row writes its next tokens into the same columns (prompts are left-padded), so a
+    forward of T tokens fills one column slice. `valid` [B, max_len] marks real (non-padding)
+    slots; `pos` is the next column (a Python int, so no host sync).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=None):
@@ -178,29 +190,70 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, device=device, dtype=torch.bool)
         self.pos = 0
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
+    def begin(self, T: int, attn_mask):
+        """Mark the T incoming columns valid (or as attn_mask says); return the SDPA mask."""
+        self.valid[:, self.pos:self.pos + T] = True if attn_mask is None else attn_mask
+        return attention_mask(self.valid, T, self.pos)
 
-    def first_of_groups(self, n: int) -> "KVCache":
-        """A view of rows 0, n, 2n, ... sharing this cache's storage: prefilling it fills the
-        first row of each group of n (the rows of one prompt's samples)."""
-        view = KVCache.__new__(KVCache)
-        L, B, H, T, D = self.k.shape
-        view.k = self.k.view(L, B // n, n, H, T, D)[:, :, 0]
-        view.v = self.v.view(L, B // n, n, H, T, D)[:, :, 0]
-        view.valid = self.valid.view(B // n, n, T)[:, 0]
-        view.pos = self.pos
-        return view
+    def attend(self, layer: int, q, k, v, mask):
+        T = q.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return F.scaled_dot_product_attention(q, self.k[layer, :, :, :end],
+                                              self.v[layer, :, :, :end], attn_mask=mask,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
-    def copy_to_groups(self, n: int, upto: int):
-        """Copy columns [0, upto) of each group's first row into the group's other n-1 rows."""
-        L, B, H, T, D = self.k.shape
-        for buf in (self.k, self.v):
-            g = buf.view(L, B // n, n, H, T, D)
-            g[:, :, 1:, :, :upto] = g[:, :, :1, :, :upto]
-        g = self.valid.view(B // n, n, T)
-        g[:, 1:, :upto] = g[:, :1, :upto]
+    def advance(self, T: int):
+        self.pos += T
+
+
+class SharedPrefixCache:
+    """Decode-time cache for n samples of each of P prompts (rows prompt-major, R = P*n).
+
+    The prompts' keys/values stay in the prefill's KVCache, ONE row per prompt; each sample row
+    stores only its own generated tokens in a static [layers, R, kv_heads, max_new, head_dim]
+    buffer. Attention scores against the shared prefix are one matmul per prompt over all its
+    n samples and grouped query heads, so the prompt's cache is read once per step instead of
+    n * (heads / kv_heads) times: decoding is bound by reading the cache, so this is the speed.
+    """
+
+    def __init__(self, prefix: KVCache, n: int, max_new: int):
+        L, P, H, Lp, D = prefix.k.shape
+        self.prefix, self.n, self.pos = prefix, n, 0
+        self.k = prefix.k.new_zeros(L, P * n, H, max_new, D)
+        self.v = prefix.v.new_zeros(L, P * n, H, max_new, D)
+        # additive bias hiding the prompts' left padding, [P, 1, 1, Lp]
+        self.prefix_bias = torch.zeros(P, 1, 1, Lp, device=prefix.k.device, dtype=torch.float32)
+        self.prefix_bias.masked_fill_(~prefix.valid[:, None, None, :prefix.pos], float("-inf"))
+
+    def begin(self, T: int, attn_mask):
+        if T != 1 or attn_mask is not None:
+            raise ValueError("SharedPrefixCache decodes one token per row per step, no padding")
+        return None
+
+    def attend(self, layer: int, q, k, v, mask):
+        R, H, _, D = q.shape
+        _, P, Hkv, Lp, _ = self.prefix.k.shape
+        n, r, t = self.n, H // Hkv, self.pos
+        self.k[layer, :, :, t] = k[:, :, 0]
+        self.v[layer, :, :, t] = v[:, :, 0]
+        kp, vp = self.prefix.k[layer, :, :, :Lp], self.prefix.v[layer, :, :, :Lp]
+        ks, vs = self.k[layer, :, :, :t + 1], self.v[layer, :, :, :t + 1]
+        # queries grouped per (prompt, kv head): [P, Hkv, n*r, D]
+        qg = q.view(P, n, Hkv, r, D).transpose(1, 2).reshape(P, Hkv, n * r, D)
+        scale = D ** -0.5
+        s_pre = (qg @ kp.transpose(-1, -2)).float() * scale + self.prefix_bias   # [P, Hkv, n*r, Lp]
+        s_gen = (q.view(R, Hkv, r, D) @ ks.transpose(-1, -2)).float() * scale    # [R, Hkv, r, t+1]
+        s_pre = s_pre.view(P, Hkv, n, r, Lp).transpose(1, 2).reshape(R, Hkv, r, Lp)
+        p = torch.softmax(torch.cat([s_pre, s_gen], dim=-1), dim=-1).to(q.dtype)
+        p_pre = p[..., :Lp].reshape(P, n, Hkv, r, Lp).transpose(1, 2).reshape(P, Hkv, n * r, Lp)
+        y = (p_pre @ vp).view(P, Hkv, n, r, D).transpose(1, 2).reshape(R, Hkv, r, D)
+        y = y + p[..., Lp:] @ vs
+        return y.view(R, H, 1, D)
+
+    def advance(self, T: int):
+        self.pos += T
 
 
 class Attention(nn.Module):
@@ -213,19 +266,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache, layer: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write this chunk into its columns, attend to everything so far
-            start, end = cache.pos, cache.pos + T
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        if cache is not None:  # store this chunk's keys/values, attend to everything so far
+            y = cache.attend(layer, q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -253,16 +304,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(key_valid, T: int, offset: int):
-    """Boolean SDPA mask [B, 1, T, offset+T]: query t (at column offset+t) sees valid keys at
-    columns <= its own. Each query also sees itself, so padding queries never get an all-masked
-    row (which would make NaNs); their outputs are never used."""
-    L = offset + T
-    q_col = torch.arange(offset, L, device=key_valid.device)[:, None]
-    k_col = torch.arange(L, device=key_valid.device)[None, :]
-    mask = (k_col <= q_col) & key_valid[:, None, :L]
-    return (mask | (k_col == q_col))[:, None]
-
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -278,7 +319,7 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(cfg)
         self.gradient_checkpointing = False  # recompute each block in backward (saves memory)
 
-    def forward(self, tokens, positions, attn_mask=None, cache: KVCache | None = None,
+    def forward(self, tokens, positions, attn_mask=None, cache=None,
                 last_only: bool = False):
         """tokens, positions: [B, T] ints. attn_mask: [B, T] bool, False for padding tokens.
         With a cache, the T tokens are written at columns cache.pos.. and attend to all earlier
@@ -290,8 +331,7 @@ class Transformer(nn.Module):
             self.inv_freq = self.inv_freq.to(tokens.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         if cache is not None:
-            cache.valid[:, cache.pos:cache.pos + T] = True if attn_mask is None else attn_mask
-            mask = attention_mask(cache.valid, T, cache.pos)
+            mask = cache.begin(T, attn_mask)
         elif attn_mask is not None:
             mask = attention_mask(attn_mask, T, 0)
         else:
@@ -303,7 +343,7 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

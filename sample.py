@@ -1,9 +1,9 @@
 """Batched generation with a static KV cache: the rollout engine (DESIGN.md: sample.py).
 
-generate() left-pads the ragged prompts, prefills each distinct prompt once into the first row
-of its group of n sample rows, copies that cache into the other n-1 rows, then decodes all rows
-together one token per step. The cache is allocated once at exactly prompt + new-token length;
-every step writes one column. Rows stop independently on a stop id; the only host sync in the
+generate() left-pads the ragged prompts and prefills each distinct prompt once; its n sample
+rows then share that prompt cache (model.SharedPrefixCache) and decode together, one token per
+step, each row writing its own keys/values into one column of a static buffer allocated once at
+exactly max_new_tokens - 1 columns. Rows stop independently on a stop id; the only host sync in the
 loop is an "all finished?" check every `check_every` steps.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import KVCache, Transformer
+from model import KVCache, SharedPrefixCache, Transformer
 
 
 @dataclass
@@ -45,7 +45,8 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator)
     if temperature == 0:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -55,9 +56,16 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = (probs.cumsum(-1) - probs) >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    logp = torch.log_softmax(logits, -1)
-    token = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
-    return token, logp.gather(-1, token[:, None])[:, 0]
+    # inverse-CDF sampling on the unnormalised cdf: one uniform per row (torch.multinomial draws
+    # one exponential per vocabulary entry on CPU, which dominated the step). u < cdf[-1] and
+    # right=True mean a token of probability 0 (cdf equal to its left neighbour's) is never the
+    # first entry with cdf > u.
+    shifted = logits - logits.amax(-1, keepdim=True)
+    cdf = shifted.exp().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * total
+    token = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)
+    return token[:, 0], (shifted.gather(-1, token) - total.log())[:, 0]
 
 
 @torch.no_grad()
@@ -83,11 +91,11 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     generator = torch.Generator(device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
-    # the last sampled token is never fed back, so the cache needs Lp + max_new_tokens - 1 columns
-    cache = KVCache(model.config, R, Lp + max_new_tokens - 1, device, dtype)
-    logits = model(ids, positions, attn_mask=real, cache=cache.first_of_groups(n), last_only=True)
-    cache.copy_to_groups(n, Lp)
-    cache.pos = Lp
+    # prefill each distinct prompt once; its n samples then share that cache (the last sampled
+    # token is never fed back, so the per-row cache needs max_new_tokens - 1 columns)
+    prefix = KVCache(model.config, P, Lp, device, dtype)
+    logits = model(ids, positions, attn_mask=real, cache=prefix, last_only=True)
+    cache = SharedPrefixCache(prefix, n, max(max_new_tokens - 1, 1))
     logits = logits[:, -1].float().repeat_interleave(n, dim=0)
     next_pos = (positions[:, -1] + 1).repeat_interleave(n)[:, None]
 

@@ -1,0 +1,206 @@
+"""Performance benchmarks, each printing a ratio against a reference measured in the same run.
+
+    python bench.py sample                 our sampler vs transformers' generate, random 12M model
+    python bench.py sample --model smollm2 the same on the real SmolLM2-135M-Instruct checkpoint
+
+Rates are generated tokens per second (median over alternating runs). "Model FLOP/s" counts the
+useful work, identical for both: 2 * (matmul parameters) per prompt token once and per generated
+token, divided by the time; it is reported as a fraction of a large fp32 matmul's FLOP/s measured
+here (the machine's practical peak). Peak memory is measured in a fresh child process per
+implementation: growth of the peak resident set during one generate call on CPU (Linux), peak
+allocated bytes on CUDA.
+Not imported by the rest of the project.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from model import load_pretrained
+from sample import generate
+
+
+def matmul_peak_flops(device, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_qwen2_dir(path: str):
+    """The issue's random Qwen2-style model (~12M parameters), saved with transformers."""
+    import transformers
+    cfg = transformers.Qwen2Config(vocab_size=8192, hidden_size=384, intermediate_size=1024,
+                                   num_hidden_layers=6, num_attention_heads=6,
+                                   num_key_value_heads=2, tie_word_embeddings=True,
+                                   max_position_embeddings=1024)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
+
+
+def random_prompts(count=16, lo=20, hi=60, vocab=8192, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (count,), generator=g)
+    return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in lengths]
+
+
+def setup(model_name: str):
+    """-> (model directory, prompts, n, max_new_tokens)."""
+    if model_name == "random-qwen2":
+        path = os.path.join(tempfile.gettempdir(), "bench_random_qwen2")
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
+            random_qwen2_dir(path)
+        return path, random_prompts(), 8, 128
+    raise ValueError(f"unknown --model {model_name!r}; allowed: random-qwen2")
+
+
+def run_ours(model, prompts, n, new, device, stop_ids=()):
+    sync(device)
+    t = time.perf_counter()
+    out = generate(model, prompts, n=n, max_new_tokens=new, temperature=1.0, seed=0,
+                   stop_ids=stop_ids)
+    sync(device)
+    return time.perf_counter() - t, int(out.lengths.sum())
+
+
+def run_hf(hf, prompts, n, new, device, pad_id=0, eos_ids=None):
+    import transformers
+    L = max(map(len, prompts))
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    gen = transformers.GenerationConfig(do_sample=True, temperature=1.0, top_k=None, top_p=None,
+                                        max_new_tokens=new, num_return_sequences=n,
+                                        pad_token_id=pad_id, eos_token_id=eos_ids)
+    sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          generation_config=gen)
+    sync(device)
+    dt = time.perf_counter() - t
+    new_tokens = out[:, L:]
+    if eos_ids is None:
+        return dt, new_tokens.numel()
+    # count tokens up to and including the first eos, as ours does
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return dt, int((~after).sum())
+
+
+def load_hf(path, device):
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul per token (everything but norms; the embedding
+    lookup is not a matmul, the LM head is)."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if p.dim() == 2 and name != "embed_tokens.weight") + (
+        model.embed_tokens.weight.numel() if model.config.tie_word_embeddings else 0)
+
+
+def memory_child(which: str, model_name: str, device: str):
+    """Run one generate call in this (fresh) process and print its peak memory growth."""
+    path, prompts, n, new = setup(model_name)
+    model = load_pretrained(path, dtype=torch.float32, device=device) if which == "ours" \
+        else load_hf(path, device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:  # Linux: writing 5 to clear_refs resets the peak-RSS mark (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = proc_status_bytes("VmRSS")
+    (run_ours if which == "ours" else run_hf)(model, prompts, n, new, device)
+    peak = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM")
+    print(json.dumps({"peak_bytes": peak - base}))
+
+
+def proc_status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(which, model_name, device) -> float:
+    out = subprocess.run([sys.executable, __file__, "_memory", which, "--model", model_name,
+                          "--device", device], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def bench_sample(args):
+    device = args.device
+    path, prompts, n, new = setup(args.model)
+    ours = load_pretrained(path, dtype=torch.float32, device=device).eval()
+    hf = load_hf(path, device)
+    params = matmul_params(ours)
+    print(f"model {args.model}: {ours.num_params() / 1e6:.1f}M parameters, {len(prompts)} prompts "
+          f"({min(map(len, prompts))}-{max(map(len, prompts))} tokens) x n={n} x {new} new tokens, "
+          f"temperature 1, {device}, {torch.get_num_threads()} threads", flush=True)
+    peak = matmul_peak_flops(device)
+    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    run_ours(ours, prompts, n, 8, device)  # warm-up
+    run_hf(hf, prompts, n, 8, device)
+    rates = {"ours": [], "transformers": []}
+    for rep in range(args.reps):
+        for name in ("ours", "transformers"):
+            dt, tokens = (run_ours(ours, prompts, n, new, device) if name == "ours"
+                          else run_hf(hf, prompts, n, new, device))
+            rates[name].append(tokens / dt)
+        print(f"  run {rep + 1}/{args.reps}: ours {rates['ours'][-1]:,.0f} tok/s, "
+              f"transformers {rates['transformers'][-1]:,.0f} tok/s", flush=True)
+    useful = 2 * params * (sum(map(len, prompts)) + len(prompts) * n * new)
+    total = len(prompts) * n * new
+    result = {}
+    for name in rates:
+        rate = statistics.median(rates[name])
+        flops = useful / (total / rate)
+        mem = peak_memory("ours" if name == "ours" else "hf", args.model, device)
+        result[name] = rate
+        print(f"{name:>12}: {rate:,.0f} tok/s, model FLOP/s {flops / 1e9:.1f} G = "
+              f"{flops / peak:.1%} of matmul peak, peak memory +{mem / 2**20:.0f} MiB")
+    print(f"ours {result['ours']:,.0f} tok/s, transformers {result['transformers']:,.0f} tok/s, "
+          f"ratio ours/transformers = {result['ours'] / result['transformers']:.2f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("what", choices=["sample", "_memory"])
+    ap.add_argument("which", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="random-qwen2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    if args.what == "_memory":
+        memory_child(args.which, args.model, args.device)
+    else:
+        bench_sample(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""sample.py: greedy parity with transformers, cache vs full forward, sharing, seeds, supports."""
+import pytest
+import torch
+
+from hf_models import make_hf_model
+from model import ModelConfig, Transformer, load_pretrained
+from sample import generate, sample_next
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [[5, 9, 11], [7, 3, 3, 8, 21, 40, 2, 17, 6], [30], [12, 13, 14, 15, 16]]
+
+
+def tiny_model(seed=0, **kw):
+    cfg = ModelConfig(**{**dict(vocab_size=61, hidden_size=64, intermediate_size=96,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2), **kw})
+    return Transformer(cfg).init_weights(seed, std=0.3).eval()
+
+
+def full_forward_logprobs(model, prompt, completion):
+    seq = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(seq, torch.arange(seq.shape[1])[None])[0].float()
+    logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_untied"])
+def test_greedy_equals_transformers_on_ragged_batch(name, tmp_path):
+    hf = make_hf_model(name, seed=4)
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(str(tmp_path))
+    out = generate(ours, PROMPTS, max_new_tokens=40, temperature=0)
+    for i, p in enumerate(PROMPTS):
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          do_sample=False, max_new_tokens=40, min_new_tokens=40, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):]
+        assert out.tokens[i].tolist() == ref.tolist(), f"prompt {i}"
+
+
+def test_cached_decoding_equals_full_forward():
+    model = tiny_model()
+    out = generate(model, PROMPTS, n=3, max_new_tokens=24, temperature=1.0, seed=7)
+    for row in range(len(PROMPTS) * 3):
+        prompt = PROMPTS[row // 3]
+        ref = full_forward_logprobs(model, prompt, out.tokens[row].tolist())
+        assert torch.allclose(out.logprobs[row], ref, atol=1e-5), row
+
+
+def test_ragged_batch_equals_one_prompt_at_a_time_and_shared_prefill():
+    model = tiny_model(seed=1)
+    batch = generate(model, PROMPTS, n=4, max_new_tokens=30, temperature=0)
+    for i, p in enumerate(PROMPTS):
+        single = generate(model, [p], n=1, max_new_tokens=30, temperature=0)
+        separate = generate(model, [p] * 4, n=1, max_new_tokens=30, temperature=0)
+        for j in range(4):  # n samples sharing one prefill == separately prefilled copies
+            assert torch.equal(batch.tokens[4 * i + j], single.tokens[0])
+            assert torch.equal(separate.tokens[j], single.tokens[0])
+            assert torch.allclose(batch.logprobs[4 * i + j], single.logprobs[0], atol=1e-5)
+
+
+def test_seeds():
+    model = tiny_model()
+    a = generate(model, PROMPTS, n=2, max_new_tokens=20, seed=3)
+    b = generate(model, PROMPTS, n=2, max_new_tokens=20, seed=3)
+    c = generate(model, PROMPTS, n=2, max_new_tokens=20, seed=4)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    g0 = generate(model, PROMPTS, max_new_tokens=20, temperature=0, seed=0)
+    g1 = generate(model, PROMPTS, max_new_tokens=20, temperature=0, seed=99)
+    assert torch.equal(g0.tokens, g1.tokens)
+
+
+def test_rows_stop_independently():
+    model = tiny_model(seed=2)
+    free = generate(model, PROMPTS, n=2, max_new_tokens=25, seed=5)
+    stop = int(free.tokens[0, 3])  # a token row 0 samples at step 3
+    out = generate(model, PROMPTS, n=2, max_new_tokens=25, seed=5, stop_ids=[stop], pad_id=60)
+    for r in range(out.tokens.shape[0]):
+        row = free.tokens[r].tolist()
+        length = row.index(stop) + 1 if stop in row else 25
+        assert out.lengths[r] == length and bool(out.finished[r]) == (stop in row)
+        # identical to the free run up to the stop, padding after it
+        assert out.tokens[r, :length].tolist() == row[:length]
+        assert (out.tokens[r, length:] == 60).all() and not out.mask[r, length:].any()
+        assert (out.logprobs[r, length:] == 0).all()
+
+
+def test_top_k_top_p_supports_and_frequencies():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    probs = torch.softmax(logits[0], -1)
+    order = probs.argsort(descending=True)
+    g = torch.Generator().manual_seed(0)
+    draws = 20000
+    many = logits.expand(draws, -1)
+    tok, lp = sample_next(many, 1.0, 3, 1.0, g)
+    top3 = set(order[:3].tolist())
+    assert set(tok.tolist()) <= top3
+    renorm = probs[order[:3]] / probs[order[:3]].sum()
+    for k, t in enumerate(order[:3].tolist()):
+        freq = (tok == t).float().mean()
+        assert abs(freq - renorm[k]) < 4 * (renorm[k] * (1 - renorm[k]) / draws) ** 0.5
+        assert torch.allclose(lp[tok == t], renorm[k].log(), atol=1e-5)
+    # top-p: the smallest prefix of the sorted distribution whose mass reaches p
+    p = 0.6
+    cum = probs[order].cumsum(0)
+    keep = order[: int((cum < p).sum()) + 1].tolist()
+    tok, _ = sample_next(many, 1.0, 0, p, g)
+    assert set(tok.tolist()) == set(keep)
+    # temperature 1 without filters follows the softmax
+    tok, _ = sample_next(many, 1.0, 0, 1.0, g)
+    freq = torch.bincount(tok, minlength=12).float() / draws
+    assert ((freq - probs).abs() <= 4 * (probs * (1 - probs) / draws).sqrt() + 1e-3).all()
+
+
+def test_bad_arguments():
+    model = tiny_model()
+    with pytest.raises(ValueError):
+        generate(model, [], max_new_tokens=4)
+    with pytest.raises(ValueError):
+        generate(model, [[1], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [[1]], max_new_tokens=4, temperature=-1)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(model, [[1] * 10], max_new_tokens=5000)
