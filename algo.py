@@ -149,8 +149,9 @@ def sequence_token_logprobs(model, input_ids, position_ids, attn_mask, targets_s
         raise ValueError(f"targets_start must be in [1, L), got {targets_start} with L={input_ids.shape[1]}")
     if not temperature > 0:
         raise ValueError(f"training needs the sampling temperature > 0, got {temperature}")
-    logits = model(input_ids, position_ids, attn_mask=attn_mask)   # [N, L, V]
-    logits = logits[:, targets_start - 1:-1]                        # position t-1 predicts token t
+    # position t-1 predicts token t; the prompt's other positions need no vocabulary projection
+    logits = model(input_ids, position_ids, attn_mask=attn_mask, logits_from=targets_start - 1)
+    logits = logits[:, :-1]                                         # [N, L - targets_start, V]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     targets = input_ids[:, targets_start:]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -195,3 +196,173 @@ def accumulate_policy_gradient(model, input_ids, position_ids, attn_mask, target
         loss.backward()
         total += loss.item()
     return total
+
+# -----------------------------------------------------------------------------
+# rollout (SPEC 1-3): sample G responses per prompt, detect help calls, verify local answers,
+# ask the cloud once per prompt that needs it, and score every response
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 1.0   # 0 = greedy (evaluation)
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list            # P lists of prompt token ids
+    tokens: torch.Tensor        # [P*G, T] sampled ids, prompt-major rows
+    device_mask: torch.Tensor   # [P*G, T] bool: generated tokens that carry policy gradient
+    lengths: torch.Tensor       # [P*G] generated tokens per row (incl. the stop token)
+    finished: torch.Tensor      # [P*G] bool: ended on a stop token (False: hit max_new_tokens)
+    texts: list                 # P*G decoded device responses
+    help: torch.Tensor          # [P, G] bool: response is a help call (SPEC 2)
+    local_ok: torch.Tensor      # [P, G] bool: correct answer without help
+    formatted: torch.Tensor     # [P, G] bool: format check (v1 reward)
+    cloud_ok: torch.Tensor      # [P] bool: the cloud's (cached) answer is correct; False if not asked
+    cloud_asked: torch.Tensor   # [P] bool: some response called for help, so the cloud was asked
+    rewards: torch.Tensor       # [P, G]
+    components: dict            # name -> [P, G] reward components (SPEC 3)
+
+    @property
+    def G(self) -> int:
+        return self.help.shape[1]
+
+
+def rollout(model, tokenizer, examples, G, sampling: Sampling, task, cloud, reward_cfg, seed=0):
+    """SPEC 1-3 for one batch: G device responses per prompt; the cloud answers the prompt alone,
+    only where some response asked for help (and help is allowed), through its cache."""
+    from reward import reward as hierarchical_reward
+    from sample import generate
+    prompts = [tokenizer.prompt_ids(ex.prompt) for ex in examples]
+    out = generate(model, prompts, n=G, max_new_tokens=sampling.max_new_tokens,
+                   temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                   stop_ids=tokenizer.eos_ids + tokenizer.single_token_ids(task.stop_texts),
+                   banned_ids=tokenizer.single_token_ids(task.banned_texts), seed=seed,
+                   pad_id=tokenizer.pad_id)
+    tokens, lengths = out.tokens.cpu(), out.lengths.cpu()
+    device_mask = out.mask.cpu().clone()
+    texts = []
+    for r in range(tokens.shape[0]):
+        ids = tokens[r, :lengths[r]].tolist()
+        texts.append(tokenizer.decode([i for i in ids if i not in tokenizer.eos_ids]))
+        if task.has_self_check:  # SPEC 5 [ours]: self-check tokens get no policy gradient
+            check = task.self_check_mask([tokenizer.decode([i]) for i in ids])
+            device_mask[r, :len(ids)] &= ~torch.tensor(check, dtype=torch.bool)
+    P = len(examples)
+    ex_of = lambda r: examples[r // G]
+    help = torch.tensor([task.help_called(t) for t in texts]).view(P, G)
+    local_ok = torch.tensor([task.local_correct(ex_of(r), t) for r, t in enumerate(texts)]).view(P, G)
+    formatted = torch.tensor([task.formatted(t) for t in texts]).view(P, G)
+    cloud_asked = help.any(dim=1) & task.allow_help
+    cloud_ok = torch.zeros(P, dtype=torch.bool)
+    asked = torch.nonzero(cloud_asked).flatten().tolist()
+    if asked:
+        for p, answer in zip(asked, cloud.ask(task, [examples[p] for p in asked])):
+            cloud_ok[p] = answer.correct
+    scored = [hierarchical_reward(bool(help.view(-1)[r]), bool(local_ok.view(-1)[r]),
+                                  bool(cloud_ok[r // G]), bool(formatted.view(-1)[r]), reward_cfg)
+              for r in range(P * G)]
+    rewards = torch.tensor([s.total for s in scored]).view(P, G)
+    components = {k: torch.tensor([s.components[k] for s in scored]).view(P, G)
+                  for k in scored[0].components}
+    return Rollout(prompts, tokens, device_mask, lengths, out.finished.cpu(), texts, help,
+                   local_ok, formatted, cloud_ok, cloud_asked, rewards, components)
+
+
+def update_inputs(ro: Rollout, rows, pad_id: int):
+    """Training-forward inputs for the given response rows: [left-padded prompt | response],
+    so every response starts at column targets_start. Returns (input_ids, position_ids,
+    attn_mask, targets_start, device_mask) with device_mask aligned to the response columns."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    prompts = [ro.prompt_ids[int(r) // ro.G] for r in rows]
+    Lp = max(len(p) for p in prompts)
+    T = max(int(ro.lengths[rows].max()), 1)
+    ids = torch.full((len(rows), Lp + T), pad_id, dtype=torch.long)
+    real = torch.zeros(len(rows), Lp + T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, Lp - len(p):Lp] = torch.tensor(p)
+        real[i, Lp - len(p):Lp] = True
+    ids[:, Lp:] = ro.tokens[rows, :T]
+    real[:, Lp:] = torch.arange(T)[None, :] < ro.lengths[rows][:, None]
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+    return ids, positions, real, Lp, ro.device_mask[rows, :T]
+
+
+def update_policy(model, ro: Rollout, coef, selected, temperature, micro_batch_size, pad_id):
+    """Accumulate the gradient of the SPEC 5 step over the selected prompts' responses:
+    (1/|S|) sum_{x in S} g(x). Responses with coefficient 0 (e.g. zero-variance groups) add
+    nothing to the sum, so their forward pass is skipped; |S| still counts their prompt."""
+    rows = torch.cat([torch.arange(p * ro.G, (p + 1) * ro.G) for p in selected.tolist()]) \
+        if len(selected) else torch.zeros(0, dtype=torch.long)
+    coef = coef.reshape(-1)
+    rows = rows[coef[rows] != 0]
+    if len(rows) == 0:
+        return 0.0
+    device = next(model.parameters()).device
+    ids, pos, real, start, mask = (t.to(device) if torch.is_tensor(t) else t
+                                   for t in update_inputs(ro, rows, pad_id))
+    return accumulate_policy_gradient(model, ids, pos, real, start, temperature, mask,
+                                      coef[rows].to(device), len(selected),
+                                      micro_batch_size or len(rows))
+
+# -----------------------------------------------------------------------------
+# evaluation under the budget (SPEC 4, 7): greedy decoding, a hard cap on cloud calls
+
+def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
+    """SPEC 7 metrics for N prompts, one greedy response each (help, local_ok, cloud_ok [N] bool).
+
+    The cap is floor(N * budget) cloud calls, served to help calls in dataset order; later help
+    calls are scored wrong [ours]. Uncapped figures serve every help call.
+    """
+    help, local_ok, cloud_ok = (torch.as_tensor(t, dtype=torch.bool).reshape(-1)
+                                for t in (help, local_ok, cloud_ok))
+    local_ok = local_ok & ~help  # a help call is never a local answer (SPEC 2)
+    N = len(help)
+    cap = math.floor(N * budget + 1e-9)
+    served = help & (help.long().cumsum(0) <= cap)
+    n_local = int((~help).sum())
+    m = {
+        "n": N,
+        "budget": budget,
+        "cap": cap,
+        "call_ratio": float(help.float().mean()),
+        "calls_served": int(served.sum()),
+        "local_acc": float(local_ok.float().mean()),
+        "cond_local_acc": float(local_ok.sum()) / n_local if n_local else 0.0,
+        "acc_capped": float((local_ok | (served & cloud_ok)).float().mean()),
+        "acc_uncapped": float((local_ok | (help & cloud_ok)).float().mean()),
+    }
+    if len_tokens is not None:
+        lens = torch.as_tensor(len_tokens, dtype=torch.float).reshape(-1)
+        m["len_help"] = float(lens[help].mean()) if help.any() else 0.0
+        m["len_local"] = float(lens[~help].mean()) if (~help).any() else 0.0
+    return m
+
+
+@torch.no_grad()
+def evaluate_policy(model, tokenizer, task, examples, cloud, budget, max_new_tokens,
+                    batch_size=256, progress=None):
+    """Greedy decoding of every example, cloud verdicts for its help calls, SPEC 7 metrics.
+    Returns (metrics, per-example outcomes as a dict of lists)."""
+    from reward import RewardConfig
+    greedy = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
+    parts = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        parts.append(rollout(model, tokenizer, chunk, 1, greedy, task, cloud, RewardConfig()))
+        if progress:
+            progress(min(i + batch_size, len(examples)), len(examples))
+    outcome = {
+        "help": torch.cat([p.help[:, 0] for p in parts]),
+        "local_ok": torch.cat([p.local_ok[:, 0] for p in parts]),
+        "cloud_ok": torch.cat([p.cloud_ok & p.help[:, 0] for p in parts]),
+        "length": torch.cat([p.lengths for p in parts]),
+        "finished": torch.cat([p.finished for p in parts]),
+        "text": sum((p.texts for p in parts), []),
+    }
+    metrics = capped_metrics(outcome["help"], outcome["local_ok"], outcome["cloud_ok"], budget,
+                             outcome["length"])
+    metrics["clipped_ratio"] = float((~outcome["finished"]).float().mean())
+    return metrics, outcome

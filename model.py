@@ -319,12 +319,11 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(cfg)
         self.gradient_checkpointing = False  # recompute each block in backward (saves memory)
 
-    def forward(self, tokens, positions, attn_mask=None, cache=None,
-                last_only: bool = False):
+    def forward(self, tokens, positions, attn_mask=None, cache=None, logits_from: int = 0):
         """tokens, positions: [B, T] ints. attn_mask: [B, T] bool, False for padding tokens.
         With a cache, the T tokens are written at columns cache.pos.. and attend to all earlier
-        valid columns; cache.pos then advances. Returns logits [B, T, V] ([B, 1, V] with
-        last_only, which skips the vocabulary projection of every other position)."""
+        valid columns; cache.pos then advances. Returns logits [B, T - logits_from, V]: the
+        vocabulary projection is skipped for positions before logits_from (-1: last only)."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
         if self.inv_freq.device != tokens.device:
@@ -344,9 +343,7 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, logits_from:]))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -463,7 +460,9 @@ class Tokenizer:
                  special_tokens=None):
         self.tk, self.eos_ids, self.pad_id, self.bos_id = tk, list(eos_ids), pad_id, bos_id
         self.chat_format, self.default_system = chat_format, default_system
-        self.special_tokens = special_tokens or {}  # name -> token string, saved to config
+        # tokenizer_config.json entries written back on save: special token strings and the
+        # original chat template (so a saved checkpoint keeps e.g. SmolLM2's default system message)
+        self.special_tokens = special_tokens or {}
 
     @property
     def vocab_size(self) -> int:
@@ -478,6 +477,18 @@ class Tokenizer:
 
     def token_id(self, text: str) -> int | None:
         return self.tk.token_to_id(text)
+
+    def prompt_ids(self, prompt) -> list[int]:
+        """Token ids of a task prompt: raw text as is, chat messages through the chat format."""
+        return self.encode(prompt if isinstance(prompt, str) else self.apply_chat(prompt))
+
+    def single_token_ids(self, texts) -> list[int]:
+        """The id of each text, which must be exactly one token (stop / banned texts)."""
+        ids = [self.encode(t) for t in texts]
+        bad = [t for t, i in zip(texts, ids) if len(i) != 1]
+        if bad:
+            raise ValueError(f"texts {bad} are not single tokens of this tokenizer")
+        return [i[0] for i in ids]
 
     def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render chat messages as the model family's own template does."""
@@ -509,8 +520,11 @@ def _token_str(v):
 
 def _default_system_message(template: str) -> str | None:
     """The default system message a ChatML template inserts when none is given, read from the
-    template's own text (e.g. Qwen2.5's "You are Qwen, ..."); None if it inserts none."""
-    m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", template)
+    template's own text (e.g. Qwen2.5's "You are Qwen, ..."); None if it inserts none. The
+    newline after "system" is a "\\n" escape (Qwen2.5) or a raw newline (SmolLM2); the message
+    must lie inside one string literal (no unescaped quote), so that Jinja code between two
+    literals ('<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>') never matches."""
+    m = re.search(r"<\|im_start\|>system(?:\\n|\n)((?:[^'\"\\]|\\.)*?)<\|im_end\|>", template)
     return m.group(1).replace("\\n", "\n").replace("\\'", "'") if m else None
 
 
@@ -546,6 +560,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     bos_tok = _token_str(tc.get("bos_token"))
     specials = {k: _token_str(tc[k]) for k in ("eos_token", "pad_token", "bos_token")
                 if tc.get(k) is not None}
+    if template:
+        specials["chat_template"] = template
     return Tokenizer(tk, eos_ids, eos_ids[0] if pad_id is None else pad_id,
                      tk.token_to_id(bos_tok) if bos_tok else None, fmt,
                      _default_system_message(template) if fmt == "chatml" else None, specials)

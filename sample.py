@@ -71,8 +71,9 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator)
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids=(),
-             seed: int = 0, pad_id: int = 0, check_every: int = 8) -> Generation:
-    """Sample n continuations of each prompt (lists of token ids, any lengths)."""
+             banned_ids=(), seed: int = 0, pad_id: int = 0, check_every: int = 8) -> Generation:
+    """Sample n continuations of each prompt (lists of token ids, any lengths). Tokens in
+    stop_ids end their row (and are part of it); tokens in banned_ids are never produced."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
     if n < 1 or max_new_tokens < 1:
@@ -90,11 +91,12 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     generator = torch.Generator(device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long, device=device)
 
     # prefill each distinct prompt once; its n samples then share that cache (the last sampled
     # token is never fed back, so the per-row cache needs max_new_tokens - 1 columns)
     prefix = KVCache(model.config, P, Lp, device, dtype)
-    logits = model(ids, positions, attn_mask=real, cache=prefix, last_only=True)
+    logits = model(ids, positions, attn_mask=real, cache=prefix, logits_from=-1)
     cache = SharedPrefixCache(prefix, n, max(max_new_tokens - 1, 1))
     logits = logits[:, -1].float().repeat_interleave(n, dim=0)
     next_pos = (positions[:, -1] + 1).repeat_interleave(n)[:, None]
@@ -104,6 +106,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     mask = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(R, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
+        if len(banned):
+            logits.index_fill_(1, banned, float("-inf"))
         token, lp = sample_next(logits, temperature, top_k, top_p, generator)
         token = token.masked_fill(done, pad_id)
         tokens[:, t], logprobs[:, t], mask[:, t] = token, lp.masked_fill(done, 0.0), ~done

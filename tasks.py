@@ -43,7 +43,11 @@ class Task:
     """The interface every task implements; defaults suit marker-based (pretrained) tasks."""
     name: str = "task"
     stop_texts: tuple = ()      # texts that, as a single token, end generation besides EOS
+    banned_texts: tuple = ()    # texts that, as a single token, are never sampled
     alphabet: str | None = None  # char-level tasks only: every character prompts/completions use
+    has_self_check: bool = False  # self_check_mask can mark tokens (else: all False, skip it)
+    allow_help: bool = True     # False: the help option is removed (task-tuning-only baseline)
+    answer_opening: str = "<answer>"  # the text that opens a final answer (decision_split)
 
     def examples(self, split: str) -> list[Example]:
         raise NotImplementedError
@@ -75,6 +79,18 @@ class Task:
         """True for generated tokens that are a declared self-check and carry no policy gradient
         (SPEC section 5, last bullet). Pretrained-model tasks declare none."""
         return [False] * len(pieces)
+
+    def decision_split(self, text: str) -> tuple[str, str, str]:
+        """(prefix, help continuation, answer continuation) of a device response at its
+        answer-or-help decision, for eval.py's routing score [ours]. Marker tasks: the decision
+        point is the start of the LAST help tag "<unknown>" or answer opening (SPEC 2: the last
+        one wins), or the end of the text if there is neither; the whitespace before it moves
+        into both continuations, so they tokenize as the model would write them."""
+        cut = max(text.rfind("<unknown>"), text.rfind(self.answer_opening))
+        cut = len(text) if cut < 0 else cut
+        prefix = text[:cut].rstrip()
+        space = text[len(prefix):cut]
+        return prefix, space + HELP_MARKER, space + self.answer_opening
 
 
 def _check_split(split: str) -> str:
@@ -302,7 +318,8 @@ class CountdownTask(Task):
     name = "countdown"
 
     def __init__(self, n_numbers=(3, 4), number_range=(1, 99), ops="+-*/", target_range=(1, 100),
-                 n_train=5000, n_test=1000, seed=0):
+                 n_train=5000, n_test=1000, seed=0, allow_help=True):
+        self.allow_help = bool(allow_help)
         self.n_numbers = (n_numbers,) if isinstance(n_numbers, int) else tuple(n_numbers)
         if not self.n_numbers or any(isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 6
                                      for n in self.n_numbers):
@@ -326,7 +343,8 @@ class CountdownTask(Task):
             return None
         solution, target = made
         return Example(key=f"countdown:{','.join(map(str, numbers))}->{target}",
-                       prompt=self.messages(numbers, target, TEMPLATE1_SYSTEM),
+                       prompt=self.messages(numbers, target, TEMPLATE1_SYSTEM if self.allow_help
+                                            else CLOUD_TEMPLATE1_SYSTEM),
                        data={"numbers": numbers, "target": target, "solution": solution})
 
     def examples(self, split: str) -> list[Example]:
@@ -434,7 +452,12 @@ class TinyCountdownTask(Task):
     name = "tiny_countdown"
     stop_texts = ("A", "H")
 
-    def __init__(self, n_numbers=3, number_range=(1, 20), ops="+-*", n_train=20000, n_test=500, seed=0):
+    has_self_check = True
+
+    def __init__(self, n_numbers=3, number_range=(1, 20), ops="+-*", n_train=20000, n_test=500, seed=0,
+                 allow_help=True):
+        self.allow_help = bool(allow_help)
+        self.banned_texts = () if self.allow_help else ("H",)  # help disabled: H is never sampled
         _check_count("n_numbers", n_numbers, minimum=2)
         self.n_numbers = n_numbers
         self.number_range = _check_range("number_range", number_range, 0, 99)
@@ -514,6 +537,11 @@ class TinyCountdownTask(Task):
 
     def help_called(self, text: str) -> bool:
         return self.decision(text) == "H"
+
+    def decision_split(self, text: str) -> tuple[str, str, str]:
+        """The text before the decision character (all of it if there is none), then "H" / "A"."""
+        cut = next((i for i, c in enumerate(text) if c in "AH"), len(text))
+        return text[:cut], "H", "A"
 
     def local_correct(self, example: Example, text: str) -> bool:
         """Decision 'A' as the last character and a correct chain; the check is not graded."""
@@ -820,8 +848,10 @@ class MathTask(Task):
     with Template II prompts (SPEC section 1b; help after `max_steps` steps, paper: 6)."""
 
     KINDS = {"math": ("problem", "solution"), "gsm8k": ("question", "answer")}
+    answer_opening = "\\boxed{"  # decision_split: the final answer opens with \boxed{
 
-    def __init__(self, path_train=None, path_test=None, kind="math", max_steps=6):
+    def __init__(self, path_train=None, path_test=None, kind="math", max_steps=6, allow_help=True):
+        self.allow_help = bool(allow_help)
         if kind not in self.KINDS:
             raise ValueError(f"kind={kind!r} is not allowed; use one of {sorted(self.KINDS)}")
         _check_count("max_steps", max_steps, minimum=1)
@@ -858,7 +888,7 @@ class MathTask(Task):
         return examples
 
     def messages(self, problem: str, cloud: bool) -> list[dict]:
-        if cloud:
+        if cloud or not self.allow_help:
             system = CLOUD_TEMPLATE2_SYSTEM
         else:
             system = TEMPLATE2_SYSTEM.format(max_steps=self.max_steps, marker=HELP_MARKER)

@@ -232,11 +232,11 @@ class TinyCausal(nn.Module):
         self.pos = nn.Parameter(0.5 * torch.randn(max_len, dim, generator=g, dtype=torch.float64))
         self.head = nn.Parameter(torch.randn(dim, vocab, generator=g, dtype=torch.float64))
 
-    def forward(self, tokens, positions, attn_mask=None, cache=None):
+    def forward(self, tokens, positions, attn_mask=None, cache=None, logits_from=0):
         real = torch.ones_like(tokens, dtype=torch.bool) if attn_mask is None else attn_mask
         x = self.tok[tokens] * real[..., None]
         h = x.cumsum(1) / real.cumsum(1).clamp(min=1)[..., None]
-        return torch.tanh(h + self.pos[positions]) @ self.head
+        return (torch.tanh(h + self.pos[positions]) @ self.head)[:, logits_from:]
 
 
 START, TEMP = 3, 0.7

@@ -124,3 +124,14 @@ def test_bad_arguments():
         generate(model, [[1]], max_new_tokens=4, temperature=-1)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, [[1] * 10], max_new_tokens=5000)
+
+
+def test_banned_ids_are_never_sampled():
+    model = tiny_model(seed=3)
+    free = generate(model, PROMPTS, n=4, max_new_tokens=30, seed=1, temperature=1.5)
+    common = torch.bincount(free.tokens.flatten()).topk(3).indices.tolist()
+    out = generate(model, PROMPTS, n=4, max_new_tokens=30, seed=1, temperature=1.5,
+                   banned_ids=common)
+    assert not torch.isin(out.tokens, torch.tensor(common)).any()
+    greedy = generate(model, PROMPTS, max_new_tokens=30, temperature=0, banned_ids=common)
+    assert not torch.isin(greedy.tokens, torch.tensor(common)).any()

@@ -1,0 +1,630 @@
+"""Train the on-device model: config, supervised warm start (from-scratch models), the GAPG loop.
+
+    python train.py                                  # configs/default.yaml: the tiny CPU demo
+    python train.py configs/x.yaml rl.steps=50       # a config file plus dotted overrides
+    python train.py resume=runs/NAME                 # continue a run exactly where it stopped
+
+The algorithm itself lives in algo.py; this file only wires it together (DESIGN.md).
+Run directory runs/<name>/: config.yaml, metrics.jsonl, samples.jsonl, cloud_cache.jsonl,
+checkpoint/ (model.safetensors + config.json + tokenizer files + trainer_state.pt).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+import yaml
+
+import algo
+from cloud import make_cloud
+from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
+                   load_pretrained, load_tokenizer, save_pretrained)
+from reward import RewardConfig
+from tasks import make_task
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelSection:
+    path: str = ""                  # a local HF Llama/Qwen2 directory; "" = tiny model from scratch
+    hidden_size: int = 128          # from-scratch architecture (Llama layout, tied embeddings)
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 384
+    max_position_embeddings: int = 128
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class WarmStartSection:
+    """Supervised warm start of a from-scratch model on solver traces (issue 5)."""
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: int = 100
+    p_correct: float = 0.7          # share of correct solver traces (rest: near-miss attempts)
+    p_help: float = 0.2             # help decision, independent of correctness
+    cache_dir: str = "runs/_warm_start"
+
+
+@dataclass
+class RLSection:
+    algo: str = "gapg"              # gapg | grpo | dr_grpo | da_grpo (algo.ADVANTAGE_KINDS)
+    filter: str = "any_correct"     # any_correct | mixed | none (algo.FILTER_RULES)
+    rho: float = 3 / 7              # budget: P(cloud) <= rho * P(local) (SPEC 4)
+    steps: int = 300
+    prompts_per_step: int = 32
+    group_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 0.0          # max gradient norm; 0 = off
+    micro_batch_size: int = 0       # responses per forward/backward; 0 = all at once
+    dual_init: float = 0.0          # da_grpo: lambda_0, target help rate tau, dual step eta
+    dual_tau: float = 0.3
+    dual_eta: float = 0.5
+
+
+@dataclass
+class EvalSection:
+    every: int = 100                # held-out evaluation every N steps (0 = only at the end)
+    n: int = 500                    # held-out prompts (0 = the whole test split)
+    budget: float = 0.3             # cloud-call cap as a share of prompts (rho / (1 + rho))
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda
+    precision: str = "fp32"         # fp32 | bf16-mixed (fp32 master weights, bf16 compute) | bf16
+    out_dir: str = "runs"
+    resume: str = ""                # a run directory to continue
+    save_every: int = 100
+    samples_per_step: int = 4       # decoded rollouts written to samples.jsonl per step
+    model: ModelSection = field(default_factory=ModelSection)
+    task: dict = field(default_factory=lambda: {"name": "tiny_countdown"})
+    cloud: dict = field(default_factory=lambda: {"backend": "oracle", "p_correct": 0.95})
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    warm_start: WarmStartSection = field(default_factory=WarmStartSection)
+    rl: RLSection = field(default_factory=RLSection)
+    sampling: algo.Sampling = field(default_factory=algo.Sampling)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+def _cast(value: str, current, key: str):
+    """A command-line string as the type of the field it overrides."""
+    if isinstance(current, bool):
+        if value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key}={value!r}: expected a boolean (true/false)")
+    if isinstance(current, int):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r}: expected an integer") from None
+    if isinstance(current, float):
+        try:
+            num, _, den = value.partition("/")  # fractions like rho=3/7 are allowed
+            return float(num) / float(den) if den else float(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r}: expected a number (or a fraction like 3/7)") from None
+    if isinstance(current, str):
+        return value
+    return yaml.safe_load(value)  # lists and free-form dict entries
+
+
+def _set(obj, path: list, value, key: str, from_cli: bool):
+    name = path[0]
+    if isinstance(obj, dict):
+        if len(path) > 1:
+            raise ValueError(f"{key}: {name!r} is a plain value, it has no sub-keys")
+        obj[name] = (_cast(value, obj[name], key) if name in obj else yaml.safe_load(value)) \
+            if from_cli else value
+        return
+    names = [f.name for f in fields(obj)]
+    if name not in names:
+        raise ValueError(f"unknown config key {key!r}; allowed here: {', '.join(names)}")
+    current = getattr(obj, name)
+    if dataclasses.is_dataclass(current) or isinstance(current, dict):
+        if len(path) == 1:
+            if not isinstance(value, dict):
+                raise ValueError(f"{key} is a section; set its keys, e.g. {key}.<key>=...")
+            for k, v in value.items():
+                _set(current, [k], v, f"{key}.{k}", from_cli)
+            return
+        _set(current, path[1:], value, key, from_cli)
+        return
+    if len(path) > 1:
+        raise ValueError(f"{key}: {name!r} is a plain value, it has no sub-keys")
+    if from_cli:
+        value = _cast(value, current, key)
+    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif current is not None and not isinstance(value, type(current)):
+        raise ValueError(f"{key}={value!r}: expected {type(current).__name__}")
+    setattr(obj, name, value)
+
+
+def validate(cfg: Config):
+    """Every choice checked up front, each error naming the key and what is allowed."""
+    choice = lambda key, v, allowed: v in allowed or _fail(f"{key}={v!r}; allowed: {list(allowed)}")
+    choice("rl.algo", cfg.rl.algo, algo.ADVANTAGE_KINDS)
+    choice("rl.filter", cfg.rl.filter, algo.FILTER_RULES)
+    choice("device", cfg.device, ("auto", "cpu", "cuda"))
+    choice("precision", cfg.precision, ("fp32", "bf16-mixed", "bf16"))
+    positive = {"rl.steps": cfg.rl.steps, "rl.prompts_per_step": cfg.rl.prompts_per_step,
+                "rl.lr": cfg.rl.lr, "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
+                "warm_start.batch_size": cfg.warm_start.batch_size, "save_every": cfg.save_every,
+                "eval.batch_size": cfg.eval.batch_size}
+    for key, v in positive.items():
+        if not v > 0:
+            _fail(f"{key}={v}: must be > 0")
+    if cfg.rl.group_size < 2:
+        _fail(f"rl.group_size={cfg.rl.group_size}: the group baseline needs at least 2")
+    if cfg.rl.rho < 0 or not 0 <= cfg.eval.budget <= 1:
+        _fail(f"rl.rho={cfg.rl.rho} must be >= 0 and eval.budget={cfg.eval.budget} in [0, 1]")
+    if cfg.sampling.temperature <= 0:
+        _fail(f"sampling.temperature={cfg.sampling.temperature}: training samples need T > 0")
+    if not cfg.model.path and cfg.task.get("name") != "tiny_countdown":
+        _fail("model.path is empty (train from scratch), which only the tiny_countdown task "
+              "supports; set model.path to a local HF checkpoint directory")
+    if "name" not in cfg.task:
+        _fail("task.name is required")
+    cfg.reward.validate()
+
+
+def _fail(message):
+    raise ValueError(message)
+
+
+def load_config(argv: list[str]) -> Config:
+    """[config.yaml] [key.sub=value ...]; a bare run uses configs/default.yaml."""
+    files = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if len(files) > 1:
+        raise ValueError(f"at most one config file, got {files}")
+    resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+    if resume:  # continue a run: its own saved config, nothing else may change
+        if files or len(overrides) > 1:
+            raise ValueError("resume=runs/NAME takes no config file or other overrides")
+        files = [os.path.join(resume[0], "config.yaml")]
+        if not os.path.exists(files[0]):
+            raise FileNotFoundError(f"resume: no config.yaml in {resume[0]}")
+    path = files[0] if files else os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "configs", "default.yaml")
+    cfg = Config()
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    for key, value in data.items():
+        _set(cfg, [key], value, key, from_cli=False)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        _set(cfg, key.split("."), value, key, from_cli=True)
+    if resume:
+        cfg.resume = resume[0]
+    validate(cfg)
+    return cfg
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+# ----------------------------------------------------------------------------- run directory
+
+
+class RunLog:
+    """metrics.jsonl / samples.jsonl (appended, flushed) and the one-line progress display."""
+
+    def __init__(self, run_dir: str, total_steps: int):
+        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.samples = open(os.path.join(run_dir, "samples.jsonl"), "a")
+        self.total, self.start = total_steps, time.time()
+
+    def log(self, row: dict):
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+
+    def log_samples(self, rows: list):
+        for row in rows:
+            self.samples.write(json.dumps(row) + "\n")
+        self.samples.flush()
+
+    def progress(self, step: int, first_step: int, text: str):
+        elapsed = time.time() - self.start
+        done = step - first_step
+        eta = elapsed / done * (self.total - step) if done else 0
+        line = f"\rstep {step}/{self.total} | {_clock(elapsed)} elapsed | ETA {_clock(eta)} | {text}"
+        print(line.ljust(100), end="", flush=True)
+
+
+def truncate_log(path: str, step: int):
+    """Keep the rows of steps <= step (a crash can log steps after the last checkpoint)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    for line in open(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the crash
+        if row.get("train/step", row.get("step", 0)) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(keep))
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available; use device=cpu")
+    return torch.device(cfg.device)
+
+
+def step_seed(seed: int, step: int, what: str) -> int:
+    """Every random draw of a step is seeded from (seed, step, purpose), so a resumed run makes
+    exactly the draws the uninterrupted run would have made (no RNG state to save)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{what}".encode()).digest()[:8], "little") >> 1
+
+
+def step_prompts(examples: list, seed: int, step: int, k: int) -> list:
+    """The step's prompts: epochs of seeded shuffles of the training split, k per step."""
+    n = len(examples)
+    per_epoch = max(n // k, 1)
+    epoch, offset = divmod(step, per_epoch)
+    order = list(range(n))
+    random.Random(step_seed(seed, epoch, "epoch")).shuffle(order)
+    return [examples[order[(offset * k + i) % n]] for i in range(k)]
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def warm_start_key(cfg: Config) -> str:
+    spec = {"task": cfg.task, "model": config_dict(cfg.model), "warm": config_dict(cfg.warm_start),
+            "seed": cfg.seed}
+    spec["warm"].pop("cache_dir")
+    spec["model"].pop("gradient_checkpointing")
+    spec["task"] = {k: v for k, v in cfg.task.items() if k != "allow_help"}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def warm_start(cfg: Config, task, device) -> str:
+    """Train a tiny model from scratch on solver traces (cross-entropy on the completion,
+    self-check characters included) and save it; reuse a cached one whose config matches."""
+    out = os.path.join(cfg.warm_start.cache_dir, warm_start_key(cfg))
+    if os.path.exists(os.path.join(out, "warm_start.json")):
+        print(f"warm start: reusing {out}")
+        return out
+    ws, m = cfg.warm_start, cfg.model
+    tokenizer = build_char_tokenizer(task.alphabet)
+    model_cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,
+                            intermediate_size=m.intermediate_size,
+                            num_hidden_layers=m.num_hidden_layers,
+                            num_attention_heads=m.num_attention_heads,
+                            num_key_value_heads=m.num_key_value_heads,
+                            max_position_embeddings=m.max_position_embeddings,
+                            tie_word_embeddings=True, eos_token_id=tokenizer.eos_ids[0])
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg).init_weights(cfg.seed).to(device).train()
+    print(f"warm start: {model.num_params() / 1e6:.2f}M-parameter model from scratch, "
+          f"{ws.steps} steps x {ws.batch_size} traces -> {out}")
+    opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    train = task.examples("train")
+    rng = random.Random(cfg.seed)
+    start = time.time()
+    for step in range(ws.steps):
+        lr = ws.lr * min(1.0, (step + 1) / ws.warmup) * 0.5 * (1 + math.cos(math.pi * step / ws.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = [rng.choice(train) for _ in range(ws.batch_size)]
+        pairs = [(tokenizer.prompt_ids(ex.prompt),
+                  tokenizer.encode(task.warm_start_completion(ex, rng, ws.p_correct, ws.p_help)))
+                 for ex in batch]
+        loss = supervised_loss(model, pairs, tokenizer.pad_id, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0 or step == ws.steps - 1:
+            el = time.time() - start
+            print(f"\rwarm start {step + 1}/{ws.steps} | {_clock(el)} elapsed | ETA "
+                  f"{_clock(el / (step + 1) * (ws.steps - step - 1))} | loss {loss.item():.4f}",
+                  end="", flush=True)
+    print()
+    model.eval()
+    stats = warm_start_stats(model, tokenizer, task, cfg.sampling.max_new_tokens)
+    print("warm start: greedy on 500 test prompts: " +
+          ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+    tmp = out + f".tmp{os.getpid()}"
+    save_pretrained(model, tmp, tokenizer)
+    atomic_write_text(os.path.join(tmp, "warm_start.json"), json.dumps(
+        {"config": config_dict(cfg.warm_start), "seconds": time.time() - start, **stats}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def supervised_loss(model, pairs, pad_id, device):
+    """Mean cross-entropy of the completion tokens given their prompts (right-padded batch)."""
+    L = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)
+    target = torch.full((len(pairs), L), -100, dtype=torch.long)
+    for i, (p, c) in enumerate(pairs):
+        seq = p + c
+        ids[i, :len(seq)] = torch.tensor(seq)
+        target[i, len(p) - 1:len(seq) - 1] = torch.tensor(c)  # position t predicts token t+1
+    ids, target = ids.to(device), target.to(device)
+    logits = model(ids, torch.arange(L, device=device).expand(len(pairs), L))
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+
+
+@torch.no_grad()
+def warm_start_stats(model, tokenizer, task, max_new_tokens, n=500):
+    """Greedy local accuracy, help rate, and self-check accuracy (the check characters the model
+    wrote versus the ones its own final value implies) on held-out prompts."""
+    from tasks import tiny_check_text
+    examples = task.examples("test")[:n]
+    metrics, out = algo.evaluate_policy(model, tokenizer, task, examples, _NoCloud(), 0.0,
+                                        max_new_tokens)
+    checks_ok = 0
+    for ex, text in zip(examples, out["text"]):
+        close = text.find("]")
+        try:
+            final = int(text[close - 3:close])
+            checks_ok += text[close + 1:close + 10] == tiny_check_text(final, ex.data["target"])
+        except ValueError:
+            pass
+    return {"local_acc": metrics["local_acc"], "help_rate": metrics["call_ratio"],
+            "check_acc": checks_ok / len(examples)}
+
+
+class _NoCloud:
+    """For statistics that need no cloud verdicts: every help call counts as unanswered."""
+    def ask(self, task, examples):
+        from cloud import CloudAnswer
+        return [CloudAnswer("", False, False) for _ in examples]
+
+# ----------------------------------------------------------------------------- the RL loop
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        self.run_dir = cfg.resume or os.path.join(cfg.out_dir, cfg.name)
+        os.makedirs(self.run_dir, exist_ok=True)
+        if not cfg.resume:
+            if os.path.exists(os.path.join(self.run_dir, "checkpoint")):
+                raise ValueError(f"{self.run_dir} already holds a run; resume it with "
+                                 f"resume={self.run_dir}, or choose another name=")
+            for stale in ("metrics.jsonl", "samples.jsonl"):
+                if os.path.exists(os.path.join(self.run_dir, stale)):
+                    os.remove(os.path.join(self.run_dir, stale))
+            atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
+                              yaml.safe_dump(config_dict(cfg), sort_keys=False))
+        self.task = make_task(**cfg.task)
+        self.cloud = make_cloud(dict(cfg.cloud),
+                                cache_path=os.path.join(self.run_dir, "cloud_cache.jsonl"))
+        ckpt = os.path.join(self.run_dir, "checkpoint")
+        if cfg.resume:
+            source = ckpt if os.path.exists(ckpt) else ckpt + ".old"
+        else:
+            source = cfg.model.path or warm_start(cfg, self.task, self.device)
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.model = load_pretrained(source, dtype=dtype, device=self.device)
+        self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        self.tokenizer = load_tokenizer(source)
+        self.sampler_model = self.model
+        if cfg.precision == "bf16-mixed":  # a bf16 copy samples; fp32 master weights train
+            self.sampler_model = load_pretrained(source, dtype=torch.bfloat16, device=self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.rl.lr,
+                                     weight_decay=cfg.rl.weight_decay, betas=tuple(cfg.rl.betas))
+        self.step, self.dual = 0, cfg.rl.dual_init
+        if cfg.resume:
+            state = torch.load(os.path.join(source, "trainer_state.pt"), weights_only=False)
+            self.opt.load_state_dict(state["optimizer"])
+            self.step, self.dual = state["step"], state["dual"]
+            print(f"resumed {self.run_dir} at step {self.step}")
+            for name in ("metrics.jsonl", "samples.jsonl"):  # drop rows logged after the checkpoint
+                truncate_log(os.path.join(self.run_dir, name), self.step)
+        self.train_examples = self.task.examples("train")
+        test = self.task.examples("test")
+        self.eval_examples = test[:cfg.eval.n] if cfg.eval.n else test
+
+    # one step of SPEC 5-6
+    def rl_step(self) -> dict:
+        cfg, rl = self.cfg, self.cfg.rl
+        examples = step_prompts(self.train_examples, cfg.seed, self.step, rl.prompts_per_step)
+        t0 = time.time()
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            ro = algo.rollout(self.sampler_model, self.tokenizer, examples, rl.group_size,
+                              cfg.sampling, self.task, self.cloud, cfg.reward,
+                              seed=step_seed(cfg.seed, self.step, "sample"))
+        t1 = time.time()
+        coef = algo.group_advantages(ro.rewards, rl.algo, help=ro.help, dual=self.dual)
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, "filter"))
+        filt = algo.filter_prompts(ro.local_ok, ro.cloud_ok, ro.help, rl.rho, rl.filter, gen,
+                                   rewards=ro.rewards)
+        row = self.rollout_metrics(ro)
+        row.update({"filter/d1": filt.n_d1, "filter/d2": filt.n_d2,
+                    "filter/d2_candidates": filt.n_d2_candidates,
+                    "filter/d2_dropped": filt.n_d2_dropped,
+                    "filter/zero_variance": filt.n_zero_variance,
+                    "filter/selected": len(filt.selected)})
+        loss, grad_norm, skipped = 0.0, 0.0, "empty_selection" if len(filt.selected) == 0 else ""
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        if not skipped:
+            with self.autocast():
+                loss = algo.update_policy(self.model, ro, coef, filt.selected,
+                                          cfg.sampling.temperature, rl.micro_batch_size,
+                                          self.tokenizer.pad_id)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                skipped = "non_finite"  # never let a NaN/inf reach the weights
+            elif grads:
+                if rl.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), rl.grad_clip)
+                self.opt.step()
+                self.sync_sampler()
+        self.opt.zero_grad(set_to_none=True)
+        if rl.algo == "da_grpo":
+            self.dual = algo.update_dual(self.dual, row["route/help_ratio"], rl.dual_tau,
+                                         rl.dual_eta)
+        t2 = time.time()
+        generated = int(ro.lengths.sum())
+        row.update({"train/step": self.step + 1, "train/loss": loss, "train/grad_norm": grad_norm,
+                    "train/skipped": skipped, "train/dual": self.dual,
+                    "perf/sample_s": t1 - t0, "perf/update_s": t2 - t1,
+                    "perf/tokens_per_s": generated / max(t1 - t0, 1e-9),
+                    "perf/cloud_calls": self.cloud.calls_made,
+                    "perf/cloud_cached": self.cloud.served_from_cache})
+        self.last_rollout = ro
+        return row
+
+    def rollout_metrics(self, ro) -> dict:
+        help, lengths = ro.help.reshape(-1), ro.lengths.float()
+        row = {f"reward/{k}": float(v.mean()) for k, v in ro.components.items()}
+        row["reward/mean"] = float(ro.rewards.mean())
+        row.update({
+            "route/help_ratio": float(help.float().mean()),
+            "route/local_acc": float(ro.local_ok.float().mean()),
+            "route/cloud_acc": float(ro.cloud_ok[ro.cloud_asked].float().mean())
+            if ro.cloud_asked.any() else 0.0,
+            "route/len_help": float(lengths[help].mean()) if help.any() else 0.0,
+            "route/len_answer": float(lengths[~help].mean()) if (~help).any() else 0.0,
+            "route/clipped_ratio": float((~ro.finished).float().mean()),
+        })
+        return row
+
+    def autocast(self):
+        if self.cfg.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def sync_sampler(self):
+        if self.sampler_model is not self.model:
+            with torch.no_grad():
+                for p, q in zip(self.sampler_model.parameters(), self.model.parameters()):
+                    p.copy_(q)
+
+    def evaluate(self) -> dict:
+        self.model.eval()
+        with self.autocast():
+            metrics, _ = algo.evaluate_policy(self.sampler_model, self.tokenizer, self.task,
+                                              self.eval_examples, self.cloud, self.cfg.eval.budget,
+                                              self.cfg.sampling.max_new_tokens,
+                                              self.cfg.eval.batch_size)
+        return metrics
+
+    def save(self):
+        """Checkpoint atomically: write checkpoint.tmp, then swap it in (checkpoint.old survives
+        a crash between the two renames and is what resume falls back to)."""
+        ckpt = os.path.join(self.run_dir, "checkpoint")
+        tmp = ckpt + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(self.model, tmp, self.tokenizer)
+        state = {"optimizer": self.opt.state_dict(), "step": self.step, "dual": self.dual}
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "trainer_state.pt"), "rb+") as f:
+            os.fsync(f.fileno())
+        shutil.rmtree(ckpt + ".old", ignore_errors=True)
+        if os.path.exists(ckpt):
+            os.replace(ckpt, ckpt + ".old")
+        os.replace(tmp, ckpt)
+        shutil.rmtree(ckpt + ".old", ignore_errors=True)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        log = RunLog(self.run_dir, cfg.rl.steps)
+        first = self.step
+        print(f"{cfg.rl.algo} on {self.task.name}: {cfg.rl.steps} steps x "
+              f"{cfg.rl.prompts_per_step} prompts x G={cfg.rl.group_size}, filter={cfg.rl.filter}, "
+              f"rho={cfg.rl.rho:.3f}, reward {cfg.reward.version} alpha_a={cfg.reward.alpha_a} "
+              f"alpha_c={cfg.reward.alpha_c}, help {'allowed' if self.task.allow_help else 'disabled'}"
+              f", run dir {self.run_dir}")
+        while self.step < cfg.rl.steps:
+            row = self.rl_step()
+            self.step += 1
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.rl.steps:
+                row.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+            log.log(row)
+            log.log_samples([{"step": self.step, "prompt": ex_prompt, "response": text,
+                              "reward": float(r), "help": bool(h), "local_ok": bool(ok)}
+                             for ex_prompt, text, r, h, ok in self.sample_rows(cfg.samples_per_step)])
+            log.progress(self.step, first, f"reward {row['reward/mean']:.3f} | help "
+                         f"{row['route/help_ratio']:.2f} | local {row['route/local_acc']:.2f}"
+                         + (f" | eval acc {row['eval/acc_capped']:.3f}" if "eval/acc_capped" in row
+                            else ""))
+            if self.step % cfg.save_every == 0 or self.step == cfg.rl.steps:
+                self.save()
+        print()
+        final = self.evaluate()
+        log.log({"train/step": self.step, **{f"eval/{k}": v for k, v in final.items()}})
+        atomic_write_text(os.path.join(self.run_dir, "final_eval.json"), json.dumps(final, indent=2))
+        return final
+
+    def sample_rows(self, k):
+        ro, G = self.last_rollout, self.last_rollout.G
+        rows = list(range(0, len(ro.texts), max(len(ro.texts) // max(k, 1), 1)))[:k]
+        return [(self.tokenizer.decode(ro.prompt_ids[r // G]), ro.texts[r], ro.rewards.view(-1)[r],
+                 ro.help.view(-1)[r], ro.local_ok.view(-1)[r]) for r in rows]
+
+
+def print_table(rows: list[tuple[str, dict]]):
+    cols = [("call ratio", "call_ratio"), ("local acc", "local_acc"),
+            ("cond. local", "cond_local_acc"), ("acc @cap", "acc_capped"),
+            ("acc uncapped", "acc_uncapped")]
+    width = max(len(name) for name, _ in rows) + 2
+    print("method".ljust(width) + "".join(c.rjust(14) for c, _ in cols))
+    for name, m in rows:
+        print(name.ljust(width) + "".join(f"{m[k]:14.3f}" for _, k in cols))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = load_config(argv)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"config error: {e}")
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg)
+    start = time.time()
+    final = trainer.train()
+    n, budget = final["n"], cfg.eval.budget
+    cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": 0.0}
+    answers = trainer.cloud.ask(trainer.task, trainer.eval_examples)
+    acc = sum(a.correct for a in answers) / n
+    cloud_only.update(acc_uncapped=acc, acc_capped=acc)
+    print(f"\nheld-out evaluation: {n} test prompts, greedy, cloud cap {budget:.0%} "
+          f"({final['cap']} calls), {time.time() - start:.0f} s of RL + evaluation")
+    print_table([(f"{cfg.rl.algo} ({trainer.run_dir})", final), ("cloud only (no cap)", cloud_only)])
+    print("baselines (task-tuning only, naive offloading, router, oracle, collaboration-aware): "
+          "bash scripts/reproduce_tiny.sh, or python eval.py runs/A runs/B ...")
+    return final
+
+
+if __name__ == "__main__":
+    main()
