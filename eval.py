@@ -1,0 +1,887 @@
+"""Evaluate trained runs under the cloud-call budget, against the paper's baselines (SPEC.md
+sections 7-8; DESIGN.md eval.py).
+
+    python eval.py runs/NAME [runs/NAME2 ...] [--split test] [--budget 0.3] [--n N]
+                   [--task-tuned runs/T] [--out DIR]
+
+Each run is decoded greedily on the first N prompts of the split, its help calls go to the cloud
+through the run's own answer cache, and SPEC 7 metrics are computed with the hard cap. Baselines
+on the same prompts: cloud only; task-tuning only (the help-disabled run itself); naive
+offloading, a prompt-only router and the oracle router, all three over the task-tuned model.
+Accuracy-vs-call-ratio curves come from ordering the prompts by who should go to the cloud first.
+Writes runs/NAME/eval.json for every run, and report.md + curve.csv (+ curve.png with
+matplotlib) for each run and, with several runs, a combined report in --out.
+
+Read top to bottom:
+  1. routing arithmetic   AUROC, routing curves, APGR / CPT, operating points (pure functions)
+  2. the policy's score   teacher-forced log-probs of help vs answer at its own decision point
+  3. routers              BCE-trained prompt classifiers: a tiny transformer, or a logistic probe
+  4. runs                 loading a run directory and evaluating runs and baselines
+  5. outputs              eval.json, report.md, curve.csv / curve.png, the command line
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+import algo
+from model import (ModelConfig, Transformer, atomic_write_text, load_pretrained,
+                   load_tokenizer)
+from sample import generate, left_pad
+from tasks import SPLITS, make_task
+
+SCHEMA_VERSION = 1
+
+# ----------------------------------------------------------------------------- 1. routing arithmetic
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties
+    counting 1/2 (Mann-Whitney U / (n_pos * n_neg), from average ranks). None if a class is empty."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=bool).reshape(-1)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0   # 1-based, ties share their mean rank
+    ranks = average_rank[inverse]
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def routing_curve(order, local_ok, cloud_ok):
+    """Accuracy when the first k prompts of `order` (a permutation of 0..N-1) go to the cloud and
+    the rest stay local, for every k = 0..N:
+        acc(k) = ( sum_{i in order[:k]} cloud_ok_i + sum_{i not in order[:k]} local_ok_i ) / N.
+    Every point sends exactly k prompts, so no cap applies. Returns (call_ratio = k/N, acc)."""
+    local = np.asarray(local_ok, dtype=np.float64).reshape(-1)
+    cloud = np.asarray(cloud_ok, dtype=np.float64).reshape(-1)
+    order = np.asarray(order, dtype=np.int64).reshape(-1)
+    N = len(local)
+    if len(cloud) != N or sorted(order.tolist()) != list(range(N)):
+        raise ValueError(f"need local_ok and cloud_ok of one length N={N} and an order that is a "
+                         f"permutation of 0..N-1")
+    gain = np.concatenate([[0.0], np.cumsum(cloud[order] - local[order])])
+    return np.arange(N + 1) / max(N, 1), (local.sum() + gain) / max(N, 1)
+
+
+def gap_recovered(call_ratio, acc, acc_local=None, acc_cloud=None):
+    """RouteLLM's summaries of a curve acc(c), c the call ratio in [0, 1]:
+
+        PGR(c)  = (acc(c) - acc_local) / (acc_cloud - acc_local)   performance gap recovered
+        APGR    = integral_0^1 PGR(c) dc                          (trapezoid rule over the points)
+        CPT(x)  = min { c on the curve : PGR(c) >= x }            call-performance threshold
+
+    acc_local / acc_cloud default to the curve's own endpoints acc(0) (everything local) and
+    acc(1) (everything to the cloud), so PGR runs from 0 to 1 and routing at random scores
+    APGR = 0.5 in expectation. Returns {apgr, cpt50, cpt80, curve_local_acc, curve_cloud_acc}
+    (the last two: the acc_local / acc_cloud used); the three summaries are None when
+    acc_cloud <= acc_local (no gap to recover)."""
+    c, a = np.asarray(call_ratio, dtype=np.float64), np.asarray(acc, dtype=np.float64)
+    acc_local = float(a[0]) if acc_local is None else float(acc_local)
+    acc_cloud = float(a[-1]) if acc_cloud is None else float(acc_cloud)
+    out = {"apgr": None, "cpt50": None, "cpt80": None, "curve_local_acc": acc_local,
+           "curve_cloud_acc": acc_cloud}
+    gap = acc_cloud - acc_local
+    if not gap > 1e-12:
+        return out
+    pgr = (a - acc_local) / gap
+    out["apgr"] = float(np.sum((pgr[1:] + pgr[:-1]) / 2 * np.diff(c)))
+    for key, share in (("cpt50", 0.5), ("cpt80", 0.8)):
+        reached = np.nonzero(pgr >= share - 1e-12)[0]
+        out[key] = float(c[reached[0]]) if len(reached) else None
+    return out
+
+
+def cap_of(n, budget):
+    """floor(N * budget) cloud calls (SPEC 7), as algo.capped_metrics counts them."""
+    return math.floor(n * budget + 1e-9)
+
+
+def naive_order(n, seed):
+    """Naive offloading (SPEC 8.3): a seeded uniformly random order of the prompts."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def router_order(p_correct):
+    """Router (SPEC 8.4): the prompts least likely to be answered right go first (stable on ties)."""
+    return np.argsort(np.asarray(p_correct, dtype=np.float64), kind="stable")
+
+
+def oracle_order(local_ok):
+    """Oracle router: every prompt the device model gets wrong (dataset order), then the rest."""
+    local = np.asarray(local_ok, dtype=bool)
+    return np.concatenate([np.nonzero(~local)[0], np.nonzero(local)[0]])
+
+
+def policy_order(help_preference):
+    """The trained policy: prompts where it prefers the help continuation most go first."""
+    return np.argsort(-np.asarray(help_preference, dtype=np.float64), kind="stable")
+
+
+def policy_curve(help, local_ok, answered_ok, cloud_ok, preference):
+    """The trained policy's curve [ours]: prompts go to the cloud in order of its help
+    preference (policy_order); a prompt kept local scores its own local answer, which for a
+    prompt where the policy asked for help is `answered_ok` (its answer when made to answer at
+    its decision point; only those entries are read). Returns (call_ratio, acc, local verdicts)."""
+    help = np.asarray(help, dtype=bool)
+    kept = np.asarray(local_ok, dtype=bool) & ~help
+    kept[help] = np.asarray(answered_ok, dtype=bool)[help]
+    return (*routing_curve(policy_order(preference), kept, cloud_ok), kept)
+
+
+def routed_metrics(order, k, local_ok, cloud_ok, budget):
+    """SPEC 7 metrics when exactly the first k prompts of `order` go to the cloud (k <= cap, so
+    the capped and uncapped figures agree)."""
+    help = np.zeros(len(order), dtype=bool)
+    help[np.asarray(order)[:k]] = True
+    m = algo.capped_metrics(torch.from_numpy(help), torch.as_tensor(np.asarray(local_ok, bool)),
+                            torch.as_tensor(np.asarray(cloud_ok, bool)), budget)
+    m["help_calls"] = int(k)
+    return m
+
+# ----------------------------------------------------------------------------- 2. the policy's score
+
+
+@torch.no_grad()
+def continuation_logprobs(model, prefixes, continuations, pad_id, max_elements=2 ** 27):
+    """sum_t log p(c_t | prefix, c_<t) for each (prefix, continuation) pair of token-id lists:
+    right-padded rows [prefix | continuation], one teacher-forced forward per batch; batches
+    hold at most max_elements logits (rows * length * vocabulary)."""
+    device = next(model.parameters()).device
+    rows = [p + c for p, c in zip(prefixes, continuations)]
+    if any(len(p) == 0 or len(c) == 0 for p, c in zip(prefixes, continuations)):
+        raise ValueError("every prefix and every continuation needs at least one token")
+    out = torch.zeros(len(rows), dtype=torch.float64)
+    V, longest = model.config.vocab_size, max(len(r) for r in rows)
+    step = max(1, max_elements // (longest * V))
+    for b in range(0, len(rows), step):
+        chunk = rows[b:b + step]
+        L = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
+        real = torch.zeros(len(chunk), L, dtype=torch.bool)
+        target = torch.zeros(len(chunk), L, dtype=torch.bool)   # continuation tokens
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)] = torch.tensor(r)
+            real[i, :len(r)] = True
+            target[i, len(prefixes[b + i]):len(r)] = True
+        ids, real, target = ids.to(device), real.to(device), target.to(device)
+        positions = torch.arange(L, device=device).expand(len(chunk), L)
+        start = min(len(p) for p in prefixes[b:b + step]) - 1    # no projection before this
+        # logits of positions start..L-2; position t-1 predicts token t
+        logits = model(ids, positions, attn_mask=real, logits_from=start)[:, :-1]
+        picked = target[:, start + 1:]
+        logp = torch.log_softmax(logits[picked].float(), dim=-1)
+        token_logp = logp.gather(-1, ids[:, start + 1:][picked][:, None])[:, 0]
+        row_of = torch.nonzero(picked)[:, 0]
+        sums = torch.zeros(len(chunk), device=device, dtype=torch.float64)
+        out[b:b + len(chunk)] = sums.index_add_(0, row_of, token_logp.double()).cpu()
+    return out
+
+
+def help_preference(model, tokenizer, task, examples, texts):
+    """The policy's routing score of each prompt [ours]: at the decision point of its own greedy
+    response (task.decision_split: tiny task, before the A/H character; Template I, before the
+    final <answer> / <unknown> block), log p(help continuation) - log p(answer continuation),
+    both teacher-forced after the prompt and its reasoning. Larger: it wants the cloud more.
+    Returns (scores [N] float64, the (prefix, help, answer) texts of each response)."""
+    splits = [task.decision_split(t) for t in texts]
+    prefixes = [tokenizer.prompt_ids(ex.prompt) + tokenizer.encode(p)
+                for ex, (p, _, _) in zip(examples, splits)]
+    help_lp = continuation_logprobs(model, prefixes, [tokenizer.encode(h) for _, h, _ in splits],
+                                    tokenizer.pad_id)
+    answer_lp = continuation_logprobs(model, prefixes, [tokenizer.encode(a) for _, _, a in splits],
+                                      tokenizer.pad_id)
+    return (help_lp - answer_lp).numpy(), splits
+
+
+@torch.no_grad()
+def answered_locally(model, tokenizer, task, examples, splits, max_new_tokens):
+    """The local verdict of each response had it answered at its decision point [ours]: the
+    policy's own prefix + the answer continuation, then greedy decoding to the end unless that
+    continuation already ends the response (tiny task: 'A' is a stop character, so the verdict
+    is simply on "<its chain and check>A"). Used for prompts where the policy asked for help,
+    whose local answer a curve needs when it keeps them local."""
+    if not examples:
+        return []
+    stop_ids = tokenizer.eos_ids + tokenizer.single_token_ids(task.stop_texts)
+    texts, todo = [], []
+    for i, (prefix, _, answer) in enumerate(splits):
+        texts.append(prefix + answer)
+        if tokenizer.encode(answer)[-1] not in stop_ids:
+            todo.append(i)
+    if todo:
+        prompts = [tokenizer.prompt_ids(examples[i].prompt) + tokenizer.encode(splits[i][0])
+                   + tokenizer.encode(splits[i][2]) for i in todo]
+        out = generate(model, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                       stop_ids=stop_ids, banned_ids=tokenizer.single_token_ids(task.banned_texts),
+                       pad_id=tokenizer.pad_id)
+        for row, i in enumerate(todo):
+            ids = out.tokens[row, :out.lengths[row]].tolist()
+            texts[i] += tokenizer.decode([t for t in ids if t not in tokenizer.eos_ids])
+    return [bool(task.local_correct(ex, t)) for ex, t in zip(examples, texts)]
+
+# ----------------------------------------------------------------------------- 3. routers
+
+
+def fit_bce(logits_of, params, labels, steps, batch_size, lr, weight_decay=0.0, seed=0,
+            val_share=0.1):
+    """Minibatch AdamW on binary cross-entropy. The last val_share of the examples is held out;
+    the parameters with the best held-out AUROC (checked 10 times) are kept. logits_of(idx)
+    returns the logits of the examples idx. Returns (fit indices, held-out indices)."""
+    y = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+    n = len(y)
+    n_val = int(n * val_share) if n >= 20 else 0
+    fit_idx, val_idx = torch.arange(n - n_val), torch.arange(n - n_val, n)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_state = -1.0, None
+    every = max(1, steps // 10)
+    for step in range(steps):
+        idx = fit_idx[torch.randint(len(fit_idx), (min(batch_size, len(fit_idx)),), generator=gen)]
+        logits = logits_of(idx)
+        loss = F.binary_cross_entropy_with_logits(logits, y[idx].to(logits.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if n_val and ((step + 1) % every == 0 or step == steps - 1):
+            with torch.no_grad():
+                score = auroc(logits_of(val_idx).cpu(), y[val_idx].numpy())
+            if score is not None and score > best:
+                best, best_state = score, [p.detach().clone() for p in params]
+    if best_state is not None:
+        with torch.no_grad():
+            for p, q in zip(params, best_state):
+                p.copy_(q)
+    return fit_idx, val_idx
+
+
+class TinyRouter:
+    """A prompt-only router for from-scratch (character-level) device models: a small model.py
+    Transformer (2 layers, width 64) whose final-norm hidden state at the last prompt token feeds
+    a linear head (the lm_head replaced by one logit), trained with BCE to predict "the device
+    model's greedy answer is right"."""
+    kind = "tiny transformer (2 layers, width 64) on the prompt"
+
+    def __init__(self, vocab_size, pad_id, max_len, seed=0, device="cpu"):
+        cfg = ModelConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                          max_position_embeddings=max(max_len, 8), tie_word_embeddings=False)
+        self.model = Transformer(cfg).init_weights(seed)
+        self.model.lm_head = nn.Linear(cfg.hidden_size, 1)
+        nn.init.zeros_(self.model.lm_head.weight)
+        nn.init.zeros_(self.model.lm_head.bias)
+        self.model.to(device)
+        self.pad_id, self.device = pad_id, device
+
+    def logits(self, prompts):
+        ids, real, positions = left_pad(prompts, self.pad_id, self.device)
+        return self.model(ids, positions, attn_mask=real, logits_from=-1)[:, 0, 0].float()
+
+    def fit(self, prompts, labels, steps=400, batch_size=64, lr=1e-3, seed=0):
+        self.model.train()
+        fit_idx, val_idx = fit_bce(lambda idx: self.logits([prompts[i] for i in idx.tolist()]),
+                                   list(self.model.parameters()), labels, steps, batch_size, lr,
+                                   weight_decay=0.01, seed=seed)
+        self.model.eval()
+        return fit_idx, val_idx
+
+    @torch.no_grad()
+    def predict(self, prompts, batch_size=256):
+        """P(the device model answers right) for each prompt."""
+        return torch.cat([torch.sigmoid(self.logits(prompts[i:i + batch_size])).cpu()
+                          for i in range(0, len(prompts), batch_size)]).numpy()
+
+
+@torch.no_grad()
+def last_hidden_states(model, prompts, pad_id, batch_size=16):
+    """The device model's final-norm hidden state at the last prompt token [N, hidden] (fp32):
+    lm_head is swapped for an identity during the forward, so no model.py change is needed."""
+    device, head = next(model.parameters()).device, model.lm_head
+    model.lm_head = nn.Identity()
+    try:
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            ids, real, positions = left_pad(prompts[i:i + batch_size], pad_id, device)
+            out.append(model(ids, positions, attn_mask=real, logits_from=-1)[:, 0].float().cpu())
+    finally:
+        model.lm_head = head
+    return torch.cat(out)
+
+
+class ProbeRouter:
+    """A prompt-only router for pretrained device models: logistic regression (BCE) on the device
+    model's own last hidden state at the end of the prompt, features standardised on the
+    training set."""
+    kind = "logistic probe on the device model's last hidden state"
+
+    def __init__(self, model, pad_id):
+        self.device_model, self.pad_id = model, pad_id
+
+    def features(self, prompts):
+        return last_hidden_states(self.device_model, prompts, self.pad_id)
+
+    def fit(self, prompts, labels, steps=300, batch_size=256, lr=1e-2, seed=0):
+        x = self.features(prompts)
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-6
+        x = (x - self.mean) / self.std
+        self.linear = nn.Linear(x.shape[1], 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self._train = (prompts, x)   # predict() on the same list reuses these features
+        return fit_bce(lambda idx: self.linear(x[idx])[:, 0], list(self.linear.parameters()),
+                       labels, steps, batch_size, lr, weight_decay=0.01, seed=seed)
+
+    @torch.no_grad()
+    def predict(self, prompts):
+        """P(the device model answers right) for each prompt."""
+        if prompts is self._train[0]:
+            x = self._train[1]
+        else:
+            x = (self.features(prompts) - self.mean) / self.std
+        return torch.sigmoid(self.linear(x)[:, 0]).numpy()
+
+# ----------------------------------------------------------------------------- 4. runs
+
+
+class _NoCloud:
+    """Router labels need only local verdicts: any help call counts as unanswered."""
+
+    def ask(self, task, examples):
+        from cloud import CloudAnswer
+        return [CloudAnswer("", False, False) for _ in examples]
+
+
+@dataclass
+class Run:
+    path: str
+    cfg: dict
+    task: object
+    cloud: object
+    device: torch.device
+    _model: object = None
+    _tokenizer: object = None
+
+    @property
+    def name(self):
+        return os.path.basename(os.path.normpath(self.path))
+
+    @property
+    def checkpoint(self):
+        return os.path.join(self.path, "checkpoint")
+
+    @property
+    def help_allowed(self):
+        return bool(self.task.allow_help)
+
+    @property
+    def from_scratch(self):
+        return not (self.cfg.get("model") or {}).get("path")
+
+    @property
+    def label(self):
+        rl = self.cfg.get("rl") or {}
+        extra = ", no filter" if rl.get("filter") == "none" else ""
+        return f"{self.name} ({rl.get('algo', '?')}{extra})"
+
+    def model(self):
+        if self._model is None:
+            self._model = load_pretrained(self.checkpoint, device=self.device).eval()
+        return self._model
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.checkpoint)
+        return self._tokenizer
+
+    def release(self):
+        self._model = None
+
+
+def load_run(path, device) -> Run:
+    """A train.py run directory; each missing piece is an error that names it."""
+    from cloud import make_cloud
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such run directory (expected runs/NAME written by "
+                                "train.py)")
+    config = os.path.join(path, "config.yaml")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"{path}: no config.yaml, so this is not a train.py run directory")
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(path, "checkpoint", name)):
+            raise FileNotFoundError(f"{path}: no checkpoint/{name} (train.py writes the checkpoint "
+                                    "every save_every steps and at the end; is the run finished?)")
+    with open(config) as f:
+        cfg = yaml.safe_load(f) or {}
+    for key in ("task", "cloud", "sampling", "eval"):
+        if not isinstance(cfg.get(key), dict):
+            raise ValueError(f"{config}: section {key!r} is missing")
+    task = make_task(**cfg["task"])
+    cloud = make_cloud(dict(cfg["cloud"]), cache_path=os.path.join(path, "cloud_cache.jsonl"))
+    return Run(path, cfg, task, cloud, torch.device(device))
+
+
+class Progress:
+    """One updating line on stderr: what is being evaluated, how far, elapsed time."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.start, self.used = stream, time.time(), False
+
+    def __call__(self, stage, done=None, total=None):
+        count = f" {done}/{total}" if total else ""
+        line = f"\reval | {time.time() - self.start:6.1f}s | {stage}{count}"
+        print(line.ljust(100), end="", file=self.stream, flush=True)
+        self.used = True
+
+    def close(self):
+        if self.used:
+            print(file=self.stream, flush=True)
+
+
+def _task_key(cfg):
+    return {k: v for k, v in cfg["task"].items() if k != "allow_help"}
+
+
+@dataclass
+class Results:
+    settings: dict
+    rows: list                                     # (key, label, metrics) in table order
+    curves: dict = field(default_factory=dict)     # label -> (call_ratio, acc)
+    points: dict = field(default_factory=dict)     # label -> (call_ratio, acc): a policy's own choice
+    per_run: dict = field(default_factory=dict)    # run path -> {"role", "metrics"}
+    router: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, router_n=2000,
+                  router_steps=None, seed=0, device=None, progress=None) -> Results:
+    """Evaluate every run and the SPEC 8 baselines on the same prompts and budget."""
+    progress = progress or (lambda *a, **k: None)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if split not in SPLITS:
+        raise ValueError(f"--split={split!r} is not allowed; use one of {list(SPLITS)}")
+    if not paths:
+        raise ValueError("give at least one run directory")
+    runs = [load_run(p, device) for p in paths]
+    if task_tuned is not None and os.path.normpath(task_tuned) not in \
+            [os.path.normpath(p) for p in paths]:
+        runs.append(load_run(task_tuned, device))
+    first = runs[0]
+    for r in runs[1:]:
+        if _task_key(r.cfg) != _task_key(first.cfg):
+            raise ValueError(f"{r.path} and {first.path} use different tasks ({_task_key(r.cfg)} vs "
+                             f"{_task_key(first.cfg)}); runs in one table must share the task")
+    budget = float(first.cfg["eval"].get("budget", 0.3)) if budget is None else budget
+    if not (isinstance(budget, (int, float)) and 0 <= budget <= 1):
+        raise ValueError(f"--budget={budget!r} is not allowed: give the share of prompts that may "
+                         "go to the cloud, a number in [0, 1] (0.3 = at most 30%)")
+    all_examples = first.task.examples(split)
+    n = int(first.cfg["eval"].get("n", 0)) if n is None else n
+    if n < 0 or n > len(all_examples):
+        raise ValueError(f"--n={n} is not allowed: the {split} split has {len(all_examples)} "
+                         f"examples (0 = all of them)")
+    n = n or len(all_examples)
+
+    # the task-tuned run: given, or the (first) run trained with help disabled
+    if task_tuned is not None:
+        base = next(r for r in runs if os.path.normpath(r.path) == os.path.normpath(task_tuned))
+        if base.help_allowed:
+            raise ValueError(f"--task-tuned {task_tuned}: that run was trained with help allowed "
+                             "(task.allow_help: true); the task-tuning-only baseline is a run "
+                             "trained with task.allow_help=false")
+    else:
+        base = next((r for r in runs if not r.help_allowed), None)
+    others = [r.path for r in runs if not r.help_allowed and r is not base]
+    if others:
+        raise ValueError(f"one task-tuned (help-disabled) run per table: {base.path} is the "
+                         f"baseline, so leave out {', '.join(others)}")
+    policies = [r for r in runs if r.help_allowed]
+    clouds = {json.dumps(r.cfg["cloud"], sort_keys=True) for r in runs}
+    notes = []
+    if len(clouds) > 1:
+        notes.append("the runs use different cloud settings; each run's curve and metrics use its "
+                     "own cloud, the baselines use the base model's run's cloud")
+
+    cap = cap_of(n, budget)
+    settings = {"split": split, "n": n, "budget": budget, "cap": cap, "seed": seed,
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "machine": _machine(device), "device": str(device),
+                "task": first.cfg["task"], "cloud": first.cfg["cloud"],
+                "runs": [r.path for r in runs],
+                "task_tuned_run": base.path if base else None,
+                "router_train_prompts": 0}
+    res = Results(settings, [], notes=notes)
+
+    # --- the base device model of naive / router / oracle: the task-tuned run (SPEC 8.2)
+    if base is None:
+        if not policies:
+            raise ValueError("no run to evaluate")
+        donor = policies[0]
+        base_task = make_task(**{**donor.cfg["task"], "allow_help": False})
+        base = Run(donor.path, donor.cfg, base_task, donor.cloud, donor.device)
+        base_label = f"help disabled at decode time: {donor.name}"
+        notes.append(f"no task-tuned run (task.allow_help=false) was given, so naive / router / "
+                     f"oracle route the help-disabled decode of {donor.path}, which is NOT the "
+                     "task-tuning-only baseline; pass --task-tuned runs/T for that")
+        base_role = None
+    else:
+        base_label = f"task-tuning only ({base.name})"
+        base_role = "task_tuned"
+    examples = base.task.examples(split)[:n]
+    keys = [ex.key for ex in examples]
+    settings["base_model"] = base_label
+
+    settings["models"] = {}
+    evaluate_baselines(res, base, base_label, base_role, examples, budget, router_n,
+                       router_steps, seed, device, progress)
+    for run in policies:
+        ex = run.task.examples(split)[:n]
+        if [e.key for e in ex] != keys:
+            raise ValueError(f"{run.path}: its {split} prompts differ from {base.path}'s")
+        evaluate_policy_run(res, run, ex, budget, progress)
+    return res
+
+
+def evaluate_baselines(res, base, base_label, base_role, examples, budget, router_n,
+                       router_steps, seed, device, progress):
+    """SPEC 8 rows over the base device model: cloud only, task-tuning only, naive offloading,
+    the router (labels from the base model's greedy answers on the train split), the oracle."""
+    n, cap = len(examples), cap_of(len(examples), budget)
+    model, tok = base.model(), base.tokenizer()
+    max_new, batch = base.cfg["sampling"]["max_new_tokens"], base.cfg["eval"].get("batch_size", 256)
+    res.settings["models"][base.path] = _describe(base, model)
+    m, out = algo.evaluate_policy(model, tok, base.task, examples, _NoCloud(), budget, max_new,
+                                  batch, lambda d, t: progress(f"{base.name}: greedy", d, t))
+    m["help_calls"] = int(out["help"].sum())
+    local = out["local_ok"].numpy() & ~out["help"].numpy()
+    progress(f"{base.name}: cloud verdicts")
+    cloud = np.array([a.correct for a in base.cloud.ask(base.task, examples)], dtype=bool)
+    if base_role:
+        res.per_run[base.path] = {"role": base_role, "metrics": m}
+
+    cloud_only = algo.capped_metrics(torch.ones(n, dtype=torch.bool),
+                                     torch.zeros(n, dtype=torch.bool), torch.as_tensor(cloud), 1.0)
+    cloud_only.update(budget=budget, cap=n, help_calls=n, cond_local_acc=None, capped=False)
+    res.rows.append(("cloud_only", "cloud only (no cap)", cloud_only))
+    res.rows.append(("task_tuning_only" if base_role else "local_only", base_label, dict(m)))
+
+    def routed(key, label, order, k, **extra):
+        row = routed_metrics(order, k, local, cloud, budget)
+        res.curves[key] = routing_curve(order, local, cloud)
+        row.update(gap_recovered(*res.curves[key]), **extra)
+        res.rows.append((key, label, row))
+
+    routed("naive", f"naive offloading (random {budget:.0%})", naive_order(n, seed), cap)
+
+    train = base.task.examples("train")[:router_n]
+    if len(train) >= 2:
+        _, train_out = algo.evaluate_policy(
+            model, tok, base.task, train, _NoCloud(), budget, max_new, batch,
+            lambda d, t: progress("router labels: greedy on train", d, t))
+        labels = train_out["local_ok"].numpy() & ~train_out["help"].numpy()
+        train_prompts = [tok.prompt_ids(ex.prompt) for ex in train]
+        test_prompts = [tok.prompt_ids(ex.prompt) for ex in examples]
+        progress("router: training")
+        if base.from_scratch:
+            router = TinyRouter(tok.vocab_size, tok.pad_id,
+                                max(len(p) for p in train_prompts + test_prompts), seed, device)
+            fit_idx, val_idx = router.fit(train_prompts, labels, steps=router_steps or 400, seed=seed)
+        else:
+            router = ProbeRouter(model, tok.pad_id)
+            fit_idx, val_idx = router.fit(train_prompts, labels, steps=router_steps or 300, seed=seed)
+        p_train, p_test = router.predict(train_prompts), router.predict(test_prompts)
+        fit_idx, val_idx = fit_idx.numpy(), val_idx.numpy()
+        res.router = {"kind": router.kind, "n_train": len(fit_idx), "n_val": len(val_idx),
+                      "train_positive_rate": float(labels.mean()),
+                      "auroc_train": auroc(p_train[fit_idx], labels[fit_idx]),
+                      "auroc_val": auroc(p_train[val_idx], labels[val_idx]),
+                      "auroc_test": auroc(p_test, local)}
+        res.settings["router_train_prompts"] = len(train)
+        routed("router", "router (BCE, prompt only)", router_order(p_test), cap,
+               auroc_train=res.router["auroc_train"], auroc_test=res.router["auroc_test"])
+    else:
+        res.notes.append("the train split has fewer than 2 prompts: no router")
+
+    routed("oracle", "oracle router (upper bound)", oracle_order(local),
+           min(cap, int((~local).sum())))
+    base.release()
+
+
+def evaluate_policy_run(res, run, examples, budget, progress):
+    """A trained policy: SPEC 7 metrics, its threshold curve (policy_curve) and its own point."""
+    model, tok = run.model(), run.tokenizer()
+    res.settings["models"][run.path] = _describe(run, model)
+    label = run.label if run.label not in res.curves else f"{run.label} [{run.path}]"
+    max_new = run.cfg["sampling"]["max_new_tokens"]
+    calls_before = run.cloud.calls_made
+    m, out = algo.evaluate_policy(model, tok, run.task, examples, run.cloud, budget, max_new,
+                                  run.cfg["eval"].get("batch_size", 256),
+                                  lambda d, t: progress(f"{run.name}: greedy", d, t))
+    help = out["help"].numpy()
+    local = out["local_ok"].numpy() & ~help
+    progress(f"{run.name}: cloud verdicts")
+    cloud = np.array([a.correct for a in run.cloud.ask(run.task, examples)], dtype=bool)
+    progress(f"{run.name}: decision scores")
+    score, splits = help_preference(model, tok, run.task, examples, out["text"])
+    progress(f"{run.name}: local answers of its help calls")
+    asked = np.nonzero(help)[0].tolist()
+    answered = np.zeros(len(examples), dtype=bool)
+    answered[asked] = answered_locally(model, tok, run.task, [examples[i] for i in asked],
+                                       [splits[i] for i in asked], max_new)
+    *curve, _ = policy_curve(help, local, answered, cloud, score)
+    m.update(help_calls=int(help.sum()), cloud_requests=run.cloud.calls_made - calls_before,
+             decision_agreement=float(((score > 0) == help).mean()), **gap_recovered(*curve))
+    res.rows.append((f"policy:{run.path}", label, m))
+    res.curves[label] = curve
+    res.points[label] = (m["call_ratio"], m["acc_uncapped"])
+    res.per_run[run.path] = {"role": "policy", "metrics": m}
+    run.release()
+
+
+def _describe(run, model):
+    source = run.cfg["model"].get("path") or "trained from scratch"
+    return f"{source}, {model.num_params() / 1e6:.2f}M parameters, {run.checkpoint}"
+
+
+def _machine(device):
+    text = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+# ----------------------------------------------------------------------------- 5. outputs
+
+
+TABLE_COLUMNS = [("call ratio", "call_ratio"), ("local acc", "local_acc"),
+                 ("cond. local acc", "cond_local_acc"), ("acc capped", "acc_capped"),
+                 ("acc uncapped", "acc_uncapped"), ("APGR", "apgr"), ("CPT(50%)", "cpt50"),
+                 ("CPT(80%)", "cpt80")]
+
+
+def _fmt(v):
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _plain(obj):
+    """JSON-ready: numpy scalars as Python numbers, floats rounded to 6 decimals (the metrics are
+    means over N prompts; this hides float32 noise such as 0.30000001192092896)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return round(float(obj), 6)
+    return obj
+
+
+def eval_json(res: Results, path, command) -> dict:
+    """The stable eval.json of one run (keys documented in the README)."""
+    baselines = {key: metrics for key, _, metrics in res.rows if not key.startswith("policy:")}
+    entry = res.per_run.get(path, {"role": "policy", "metrics": None})
+    return _plain({"schema_version": SCHEMA_VERSION, "run": path, "role": entry["role"],
+                   "settings": {**res.settings, "command": command}, "metrics": entry["metrics"],
+                   "baselines": baselines, "router": res.router, "notes": res.notes})
+
+
+def write_curves(res: Results, out_dir, labels):
+    """curve.csv (method, call_ratio, accuracy) always; curve.png when matplotlib is installed.
+    Returns the png's file name, or None."""
+    lines = ["method,call_ratio,accuracy"]
+    for label in labels:
+        for c, a in zip(*res.curves[label]):
+            lines.append(f"\"{label}\",{c:.6f},{a:.6f}")
+    atomic_write_text(os.path.join(out_dir, "curve.csv"), "\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label in labels:
+        c, a = res.curves[label]
+        line, = ax.plot(c, a, label=label, lw=1.5)
+        if label in res.points:
+            x, y = res.points[label]
+            ax.plot([x], [y], marker="*", ms=13, color=line.get_color(), ls="none", clip_on=False)
+    ax.axvline(res.settings["budget"], color="grey", ls="--", lw=1, label=f"budget {res.settings['budget']:.0%}")
+    ax.set_xlabel("cloud call ratio")
+    ax.set_ylabel("overall accuracy")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"accuracy vs call ratio ({res.settings['split']}, N={res.settings['n']}); "
+                 "* = the policy's own choice", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = os.path.join(out_dir, f".curve.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(out_dir, "curve.png"))
+    return "curve.png"
+
+
+def report_markdown(res: Results, policy_paths, png, command) -> str:
+    s = res.settings
+    rows = [r for r in res.rows if not r[0].startswith("policy:") or r[0][7:] in policy_paths]
+    task = s["task"].get("name", "?") + " (" + ", ".join(
+        f"{k}={v}" for k, v in s["task"].items() if k not in ("name", "allow_help")) + ")"
+    cloud = ", ".join(f"{k}={v}" for k, v in s["cloud"].items())
+    models = [f"{label}: {s['models'][key[7:]]}" for key, label, _ in rows
+              if key.startswith("policy:")]
+    lines = [
+        "# Evaluation report", "",
+        f"- date: {s['date']}; machine: {s['machine']}",
+        f"- command: `{command}`",
+        f"- task: {task}; split `{s['split']}`, first N = {s['n']} prompts, greedy decoding",
+        f"- cloud: {cloud}",
+        f"- budget: {s['budget']:.0%} of prompts, cap = {s['cap']} cloud calls served in dataset "
+        "order, later help calls scored wrong (SPEC 7)",
+        f"- device model of the baselines: {s['base_model']}; "
+        f"{s['models'].get(s['task_tuned_run'] or s['runs'][0], '')}",
+    ] + [f"- policy {m}" for m in models] + [
+        "", "## Results at the budget", "",
+        "| method | " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |",
+        "|---|" + "---:|" * len(TABLE_COLUMNS)]
+    for _, label, m in rows:
+        lines.append(f"| {label} | " + " | ".join(_fmt(m.get(k)) for _, k in TABLE_COLUMNS) + " |")
+    policies = [(label, m) for key, label, m in rows if key.startswith("policy:")]
+    if policies:
+        lines += ["", "Trained policies in detail (uncapped help calls; cloud calls served within "
+                  "the cap; mean response length in tokens):", "",
+                  "| policy | help calls | cloud calls served | len help | len local | clipped | "
+                  "local-only acc | decision agreement |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for label, m in policies:
+            lines.append(f"| {label} | {m['help_calls']} | {m['calls_served']} | {m['len_help']:.1f} "
+                         f"| {m['len_local']:.1f} | {m['clipped_ratio']:.3f} | "
+                         f"{m['curve_local_acc']:.3f} | {m['decision_agreement']:.3f} |")
+    if res.router:
+        r = res.router
+        lines += ["", f"Router: {r['kind']}, trained on {r['n_train']} train prompts (held out "
+                  f"{r['n_val']} for early stopping; {r['train_positive_rate']:.1%} answered right). "
+                  f"AUROC train {_fmt(r['auroc_train'])}, held-out {_fmt(r['auroc_val'])}, "
+                  f"test {_fmt(r['auroc_test'])}."]
+    lines += ["", "## Accuracy vs call ratio", ""]
+    if png:
+        lines += [f"![accuracy vs call ratio]({png})", "",
+                  "The points behind it are in curve.csv (columns method, call_ratio, accuracy)."]
+    else:
+        lines.append("matplotlib is not installed, so there is no figure: the curves are in "
+                     "curve.csv (columns method, call_ratio, accuracy). Plot accuracy against "
+                     "call_ratio with one line per method, or `pip install matplotlib` and rerun.")
+    lines += [
+        "", "## How to read this", "",
+        "- call ratio: share of prompts sent to the cloud (for a policy: its own help calls, "
+        "uncapped). local acc: correct local answers / all prompts; cond. local acc: correct local "
+        "answers / prompts kept local; acc capped / uncapped: overall accuracy with / without the "
+        "cap (SPEC 7).",
+        "- naive / router / oracle route the baseline device model's greedy answers: naive sends a "
+        "seeded random share = budget, the router the prompts it scores least likely right, the "
+        "oracle exactly the prompts that model gets wrong (up to the budget).",
+        "- curves: for k = 0..N the first k prompts of an ordering go to the cloud, the rest keep "
+        "their local answer. A policy's ordering is its help preference: log p(help) - log p(answer) "
+        "teacher-forced at the decision point of its own greedy response; kept local, a prompt on "
+        "which it asked for help gets the answer it gives when forced to answer there "
+        "(local-only acc = the curve at 0 calls). The star marks the policy's own choice (uncapped).",
+        "- APGR = integral over c in [0, 1] of PGR(c) = (acc(c) - acc(0)) / (acc(1) - acc(0)), "
+        "each curve against its own endpoints (0.5 = random routing); CPT(x) = the smallest call "
+        "ratio recovering x of that gap. Decision agreement: share of prompts where the sign of "
+        "the help preference matches the policy's greedy decision.",
+    ]
+    if res.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(res: Results, out_dir, command):
+    """eval.json (+ report.md, curve.*) in every run directory; the combined report in out_dir."""
+    policy_paths = [k[7:] for k, _, _ in res.rows if k.startswith("policy:")]
+    baseline_curves = [k for k in ("naive", "router", "oracle") if k in res.curves]
+    label_of = {k[7:]: label for k, label, _ in res.rows if k.startswith("policy:")}
+    written = []
+    for path in res.per_run:
+        atomic_write_text(os.path.join(path, "eval.json"),
+                          json.dumps(eval_json(res, path, command), indent=2) + "\n")
+        written.append(os.path.join(path, "eval.json"))
+        if os.path.normpath(path) == os.path.normpath(out_dir):
+            continue
+        mine = [path] if path in label_of else []
+        png = write_curves(res, path, baseline_curves + [label_of[p] for p in mine])
+        atomic_write_text(os.path.join(path, "report.md"), report_markdown(res, mine, png, command))
+        written.append(os.path.join(path, "report.md"))
+    os.makedirs(out_dir, exist_ok=True)
+    png = write_curves(res, out_dir, baseline_curves + [label_of[p] for p in policy_paths])
+    atomic_write_text(os.path.join(out_dir, "report.md"),
+                      report_markdown(res, policy_paths, png, command))
+    written.append(os.path.join(out_dir, "report.md"))
+    return written
+
+
+def print_table(res: Results):
+    width = max(len(label) for _, label, _ in res.rows) + 2
+    cols = TABLE_COLUMNS[:6]
+    print("method".ljust(width) + "".join(c.rjust(16) for c, _ in cols))
+    for _, label, m in res.rows:
+        print(label.ljust(width) + "".join(_fmt(m.get(k)).rjust(16) for _, k in cols))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate runs under the cloud-call budget (SPEC 7-8).")
+    p.add_argument("runs", nargs="+", help="run directories written by train.py (runs/NAME)")
+    p.add_argument("--split", default="test", help=f"one of {list(SPLITS)} (default test)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="share of prompts that may go to the cloud, in [0, 1] (default: the run's eval.budget)")
+    p.add_argument("--n", type=int, default=None,
+                   help="evaluate the first N prompts of the split (default: the run's eval.n; 0 = all)")
+    p.add_argument("--task-tuned", default=None,
+                   help="the task-tuning-only run (trained with task.allow_help=false); default: "
+                        "a given run whose config has allow_help false")
+    p.add_argument("--out", default=None, help="directory of the combined report (default: the first run's)")
+    p.add_argument("--router-n", type=int, default=2000, help="train prompts that label the router")
+    p.add_argument("--router-steps", type=int, default=None, help="router training steps")
+    p.add_argument("--seed", type=int, default=0, help="naive offloading's draw and the router's init")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+    command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    progress = Progress()
+    try:
+        if args.budget is not None and not (0 <= args.budget <= 1):
+            raise ValueError(f"--budget={args.budget} is not allowed: give the share of prompts that "
+                             "may go to the cloud, a number in [0, 1] (0.3 = at most 30%)")
+        if args.router_n < 0:
+            raise ValueError(f"--router-n={args.router_n} is not allowed: a count >= 0")
+        res = evaluate_runs(args.runs, args.split, args.budget, args.n, args.task_tuned,
+                            args.router_n, args.router_steps, args.seed, args.device, progress)
+    except (ValueError, FileNotFoundError) as e:
+        progress.close()
+        sys.exit(f"eval error: {e}")
+    progress.close()
+    written = write_outputs(res, args.out or args.runs[0], command)
+    s = res.settings
+    print(f"{s['split']} split, N={s['n']}, budget {s['budget']:.0%} (cap {s['cap']} calls); "
+          f"baselines over: {s['base_model']}")
+    print_table(res)
+    if res.router:
+        print(f"router AUROC: train {_fmt(res.router['auroc_train'])}, test {_fmt(res.router['auroc_test'])}")
+    print("wrote " + ", ".join(written))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Tests for eval.py against hand-computed numbers: SPEC 7 metric arithmetic, routing curves,
+APGR / CPT, naive and oracle routing, the policy's decision score and curve, the router, and an
+end-to-end run of the command line on tiny random checkpoints."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import eval as ev
+from algo import capped_metrics
+from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
+from tasks import HELP_MARKER, make_task
+
+
+@pytest.fixture
+def one_thread():
+    """The router test trains a small network; on 2 shared cores one thread is several times
+    faster than two fighting other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# ----------------------------------------------------------------------------- SPEC 7 arithmetic
+
+
+def test_capped_metrics_cap_in_dataset_order():
+    # N = 10, budget 0.2 -> cap 2: the help calls at 0 and 2 are served, those at 3 and 6 are not
+    help = [1, 0, 1, 1, 0, 0, 1, 0, 0, 0]
+    local = [0, 1, 1, 0, 1, 0, 0, 1, 1, 0]   # index 2 is a help call: never a local answer
+    cloud = [1, 0, 0, 1, 0, 0, 1, 0, 0, 0]
+    lens = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    m = capped_metrics(torch.tensor(help).bool(), torch.tensor(local).bool(),
+                       torch.tensor(cloud).bool(), 0.2, torch.tensor(lens))
+    assert m["cap"] == 2 and m["calls_served"] == 2
+    assert m["call_ratio"] == pytest.approx(0.4)
+    assert m["local_acc"] == pytest.approx(4 / 10)          # indices 1, 4, 7, 8
+    assert m["cond_local_acc"] == pytest.approx(4 / 6)      # 6 prompts kept local
+    assert m["acc_capped"] == pytest.approx((4 + 1) / 10)   # served: 0 right, 2 wrong
+    assert m["acc_uncapped"] == pytest.approx((4 + 3) / 10)  # 0, 3, 6 right in the cloud
+    assert m["len_help"] == pytest.approx((10 + 30 + 40 + 70) / 4)
+    assert m["len_local"] == pytest.approx((20 + 50 + 60 + 80 + 90 + 100) / 6)
+
+
+def test_routing_curve_by_hand():
+    local, cloud, order = [1, 0, 1, 0], [1, 1, 0, 1], [3, 0, 2, 1]
+    c, a = ev.routing_curve(order, local, cloud)
+    # k=0: 2/4; send 3 (0->1): 3/4; send 0 (1->1): 3/4; send 2 (1->0): 2/4; send 1 (0->1): 3/4
+    assert c.tolist() == [0, 0.25, 0.5, 0.75, 1.0]
+    assert a.tolist() == pytest.approx([0.5, 0.75, 0.75, 0.5, 0.75])
+    with pytest.raises(ValueError, match="permutation"):
+        ev.routing_curve([0, 0, 1, 2], local, cloud)
+
+
+def test_apgr_and_cpt_by_hand():
+    c = [0, 0.25, 0.5, 0.75, 1.0]
+    a = [0.5, 0.7, 0.8, 0.85, 0.9]
+    s = ev.gap_recovered(c, a)
+    # PGR = [0, .5, .75, .875, 1]; trapezoids of width .25: (.25 + .625 + .8125 + .9375) * .25
+    assert s["apgr"] == pytest.approx(0.65625)
+    assert s["cpt50"] == 0.25 and s["cpt80"] == 0.75
+    assert s["curve_local_acc"] == 0.5 and s["curve_cloud_acc"] == 0.9
+    # explicit reference accuracies: PGR = (a - .4) / .6 = [1/6, 1/2, 2/3, 3/4, 5/6]
+    s = ev.gap_recovered(c, a, acc_local=0.4, acc_cloud=1.0)
+    assert s["apgr"] == pytest.approx(0.25 * (1 / 3 + 7 / 12 + 17 / 24 + 19 / 24))
+    assert s["cpt50"] == 0.25 and s["cpt80"] == 1.0
+    # a straight line (random routing in expectation) recovers half of the gap
+    assert ev.gap_recovered([0, 0.5, 1], [0.2, 0.5, 0.8])["apgr"] == pytest.approx(0.5)
+    none = ev.gap_recovered([0, 1], [0.6, 0.6])
+    assert none["apgr"] is None and none["cpt50"] is None
+
+
+def test_auroc_by_hand():
+    assert ev.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # a tie between a positive and a negative counts 1/2: (0.5 + 1) / 2
+    assert ev.auroc([0.5, 0.5, 0.2], [1, 0, 0]) == pytest.approx(0.75)
+    assert ev.auroc([0.3, 0.2], [1, 1]) is None
+
+# ----------------------------------------------------------------------------- SPEC 8 routing
+
+
+LOCAL = [1, 0, 1, 0, 0, 1, 1, 0]
+CLOUD = [1, 1, 0, 1, 1, 1, 0, 0]
+
+
+def test_oracle_routing_by_hand():
+    # wrong prompts: 1, 3, 4, 7. Budget 0.25 -> cap 2: send 1 and 3 (both right in the cloud)
+    order = ev.oracle_order(LOCAL)
+    assert order.tolist() == [1, 3, 4, 7, 0, 2, 5, 6]
+    m = ev.routed_metrics(order, min(ev.cap_of(8, 0.25), 4), LOCAL, CLOUD, 0.25)
+    assert m["help_calls"] == 2 and m["call_ratio"] == pytest.approx(0.25)
+    assert m["local_acc"] == pytest.approx(4 / 8)
+    assert m["cond_local_acc"] == pytest.approx(4 / 6)
+    assert m["acc_capped"] == pytest.approx(6 / 8) and m["acc_uncapped"] == pytest.approx(6 / 8)
+    # budget 0.75 -> cap 6, but only the 4 wrong prompts go: 1, 3, 4 right, 7 wrong in the cloud
+    m = ev.routed_metrics(order, min(ev.cap_of(8, 0.75), 4), LOCAL, CLOUD, 0.75)
+    assert m["call_ratio"] == pytest.approx(0.5) and m["acc_capped"] == pytest.approx(7 / 8)
+
+
+def test_naive_routing_sends_a_seeded_random_share():
+    order = ev.naive_order(8, seed=3)
+    assert sorted(order.tolist()) == list(range(8))
+    assert ev.naive_order(8, seed=3).tolist() == order.tolist()
+    assert any(ev.naive_order(8, seed=s).tolist() != order.tolist() for s in range(4, 8))
+    sent = set(order[:2].tolist())
+    expected = sum(CLOUD[i] if i in sent else LOCAL[i] for i in range(8)) / 8
+    m = ev.routed_metrics(order, ev.cap_of(8, 0.25), LOCAL, CLOUD, 0.25)
+    assert m["help_calls"] == 2 and m["acc_capped"] == pytest.approx(expected)
+
+
+def test_router_order_sends_lowest_scores_first():
+    assert ev.router_order([0.9, 0.1, 0.5, 0.1]).tolist() == [1, 3, 2, 0]  # ties: dataset order
+
+
+def test_policy_curve_endpoints_are_local_only_and_cloud_only():
+    help = [1, 0, 1, 0]
+    local = [0, 1, 1, 0]          # index 2 asked for help: its local verdict is not this one
+    answered = [1, 0, 0, 0]       # made to answer: prompt 0 right, prompt 2 wrong
+    cloud = [1, 0, 1, 1]
+    preference = [2.0, -1.0, 0.5, -3.0]   # order 0, 2, 1, 3
+    c, a, kept = ev.policy_curve(help, local, answered, cloud, preference)
+    assert kept.tolist() == [True, True, False, False]
+    # k=0: 2/4; send 0 (1->1) 2/4; send 2 (0->1) 3/4; send 1 (1->0) 2/4; send 3 (0->1) 3/4
+    assert a.tolist() == pytest.approx([0.5, 0.5, 0.75, 0.5, 0.75])
+    assert a[0] == pytest.approx(np.mean(kept)) and a[-1] == pytest.approx(np.mean(cloud))
+    # the policy's own choice (help on 0 and 2, uncapped: 1 local + 2 cloud) is the k=2 point
+    m = capped_metrics(torch.tensor(help).bool(), torch.tensor(local).bool(),
+                       torch.tensor(cloud).bool(), 1.0)
+    assert m["acc_uncapped"] == pytest.approx(a[2])
+
+# ----------------------------------------------------------------------------- decision point
+
+
+def test_decision_split():
+    tiny = make_task("tiny_countdown", n_train=4, n_test=4)
+    assert tiny.decision_split("[007+003=010]10#23#03#H") == ("[007+003=010]10#23#03#", "H", "A")
+    assert tiny.decision_split("[007+0") == ("[007+0", "H", "A")
+    cd = make_task("countdown", n_train=4, n_test=4)
+    assert cd.decision_split("<think>a</think> <answer>1+2</answer>") == \
+        ("<think>a</think>", " " + HELP_MARKER, " <answer>")
+    assert cd.decision_split("<think>stuck</think>\n" + HELP_MARKER) == \
+        ("<think>stuck</think>", "\n" + HELP_MARKER, "\n<answer>")
+
+
+def tiny_model(vocab_size, seed=0, layers=1):
+    cfg = ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                      max_position_embeddings=64, eos_token_id=1)
+    return Transformer(cfg).init_weights(seed, std=0.5).eval()
+
+
+def test_continuation_logprobs_match_unpadded_forwards():
+    model = tiny_model(12, seed=1)
+    prefixes = [[2, 3, 4], [5], [6, 7, 8, 9, 10, 2]]
+    conts = [[5, 6], [7, 8, 9], [11]]
+    got = ev.continuation_logprobs(model, prefixes, conts, pad_id=0)
+    for p, c, g in zip(prefixes, conts, got):
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids, torch.arange(ids.shape[1])[None]).double(), -1)[0]
+        want = sum(logp[len(p) + j - 1, t] for j, t in enumerate(c))
+        assert float(g) == pytest.approx(float(want), abs=1e-4)
+
+
+def test_answered_locally_tiny_task_needs_no_decoding():
+    task = make_task("tiny_countdown", n_train=4, n_test=8)
+    tok = build_char_tokenizer(task.alphabet)
+    ex = task.examples("test")[:2]
+    right = ex[0].data["solution"] + "xxx"              # the check is not graded
+    wrong = task.wrong_chain(ex[1], __import__("random").Random(0)) + "xxx"
+    splits = [task.decision_split(right + "H"), task.decision_split(wrong + "H")]
+    assert ev.answered_locally(None, tok, task, ex, splits, 8) == [True, False]
+
+# ----------------------------------------------------------------------------- routers
+
+
+def test_router_beats_chance_when_difficulty_is_in_the_prompt(one_thread):
+    rng = np.random.default_rng(0)
+
+    def make(n):  # "hard" prompts start with a large number; the label is "answered right"
+        prompts = [[int(x) for x in rng.integers(2, 12, size=8)] for _ in range(n)]
+        return prompts, np.array([p[0] < 7 for p in prompts])
+
+    train, test = make(500), make(200)
+    router = ev.TinyRouter(vocab_size=12, pad_id=0, max_len=8, seed=0)
+    router.fit(*train, steps=60, lr=3e-3)
+    assert ev.auroc(router.predict(test[0]), test[1]) > 0.75
+
+
+def test_logistic_probe_fit_and_hidden_states():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 5, generator=gen)
+    y = (x[:, 0] - 0.5 * x[:, 1] > 0).numpy()
+    linear = torch.nn.Linear(5, 1)
+    ev.fit_bce(lambda idx: linear(x[idx])[:, 0], list(linear.parameters()), y[:300], steps=100,
+               batch_size=64, lr=0.05)
+    with torch.no_grad():
+        assert ev.auroc(linear(x[300:])[:, 0], y[300:]) > 0.9
+    # features: the final-norm hidden state at each prompt's last token, padding or not
+    model = tiny_model(12, seed=2)
+    seen = []
+    handle = model.norm.register_forward_hook(lambda m, i, o: seen.append(o[0, -1].clone()))
+    prompts = [[2, 3, 4, 5], [6, 7]]
+    with torch.no_grad():
+        for p in prompts:
+            model(torch.tensor([p]), torch.arange(len(p))[None])
+    handle.remove()
+    h = ev.last_hidden_states(model, prompts, pad_id=0)
+    assert torch.allclose(h, torch.stack(seen), atol=1e-5)
+    assert isinstance(model.lm_head, torch.nn.Linear)    # restored
+
+# ----------------------------------------------------------------------------- command line
+
+
+def chat_char_tokenizer():
+    """A character-level tokenizer with ChatML markup, standing in for a pretrained model's."""
+    import string
+    tok = build_char_tokenizer(string.printable)
+    tok.tk.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.chat_format = "chatml"
+    return tok
+
+
+def write_run(root, name, allow_help, seed, task="tiny_countdown", max_new_tokens=40):
+    """A run directory as train.py leaves it, holding a tiny random checkpoint. task="countdown"
+    stands in for a pretrained model (Template I chat prompts, model.path set: probe router)."""
+    if task == "tiny_countdown":
+        task_cfg = {"name": task, "n_numbers": 3, "number_range": [1, 20], "ops": "+-*"}
+        tok, model_path, max_len = build_char_tokenizer(make_task(task).alphabet), "", 64
+    else:
+        task_cfg = {"name": task, "n_numbers": 3, "number_range": [1, 20], "ops": "+-*"}
+        tok, model_path, max_len = chat_char_tokenizer(), "(a pretrained model)", 1024
+    task_cfg.update(n_train=60, n_test=30, seed=0, allow_help=allow_help)
+    path = os.path.join(root, name)
+    model = tiny_model(tok.vocab_size, seed)
+    model.config.max_position_embeddings = max_len
+    save_pretrained(model, os.path.join(path, "checkpoint"), tok)
+    cfg = {"name": name, "seed": 0, "device": "cpu", "model": {"path": model_path},
+           "task": task_cfg, "cloud": {"backend": "oracle", "p_correct": 0.9, "seed": 0},
+           "rl": {"algo": "gapg", "filter": "any_correct"},
+           "sampling": {"max_new_tokens": max_new_tokens, "temperature": 1.0, "top_k": 0,
+                        "top_p": 1.0},
+           "eval": {"every": 0, "n": 20, "budget": 0.3, "batch_size": 64}}
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    policy = write_run(tmp_path, "policy", True, seed=1)
+    tuned = write_run(tmp_path, "tuned", False, seed=2)
+    ev.main([policy, tuned, "--budget", "0.25", "--router-n", "40", "--router-steps", "5"])
+    printed = capsys.readouterr().out
+    assert "oracle router" in printed
+    report = open(os.path.join(policy, "report.md")).read()
+    for text in ("| method | call ratio | local acc | cond. local acc | acc capped | acc uncapped | APGR",
+                 "cloud only", "task-tuning only (tuned)", "naive offloading", "router", "oracle",
+                 "policy (gapg)", "budget: 25%", "N = 20", "curve.csv"):
+        assert text in report
+    assert os.path.exists(os.path.join(policy, "curve.csv"))
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.exists(os.path.join(policy, "curve.png")) and "(curve.png)" in report
+    except ImportError:
+        assert "matplotlib is not installed" in report
+    d = json.load(open(os.path.join(policy, "eval.json")))
+    assert d["role"] == "policy" and d["settings"]["n"] == 20 and d["settings"]["cap"] == 5
+    assert set(d["baselines"]) == {"cloud_only", "task_tuning_only", "naive", "router", "oracle"}
+    m = d["metrics"]
+    for key in ("call_ratio", "local_acc", "cond_local_acc", "acc_capped", "acc_uncapped",
+                "len_help", "len_local", "calls_served", "help_calls", "apgr", "cpt50", "cpt80"):
+        assert key in m
+    assert m["calls_served"] == min(m["help_calls"], 5)
+    # the policy's curve ends at cloud only (same cloud); it starts at its local-only accuracy
+    assert m["curve_cloud_acc"] == pytest.approx(d["baselines"]["cloud_only"]["acc_uncapped"])
+    assert m["curve_local_acc"] >= m["local_acc"] - 1e-9
+    for key in ("naive", "router", "oracle"):
+        b = d["baselines"][key]
+        assert b["curve_local_acc"] == pytest.approx(d["baselines"]["task_tuning_only"]["acc_uncapped"])
+        assert b["curve_cloud_acc"] == pytest.approx(d["baselines"]["cloud_only"]["acc_uncapped"])
+    t = json.load(open(os.path.join(tuned, "eval.json")))
+    assert t["role"] == "task_tuned" and t["metrics"]["call_ratio"] == 0.0
+    assert os.path.exists(os.path.join(tuned, "report.md"))
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    with pytest.raises(SystemExit, match="no such run directory"):
+        ev.main([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.yaml").write_text("task: {name: tiny_countdown}\n")
+    with pytest.raises(SystemExit, match="no checkpoint/model.safetensors"):
+        ev.main([str(tmp_path / "empty")])
+    run = write_run(tmp_path, "p", True, seed=0)
+    with pytest.raises(SystemExit, match=r"--budget=1.5 is not allowed.*\[0, 1\]"):
+        ev.main([run, "--budget", "1.5"])
+    with pytest.raises(SystemExit, match="--n=99 is not allowed: the test split has 30"):
+        ev.main([run, "--n", "99"])
+    with pytest.raises(SystemExit, match="trained with help allowed"):
+        ev.main([run, "--task-tuned", run])
+
+
+def test_report_without_matplotlib_writes_csv_and_says_how_to_plot(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib raises ImportError
+    settings = {"split": "test", "n": 2, "budget": 0.5, "cap": 1, "date": "d", "machine": "m",
+                "task": {"name": "tiny_countdown"}, "cloud": {"backend": "oracle"},
+                "base_model": "b", "models": {}, "task_tuned_run": None, "runs": ["r"]}
+    res = ev.Results(settings, [("naive", "naive offloading", {"call_ratio": 0.5, "apgr": None})],
+                     curves={"naive": (np.array([0, 0.5, 1]), np.array([0.0, 0.5, 1.0]))})
+    assert ev.write_curves(res, tmp_path, ["naive"]) is None
+    assert not (tmp_path / "curve.png").exists()
+    assert (tmp_path / "curve.csv").read_text().splitlines() == [
+        "method,call_ratio,accuracy", '"naive",0.000000,0.000000', '"naive",0.500000,0.500000',
+        '"naive",1.000000,1.000000']
+    report = ev.report_markdown(res, [], None, "python eval.py r")
+    assert "matplotlib is not installed" in report and "curve.csv" in report
+    assert "| naive offloading | 0.500 |" in report
+
+
+def test_cli_without_task_tuned_run_says_what_the_baselines_route(tmp_path):
+    policy = write_run(tmp_path, "policy", True, seed=1)
+    res = ev.main([policy, "--n", "8", "--router-n", "10", "--router-steps", "2"])
+    keys = [key for key, _, _ in res.rows]
+    assert keys[:2] == ["cloud_only", "local_only"] and "task_tuning_only" not in keys
+    d = json.load(open(os.path.join(policy, "eval.json")))
+    assert "local_only" in d["baselines"] and "NOT the task-tuning-only baseline" in d["notes"][0]
+    assert "help disabled at decode time" in open(os.path.join(policy, "report.md")).read()
+
+
+def test_cli_template1_task_with_probe_router(tmp_path):
+    """The marker-task path: chat prompts, decision point before <answer> / <unknown>, the local
+    answer of a help call decoded after "<answer>", and the logistic probe router."""
+    policy = write_run(tmp_path, "policy", True, seed=1, task="countdown", max_new_tokens=12)
+    tuned = write_run(tmp_path, "tuned", False, seed=2, task="countdown", max_new_tokens=12)
+    res = ev.main([policy, "--task-tuned", tuned, "--n", "6", "--router-n", "24",
+                   "--router-steps", "5"])
+    assert res.router["kind"].startswith("logistic probe")
+    d = json.load(open(os.path.join(policy, "eval.json")))
+    assert d["metrics"]["n"] == 6 and d["baselines"]["router"]["help_calls"] == 1
+    assert d["metrics"]["curve_cloud_acc"] == pytest.approx(
+        d["baselines"]["cloud_only"]["acc_uncapped"])
+
+
+def test_answered_locally_decodes_after_the_answer_opening(monkeypatch):
+    task = make_task("countdown", n_numbers=3, number_range=[1, 20], ops="+-*", n_train=4, n_test=4)
+    tok = chat_char_tokenizer()
+    ex = task.examples("test")[:2]
+    splits = [task.decision_split("<think>hm</think> " + HELP_MARKER)] * 2
+    seen = []
+
+    def fake_generate(model, prompts, **kw):   # continues row 0 with the solution, row 1 badly
+        seen.extend(prompts)
+        texts = [ex[0].data["solution"] + "</answer>", "1 + 1</answer>"]
+        ids = [tok.encode(t) + [1] for t in texts]
+        L = max(map(len, ids))
+        tokens = torch.tensor([i + [0] * (L - len(i)) for i in ids])
+        return type("G", (), {"tokens": tokens, "lengths": torch.tensor([len(i) for i in ids])})
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    assert ev.answered_locally(None, tok, task, ex, splits, 16) == [True, False]
+    want = tok.prompt_ids(ex[0].prompt) + tok.encode("<think>hm</think>") + tok.encode(" <answer>")
+    assert seen[0] == want
