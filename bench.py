@@ -64,6 +64,26 @@ def random_prompts(count=16, lo=20, hi=60, vocab=8192, seed=0):
     return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in lengths]
 
 
+def smollm2_dir() -> str:
+    """The converted SmolLM2-135M-Instruct directory (scripts/get_smollm2.py; dev-only deps)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "get_smollm2", os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts",
+                                    "get_smollm2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_smollm2()
+
+
+def chat_prompts(path: str, count: int = 8) -> list[list[int]]:
+    """Countdown Template I prompts (the rollout workload), in the model's own chat format."""
+    from model import load_tokenizer
+    from tasks import CountdownTask
+    tok = load_tokenizer(path)
+    examples = CountdownTask(n_train=count, n_test=count, seed=0).examples("test")
+    return [tok.encode(tok.apply_chat(ex.prompt)) for ex in examples]
+
+
 def setup(model_name: str):
     """-> (model directory, prompts, n, max_new_tokens)."""
     if model_name == "random-qwen2":
@@ -71,7 +91,20 @@ def setup(model_name: str):
         if not os.path.exists(os.path.join(path, "model.safetensors")):
             random_qwen2_dir(path)
         return path, random_prompts(), 8, 128
-    raise ValueError(f"unknown --model {model_name!r}; allowed: random-qwen2")
+    if model_name == "smollm2":
+        path = smollm2_dir()
+        return path, chat_prompts(path), 4, 64
+    raise ValueError(f"unknown --model {model_name!r}; allowed: random-qwen2, smollm2")
+
+
+def stops(model_name: str, path: str):
+    """-> (stop ids, pad id): a real chat model stops at its eos in both implementations (and
+    counts tokens up to it); the random model never stops."""
+    if model_name == "random-qwen2":
+        return (), 0
+    from model import load_tokenizer
+    tok = load_tokenizer(path)
+    return list(tok.eos_ids), tok.pad_id
 
 
 def run_ours(model, prompts, n, new, device, stop_ids=()):
@@ -135,7 +168,11 @@ def memory_child(which: str, model_name: str, device: str):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = proc_status_bytes("VmRSS")
-    (run_ours if which == "ours" else run_hf)(model, prompts, n, new, device)
+    stop, pad = stops(model_name, path)
+    if which == "ours":
+        run_ours(model, prompts, n, new, device, stop)
+    else:
+        run_hf(model, prompts, n, new, device, pad, stop or None)
     peak = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM")
     print(json.dumps({"peak_bytes": peak - base}))
 
@@ -164,13 +201,14 @@ def bench_sample(args):
           f"temperature 1, {device}, {torch.get_num_threads()} threads", flush=True)
     peak = matmul_peak_flops(device)
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
-    run_ours(ours, prompts, n, 8, device)  # warm-up
-    run_hf(hf, prompts, n, 8, device)
+    stop, pad = stops(args.model, path)
+    run_ours(ours, prompts, n, 8, device, stop)  # warm-up
+    run_hf(hf, prompts, n, 8, device, pad, stop or None)
     rates = {"ours": [], "transformers": []}
     for rep in range(args.reps):
         for name in ("ours", "transformers"):
-            dt, tokens = (run_ours(ours, prompts, n, new, device) if name == "ours"
-                          else run_hf(hf, prompts, n, new, device))
+            dt, tokens = (run_ours(ours, prompts, n, new, device, stop) if name == "ours"
+                          else run_hf(hf, prompts, n, new, device, pad, stop or None))
             rates[name].append(tokens / dt)
         print(f"  run {rep + 1}/{args.reps}: ours {rates['ours'][-1]:,.0f} tok/s, "
               f"transformers {rates['transformers'][-1]:,.0f} tok/s", flush=True)
