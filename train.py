@@ -49,12 +49,13 @@ class ModelSection:
 @dataclass
 class WarmStartSection:
     """Supervised warm start of a from-scratch model on solver traces (issue 5)."""
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 100
     p_correct: float = 0.7          # share of correct solver traces (rest: near-miss attempts)
     p_help: float = 0.2             # help decision, independent of correctness
+    seed: int = -1                  # -1: the run's seed (set it to share one warm start)
     cache_dir: str = "runs/_warm_start"
 
 
@@ -71,6 +72,7 @@ class RLSection:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 0.0          # max gradient norm; 0 = off
     micro_batch_size: int = 0       # responses per forward/backward; 0 = all at once
+    time_limit_min: float = 0.0     # stop (checkpoint, evaluate) after this many minutes; 0 = off
     dual_init: float = 0.0          # da_grpo: lambda_0, target help rate tau, dual step eta
     dual_tau: float = 0.3
     dual_eta: float = 0.5
@@ -140,6 +142,13 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
     if name not in names:
         raise ValueError(f"unknown config key {key!r}; allowed here: {', '.join(names)}")
     current = getattr(obj, name)
+    if isinstance(current, dict) and len(path) == 1:  # task / cloud: replaced as a whole
+        value = yaml.safe_load(value) if from_cli else value
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} is a section; give a mapping like {key}={{name: ...}} or "
+                             f"set one entry with {key}.<key>=...")
+        setattr(obj, name, dict(value))
+        return
     if dataclasses.is_dataclass(current) or isinstance(current, dict):
         if len(path) == 1:
             if not isinstance(value, dict):
@@ -300,11 +309,16 @@ def step_prompts(examples: list, seed: int, step: int, k: int) -> list:
 
 def warm_start_key(cfg: Config) -> str:
     spec = {"task": cfg.task, "model": config_dict(cfg.model), "warm": config_dict(cfg.warm_start),
-            "seed": cfg.seed}
+            "seed": warm_start_seed(cfg)}
     spec["warm"].pop("cache_dir")
+    spec["warm"].pop("seed")
     spec["model"].pop("gradient_checkpointing")
     spec["task"] = {k: v for k, v in cfg.task.items() if k != "allow_help"}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def warm_start_seed(cfg: Config) -> int:
+    return cfg.seed if cfg.warm_start.seed < 0 else cfg.warm_start.seed
 
 
 def warm_start(cfg: Config, task, device) -> str:
@@ -323,13 +337,13 @@ def warm_start(cfg: Config, task, device) -> str:
                             num_key_value_heads=m.num_key_value_heads,
                             max_position_embeddings=m.max_position_embeddings,
                             tie_word_embeddings=True, eos_token_id=tokenizer.eos_ids[0])
-    torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg).init_weights(cfg.seed).to(device).train()
+    seed = warm_start_seed(cfg)
+    model = Transformer(model_cfg).init_weights(seed).to(device).train()
     print(f"warm start: {model.num_params() / 1e6:.2f}M-parameter model from scratch, "
           f"{ws.steps} steps x {ws.batch_size} traces -> {out}")
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.01, betas=(0.9, 0.95))
     train = task.examples("train")
-    rng = random.Random(cfg.seed)
+    rng = random.Random(seed)
     start = time.time()
     for step in range(ws.steps):
         lr = ws.lr * min(1.0, (step + 1) / ws.warmup) * 0.5 * (1 + math.cos(math.pi * step / ws.steps))
@@ -501,6 +515,8 @@ class Trainer:
                     "perf/tokens_per_s": generated / max(t1 - t0, 1e-9),
                     "perf/cloud_calls": self.cloud.calls_made,
                     "perf/cloud_cached": self.cloud.served_from_cache})
+        if self.device.type == "cuda":
+            row["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.last_rollout = ro
         return row
 
@@ -566,6 +582,10 @@ class Trainer:
               f"alpha_c={cfg.reward.alpha_c}, help {'allowed' if self.task.allow_help else 'disabled'}"
               f", run dir {self.run_dir}")
         while self.step < cfg.rl.steps:
+            if cfg.rl.time_limit_min and time.time() - log.start > 60 * cfg.rl.time_limit_min:
+                print(f"\nrl.time_limit_min={cfg.rl.time_limit_min} reached at step {self.step}")
+                self.save()
+                break
             row = self.rl_step()
             self.step += 1
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.rl.steps:
