@@ -250,7 +250,7 @@ class SharedPrefixCache:
         p_pre = p[..., :Lp].reshape(P, n, Hkv, r, Lp).transpose(1, 2).reshape(P, Hkv, n * r, Lp)
         y = (p_pre @ vp).view(P, Hkv, n, r, D).transpose(1, 2).reshape(R, Hkv, r, D)
         y = y + p[..., Lp:] @ vs
-        return y.view(R, H, 1, D)
+        return y.reshape(R, H, 1, D)
 
     def advance(self, T: int):
         self.pos += T

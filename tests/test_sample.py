@@ -53,6 +53,8 @@ def test_ragged_batch_equals_one_prompt_at_a_time_and_shared_prefill():
     batch = generate(model, PROMPTS, n=4, max_new_tokens=30, temperature=0)
     for i, p in enumerate(PROMPTS):
         single = generate(model, [p], n=1, max_new_tokens=30, temperature=0)
+        one_prompt = generate(model, [p], n=3, max_new_tokens=30, temperature=0)
+        assert all(torch.equal(row, single.tokens[0]) for row in one_prompt.tokens)
         separate = generate(model, [p] * 4, n=1, max_new_tokens=30, temperature=0)
         for j in range(4):  # n samples sharing one prefill == separately prefilled copies
             assert torch.equal(batch.tokens[4 * i + j], single.tokens[0])

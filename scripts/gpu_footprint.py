@@ -1,0 +1,108 @@
+"""Measure a GPU recipe's memory and time per step with a random-weight model of the real shape.
+
+    python scripts/gpu_footprint.py configs/countdown-qwen2.5-3b.yaml --arch qwen2.5-3b \
+        --tokenizer .cache/smollm2 --steps 2 [key=value ...]
+
+Builds a randomly initialised model with the named architecture (no download: the shapes are
+those of the public config.json files), saves it beside a tokenizer you have (any chat
+tokenizer whose vocabulary fits, e.g. SmolLM2's from scripts/get_smollm2.py), and runs train.py
+on the recipe for a few steps with the simulated (oracle) cloud. Random weights almost never
+emit an end-of-sequence token, so every response runs to max_new_tokens: the time per step is an
+upper bound for the recipe. Prints the per-step sampling / update seconds and the peak GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import ModelConfig, Transformer, load_tokenizer, save_pretrained  # noqa: E402
+
+ARCHS = {  # the fields of the public config.json of each instruct model
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True, max_position_embeddings=32768),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                         intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True, max_position_embeddings=32768),
+    "qwen2.5-3b": dict(model_type="qwen2", vocab_size=151936, hidden_size=2048,
+                       intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, max_position_embeddings=32768),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048,
+                         intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         max_position_embeddings=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
+    "llama-3.2-3b": dict(model_type="llama", vocab_size=128256, hidden_size=3072,
+                         intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         max_position_embeddings=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
+}
+
+
+def random_checkpoint(arch: str, tokenizer_dir: str, out: str, device: str):
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = ModelConfig(**ARCHS[arch], eos_token_id=tok.eos_ids[0])
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer vocabulary {tok.vocab_size} > {arch} vocabulary {cfg.vocab_size}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg).to(torch.bfloat16)
+        for name, p in model.named_parameters():  # initialised in place, on the device
+            p.data.fill_(1.0) if name.endswith("norm.weight") else p.data.normal_(0, 0.02)
+    save_pretrained(model, out, tok)
+    for name in ("tokenizer_config.json", "generation_config.json"):  # keep the chat template
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(out, name))
+    print(f"random {arch}: {model.num_params() / 1e9:.2f}B parameters -> {out}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("recipe")
+    ap.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    ap.add_argument("--tokenizer", required=True, help="a local tokenizer directory")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("overrides", nargs="*", help="more train.py key=value overrides")
+    args = ap.parse_intermixed_args()
+    work = tempfile.mkdtemp(prefix="footprint-")
+    try:
+        random_checkpoint(args.arch, args.tokenizer, os.path.join(work, "model"), args.device)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cmd = [sys.executable, os.path.join(root, "train.py"), args.recipe,
+               f"model.path={os.path.join(work, 'model')}", "cloud={backend: oracle}",
+               f"out_dir={work}", "name=footprint", f"rl.steps={args.steps}", "eval.every=0",
+               "eval.n=32", "save_every=1000000", f"device={args.device}", *args.overrides]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        rows = [json.loads(line) for line in open(os.path.join(work, "footprint", "metrics.jsonl"))]
+        for r in rows:
+            if "perf/sample_s" in r:
+                print(f"step {r['train/step']}: sampling {r['perf/sample_s']:.1f} s, update "
+                      f"{r['perf/update_s']:.1f} s, {r['perf/tokens_per_s']:,.0f} generated tok/s, "
+                      f"peak GPU memory {r.get('perf/peak_mem_gb', float('nan')):.1f} GiB, "
+                      f"mean response {(r['route/len_help'] * r['route/help_ratio'] + r['route/len_answer'] * (1 - r['route/help_ratio'])):.0f} tokens")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
