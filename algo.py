@@ -327,12 +327,12 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
         "n": N,
         "budget": budget,
         "cap": cap,
-        "call_ratio": float(help.float().mean()),
+        "call_ratio": float(help.double().mean()),
         "calls_served": int(served.sum()),
-        "local_acc": float(local_ok.float().mean()),
+        "local_acc": float(local_ok.double().mean()),
         "cond_local_acc": float(local_ok.sum()) / n_local if n_local else 0.0,
-        "acc_capped": float((local_ok | (served & cloud_ok)).float().mean()),
-        "acc_uncapped": float((local_ok | (help & cloud_ok)).float().mean()),
+        "acc_capped": float((local_ok | (served & cloud_ok)).double().mean()),
+        "acc_uncapped": float((local_ok | (help & cloud_ok)).double().mean()),
     }
     if len_tokens is not None:
         lens = torch.as_tensor(len_tokens, dtype=torch.float).reshape(-1)
@@ -362,7 +362,11 @@ def evaluate_policy(model, tokenizer, task, examples, cloud, budget, max_new_tok
         "finished": torch.cat([p.finished for p in parts]),
         "text": sum((p.texts for p in parts), []),
     }
+    outcome["answered"] = torch.tensor([task.answered(t) for t in outcome["text"]])
+    outcome["formatted"] = torch.cat([p.formatted[:, 0] for p in parts])
     metrics = capped_metrics(outcome["help"], outcome["local_ok"], outcome["cloud_ok"], budget,
                              outcome["length"])
     metrics["clipped_ratio"] = float((~outcome["finished"]).float().mean())
+    metrics["answer_rate"] = float(outcome["answered"].float().mean())    # a final answer given
+    metrics["format_rate"] = float(outcome["formatted"].float().mean())   # the task's full format
     return metrics, outcome

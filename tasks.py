@@ -80,6 +80,11 @@ class Task:
         (SPEC section 5, last bullet). Pretrained-model tasks declare none."""
         return [False] * len(pieces)
 
+    def answered(self, text: str) -> bool:
+        """The response gives a final answer (right or wrong) rather than a help call or nothing:
+        the format adherence reported by evaluation."""
+        return not self.help_called(text) and self.answer_opening in text
+
     def decision_split(self, text: str) -> tuple[str, str, str]:
         """(prefix, help continuation, answer continuation) of a device response at its
         answer-or-help decision, for eval.py's routing score [ours]. Marker tasks: the decision
@@ -537,6 +542,9 @@ class TinyCountdownTask(Task):
 
     def help_called(self, text: str) -> bool:
         return self.decision(text) == "H"
+
+    def answered(self, text: str) -> bool:
+        return self.decision(text) == "A"
 
     def decision_split(self, text: str) -> tuple[str, str, str]:
         """The text before the decision character (all of it if there is none), then "H" / "A"."""

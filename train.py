@@ -67,9 +67,10 @@ class RLSection:
     steps: int = 300
     prompts_per_step: int = 32
     group_size: int = 8
+    optimizer: str = "adamw"        # adamw | sgd (SPEC 5's plain step theta += lr * mean g(x))
     lr: float = 1e-4
     weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # adamw only
     grad_clip: float = 0.0          # max gradient norm; 0 = off
     micro_batch_size: int = 0       # responses per forward/backward; 0 = all at once
     time_limit_min: float = 0.0     # stop (checkpoint, evaluate) after this many minutes; 0 = off
@@ -176,6 +177,7 @@ def validate(cfg: Config):
     choice("rl.filter", cfg.rl.filter, algo.FILTER_RULES)
     choice("device", cfg.device, ("auto", "cpu", "cuda"))
     choice("precision", cfg.precision, ("fp32", "bf16-mixed", "bf16"))
+    choice("rl.optimizer", cfg.rl.optimizer, ("adamw", "sgd"))
     positive = {"rl.steps": cfg.rl.steps, "rl.prompts_per_step": cfg.rl.prompts_per_step,
                 "rl.lr": cfg.rl.lr, "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
                 "warm_start.batch_size": cfg.warm_start.batch_size, "save_every": cfg.save_every,
@@ -450,8 +452,12 @@ class Trainer:
         self.sampler_model = self.model
         if cfg.precision == "bf16-mixed":  # a bf16 copy samples; fp32 master weights train
             self.sampler_model = load_pretrained(source, dtype=torch.bfloat16, device=self.device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.rl.lr,
-                                     weight_decay=cfg.rl.weight_decay, betas=tuple(cfg.rl.betas))
+        if cfg.rl.optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.rl.lr,
+                                       weight_decay=cfg.rl.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.rl.lr,
+                                         weight_decay=cfg.rl.weight_decay, betas=tuple(cfg.rl.betas))
         self.step, self.dual = 0, cfg.rl.dual_init
         if cfg.resume:
             state = torch.load(os.path.join(source, "trainer_state.pt"), weights_only=False)
@@ -616,7 +622,7 @@ class Trainer:
 def print_table(rows: list[tuple[str, dict]]):
     cols = [("call ratio", "call_ratio"), ("local acc", "local_acc"),
             ("cond. local", "cond_local_acc"), ("acc @cap", "acc_capped"),
-            ("acc uncapped", "acc_uncapped")]
+            ("acc uncapped", "acc_uncapped"), ("answered", "answer_rate")]
     width = max(len(name) for name, _ in rows) + 2
     print("method".ljust(width) + "".join(c.rjust(14) for c, _ in cols))
     for name, m in rows:
@@ -634,7 +640,7 @@ def main(argv=None):
     start = time.time()
     final = trainer.train()
     n, budget = final["n"], cfg.eval.budget
-    cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": 0.0}
+    cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": 0.0, "answer_rate": 0.0}
     answers = trainer.cloud.ask(trainer.task, trainer.eval_examples)
     acc = sum(a.correct for a in answers) / n
     cloud_only.update(acc_uncapped=acc, acc_capped=acc)
