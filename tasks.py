@@ -571,13 +571,15 @@ class TinyCountdownTask(Task):
         return final == check[0] + check[3] + check[6] and check == tiny_check_text(int(final), claimed_target)
 
     def self_check_mask(self, pieces: list[str]) -> list[bool]:
-        """True for tokens lying wholly after the first ']' and before the decision character."""
+        """True for tokens lying wholly inside the check: the (at most) 9 characters after the
+        first ']' and before the decision character. Whatever stands where the decision should
+        be is never masked, so a response that fails to decide still gets a gradient."""
         text = "".join(pieces)
         close = text.find("]")
         if close < 0:
             return [False] * len(pieces)
-        end = len(text)
-        for i in range(close + 1, len(text)):
+        end = min(len(text), close + 1 + len(tiny_check_text(0, 0)))
+        for i in range(close + 1, end):
             if text[i] in "AH":
                 end = i
                 break

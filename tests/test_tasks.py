@@ -345,6 +345,9 @@ def test_tiny_self_check_mask(tiny):
     assert tiny.self_check_mask(list("[005*002=010,010+0")) == [False] * 18  # no check reached
     assert tiny.self_check_mask(list("[005*002=010,010+003=013]00=1")) == [False] * 25 + [True] * 4
     assert tiny.self_check_mask([]) == []
+    # no decision after the 9 check characters: what stands in its place keeps its gradient
+    undecided = "[005*002=010,010+003=013]00=11=33=1=A"
+    assert tiny.self_check_mask(list(undecided)) == [False] * 25 + [True] * 9 + [False] * 3
     assert CountdownTask(n_train=1, n_test=1).self_check_mask(["<think>", "a"]) == [False, False]
 
 
