@@ -335,7 +335,7 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
         "acc_uncapped": float((local_ok | (help & cloud_ok)).double().mean()),
     }
     if len_tokens is not None:
-        lens = torch.as_tensor(len_tokens, dtype=torch.float).reshape(-1)
+        lens = torch.as_tensor(len_tokens, dtype=torch.float64).reshape(-1)
         m["len_help"] = float(lens[help].mean()) if help.any() else 0.0
         m["len_local"] = float(lens[~help].mean()) if (~help).any() else 0.0
     return m

@@ -30,6 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+
+class NoCloud:
+    """A stand-in with Cloud's ask() for statistics that need only local verdicts (warm-start
+    checks, router labels): every help call counts as unanswered, nothing is sent anywhere."""
+
+    def ask(self, task, examples):
+        return [CloudAnswer("", False, False) for _ in examples]
+
 class CloudError(RuntimeError):
     """A cloud request failed. Messages never contain the API key."""
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import yaml
 
 import algo
+from cloud import NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, load_pretrained,
                    load_tokenizer)
 from sample import generate, left_pad
@@ -357,14 +358,6 @@ class ProbeRouter:
 # ----------------------------------------------------------------------------- 4. runs
 
 
-class _NoCloud:
-    """Router labels need only local verdicts: any help call counts as unanswered."""
-
-    def ask(self, task, examples):
-        from cloud import CloudAnswer
-        return [CloudAnswer("", False, False) for _ in examples]
-
-
 @dataclass
 class Run:
     path: str
@@ -413,7 +406,6 @@ class Run:
 
 def load_run(path, device) -> Run:
     """A train.py run directory; each missing piece is an error that names it."""
-    from cloud import make_cloud
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such run directory (expected runs/NAME written by "
                                 "train.py)")
@@ -563,7 +555,7 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
     model, tok = base.model(), base.tokenizer()
     max_new, batch = base.cfg["sampling"]["max_new_tokens"], base.cfg["eval"].get("batch_size", 256)
     res.settings["models"][base.path] = _describe(base, model)
-    m, out = algo.evaluate_policy(model, tok, base.task, examples, _NoCloud(), budget, max_new,
+    m, out = algo.evaluate_policy(model, tok, base.task, examples, NoCloud(), budget, max_new,
                                   batch, lambda d, t: progress(f"{base.name}: greedy", d, t))
     m["help_calls"] = int(out["help"].sum())
     local = out["local_ok"].numpy() & ~out["help"].numpy()
@@ -589,7 +581,7 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
     train = base.task.examples("train")[:router_n]
     if len(train) >= 2:
         _, train_out = algo.evaluate_policy(
-            model, tok, base.task, train, _NoCloud(), budget, max_new, batch,
+            model, tok, base.task, train, NoCloud(), budget, max_new, batch,
             lambda d, t: progress("router labels: greedy on train", d, t))
         labels = train_out["local_ok"].numpy() & ~train_out["help"].numpy()
         train_prompts = [tok.prompt_ids(ex.prompt) for ex in train]

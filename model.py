@@ -512,6 +512,10 @@ class Tokenizer:
         if self.chat_format:
             conf["chat_format"] = self.chat_format
         atomic_write_text(os.path.join(path, "tokenizer_config.json"), json.dumps(conf, indent=2))
+        # every eos id, not only the first (Llama-3 instruct stops on several)
+        atomic_write_text(os.path.join(path, "generation_config.json"),
+                          json.dumps({"eos_token_id": self.eos_ids, "pad_token_id": self.pad_id},
+                                     indent=2))
 
 
 def _token_str(v):
@@ -540,6 +544,9 @@ def load_tokenizer(path: str) -> Tokenizer:
 
     tc, gc, mc = read("tokenizer_config.json"), read("generation_config.json"), read("config.json")
     template = tc.get("chat_template") or ""
+    jinja = os.path.join(path, "chat_template.jinja")  # where transformers >= 4.5x writes it
+    if not template and os.path.exists(jinja):
+        template = open(jinja).read()
     if isinstance(template, list):  # named templates: use the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), "")
     fmt = tc.get("chat_format")

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 import algo
-from cloud import make_cloud
+from cloud import NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
                    load_pretrained, load_tokenizer, save_pretrained)
 from reward import RewardConfig
@@ -399,7 +399,7 @@ def warm_start_stats(model, tokenizer, task, max_new_tokens, n=500):
     wrote versus the ones its own final value implies) on held-out prompts."""
     from tasks import tiny_check_text
     examples = task.examples("test")[:n]
-    metrics, out = algo.evaluate_policy(model, tokenizer, task, examples, _NoCloud(), 0.0,
+    metrics, out = algo.evaluate_policy(model, tokenizer, task, examples, NoCloud(), 0.0,
                                         max_new_tokens)
     checks_ok = 0
     for ex, text in zip(examples, out["text"]):
@@ -412,12 +412,6 @@ def warm_start_stats(model, tokenizer, task, max_new_tokens, n=500):
     return {"local_acc": metrics["local_acc"], "help_rate": metrics["call_ratio"],
             "check_acc": checks_ok / len(examples)}
 
-
-class _NoCloud:
-    """For statistics that need no cloud verdicts: every help call counts as unanswered."""
-    def ask(self, task, examples):
-        from cloud import CloudAnswer
-        return [CloudAnswer("", False, False) for _ in examples]
 
 # ----------------------------------------------------------------------------- the RL loop
 

@@ -167,3 +167,13 @@ def test_load_tokenizer_reads_template_and_eos(tmp_path):
     tok = load_tokenizer(str(tmp_path))
     assert tok.chat_format == "chatml" and tok.eos_ids == [1, 0] and tok.pad_id == 0
     assert tok.default_system == "You are a helpful AI assistant named SmolLM"
+
+
+def test_tokenizer_save_keeps_every_eos_and_reads_jinja_template(tmp_path):
+    tok = build_char_tokenizer("abc")
+    tok.eos_ids = [1, 2, 3]
+    tok.save(str(tmp_path))
+    os.remove(tmp_path / "tokenizer_config.json")
+    (tmp_path / "chat_template.jinja").write_text("{{ '<|start_header_id|>' }}")
+    again = load_tokenizer(str(tmp_path))
+    assert again.eos_ids == [1, 2, 3] and again.chat_format == "llama3"

@@ -1,0 +1,84 @@
+"""algo.rollout / update_inputs on the tiny task with scripted responses (no sampling model):
+help flags, local verdicts, one cloud call per prompt that asked, the SPEC 3 rewards, and the
+device-token mask that excludes the self-check."""
+import pytest
+import torch
+
+import algo
+import sample
+from model import build_char_tokenizer
+from reward import RewardConfig
+from tasks import Example, TinyCountdownTask
+
+TASK = TinyCountdownTask(n_train=10, n_test=10)
+TOK = build_char_tokenizer(TASK.alphabet)
+# 3 + 7 = 10, 10 * 12 = 120: target 120 is solved; target 33 is not
+SOLVED = Example("a", "03,07,12|120=", {"numbers": [3, 7, 12], "target": 120, "solution": ""})
+UNSOLVED = Example("b", "03,07,12|033=", {"numbers": [3, 7, 12], "target": 33, "solution": ""})
+CHAIN = "[003+007=010,010*012=120]"
+RESPONSES = [  # prompt-major, G = 2
+    CHAIN + "11=22=00=A",      # SOLVED: correct answer            -> alpha_a
+    CHAIN + "11=22=00=H",      # SOLVED: help call                 -> alpha_c if cloud right
+    CHAIN + "10#23#03#A",      # UNSOLVED: wrong answer            -> 0
+    "[003+007=010,010*012=12",  # UNSOLVED: truncated, no decision  -> 0
+]
+
+
+class CountingCloud:
+    def __init__(self, correct):
+        self.correct, self.asked = correct, []
+
+    def ask(self, task, examples):
+        from cloud import CloudAnswer
+        self.asked += [ex.key for ex in examples]
+        return [CloudAnswer("", self.correct[ex.key], False) for ex in examples]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    ids = [TOK.encode(r) for r in RESPONSES]
+    T = max(map(len, ids))
+    tokens = torch.zeros(len(ids), T, dtype=torch.long)
+    mask = torch.zeros(len(ids), T, dtype=torch.bool)
+    for i, r in enumerate(ids):
+        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+    finished = torch.tensor([r[-1] in "AH" for r in RESPONSES])
+    out = sample.Generation(tokens, torch.zeros(len(ids), T), mask, mask.sum(1), finished)
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: out)
+
+
+@pytest.mark.parametrize("cloud_right", [True, False])
+def test_rollout_scores_as_spec(scripted, cloud_right):
+    cloud = CountingCloud({"a": cloud_right, "b": True})
+    cfg = RewardConfig(alpha_a=1.0, alpha_c=0.4)
+    ro = algo.rollout(None, TOK, [SOLVED, UNSOLVED], 2, algo.Sampling(40), TASK, cloud, cfg)
+    assert ro.texts == RESPONSES
+    assert ro.help.tolist() == [[False, True], [False, False]]
+    assert ro.local_ok.tolist() == [[True, False], [False, False]]
+    assert cloud.asked == ["a"]  # only the prompt where a response asked for help
+    assert ro.cloud_asked.tolist() == [True, False] and ro.cloud_ok.tolist() == [cloud_right, False]
+    assert ro.rewards.tolist() == [[1.0, pytest.approx(0.4 if cloud_right else 0.0)], [0.0, 0.0]]
+    # the 9 check characters after "]" carry no gradient; chain and decision do
+    n = len(CHAIN)
+    assert ro.device_mask[0, :n].all() and not ro.device_mask[0, n:n + 9].any()
+    assert ro.device_mask[0, n + 9] and not ro.device_mask[0, n + 10:].any()
+    assert ro.device_mask[3, :len(RESPONSES[3])].all()  # truncated: nothing to exclude
+
+
+def test_help_disabled_asks_no_cloud(scripted):
+    task = TinyCountdownTask(n_train=10, n_test=10, allow_help=False)
+    cloud = CountingCloud({"a": True, "b": True})
+    ro = algo.rollout(None, TOK, [SOLVED, UNSOLVED], 2, algo.Sampling(40), task, cloud,
+                      RewardConfig(alpha_c=0.4))
+    assert cloud.asked == [] and ro.rewards[0, 1] == 0.0
+
+
+def test_update_inputs_align_prompt_and_response(scripted):
+    ro = algo.rollout(None, TOK, [SOLVED, UNSOLVED], 2, algo.Sampling(40), TASK,
+                      CountingCloud({"a": True, "b": True}), RewardConfig())
+    ids, pos, real, start, mask = algo.update_inputs(ro, torch.tensor([1, 3]), TOK.pad_id)
+    assert start == 13  # both prompts are 13 characters
+    assert TOK.decode(ids[0, :start].tolist()) == SOLVED.prompt
+    assert TOK.decode(ids[0, start:start + len(RESPONSES[1])].tolist()) == RESPONSES[1]
+    assert real[1].sum() == 13 + len(RESPONSES[3]) and pos[0, :5].tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(mask, ro.device_mask[[1, 3], :mask.shape[1]])
