@@ -275,17 +275,13 @@ def update_inputs(ro: Rollout, rows, pad_id: int):
     """Training-forward inputs for the given response rows: [left-padded prompt | response],
     so every response starts at column targets_start. Returns (input_ids, position_ids,
     attn_mask, targets_start, device_mask) with device_mask aligned to the response columns."""
+    from sample import left_pad
     rows = torch.as_tensor(rows, dtype=torch.long)
-    prompts = [ro.prompt_ids[int(r) // ro.G] for r in rows]
-    Lp = max(len(p) for p in prompts)
+    prompt_ids, prompt_real, _ = left_pad([ro.prompt_ids[int(r) // ro.G] for r in rows], pad_id)
+    Lp = prompt_ids.shape[1]
     T = max(int(ro.lengths[rows].max()), 1)
-    ids = torch.full((len(rows), Lp + T), pad_id, dtype=torch.long)
-    real = torch.zeros(len(rows), Lp + T, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, Lp - len(p):Lp] = torch.tensor(p)
-        real[i, Lp - len(p):Lp] = True
-    ids[:, Lp:] = ro.tokens[rows, :T]
-    real[:, Lp:] = torch.arange(T)[None, :] < ro.lengths[rows][:, None]
+    ids = torch.cat([prompt_ids, ro.tokens[rows, :T]], dim=1)
+    real = torch.cat([prompt_real, torch.arange(T)[None, :] < ro.lengths[rows][:, None]], dim=1)
     positions = (real.long().cumsum(1) - 1).clamp(min=0)
     return ids, positions, real, Lp, ro.device_mask[rows, :T]
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 from model import load_pretrained
-from sample import generate
+from sample import generate, left_pad
 
 
 def matmul_peak_flops(device, n: int = 2048, reps: int = 5) -> float:
@@ -118,18 +118,15 @@ def run_ours(model, prompts, n, new, device, stop_ids=()):
 
 def run_hf(hf, prompts, n, new, device, pad_id=0, eos_ids=None):
     import transformers
-    L = max(map(len, prompts))
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+    ids, mask, _ = left_pad(prompts, pad_id)
+    L = ids.shape[1]
     gen = transformers.GenerationConfig(do_sample=True, temperature=1.0, top_k=None, top_p=None,
                                         max_new_tokens=new, num_return_sequences=n,
                                         pad_token_id=pad_id, eos_token_id=eos_ids)
     sync(device)
     t = time.perf_counter()
     with torch.no_grad():
-        out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+        out = hf.generate(input_ids=ids.to(device), attention_mask=mask.long().to(device),
                           generation_config=gen)
     sync(device)
     dt = time.perf_counter() - t
