@@ -124,7 +124,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # normalise in fp32, scale in the input dtype (as HF does, for bit-level parity)
+        if x.dtype == torch.float32:  # one fused op; same result as the lines below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # normalise in fp32, round, then scale in the input dtype (as HF does, for parity)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -150,18 +152,18 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq, positions, dtype):
-    """cos/sin tables [B, T, head_dim] for explicit integer positions [B, T]."""
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """RoPE tables [B, 1, T, head_dim] for explicit integer positions [B, T] (the 1 broadcasts
+    over heads): cos, and sin with its first half negated, as apply_rope uses them."""
+    freqs = positions.float()[:, None, :, None] * inv_freq
+    return (torch.cat([freqs, freqs], dim=-1).cos().to(dtype),
+            torch.cat([-freqs, freqs], dim=-1).sin().to(dtype))
 
 
 def apply_rope(x, cos, sin):
     """Rotate-half RoPE on x [B, H, T, D] (HF convention: pairs (i, i + D/2)):
-    x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
-
+    x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]. Rolling x by D/2 gives
+    [x2, x1]; the minus sign is folded into the first half of `sin` (sin(-f) = -sin(f))."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def attention_mask(key_valid, T: int, offset: int):
@@ -211,20 +213,21 @@ class KVCache:
 class SharedPrefixCache:
     """Decode-time cache for n samples of each of P prompts (rows prompt-major, R = P*n).
 
-    The prompts' keys/values stay in the prefill's KVCache, ONE row per prompt; each sample row
-    stores only its own generated tokens in a static [layers, R, kv_heads, max_new, head_dim]
-    buffer. Attention scores against the shared prefix are one matmul per prompt over all its
-    n samples and grouped query heads, so the prompt's cache is read once per step instead of
-    n * (heads / kv_heads) times: decoding is bound by reading the cache, so this is the speed.
+    The prompts' keys/values stay in the prefill's KVCache, ONE row per prompt; each sample
+    stores only its own generated tokens, in a static [layers, P, kv_heads, n, max_new, head_dim]
+    buffer laid out like the grouped queries below. Attention scores against the shared prefix
+    are one matmul per (prompt, kv head) over all its n samples and grouped query heads, so the
+    prompt's cache is read once per step instead of n * (heads / kv_heads) times.
     """
 
     def __init__(self, prefix: KVCache, n: int, max_new: int):
-        L, P, H, Lp, D = prefix.k.shape
+        L, P, Hkv, _, D = prefix.k.shape
         self.prefix, self.n, self.pos = prefix, n, 0
-        self.k = prefix.k.new_zeros(L, P * n, H, max_new, D)
-        self.v = prefix.v.new_zeros(L, P * n, H, max_new, D)
+        # never zero-filled: attend() reads only the columns already written (:pos + 1)
+        self.k = prefix.k.new_empty(L, P, Hkv, n, max_new, D)
+        self.v = prefix.v.new_empty(L, P, Hkv, n, max_new, D)
         # additive bias hiding the prompts' left padding, [P, 1, 1, Lp]
-        self.prefix_bias = torch.zeros(P, 1, 1, Lp, device=prefix.k.device, dtype=torch.float32)
+        self.prefix_bias = torch.zeros(P, 1, 1, prefix.pos, device=prefix.k.device)
         self.prefix_bias.masked_fill_(~prefix.valid[:, None, None, :prefix.pos], float("-inf"))
 
     def begin(self, T: int, attn_mask):
@@ -234,23 +237,22 @@ class SharedPrefixCache:
 
     def attend(self, layer: int, q, k, v, mask):
         R, H, _, D = q.shape
-        _, P, Hkv, Lp, _ = self.prefix.k.shape
-        n, r, t = self.n, H // Hkv, self.pos
-        self.k[layer, :, :, t] = k[:, :, 0]
-        self.v[layer, :, :, t] = v[:, :, 0]
+        P, Hkv, n, t, Lp = self.k.shape[1], self.k.shape[2], self.n, self.pos, self.prefix.pos
+        r = H // Hkv
+        # rows are (prompt, sample) and heads are (kv head, group member): regroup the queries
+        # to [P, Hkv, n, r, D] and store this step's keys/values at column t
+        q = q.view(P, n, Hkv, r, D).transpose(1, 2)
+        self.k[layer, :, :, :, t] = k.view(P, n, Hkv, D).transpose(1, 2)
+        self.v[layer, :, :, :, t] = v.view(P, n, Hkv, D).transpose(1, 2)
         kp, vp = self.prefix.k[layer, :, :, :Lp], self.prefix.v[layer, :, :, :Lp]
-        ks, vs = self.k[layer, :, :, :t + 1], self.v[layer, :, :, :t + 1]
-        # queries grouped per (prompt, kv head): [P, Hkv, n*r, D]
-        qg = q.view(P, n, Hkv, r, D).transpose(1, 2).reshape(P, Hkv, n * r, D)
+        ks, vs = self.k[layer, :, :, :, :t + 1], self.v[layer, :, :, :, :t + 1]
+        qg = q.reshape(P, Hkv, n * r, D)
         scale = D ** -0.5
-        s_pre = (qg @ kp.transpose(-1, -2)).float() * scale + self.prefix_bias   # [P, Hkv, n*r, Lp]
-        s_gen = (q.view(R, Hkv, r, D) @ ks.transpose(-1, -2)).float() * scale    # [R, Hkv, r, t+1]
-        s_pre = s_pre.view(P, Hkv, n, r, Lp).transpose(1, 2).reshape(R, Hkv, r, Lp)
+        s_pre = (qg @ kp.transpose(-1, -2)).float() * scale + self.prefix_bias  # [P, Hkv, n*r, Lp]
+        s_gen = (q @ ks.transpose(-1, -2)).float().view(P, Hkv, n * r, t + 1) * scale
         p = torch.softmax(torch.cat([s_pre, s_gen], dim=-1), dim=-1).to(q.dtype)
-        p_pre = p[..., :Lp].reshape(P, n, Hkv, r, Lp).transpose(1, 2).reshape(P, Hkv, n * r, Lp)
-        y = (p_pre @ vp).view(P, Hkv, n, r, D).transpose(1, 2).reshape(R, Hkv, r, D)
-        y = y + p[..., Lp:] @ vs
-        return y.reshape(R, H, 1, D)
+        y = p[..., :Lp] @ vp + (p[..., Lp:].view(P, Hkv, n, r, t + 1) @ vs).view(P, Hkv, n * r, D)
+        return y.view(P, Hkv, n, r, D).transpose(1, 2).reshape(R, H, 1, D)
 
     def advance(self, T: int):
         self.pos += T
@@ -319,11 +321,14 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(cfg)
         self.gradient_checkpointing = False  # recompute each block in backward (saves memory)
 
-    def forward(self, tokens, positions, attn_mask=None, cache=None, logits_from: int = 0):
+    def forward(self, tokens, positions, attn_mask=None, cache=None, logits_from: int = 0,
+                out=None):
         """tokens, positions: [B, T] ints. attn_mask: [B, T] bool, False for padding tokens.
         With a cache, the T tokens are written at columns cache.pos.. and attend to all earlier
         valid columns; cache.pos then advances. Returns logits [B, T - logits_from, V]: the
-        vocabulary projection is skipped for positions before logits_from (-1: last only)."""
+        vocabulary projection is skipped for positions before logits_from (-1: last only).
+        out: a preallocated logits tensor to write them into (the sampler's static buffer: a
+        fresh [B, V] tensor every decode step costs page faults on CPU)."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
         if self.inv_freq.device != tokens.device:
@@ -343,7 +348,10 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.norm(x[:, logits_from:]))
+        h = self.norm(x[:, logits_from:])
+        if out is None:
+            return self.lm_head(h)
+        return torch.matmul(h, self.lm_head.weight.t(), out=out)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -38,30 +38,33 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
     return ids.to(device), mask.to(device), positions.to(device)
 
 
-def sample_next(logits, temperature: float, top_k: int, top_p: float, generator):
+def sample_next(logits, temperature: float, top_k: int, top_p: float, generator, scratch=None):
     """Draw one token per row from softmax(logits / T) restricted to the top-k / top-p
     support; return (token, its log-prob under that restricted distribution). T = 0: greedy,
-    with the log-prob of the untempered softmax."""
+    with the log-prob of the untempered softmax. logits [R, V] (fp32) is overwritten; scratch,
+    when given, is a tensor of its shape that receives the cumulative distribution (the
+    sampler's static buffers: fresh [R, V] temporaries every step cost page faults on CPU)."""
     if temperature == 0:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
     if temperature != 1.0:
-        logits = logits / temperature
+        logits.div_(temperature)
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits.masked_fill_(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, -1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = (probs.cumsum(-1) - probs) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logits.scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # inverse-CDF sampling on the unnormalised cdf: one uniform per row (torch.multinomial draws
     # one exponential per vocabulary entry on CPU, which dominated the step). u < cdf[-1] and
     # right=True mean a token of probability 0 (cdf equal to its left neighbour's) is never the
     # first entry with cdf > u.
-    shifted = logits - logits.amax(-1, keepdim=True)
-    cdf = shifted.exp().cumsum(-1)
+    shifted = logits.sub_(logits.amax(-1, keepdim=True))
+    cdf = torch.exp(shifted, out=scratch if scratch is not None else torch.empty_like(shifted))
+    cdf.cumsum_(-1)
     total = cdf[:, -1:]
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * total
     token = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)
@@ -100,6 +103,9 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     cache = SharedPrefixCache(prefix, n, max(max_new_tokens - 1, 1))
     logits = logits[:, -1].float().repeat_interleave(n, dim=0)
     next_pos = (positions[:, -1] + 1).repeat_interleave(n)[:, None]
+    # static per-step buffers: the model's logits and the sampler's cumulative distribution
+    out = torch.empty(R, 1, model.config.vocab_size, device=device, dtype=dtype)
+    scratch = torch.empty_like(logits)
 
     tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(R, max_new_tokens, device=device)
@@ -108,11 +114,11 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     for t in range(max_new_tokens):
         if len(banned):
             logits.index_fill_(1, banned, float("-inf"))
-        token, lp = sample_next(logits, temperature, top_k, top_p, generator)
+        token, lp = sample_next(logits, temperature, top_k, top_p, generator, scratch)
         token = token.masked_fill(done, pad_id)
         tokens[:, t], logprobs[:, t], mask[:, t] = token, lp.masked_fill(done, 0.0), ~done
         done = done | torch.isin(token, stop)
         if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
-        logits = model(token[:, None], next_pos + t, cache=cache)[:, -1].float()
+        logits = model(token[:, None], next_pos + t, cache=cache, out=out)[:, -1].float()
     return Generation(tokens, logprobs, mask, mask.sum(1), done)

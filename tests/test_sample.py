@@ -48,6 +48,17 @@ def test_cached_decoding_equals_full_forward():
         assert torch.allclose(out.logprobs[row], ref, atol=1e-5), row
 
 
+def test_forward_writes_logits_into_a_given_buffer():
+    model = tiny_model()
+    ids = torch.tensor([[5, 9, 11], [7, 3, 8]])
+    pos = torch.arange(3).expand(2, 3)
+    buf = torch.full((2, 1, 61), float("nan"))
+    with torch.no_grad():
+        ref = model(ids, pos, logits_from=-1)
+        got = model(ids, pos, logits_from=-1, out=buf)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(buf, ref)
+
+
 def test_ragged_batch_equals_one_prompt_at_a_time_and_shared_prefill():
     model = tiny_model(seed=1)
     batch = generate(model, PROMPTS, n=4, max_new_tokens=30, temperature=0)
@@ -95,8 +106,8 @@ def test_top_k_top_p_supports_and_frequencies():
     order = probs.argsort(descending=True)
     g = torch.Generator().manual_seed(0)
     draws = 20000
-    many = logits.expand(draws, -1)
-    tok, lp = sample_next(many, 1.0, 3, 1.0, g)
+    many = logits.expand(draws, -1)  # sample_next overwrites its input: pass copies
+    tok, lp = sample_next(many.clone(), 1.0, 3, 1.0, g)
     top3 = set(order[:3].tolist())
     assert set(tok.tolist()) <= top3
     renorm = probs[order[:3]] / probs[order[:3]].sum()
@@ -108,10 +119,10 @@ def test_top_k_top_p_supports_and_frequencies():
     p = 0.6
     cum = probs[order].cumsum(0)
     keep = order[: int((cum < p).sum()) + 1].tolist()
-    tok, _ = sample_next(many, 1.0, 0, p, g)
+    tok, _ = sample_next(many.clone(), 1.0, 0, p, g)
     assert set(tok.tolist()) == set(keep)
     # temperature 1 without filters follows the softmax
-    tok, _ = sample_next(many, 1.0, 0, 1.0, g)
+    tok, _ = sample_next(many.clone(), 1.0, 0, 1.0, g)
     freq = torch.bincount(tok, minlength=12).float() / draws
     assert ((freq - probs).abs() <= 4 * (probs * (1 - probs) / draws).sqrt() + 1e-3).all()
 
