@@ -328,7 +328,7 @@ class Transformer(nn.Module):
         valid columns; cache.pos then advances. Returns logits [B, T - logits_from, V]: the
         vocabulary projection is skipped for positions before logits_from (-1: last only).
         out: a preallocated logits tensor to write them into (the sampler's static buffer: a
-        fresh [B, V] tensor every decode step costs page faults on CPU)."""
+        fresh [B, V] tensor every decode step is cold memory, page faults included, on CPU)."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
         if self.inv_freq.device != tokens.device:

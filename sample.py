@@ -43,7 +43,7 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator,
     support; return (token, its log-prob under that restricted distribution). T = 0: greedy,
     with the log-prob of the untempered softmax. logits [R, V] (fp32) is overwritten; scratch,
     when given, is a tensor of its shape that receives the cumulative distribution (the
-    sampler's static buffers: fresh [R, V] temporaries every step cost page faults on CPU)."""
+    sampler's static buffers: fresh [R, V] temporaries every step are cold memory on CPU)."""
     if temperature == 0:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
