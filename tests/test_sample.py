@@ -48,6 +48,22 @@ def test_cached_decoding_equals_full_forward():
         assert torch.allclose(out.logprobs[row], ref, atol=1e-5), row
 
 
+def test_tempered_top_k_logprobs_equal_full_forward():
+    """The sampler's logits buffer is tempered and masked in place each step: the recorded
+    log-probs must still be those of the restricted, tempered distribution."""
+    model = tiny_model(seed=2)
+    out = generate(model, PROMPTS, n=2, max_new_tokens=16, temperature=0.7, top_k=5, seed=1)
+    for row in range(len(PROMPTS) * 2):
+        prompt, completion = PROMPTS[row // 2], out.tokens[row].tolist()
+        seq = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(seq, torch.arange(seq.shape[1])[None])[0, len(prompt) - 1:-1] / 0.7
+        kth = logits.topk(5, dim=-1).values[:, -1:]
+        logp = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+        ref = logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+        assert torch.allclose(out.logprobs[row], ref, atol=1e-5), row
+
+
 def test_forward_writes_logits_into_a_given_buffer():
     model = tiny_model()
     ids = torch.tensor([[5, 9, 11], [7, 3, 8]])
