@@ -25,35 +25,24 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelConfig, Transformer, load_tokenizer, save_pretrained  # noqa: E402
 
-ARCHS = {  # the fields of the public config.json of each instruct model
-    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
-                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, max_position_embeddings=32768),
-    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
-                         intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, max_position_embeddings=32768),
-    "qwen2.5-3b": dict(model_type="qwen2", vocab_size=151936, hidden_size=2048,
-                       intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                       num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
-                       tie_word_embeddings=True, max_position_embeddings=32768),
-    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048,
-                         intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True,
-                         max_position_embeddings=131072,
-                         rope_scaling={"rope_type": "llama3", "factor": 32.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192}),
-    "llama-3.2-3b": dict(model_type="llama", vocab_size=128256, hidden_size=3072,
-                         intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True,
-                         max_position_embeddings=131072,
-                         rope_scaling={"rope_type": "llama3", "factor": 32.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192}),
+# the fields of the public config.json of each instruct model: what a family shares, then sizes
+QWEN25 = dict(model_type="qwen2", vocab_size=151936, num_key_value_heads=2, rope_theta=1e6,
+              rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768)
+LLAMA32 = dict(model_type="llama", vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0,
+               rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072,
+               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+ARCHS = {
+    "qwen2.5-0.5b": dict(QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14),
+    "qwen2.5-1.5b": dict(QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12),
+    "qwen2.5-3b": dict(QWEN25, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16),
+    "llama-3.2-1b": dict(LLAMA32, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, head_dim=64),
+    "llama-3.2-3b": dict(LLAMA32, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, head_dim=128),
 }
 
 
