@@ -306,6 +306,11 @@ def update_policy(model, ro: Rollout, coef, selected, temperature, micro_batch_s
 # -----------------------------------------------------------------------------
 # evaluation under the budget (SPEC 4, 7): greedy decoding, a hard cap on cloud calls
 
+def cloud_cap(n: int, budget: float) -> int:
+    """floor(N * budget): the most cloud calls an evaluation of N prompts may make (SPEC 7)."""
+    return math.floor(n * budget + 1e-9)
+
+
 def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
     """SPEC 7 metrics for N prompts, one greedy response each (help, local_ok, cloud_ok [N] bool).
 
@@ -316,7 +321,7 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
                                 for t in (help, local_ok, cloud_ok))
     local_ok = local_ok & ~help  # a help call is never a local answer (SPEC 2)
     N = len(help)
-    cap = math.floor(N * budget + 1e-9)
+    cap = cloud_cap(N, budget)
     served = help & (help.long().cumsum(0) <= cap)
     n_local = int((~help).sum())
     m = {

@@ -30,14 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-
-class NoCloud:
-    """A stand-in with Cloud's ask() for statistics that need only local verdicts (warm-start
-    checks, router labels): every help call counts as unanswered, nothing is sent anywhere."""
-
-    def ask(self, task, examples):
-        return [CloudAnswer("", False, False) for _ in examples]
-
 class CloudError(RuntimeError):
     """A cloud request failed. Messages never contain the API key."""
 
@@ -421,6 +413,14 @@ class Cloud:
                     answers[j] = CloudAnswer(answer.text, answer.correct, cached=True, error=answer.error)
             self.cache.put_many(fresh)
         return answers
+
+
+class NoCloud:
+    """A stand-in with Cloud's ask() for statistics that need only local verdicts (warm-start
+    checks, router labels): every help call counts as unanswered, nothing is sent anywhere."""
+
+    def ask(self, task, examples):
+        return [CloudAnswer("", False, False) for _ in examples]
 
 
 def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -105,11 +104,6 @@ def gap_recovered(call_ratio, acc, acc_local=None, acc_cloud=None):
         reached = np.nonzero(pgr >= share - 1e-12)[0]
         out[key] = float(c[reached[0]]) if len(reached) else None
     return out
-
-
-def cap_of(n, budget):
-    """floor(N * budget) cloud calls (SPEC 7), as algo.capped_metrics counts them."""
-    return math.floor(n * budget + 1e-9)
 
 
 def naive_order(n, seed):
@@ -507,7 +501,7 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
         notes.append("the runs use different cloud settings; each run's curve and metrics use its "
                      "own cloud, the baselines use the base model's run's cloud")
 
-    cap = cap_of(n, budget)
+    cap = algo.cloud_cap(n, budget)
     settings = {"split": split, "n": n, "budget": budget, "cap": cap, "seed": seed,
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "machine": _machine(device), "device": str(device),
@@ -551,7 +545,7 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
                        router_steps, seed, device, progress):
     """SPEC 8 rows over the base device model: cloud only, task-tuning only, naive offloading,
     the router (labels from the base model's greedy answers on the train split), the oracle."""
-    n, cap = len(examples), cap_of(len(examples), budget)
+    n, cap = len(examples), algo.cloud_cap(len(examples), budget)
     model, tok = base.model(), base.tokenizer()
     max_new, batch = base.cfg["sampling"]["max_new_tokens"], base.cfg["eval"].get("batch_size", 256)
     res.settings["models"][base.path] = _describe(base, model)

@@ -49,7 +49,7 @@ class ModelSection:
 @dataclass
 class WarmStartSection:
     """Supervised warm start of a from-scratch model on solver traces (issue 5)."""
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 100

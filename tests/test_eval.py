@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import eval as ev
-from algo import capped_metrics
+from algo import capped_metrics, cloud_cap
 from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
 from tasks import HELP_MARKER, make_task
 
@@ -91,13 +91,13 @@ def test_oracle_routing_by_hand():
     # wrong prompts: 1, 3, 4, 7. Budget 0.25 -> cap 2: send 1 and 3 (both right in the cloud)
     order = ev.oracle_order(LOCAL)
     assert order.tolist() == [1, 3, 4, 7, 0, 2, 5, 6]
-    m = ev.routed_metrics(order, min(ev.cap_of(8, 0.25), 4), LOCAL, CLOUD, 0.25)
+    m = ev.routed_metrics(order, min(cloud_cap(8, 0.25), 4), LOCAL, CLOUD, 0.25)
     assert m["help_calls"] == 2 and m["call_ratio"] == pytest.approx(0.25)
     assert m["local_acc"] == pytest.approx(4 / 8)
     assert m["cond_local_acc"] == pytest.approx(4 / 6)
     assert m["acc_capped"] == pytest.approx(6 / 8) and m["acc_uncapped"] == pytest.approx(6 / 8)
     # budget 0.75 -> cap 6, but only the 4 wrong prompts go: 1, 3, 4 right, 7 wrong in the cloud
-    m = ev.routed_metrics(order, min(ev.cap_of(8, 0.75), 4), LOCAL, CLOUD, 0.75)
+    m = ev.routed_metrics(order, min(cloud_cap(8, 0.75), 4), LOCAL, CLOUD, 0.75)
     assert m["call_ratio"] == pytest.approx(0.5) and m["acc_capped"] == pytest.approx(7 / 8)
 
 
@@ -108,7 +108,7 @@ def test_naive_routing_sends_a_seeded_random_share():
     assert any(ev.naive_order(8, seed=s).tolist() != order.tolist() for s in range(4, 8))
     sent = set(order[:2].tolist())
     expected = sum(CLOUD[i] if i in sent else LOCAL[i] for i in range(8)) / 8
-    m = ev.routed_metrics(order, ev.cap_of(8, 0.25), LOCAL, CLOUD, 0.25)
+    m = ev.routed_metrics(order, cloud_cap(8, 0.25), LOCAL, CLOUD, 0.25)
     assert m["help_calls"] == 2 and m["acc_capped"] == pytest.approx(expected)
 
 
