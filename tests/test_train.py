@@ -21,12 +21,17 @@ def tiny_args(tmp_path, *extra):
                    f"warm_start.cache_dir={tmp_path / 'warm'}"] + list(extra)
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])
+
+
 def read_rows(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def test_three_step_end_to_end(tmp_path, capsys):
-    final = train.main(tiny_args(tmp_path, "name=smoke", "rl.steps=3"))
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_three_step_end_to_end(device, tmp_path, capsys):
+    final = train.main(tiny_args(tmp_path, "name=smoke", "rl.steps=3", f"device={device}"))
     run = tmp_path / "runs" / "smoke"
     rows = read_rows(run)
     assert [r["train/step"] for r in rows] == [1, 2, 3, 3]
@@ -36,6 +41,7 @@ def test_three_step_end_to_end(tmp_path, capsys):
                 "perf/update_s", "perf/tokens_per_s", "train/loss"):
         assert key in rows[0], key
     assert "eval/acc_capped" in rows[1] and "eval/acc_capped" in rows[3]
+    assert ("perf/peak_mem_gb" in rows[0]) == (device == "cuda")
     assert 0 <= final["acc_capped"] <= 1 and final["n"] == 10
     assert os.path.exists(run / "checkpoint" / "model.safetensors")
     assert os.path.exists(run / "checkpoint" / "trainer_state.pt")
@@ -47,7 +53,7 @@ def test_three_step_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "acc @cap" in out and "cloud only" in out
     # a second run reuses the cached warm start
-    train.main(tiny_args(tmp_path, "name=again", "rl.steps=1"))
+    train.main(tiny_args(tmp_path, "name=again", "rl.steps=1", f"device={device}"))
     assert "warm start: reusing" in capsys.readouterr().out
 
 
@@ -123,10 +129,12 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     assert not trainer.opt.state  # the optimizer never stepped on the poisoned gradient
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("config", ["countdown-qwen2.5-3b.yaml", "math-qwen2.5-1.5b.yaml"])
-def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, tmp_path):
+def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, device, tmp_path):
     """The GPU recipes exactly as written, except: a tiny random Qwen2 model with a
-    character-level ChatML tokenizer, CPU, a few prompts, and the oracle cloud."""
+    character-level ChatML tokenizer, a few prompts, and the oracle cloud; on the CPU, and on
+    CUDA where there is one."""
     import string
 
     from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
@@ -142,7 +150,7 @@ def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, tmp_path):
                 f.write(json.dumps({"problem": f"What is {i} + {i}?",
                                     "solution": f"It is $\\boxed{{{2 * i}}}$."}) + "\n")
     recipe = os.path.join(os.path.dirname(train.__file__), "configs", config)
-    cfg = train.load_config([recipe, f"model.path={tmp_path / 'qwen2-tiny'}", "device=cpu",
+    cfg = train.load_config([recipe, f"model.path={tmp_path / 'qwen2-tiny'}", f"device={device}",
                              "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2",
                              "sampling.max_new_tokens=8", "eval.n=2", "eval.every=0",
                              "rl.micro_batch_size=1", f"out_dir={tmp_path / 'runs'}"])
