@@ -5,24 +5,27 @@
 
 Builds a randomly initialised model with the named architecture (no download: the shapes are
 those of the public config.json files), saves it beside a tokenizer you have (any chat
-tokenizer whose vocabulary fits, e.g. SmolLM2's from scripts/get_smollm2.py), and runs train.py
-on the recipe for a few steps with the simulated (oracle) cloud. Random weights almost never
-emit an end-of-sequence token, so every response runs to max_new_tokens: the time per step is an
-upper bound for the recipe. Prints the per-step sampling / update seconds and the peak GPU memory.
+tokenizer whose vocabulary fits, e.g. SmolLM2's from scripts/get_smollm2.py), and runs
+train.py's RL step on the recipe a few times with the simulated (oracle) cloud. Random weights
+almost never emit an end-of-sequence token, so every response runs to max_new_tokens; the
+filter keeps every prompt and every response gets a non-zero coefficient, so all of them go
+through the backward pass and the optimizer steps: the time and memory per step are upper
+bounds for the recipe. Prints the per-step sampling / update seconds and the peak GPU memory.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import algo  # noqa: E402
+import train  # noqa: E402
 from model import ModelConfig, Transformer, load_tokenizer, save_pretrained  # noqa: E402
 
 # the fields of the public config.json of each instruct model: what a family shares, then sizes
@@ -63,6 +66,16 @@ def random_checkpoint(arch: str, tokenizer_dir: str, out: str, device: str):
     print(f"random {arch}: {model.num_params() / 1e9:.2f}B parameters -> {out}", flush=True)
 
 
+def every_response_updates(rewards, *args, **kwargs):
+    """Stands in for algo.group_advantages here: +-1/(G-1), alternating within each group (a
+    centred coefficient, as GAPG's is). Random weights never answer correctly, so every reward
+    of a group is equal and GAPG's coefficients are all 0: no response would reach the backward
+    pass and AdamW would never allocate its states."""
+    coef = torch.ones(rewards.shape)
+    coef[:, 1::2] = -1.0
+    return coef / max(rewards.shape[1] - 1, 1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("recipe")
@@ -75,20 +88,25 @@ def main():
     work = tempfile.mkdtemp(prefix="footprint-")
     try:
         random_checkpoint(args.arch, args.tokenizer, os.path.join(work, "model"), args.device)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        cmd = [sys.executable, os.path.join(root, "train.py"), args.recipe,
-               f"model.path={os.path.join(work, 'model')}", "cloud={backend: oracle}",
-               f"out_dir={work}", "name=footprint", f"rl.steps={args.steps}", "eval.every=0",
-               "eval.n=32", "save_every=1000000", f"device={args.device}", *args.overrides]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        rows = [json.loads(line) for line in open(os.path.join(work, "footprint", "metrics.jsonl"))]
-        for r in rows:
-            if "perf/sample_s" in r:
-                print(f"step {r['train/step']}: sampling {r['perf/sample_s']:.1f} s, update "
-                      f"{r['perf/update_s']:.1f} s, {r['perf/tokens_per_s']:,.0f} generated tok/s, "
-                      f"peak GPU memory {r.get('perf/peak_mem_gb', float('nan')):.1f} GiB, "
-                      f"mean response {(r['route/len_help'] * r['route/help_ratio'] + r['route/len_answer'] * (1 - r['route/help_ratio'])):.0f} tokens")
+        cfg = train.load_config([args.recipe, f"model.path={os.path.join(work, 'model')}",
+                                 "cloud={backend: oracle}", "rl.filter=none", f"out_dir={work}",
+                                 "name=footprint", f"device={args.device}", *args.overrides])
+        algo.group_advantages = every_response_updates
+        t = time.time()
+        trainer = train.Trainer(cfg)
+        print(f"loaded (fp32 master + {'bf16 sampling copy' if trainer.sampler_model is not trainer.model else 'no copy'})"
+              f" in {time.time() - t:.0f} s; {cfg.rl.prompts_per_step} prompts x G={cfg.rl.group_size}, "
+              f"{cfg.sampling.max_new_tokens} new tokens, micro-batch {cfg.rl.micro_batch_size}",
+              flush=True)
+        for _ in range(args.steps):
+            r = trainer.rl_step()
+            trainer.step += 1
+            print(f"step {trainer.step}: sampling {r['perf/sample_s']:.1f} s "
+                  f"({r['perf/tokens_per_s']:,.0f} generated tok/s, mean response "
+                  f"{float(trainer.last_rollout.lengths.float().mean()):.0f} tokens), update "
+                  f"{r['perf/update_s']:.1f} s ({r['filter/selected']} prompts, loss "
+                  f"{r['train/loss']:.3g}, skipped {r['train/skipped'] or 'no'}), peak GPU memory "
+                  f"{r.get('perf/peak_mem_gb', float('nan')):.1f} GiB", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
