@@ -87,17 +87,20 @@ def main():
     args = ap.parse_intermixed_args()
     work = tempfile.mkdtemp(prefix="footprint-")
     try:
+        try:  # the overrides are checked before the (large) checkpoint is built
+            cfg = train.load_config([args.recipe, f"model.path={os.path.join(work, 'model')}",
+                                     "cloud={backend: oracle}", "rl.filter=none",
+                                     f"out_dir={work}", "name=footprint",
+                                     f"device={args.device}", *args.overrides])
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"config error: {e}")
         random_checkpoint(args.arch, args.tokenizer, os.path.join(work, "model"), args.device)
-        cfg = train.load_config([args.recipe, f"model.path={os.path.join(work, 'model')}",
-                                 "cloud={backend: oracle}", "rl.filter=none", f"out_dir={work}",
-                                 "name=footprint", f"device={args.device}", *args.overrides])
         algo.group_advantages = every_response_updates
         t = time.time()
         trainer = train.Trainer(cfg)
-        print(f"loaded (fp32 master + {'bf16 sampling copy' if trainer.sampler_model is not trainer.model else 'no copy'})"
-              f" in {time.time() - t:.0f} s; {cfg.rl.prompts_per_step} prompts x G={cfg.rl.group_size}, "
-              f"{cfg.sampling.max_new_tokens} new tokens, micro-batch {cfg.rl.micro_batch_size}",
-              flush=True)
+        print(f"loaded in {time.time() - t:.0f} s ({cfg.precision}); {cfg.rl.prompts_per_step} "
+              f"prompts x G={cfg.rl.group_size}, {cfg.sampling.max_new_tokens} new tokens, "
+              f"micro-batch {cfg.rl.micro_batch_size}", flush=True)
         for _ in range(args.steps):
             r = trainer.rl_step()
             trainer.step += 1
