@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from devices import DEVICES
 from hf_models import FAMILIES, make_hf_model
 from model import (ModelConfig, Tokenizer, Transformer, build_char_tokenizer, load_pretrained,
                    load_tokenizer, save_pretrained)
@@ -17,23 +18,25 @@ def positions_for(mask):
     return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_logits_match_transformers(name, tmp_path):
+def test_logits_match_transformers(name, device, tmp_path):
+    """Ours in fp32 on the device against transformers on the CPU."""
     hf = make_hf_model(name)
     hf.save_pretrained(tmp_path)
-    ours = load_pretrained(str(tmp_path)).eval()
+    ours = load_pretrained(str(tmp_path), dtype="float32", device=device).eval()
     torch.manual_seed(1)
     ids = torch.randint(3, 97, (2, 90))  # positions beyond llama3's original 32 context
     with torch.no_grad():
         ref = hf(ids).logits
-        got = ours(ids, torch.arange(90).expand(2, -1))
+        got = ours(ids.to(device), torch.arange(90, device=device).expand(2, -1)).cpu()
     assert (ref - got).abs().max().item() <= 1e-4
     # a left-padded batch: real positions must match HF's masked forward
     mask = torch.ones(2, 90, dtype=torch.bool)
     mask[1, :37] = False
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask.long(), position_ids=positions_for(mask)).logits
-        got = ours(ids, positions_for(mask), attn_mask=mask)
+        got = ours(ids.to(device), positions_for(mask).to(device), attn_mask=mask.to(device)).cpu()
     assert (ref - got)[mask].abs().max().item() <= 1e-4
 
 

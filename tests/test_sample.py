@@ -1,7 +1,10 @@
 """sample.py: greedy parity with transformers, cache vs full forward, sharing, seeds, supports."""
+import copy
+
 import pytest
 import torch
 
+from devices import CUDA, DEVICES
 from hf_models import make_hf_model
 from model import ModelConfig, Transformer, load_pretrained
 from sample import generate, sample_next
@@ -18,6 +21,16 @@ def tiny_model(seed=0, **kw):
     return Transformer(cfg).init_weights(seed, std=0.3).eval()
 
 
+def on(device, model):
+    """A copy of a CPU model on the device (the CPU original stays the reference)."""
+    return copy.deepcopy(model).to(device)
+
+
+def atol(device, cpu_atol):
+    """Tolerance against a CPU reference: CUDA's fp32 kernels sum in another order."""
+    return cpu_atol if device == "cpu" else 1e-4
+
+
 def full_forward_logprobs(model, prompt, completion):
     seq = torch.tensor([prompt + completion])
     with torch.no_grad():
@@ -26,12 +39,15 @@ def full_forward_logprobs(model, prompt, completion):
     return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_untied"])
-def test_greedy_equals_transformers_on_ragged_batch(name, tmp_path):
+def test_greedy_equals_transformers_on_ragged_batch(name, device, tmp_path):
+    """Ours in fp32 on the device against transformers' greedy generate on the CPU."""
     hf = make_hf_model(name, seed=4)
     hf.save_pretrained(tmp_path)
-    ours = load_pretrained(str(tmp_path))
+    ours = load_pretrained(str(tmp_path), dtype="float32", device=device)
     out = generate(ours, PROMPTS, max_new_tokens=40, temperature=0)
+    assert out.tokens.device.type == device
     for i, p in enumerate(PROMPTS):
         ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                           do_sample=False, max_new_tokens=40, min_new_tokens=40, eos_token_id=None,
@@ -39,20 +55,23 @@ def test_greedy_equals_transformers_on_ragged_batch(name, tmp_path):
         assert out.tokens[i].tolist() == ref.tolist(), f"prompt {i}"
 
 
-def test_cached_decoding_equals_full_forward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_decoding_equals_full_forward(device):
     model = tiny_model()
-    out = generate(model, PROMPTS, n=3, max_new_tokens=24, temperature=1.0, seed=7)
+    out = generate(on(device, model), PROMPTS, n=3, max_new_tokens=24, temperature=1.0, seed=7)
     for row in range(len(PROMPTS) * 3):
         prompt = PROMPTS[row // 3]
         ref = full_forward_logprobs(model, prompt, out.tokens[row].tolist())
-        assert torch.allclose(out.logprobs[row], ref, atol=1e-5), row
+        assert torch.allclose(out.logprobs[row].cpu(), ref, atol=atol(device, 1e-5)), row
 
 
-def test_tempered_top_k_logprobs_equal_full_forward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_tempered_top_k_logprobs_equal_full_forward(device):
     """The sampler's logits buffer is tempered and masked in place each step: the recorded
     log-probs must still be those of the restricted, tempered distribution."""
     model = tiny_model(seed=2)
-    out = generate(model, PROMPTS, n=2, max_new_tokens=16, temperature=0.7, top_k=5, seed=1)
+    out = generate(on(device, model), PROMPTS, n=2, max_new_tokens=16, temperature=0.7, top_k=5,
+                   seed=1)
     for row in range(len(PROMPTS) * 2):
         prompt, completion = PROMPTS[row // 2], out.tokens[row].tolist()
         seq = torch.tensor([prompt + completion])
@@ -61,7 +80,24 @@ def test_tempered_top_k_logprobs_equal_full_forward():
         kth = logits.topk(5, dim=-1).values[:, -1:]
         logp = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
         ref = logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]
-        assert torch.allclose(out.logprobs[row], ref, atol=1e-5), row
+        assert torch.allclose(out.logprobs[row].cpu(), ref, atol=atol(device, 1e-5)), row
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_bf16_is_the_cuda_default_and_its_logprobs_stay_close_to_fp32(device, tmp_path):
+    make_hf_model("llama_gqa_tied", seed=2).save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path), device=device)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    # the fp32 reference uses the same bf16-rounded weights: only the bf16 compute differs
+    ref = load_pretrained(str(tmp_path), dtype="bfloat16").float()
+    out = generate(model, PROMPTS, n=4, max_new_tokens=32, seed=3)
+    assert out.logprobs.dtype == torch.float32 and bool(out.mask.all())
+    diffs = torch.cat([out.logprobs[r].cpu() - full_forward_logprobs(ref, PROMPTS[r // 4],
+                                                                     out.tokens[r].tolist())
+                       for r in range(len(PROMPTS) * 4)]).abs()
+    assert diffs.mean() < 0.05 and diffs.max() < 0.5, (diffs.mean(), diffs.max())
+    again = generate(model, PROMPTS, n=4, max_new_tokens=32, seed=3)
+    assert torch.equal(out.tokens, again.tokens)
 
 
 def test_forward_writes_logits_into_a_given_buffer():
@@ -89,8 +125,9 @@ def test_ragged_batch_equals_one_prompt_at_a_time_and_shared_prefill():
             assert torch.allclose(batch.logprobs[4 * i + j], single.logprobs[0], atol=1e-5)
 
 
-def test_seeds():
-    model = tiny_model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeds(device):
+    model = tiny_model().to(device)
     a = generate(model, PROMPTS, n=2, max_new_tokens=20, seed=3)
     b = generate(model, PROMPTS, n=2, max_new_tokens=20, seed=3)
     c = generate(model, PROMPTS, n=2, max_new_tokens=20, seed=4)
@@ -100,8 +137,9 @@ def test_seeds():
     assert torch.equal(g0.tokens, g1.tokens)
 
 
-def test_rows_stop_independently():
-    model = tiny_model(seed=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_stop_independently(device):
+    model = tiny_model(seed=2).to(device)
     free = generate(model, PROMPTS, n=2, max_new_tokens=25, seed=5)
     stop = int(free.tokens[0, 3])  # a token row 0 samples at step 3
     out = generate(model, PROMPTS, n=2, max_new_tokens=25, seed=5, stop_ids=[stop], pad_id=60)
@@ -115,15 +153,16 @@ def test_rows_stop_independently():
         assert (out.logprobs[r, length:] == 0).all()
 
 
-def test_top_k_top_p_supports_and_frequencies():
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_top_p_supports_and_frequencies(device):
     torch.manual_seed(0)
     logits = torch.randn(1, 12) * 2
     probs = torch.softmax(logits[0], -1)
     order = probs.argsort(descending=True)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     draws = 20000
-    many = logits.expand(draws, -1)  # sample_next overwrites its input: pass copies
-    tok, lp = sample_next(many.clone(), 1.0, 3, 1.0, g)
+    many = logits.to(device).expand(draws, -1)  # sample_next overwrites its input: pass copies
+    tok, lp = (t.cpu() for t in sample_next(many.clone(), 1.0, 3, 1.0, g))
     top3 = set(order[:3].tolist())
     assert set(tok.tolist()) <= top3
     renorm = probs[order[:3]] / probs[order[:3]].sum()
@@ -136,10 +175,10 @@ def test_top_k_top_p_supports_and_frequencies():
     cum = probs[order].cumsum(0)
     keep = order[: int((cum < p).sum()) + 1].tolist()
     tok, _ = sample_next(many.clone(), 1.0, 0, p, g)
-    assert set(tok.tolist()) == set(keep)
+    assert set(tok.cpu().tolist()) == set(keep)
     # temperature 1 without filters follows the softmax
     tok, _ = sample_next(many.clone(), 1.0, 0, 1.0, g)
-    freq = torch.bincount(tok, minlength=12).float() / draws
+    freq = torch.bincount(tok.cpu(), minlength=12).float() / draws
     assert ((freq - probs).abs() <= 4 * (probs * (1 - probs) / draws).sqrt() + 1e-3).all()
 
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import algo
 import train
+from devices import DEVICES
 
 TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
         "model.num_key_value_heads=1", "model.intermediate_size=64",
@@ -21,15 +22,11 @@ def tiny_args(tmp_path, *extra):
                    f"warm_start.cache_dir={tmp_path / 'warm'}"] + list(extra)
 
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])
-
-
 def read_rows(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", DEVICES)
 def test_three_step_end_to_end(device, tmp_path, capsys):
     final = train.main(tiny_args(tmp_path, "name=smoke", "rl.steps=3", f"device={device}"))
     run = tmp_path / "runs" / "smoke"
@@ -129,7 +126,7 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     assert not trainer.opt.state  # the optimizer never stepped on the poisoned gradient
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", ["countdown-qwen2.5-3b.yaml", "math-qwen2.5-1.5b.yaml"])
 def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, device, tmp_path):
     """The GPU recipes exactly as written, except: a tiny random Qwen2 model with a
