@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from model import load_pretrained
+from model import load_pretrained, load_tokenizer
 from sample import generate, left_pad
 
 
@@ -77,7 +77,6 @@ def smollm2_dir() -> str:
 
 def chat_prompts(path: str, count: int = 8) -> list[list[int]]:
     """Countdown Template I prompts (the rollout workload), in the model's own chat format."""
-    from model import load_tokenizer
     from tasks import CountdownTask
     tok = load_tokenizer(path)
     examples = CountdownTask(n_train=count, n_test=count, seed=0).examples("test")
@@ -102,7 +101,6 @@ def stops(model_name: str, path: str):
     counts tokens up to it); the random model never stops."""
     if model_name == "random-qwen2":
         return (), 0
-    from model import load_tokenizer
     tok = load_tokenizer(path)
     return list(tok.eos_ids), tok.pad_id
 
