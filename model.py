@@ -554,7 +554,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     template = tc.get("chat_template") or ""
     jinja = os.path.join(path, "chat_template.jinja")  # where transformers >= 4.5x writes it
     if not template and os.path.exists(jinja):
-        template = open(jinja).read()
+        with open(jinja) as f:
+            template = f.read()
     if isinstance(template, list):  # named templates: use the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), "")
     fmt = tc.get("chat_format")
