@@ -98,6 +98,7 @@ class ModelConfig:
         kw = {f.name: hf[f.name] for f in fields(cls)
               if f.name in hf and f.name not in ("rope_theta", "rope_scaling", "head_dim")}
         kw.setdefault("num_key_value_heads", hf["num_attention_heads"])
+        kw.setdefault("tie_word_embeddings", False)  # transformers' default for both families
         kw["torch_dtype"] = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
         return cls(**kw, head_dim=hf.get("head_dim") or 0, rope_theta=float(theta),
                    rope_scaling=rope if rope.get("rope_type", "default") != "default" else None)
@@ -416,12 +417,13 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
     expected = {_hf_name(n): n for n in model.state_dict()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    state = {}
+    state, tied_head = {}, None
     for shard in shards:
         with safe_open(os.path.join(path, shard), framework="pt") as f:
             for name in f.keys():
                 if cfg.tie_word_embeddings and name == "lm_head.weight":
-                    continue  # a tied head stored anyway: it is the embedding
+                    tied_head = f.get_tensor(name)  # stored anyway: must be the embedding
+                    continue
                 if name not in expected:
                     raise ValueError(f"unexpected tensor {name!r} in {os.path.join(path, shard)}")
                 t = f.get_tensor(name)
@@ -433,6 +435,10 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
     if missing:
         raise ValueError(f"checkpoint {path} is missing tensors: {missing[:8]}"
                          + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    if tied_head is not None and not torch.equal(
+            tied_head.to(device=device, dtype=dtype), state["embed_tokens.weight"]):
+        raise ValueError(f"checkpoint {path} has tie_word_embeddings=true but stores an "
+                         "lm_head.weight that differs from embed_tokens.weight")
     model.load_state_dict(state, strict=False, assign=True)  # the loaded tensors become the params
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -462,7 +468,8 @@ def save_pretrained(model: Transformer, path: str, tokenizer: "Tokenizer | None"
 
 class Tokenizer:
     """tokenizers.Tokenizer plus what generation needs: eos ids, pad id, and the chat format
-    ("chatml" for Qwen2-style, "llama3", or None for raw-text models), written by hand."""
+    ("chatml" for Qwen2-style, "llama3" for Llama-3.0, "llama3.1" for Llama-3.1 / 3.2, or None
+    for raw-text models), written by hand."""
 
     def __init__(self, tk, eos_ids, pad_id, bos_id=None, chat_format=None, default_system=None,
                  special_tokens=None):
@@ -505,8 +512,19 @@ class Tokenizer:
                 messages = [{"role": "system", "content": self.default_system}] + messages
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-        if self.chat_format == "llama3":
-            text = "<|begin_of_text|>" + "".join(
+        if self.chat_format in ("llama3", "llama3.1"):
+            text = "<|begin_of_text|>"
+            if self.chat_format == "llama3.1":
+                # Llama-3.1 / 3.2 always open with a system block that starts with the knowledge
+                # cutoff and a date. The date is the templates' fixed fallback: 3.2's template
+                # writes the rendering day's date when its renderer offers one, which would make
+                # the same prompt tokenize differently from day to day.
+                system = ""
+                if messages[0]["role"] == "system":
+                    system, messages = messages[0]["content"].strip(), messages[1:]
+                text += ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+                         f"December 2023\nToday Date: 26 Jul 2024\n\n{system}<|eot_id|>")
+            text += "".join(
                 f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
                 for m in messages)
             return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -562,7 +580,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     if fmt is None and "<|im_start|>" in template:
         fmt = "chatml"
     elif fmt is None and "<|start_header_id|>" in template:
-        fmt = "llama3"
+        fmt = "llama3.1" if "Cutting Knowledge Date" in template else "llama3"
     eos = gc.get("eos_token_id", mc.get("eos_token_id"))
     eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     eos_tok = _token_str(tc.get("eos_token"))

@@ -76,6 +76,34 @@ def test_sharded_checkpoint(tmp_path):
         assert (hf(ids).logits - ours(ids, torch.arange(20)[None])).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["qwen2_untied", "llama_untied_headdim"])
+def test_config_without_tie_key_is_untied_as_in_transformers(name, tmp_path):
+    """A config.json that omits tie_word_embeddings means untied in transformers; ours must not
+    silently tie the head to the embedding (different logits)."""
+    make_hf_model(name, seed=4).save_pretrained(tmp_path)
+    cfg = json.load(open(tmp_path / "config.json"))
+    del cfg["tie_word_embeddings"]
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ours = load_pretrained(str(tmp_path))
+    assert ours.lm_head.weight is not ours.embed_tokens.weight
+    ids = torch.randint(3, 97, (1, 30))
+    with torch.no_grad():
+        assert (ref(ids).logits - ours(ids, torch.arange(30)[None])).abs().max().item() <= 1e-4
+
+
+def test_tied_config_with_a_different_stored_head_is_an_error(tmp_path):
+    save_pretrained(Transformer(ModelConfig(tie_word_embeddings=True)).init_weights(0),
+                    str(tmp_path))
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, path)
+    load_pretrained(str(tmp_path))  # a tied head stored anyway, equal to the embedding: fine
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"] + 1}, path)
+    with pytest.raises(ValueError, match="lm_head.weight that differs"):
+        load_pretrained(str(tmp_path))
+
+
 def test_strict_loading_names_the_tensor(tmp_path):
     save_pretrained(Transformer(ModelConfig(tie_word_embeddings=False)).init_weights(0),
                     str(tmp_path))
@@ -142,6 +170,28 @@ def test_llama3_format():
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_llama31_format():
+    """Llama-3.1 / 3.2: a system block with the cutoff and (fixed) date lines, always."""
+    head = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+    user = "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+    reply = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    tok = _tokenizer("llama3.1")
+    msgs = [{"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "2+2?"}]
+    assert tok.apply_chat(msgs) == head + "Be brief.<|eot_id|>" + user + reply
+    assert tok.apply_chat(msgs[1:], add_generation_prompt=False) == head + "<|eot_id|>" + user
+
+
+def test_llama_template_version_is_recognised(tmp_path):
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    for template, fmt in [("{{ '<|start_header_id|>' }}", "llama3"),
+                          ("{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+                           "{{ 'Cutting Knowledge Date: December 2023\\n' }}", "llama3.1")]:
+        json.dump({"chat_template": template, "eos_token": "<eos>"},
+                  open(tmp_path / "tokenizer_config.json", "w"))
+        assert load_tokenizer(str(tmp_path)).chat_format == fmt
 
 
 def test_raw_tokenizer_refuses_chat():
