@@ -63,30 +63,61 @@ def test_cached_decoding_equals_full_forward(device):
         prompt = PROMPTS[row // 3]
         ref = full_forward_logprobs(model, prompt, out.tokens[row].tolist())
         assert torch.allclose(out.logprobs[row].cpu(), ref, atol=atol(device, 1e-5)), row
+    # greedy: each token is the argmax, its log-prob that of the untempered softmax
+    out = generate(on(device, model), PROMPTS, max_new_tokens=24, temperature=0)
+    for row, prompt in enumerate(PROMPTS):
+        completion = out.tokens[row].tolist()
+        seq = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(seq, torch.arange(seq.shape[1])[None])[0, len(prompt) - 1:-1]
+        assert logits.argmax(-1).tolist() == completion
+        ref = full_forward_logprobs(model, prompt, completion)
+        assert torch.allclose(out.logprobs[row].cpu(), ref, atol=atol(device, 1e-5)), row
+
+
+def restricted_logprobs(logits, temperature, top_k, top_p):
+    """Reference log-softmax of logits / T over the top-k, then top-p support, written out row
+    by row: keep tokens in descending order until the kept mass reaches top_p."""
+    logp = torch.log_softmax(logits / temperature, -1)
+    out = torch.full_like(logp, float("-inf"))
+    for i, row in enumerate(logp):
+        order = row.argsort(descending=True)[:top_k or None]
+        probs = torch.softmax(row[order], -1)  # renormalised over the top-k
+        kept, mass = [], 0.0
+        for tok, prob in zip(order.tolist(), probs.tolist()):
+            if mass >= top_p:
+                break
+            kept.append(tok)
+            mass += prob
+        out[i, kept] = torch.log_softmax(row[kept], -1)
+    return out
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_tempered_top_k_logprobs_equal_full_forward(device):
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (6, 0.7)])
+def test_tempered_restricted_logprobs_equal_full_forward(device, top_k, top_p):
     """The sampler's logits buffer is tempered and masked in place each step: the recorded
     log-probs must still be those of the restricted, tempered distribution."""
     model = tiny_model(seed=2)
-    out = generate(on(device, model), PROMPTS, n=2, max_new_tokens=16, temperature=0.7, top_k=5,
-                   seed=1)
+    out = generate(on(device, model), PROMPTS, n=2, max_new_tokens=16, temperature=0.7,
+                   top_k=top_k, top_p=top_p, seed=1)
     for row in range(len(PROMPTS) * 2):
         prompt, completion = PROMPTS[row // 2], out.tokens[row].tolist()
         seq = torch.tensor([prompt + completion])
         with torch.no_grad():
-            logits = model(seq, torch.arange(seq.shape[1])[None])[0, len(prompt) - 1:-1] / 0.7
-        kth = logits.topk(5, dim=-1).values[:, -1:]
-        logp = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+            logits = model(seq, torch.arange(seq.shape[1])[None])[0, len(prompt) - 1:-1]
+        logp = restricted_logprobs(logits, 0.7, top_k, top_p)
         ref = logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+        assert torch.isfinite(ref).all()  # every sampled token lies in the support
         assert torch.allclose(out.logprobs[row].cpu(), ref, atol=atol(device, 1e-5)), row
 
 
-@pytest.mark.parametrize("device", [CUDA])
-def test_bf16_is_the_cuda_default_and_its_logprobs_stay_close_to_fp32(device, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_logprobs_stay_close_to_fp32(device, tmp_path):
+    """bf16 is the CUDA default (and can be asked for on the CPU)."""
     make_hf_model("llama_gqa_tied", seed=2).save_pretrained(tmp_path)
-    model = load_pretrained(str(tmp_path), device=device)
+    model = load_pretrained(str(tmp_path), device=device,
+                            dtype="bfloat16" if device == "cpu" else None)
     assert next(model.parameters()).dtype == torch.bfloat16
     # the fp32 reference uses the same bf16-rounded weights: only the bf16 compute differs
     ref = load_pretrained(str(tmp_path), dtype="bfloat16").float()
@@ -123,6 +154,50 @@ def test_ragged_batch_equals_one_prompt_at_a_time_and_shared_prefill():
             assert torch.equal(batch.tokens[4 * i + j], single.tokens[0])
             assert torch.equal(separate.tokens[j], single.tokens[0])
             assert torch.allclose(batch.logprobs[4 * i + j], single.logprobs[0], atol=1e-5)
+
+
+def test_shared_prefill_equals_separate_prefills_when_sampling():
+    """n samples of each prompt from one prefill == each prompt repeated n times with its own
+    prefill: the same rows draw the same uniforms, so the samples must agree exactly."""
+    model = tiny_model(seed=1)
+    shared = generate(model, PROMPTS, n=4, max_new_tokens=30, temperature=1.0, seed=2)
+    separate = generate(model, [p for p in PROMPTS for _ in range(4)], n=1, max_new_tokens=30,
+                        temperature=1.0, seed=2)
+    assert torch.equal(shared.tokens, separate.tokens)
+    assert torch.allclose(shared.logprobs, separate.logprobs, atol=1e-5)
+    assert len({tuple(r) for r in shared.tokens[:4].tolist()}) > 1  # the samples do differ
+
+
+def test_caches_are_allocated_once_at_the_exact_size(monkeypatch):
+    import model as model_module
+    import sample
+    made = []
+
+    class KV(model_module.KVCache):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    class Shared(model_module.SharedPrefixCache):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.ptrs = (self.k.data_ptr(), self.v.data_ptr())
+            made.append(self)
+
+        def attend(self, *a, **k):  # the buffers are written in place, never replaced
+            assert (self.k.data_ptr(), self.v.data_ptr()) == self.ptrs
+            return super().attend(*a, **k)
+
+    monkeypatch.setattr(sample, "KVCache", KV)
+    monkeypatch.setattr(sample, "SharedPrefixCache", Shared)
+    model = tiny_model()
+    cfg = model.config
+    generate(model, PROMPTS, n=3, max_new_tokens=12, seed=0)
+    (prefix, shared), longest = made, max(map(len, PROMPTS))
+    layout = (cfg.num_hidden_layers, len(PROMPTS), cfg.num_key_value_heads)
+    assert prefix.k.shape == prefix.v.shape == (*layout, longest, cfg.head_dim)
+    assert shared.k.shape == shared.v.shape == (*layout, 3, 12 - 1, cfg.head_dim)
+    assert prefix.pos == longest and shared.pos == 12 - 1  # every column used, none spare
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -170,12 +245,17 @@ def test_top_k_top_p_supports_and_frequencies(device):
         freq = (tok == t).float().mean()
         assert abs(freq - renorm[k]) < 4 * (renorm[k] * (1 - renorm[k]) / draws) ** 0.5
         assert torch.allclose(lp[tok == t], renorm[k].log(), atol=1e-5)
-    # top-p: the smallest prefix of the sorted distribution whose mass reaches p
-    p = 0.6
+    # top-p: the smallest prefix of the sorted distribution whose mass reaches p; p is set
+    # halfway between the mass of the top 3 and the top 4, so exactly 4 tokens are kept
     cum = probs[order].cumsum(0)
-    keep = order[: int((cum < p).sum()) + 1].tolist()
-    tok, _ = sample_next(many.clone(), 1.0, 0, p, g)
-    assert set(tok.cpu().tolist()) == set(keep)
+    p = float(cum[2] + cum[3]) / 2
+    tok, lp = (t.cpu() for t in sample_next(many.clone(), 1.0, 0, p, g))
+    assert set(tok.tolist()) == set(order[:4].tolist())
+    renorm = probs[order[:4]] / cum[3]
+    for k, t in enumerate(order[:4].tolist()):
+        freq = (tok == t).float().mean()
+        assert abs(freq - renorm[k]) < 4 * (renorm[k] * (1 - renorm[k]) / draws) ** 0.5
+        assert torch.allclose(lp[tok == t], renorm[k].log(), atol=1e-5)
     # temperature 1 without filters follows the softmax
     tok, _ = sample_next(many.clone(), 1.0, 0, 1.0, g)
     freq = torch.bincount(tok.cpu(), minlength=12).float() / draws
