@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import itertools
 import json
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -145,9 +144,9 @@ def _check_ops(ops: str, allowed: str = "+-*/") -> str:
 # ----------------------------------------------------------------------------------------------
 # Countdown expressions: our own recursive-descent parser over exact rationals.
 
-MAX_EXPRESSION_CHARS = 200   # longer answers are rejected outright (cheap, and never slow)
+MAX_EXPRESSION_CHARS = 200   # longer answers are rejected outright (cheap, never slow, and
+                             # parentheses nested at most 100 deep bound the parser's recursion)
 MAX_LITERAL_DIGITS = 6       # "123456789" is not a Countdown number
-MAX_PAREN_DEPTH = 100        # bounds the parser's recursion (200 chars allow no deeper anyway)
 _ASCII_DIGITS = "0123456789"  # str.isdigit() would also accept "３" and "٣"
 _SPACES = " \t\r\n"
 
@@ -184,7 +183,7 @@ class _Parser:
     factor := INTEGER | '(' expr ')'. No unary signs, no powers, no names."""
 
     def __init__(self, tokens: list):
-        self.tokens, self.pos, self.depth = tokens, 0, 0
+        self.tokens, self.pos = tokens, 0
 
     def peek(self):
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
@@ -220,13 +219,9 @@ class _Parser:
         if isinstance(token, int):
             return Fraction(token)
         if token == "(":
-            self.depth += 1
-            if self.depth > MAX_PAREN_DEPTH:
-                raise _Invalid("parentheses nested too deep")
             value = self.expr()
             if self.take() != ")":
                 raise _Invalid("unbalanced parentheses")
-            self.depth -= 1
             return value
         raise _Invalid(f"unexpected {token!r}")
 
@@ -755,6 +750,9 @@ def normalize_math_answer(s: str) -> str:
     return s
 
 
+MAX_ANSWER_CHARS = 1000  # [ours] a longer final answer is wrong unread: bounds the verifier's work
+
+
 def _as_number(s: str) -> Fraction | None:
     """The value of a normalised answer that is a plain number or a simple fraction, else None."""
     num = r"-?[0-9]+(?:\.[0-9]+)?"
@@ -767,13 +765,16 @@ def _as_number(s: str) -> Fraction | None:
     return None
 
 
-def _numbers_close(x: Fraction, y: Fraction, rel_tol: float = 1e-6) -> bool:
-    return x == y or math.isclose(float(x), float(y), rel_tol=rel_tol, abs_tol=1e-12)
+def _numbers_equal(x: Fraction, y: Fraction, rounded: bool) -> bool:
+    """Exactly equal; or, when either was written as a decimal with a fractional part (so may be
+    rounded, e.g. 0.3333333 for 1/3), within a relative 1e-6. Exact rational arithmetic: no
+    float overflow on huge values, and 1000000 != 1000001."""
+    return x == y or (rounded and abs(x - y) <= Fraction(1, 10 ** 6) * max(abs(x), abs(y)))
 
 
 def math_answers_equal(a: str | None, b: str | None) -> bool:
-    """Equal after normalisation, or both numbers within a relative tolerance of 1e-6."""
-    if a is None or b is None:
+    """Equal after normalisation, or equal as numbers (a decimal within a relative 1e-6)."""
+    if a is None or b is None or max(len(a), len(b)) > MAX_ANSWER_CHARS:
         return False
     na, nb = normalize_math_answer(a), normalize_math_answer(b)
     if not na or not nb:
@@ -781,7 +782,7 @@ def math_answers_equal(a: str | None, b: str | None) -> bool:
     if na == nb:
         return True
     x, y = _as_number(na), _as_number(nb)
-    return x is not None and y is not None and _numbers_close(x, y)
+    return x is not None and y is not None and _numbers_equal(x, y, "." in na + nb)
 
 
 _NUMBER_RE = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?|-?\.[0-9]+")
@@ -811,10 +812,11 @@ def gsm8k_final_number(text: str) -> str | None:
 
 
 def gsm8k_answers_equal(prediction: str | None, gold: str) -> bool:
-    if prediction is None:
+    if prediction is None or max(len(prediction), len(gold)) > MAX_ANSWER_CHARS:
         return False
     x, y = _clean_number(prediction), _clean_number(gold)
-    return x is not None and y is not None and _numbers_close(Fraction(x), Fraction(y))
+    return x is not None and y is not None and _numbers_equal(Fraction(x), Fraction(y),
+                                                              "." in x + y)
 
 
 def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:

@@ -12,7 +12,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reward import HELP_MARKER  # noqa: E402
 from tasks import (CountdownTask, Example, MathTask, TinyCountdownTask, check_countdown,  # noqa: E402
-                   gsm8k_final_number, last_boxed, make_task, math_answers_equal)
+                   gsm8k_answers_equal, gsm8k_final_number, last_boxed, make_task,
+                   math_answers_equal, tiny_check_text)
 
 # ----------------------------------------------------------------------------------------------
 # check_countdown: adversarial table. Default numbers [3, 7, 12] and target 33 (3*7+12).
@@ -91,10 +92,6 @@ COUNTDOWN_CASES = [
     ("5+5+5", [5, 5, 2], 15, False),
     ("3*7+012", N, T, True),  # [ours] a leading zero reads as the same number
 ]
-
-
-def test_table_is_large():
-    assert len(COUNTDOWN_CASES) >= 40
 
 
 @pytest.mark.parametrize("expression,numbers,target,expected", COUNTDOWN_CASES)
@@ -361,9 +358,9 @@ def _expected_check(final, target):
 
 
 def test_tiny_check_text_examples():
-    assert _expected_check(120, 33) == "10#23#03#"  # the worked examples of issue 5
-    assert _expected_check(33, 33) == "00=33=33="
-    assert _expected_check(34, 33) == "00=33=43#"
+    assert tiny_check_text(120, 33) == "10#23#03#"  # the worked examples of issue 5
+    assert tiny_check_text(33, 33) == "00=33=33="
+    assert tiny_check_text(34, 33) == "00=33=43#"
 
 
 def test_warm_start_statistics(tiny):
@@ -448,6 +445,9 @@ MATH_CASES = [
     ("5.", "5", True),
     ("\\displaystyle\\frac{2}{3}", "\\frac{2}{3}", True),
     ("0.3333", "\\frac{1}{3}", False),  # beyond the tolerance
+    ("0.3333333", "\\frac{1}{3}", True),  # a rounded decimal, within it
+    ("1000000", "1000001", False),  # whole numbers compare exactly
+    ("0.000000000001", "0", False),
     ("2", "3", False),
     ("\\frac{1}{2}", "\\frac{1}{3}", False),
     ("x+1", "x-1", False),
@@ -458,10 +458,6 @@ MATH_CASES = [
     (None, "0", False),
     ("-0", "0", True),
 ]
-
-
-def test_math_table_is_large():
-    assert len(MATH_CASES) >= 30
 
 
 @pytest.mark.parametrize("a,b,expected", MATH_CASES)
@@ -496,6 +492,25 @@ def test_last_boxed(text, expected):
 ])
 def test_gsm8k_final_number(text, expected):
     assert gsm8k_final_number(text) == expected
+
+
+def test_gsm8k_answers_compare_whole_numbers_exactly():
+    assert gsm8k_answers_equal("18.0", "18") and gsm8k_answers_equal("1,234", "1234")
+    assert not gsm8k_answers_equal("12345679", "12345678")
+
+
+@pytest.mark.parametrize("answer", [
+    "3" * 309,  # beyond float range
+    "1" * 5000,  # beyond Python's int-from-string digit limit
+    "\\frac{" * 1000 + "1" + "}{2}" * 1000,  # nesting deeper than the recursion limit
+    "\\frac{" + "9" * 400 + "}{7}",
+], ids=["beyond-float", "beyond-int-digits", "deep-nesting", "huge-fraction"])
+def test_hostile_answers_are_wrong_not_a_crash(answer):
+    """A model's (or cloud's) final answer is untrusted text: the verdict is False, never an
+    exception that would end the training step."""
+    assert math_answers_equal(answer, "5") is False and math_answers_equal("5", answer) is False
+    assert gsm8k_answers_equal(gsm8k_final_number(answer), "5") is False
+    assert gsm8k_answers_equal("1" * 400, "2") is False
 
 
 def _write(path, lines):
