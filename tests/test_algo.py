@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from algo import (FilterResult, accumulate_policy_gradient, filter_prompts, group_advantages,
-                  micro_batches, policy_gradient_loss, sequence_token_logprobs, update_dual)
+from algo import (Rollout, accumulate_policy_gradient, filter_prompts,
+                  group_advantages, micro_batches, policy_gradient_loss, sequence_token_logprobs,
+                  update_dual, update_policy)
 
 # -----------------------------------------------------------------------------
 # unbiasedness on a toy policy: softmax over K responses, fixed rewards
@@ -218,7 +219,6 @@ def test_filter_errors():
         run_filter(["LW"], [True], rho=-0.1)
     with pytest.raises(ValueError, match="any_correct"):
         run_filter(["LW"], [True], rule="both")
-    assert isinstance(run_filter(["LW"], [True]), FilterResult)
 
 # -----------------------------------------------------------------------------
 # the loss on a tiny stand-in causal model with model.py's call signature
@@ -293,6 +293,42 @@ def test_micro_batch_slices():
     assert micro_batches(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
     assert micro_batches(7, 7) == [slice(0, 7)] and micro_batches(0, 2) == []
     assert micro_batches(3, 10) == [slice(0, 3)]
+
+
+def test_update_policy_is_the_spec_step_over_the_selected_prompts():
+    """SPEC 5: -(1/|S|) sum over selected prompts and their G responses of coef * grad log pi,
+    with |S| counting a selected zero-variance group (all coefficients 0) and an unselected
+    prompt adding nothing. Reference: each response as its own unpadded sequence."""
+    P, G, T = 4, 3, 5
+    g = torch.Generator().manual_seed(2)
+    prompt_ids = [[1, 2], [3, 4, 5], [6], [2, 2, 4, 1]]                # ragged prompts
+    tokens = torch.randint(0, 7, (P * G, T), generator=g)
+    lengths = torch.tensor([5, 3, 4, 2, 5, 1, 5, 5, 5, 4, 3, 5])
+    device_mask = (torch.arange(T)[None, :] < lengths[:, None]) & (
+        torch.rand(P * G, T, generator=g) < 0.8)                     # some tokens are not the device's
+    coef = torch.tensor([[0.5, -1.0, 0.5], [1.0, -0.5, -0.5], [0.0, 0.0, 0.0], [-0.3, 0.6, -0.3]],
+                        dtype=torch.float64)
+    selected = torch.tensor([0, 2, 3])                                # prompt 1 filtered out
+    flags = torch.zeros(P, G, dtype=torch.bool)
+    ro = Rollout(prompt_ids, tokens, device_mask, lengths, flags.reshape(-1), [""] * (P * G),
+                 flags, flags, flags, flags[:, 0], flags[:, 0], coef, {})
+    model = TinyCausal()
+    update_policy(model, ro, coef, selected, TEMP, micro_batch_size=2, pad_id=0)
+    params = list(model.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for p in selected.tolist():
+        for j in range(G):
+            row = p * G + j
+            n = int(lengths[row])
+            seq = torch.tensor([prompt_ids[p] + tokens[row, :n].tolist()])
+            logits = model(seq, torch.arange(seq.shape[1])[None])[0] / TEMP
+            start = len(prompt_ids[p])
+            logp = sum(torch.log_softmax(logits[start + k - 1], -1)[seq[0, start + k]]
+                       for k in range(n) if device_mask[row, k])
+            grads = torch.autograd.grad(logp, params)
+            expected = [e - coef[p, j] * gr / len(selected) for e, gr in zip(expected, grads)]
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
 
 def test_masked_tokens_carry_no_gradient():
