@@ -120,7 +120,12 @@ class CloudCache:
             if problem is not None:
                 raise ValueError(f"bad cloud cache record: {problem}")
         with self._lock:
-            fresh = [r for r in records if (r["task"], r["key"]) not in self.records]
+            fresh, seen = [], set()
+            for r in records:  # a key repeated within this call also keeps its first record only
+                k = (r["task"], r["key"])
+                if k not in self.records and k not in seen:
+                    seen.add(k)
+                    fresh.append(r)
             if not fresh:
                 return
             if self.path is not None:

@@ -1,7 +1,10 @@
 """cloud.py: the kill-safe cache, one call per prompt, the oracle simulation, the HTTP client
 against a fake endpoint on 127.0.0.1, and the local backend with a fake model."""
+import hashlib
 import json
 import os
+import random
+import socket
 import sys
 import threading
 import time
@@ -119,6 +122,40 @@ def test_cache_corrupt_middle_line_is_an_error(task, tmp_path):
         CloudCache(path)
 
 
+def _record(key, answer, task_name="tiny_countdown"):
+    return {"task": task_name, "key": key, "prompt_sha256": "", "answer": answer, "verdict": False,
+            "backend": "oracle", "model": "m"}
+
+
+def test_cache_load_first_answer_wins(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    lines = [_record("k1", "first"), _record("k2", "other"), _record("k1", "second"),
+             _record("k1", "other task", task_name="t2")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    cache = CloudCache(path)
+    assert len(cache) == 3
+    assert cache.get("tiny_countdown", "k1")["answer"] == "first"
+    assert cache.get("t2", "k1")["answer"] == "other task"  # the task name is part of the key
+
+
+def test_put_many_stores_and_writes_each_key_once(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    cache = CloudCache(path)
+    cache.put_many([_record("a", "a1"), _record("b", "b1"), _record("a", "a2")])  # a repeat within one call
+    assert [(r["key"], r["answer"]) for r in map(json.loads, _lines(path))] == [("a", "a1"), ("b", "b1")]
+    assert cache.get("tiny_countdown", "a")["answer"] == "a1" and len(cache) == 2
+    cache.put_many([_record("b", "b2"), _record("c", "c1")])  # a repeat across calls
+    cache.put("tiny_countdown", "a", "a3", True, "oracle", "m")
+    assert [(r["key"], r["answer"]) for r in map(json.loads, _lines(path))] == [("a", "a1"), ("b", "b1"), ("c", "c1")]
+    assert [cache.get("tiny_countdown", k)["answer"] for k in "abc"] == ["a1", "b1", "c1"]
+    reloaded = CloudCache(path)  # the file and the memory agree
+    assert {k: r["answer"] for k, r in reloaded.records.items()} == {k: r["answer"] for k, r in cache.records.items()}
+    memory = CloudCache(None)
+    memory.put_many([_record("a", "a1"), _record("a", "a2")])
+    memory.put_many([_record("a", "a3")])
+    assert len(memory) == 1 and memory.get("tiny_countdown", "a")["answer"] == "a1"
+
+
 def test_failures_are_reported_not_cached_and_retried(task, tmp_path):
     path = tmp_path / "cache.jsonl"
     a, b = task.examples("train")[:2]
@@ -165,6 +202,13 @@ def test_make_cloud_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The oracle simulation
 
+def documented_draw(seed, task_name, key):
+    """The oracle's first draw for a prompt, written out from OracleBackend's docstring: a
+    generator seeded from sha256(f"{seed}:{task.name}:{example.key}") (first 8 bytes, big-endian)."""
+    digest = hashlib.sha256(f"{seed}:{task_name}:{key}".encode("utf-8")).digest()
+    return random.Random(int.from_bytes(digest[:8], "big")).random()
+
+
 def test_oracle_deterministic_per_prompt(task):
     examples = task.examples("train")[:40]
     one = OracleBackend(seed=3).complete(task, examples)
@@ -172,6 +216,22 @@ def test_oracle_deterministic_per_prompt(task):
     assert one[::-1] == OracleBackend(seed=3).complete(task, examples[::-1])  # batch order irrelevant
     assert one[5] == OracleBackend(seed=3).complete(task, [examples[5]])[0]
     assert one != OracleBackend(seed=4).complete(task, examples)
+
+
+def test_oracle_draws_depend_on_task_name(task):
+    """Same prompt keys under another task name: the docstring seeds with task.name too, so the
+    draws are independent (agreement ~ 1/2 at p=0.5, not 1) and each follows its own name."""
+    renamed = TinyCountdownTask(n_train=600, n_test=50, seed=7)
+    renamed.name = "tiny_countdown_v2"
+    examples, again = task.examples("train"), renamed.examples("train")
+    assert [ex.key for ex in again] == [ex.key for ex in examples]  # identical prompt keys
+    oracle = OracleBackend(p_correct=0.5, seed=0)
+    first = [task.cloud_correct(ex, t) for ex, t in zip(examples, oracle.complete(task, examples))]
+    second = [renamed.cloud_correct(ex, t) for ex, t in zip(again, oracle.complete(renamed, again))]
+    assert first == [documented_draw(0, "tiny_countdown", ex.key) < 0.5 for ex in examples]
+    assert second == [documented_draw(0, "tiny_countdown_v2", ex.key) < 0.5 for ex in again]
+    agree = sum(a == b for a, b in zip(first, second)) / len(examples)
+    assert abs(agree - 0.5) < 4 * (0.25 / len(examples)) ** 0.5  # 600 prompts: within 0.08
 
 
 @pytest.mark.parametrize("p", [0.95, 0.5])
@@ -188,8 +248,13 @@ def test_oracle_extremes(task):
     assert not any(task.cloud_correct(ex, t) for ex, t in zip(examples, OracleBackend(0.0).complete(task, examples)))
     countdown = CountdownTask(n_train=0, n_test=200, seed=1)
     cd = countdown.examples("test")
-    rate = sum(countdown.cloud_correct(ex, t) for ex, t in zip(cd, OracleBackend(0.95).complete(countdown, cd))) / len(cd)
-    assert 0.88 < rate <= 1.0
+    for p in (1.0, 0.0):  # Countdown's correct answers verify and its wrong ones never do
+        verdicts = [countdown.cloud_correct(ex, t) for ex, t in zip(cd, OracleBackend(p).complete(countdown, cd))]
+        assert verdicts == [p == 1.0] * len(cd)
+    verdicts = [countdown.cloud_correct(ex, t) for ex, t in zip(cd, OracleBackend(0.95).complete(countdown, cd))]
+    # the docstring's contract: correct exactly when the prompt's first draw is below p_correct
+    assert verdicts == [documented_draw(0, "countdown", ex.key) < 0.95 for ex in cd]
+    assert 0.88 < sum(verdicts) / len(cd) < 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,11 +263,14 @@ def test_oracle_extremes(task):
 class FakeEndpoint:
     """A scripted chat-completions server on 127.0.0.1: each request pops the next scripted
     response (status, body, headers, delay seconds); when the script is empty it answers 200
-    with the reversed user message."""
+    with the reversed user message, after delay_for[that message] seconds (default 0.02).
+    hold: an optional threading.Barrier every request waits at (counted as in flight) before it
+    is answered; if it breaks (times out), the request gets a 500 "barrier broken"."""
 
     def __init__(self):
         self.script, self.requests, self.lock = [], [], threading.Lock()
         self.in_flight = self.max_in_flight = 0
+        self.hold, self.delay_for = None, {}
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -217,10 +285,15 @@ class FakeEndpoint:
                     endpoint.in_flight += 1
                     endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
                 try:
+                    if endpoint.hold is not None:
+                        try:
+                            endpoint.hold.wait()
+                        except threading.BrokenBarrierError:
+                            step = (500, "barrier broken", {}, 0)
                     if step is None:
-                        content = body["messages"][-1]["content"][::-1]
-                        time.sleep(0.02)
-                        step = (200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}), {}, 0)
+                        content = body["messages"][-1]["content"]
+                        time.sleep(endpoint.delay_for.get(content, 0.02))
+                        step = (200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content[::-1]}}]}), {}, 0)
                     status, payload, headers, delay = step
                     time.sleep(delay)
                     data = payload.encode("utf-8")
@@ -348,11 +421,23 @@ def test_http_bad_responses_are_clear_errors(endpoint, payload, needle):
     assert len(endpoint.requests) == 1  # not retried
 
 
-def test_http_400_not_retried(endpoint):
-    endpoint.script = [(400, '{"error": "context too long"}', {}, 0)]
-    with pytest.raises(CloudError, match="HTTP 400.*context too long"):
-        make_backend(endpoint.url).chat(MESSAGES)
-    assert len(endpoint.requests) == 1
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_http_client_errors_not_retried(endpoint, status):
+    endpoint.script = [(status, '{"error": "context too long"}', {}, 0), ok("a retry got through")]
+    backend = make_backend(endpoint.url)
+    with pytest.raises(CloudError, match=f"HTTP {status} .*not retried.*context too long"):
+        backend.chat(MESSAGES)
+    assert len(endpoint.requests) == 1 and backend.slept == []
+
+
+def test_http_connection_error_is_retried():
+    with socket.socket() as s:  # a port nobody listens on once this closes: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = make_backend(f"http://127.0.0.1:{port}", retries=2)
+    with pytest.raises(CloudError, match="gave up after 3 attempts.*URLError"):
+        backend.chat(MESSAGES)
+    assert len(backend.slept) == 2
 
 
 def test_http_401_names_env_var_and_hides_key(endpoint, monkeypatch, task):
@@ -369,11 +454,16 @@ def test_http_401_names_env_var_and_hides_key(endpoint, monkeypatch, task):
 
 
 def test_http_concurrency_and_order(endpoint, task):
+    """The server holds each request until 3 are in flight together (a barrier; a timeout breaks
+    it so fewer parallel requests fail fast instead of hanging), then answers the first of each
+    three last: results must still come back in input order."""
     examples = task.examples("test")[:12]
-    backend = make_backend(endpoint.url, concurrency=3)
+    endpoint.hold = threading.Barrier(3, timeout=2)
+    endpoint.delay_for = {ex.prompt: 0.04 * (2 - i % 3) for i, ex in enumerate(examples)}
+    backend = make_backend(endpoint.url, concurrency=3, retries=0)
     texts = backend.complete(task, examples)
     assert texts == [ex.prompt[::-1] for ex in examples]  # the fake echoes the prompt reversed
-    assert 1 <= endpoint.max_in_flight <= 3
+    assert not endpoint.hold.broken and endpoint.max_in_flight == 3 and len(endpoint.requests) == 12
 
 
 # ----------------------------------------------------------------------------------------------
