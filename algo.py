@@ -222,6 +222,7 @@ class Rollout:
     formatted: torch.Tensor     # [P, G] bool: format check (v1 reward)
     cloud_ok: torch.Tensor      # [P] bool: the cloud's (cached) answer is correct; False if not asked
     cloud_asked: torch.Tensor   # [P] bool: some response called for help, so the cloud was asked
+    cloud_failed: torch.Tensor  # [P] bool: the cloud call failed (not cached; cloud_ok is False)
     rewards: torch.Tensor       # [P, G]
     components: dict            # name -> [P, G] reward components (SPEC 3)
 
@@ -256,11 +257,11 @@ def rollout(model, tokenizer, examples, G, sampling: Sampling, task, cloud, rewa
     local_ok = torch.tensor([task.local_correct(ex_of(r), t) for r, t in enumerate(texts)]).view(P, G)
     formatted = torch.tensor([task.formatted(t) for t in texts]).view(P, G)
     cloud_asked = help.any(dim=1) & task.allow_help
-    cloud_ok = torch.zeros(P, dtype=torch.bool)
+    cloud_ok, cloud_failed = torch.zeros(P, dtype=torch.bool), torch.zeros(P, dtype=torch.bool)
     asked = torch.nonzero(cloud_asked).flatten().tolist()
     if asked:
         for p, answer in zip(asked, cloud.ask(task, [examples[p] for p in asked])):
-            cloud_ok[p] = answer.correct
+            cloud_ok[p], cloud_failed[p] = answer.correct, answer.error is not None
     scored = [hierarchical_reward(bool(help.view(-1)[r]), bool(local_ok.view(-1)[r]),
                                   bool(cloud_ok[r // G]), bool(formatted.view(-1)[r]), reward_cfg)
               for r in range(P * G)]
@@ -268,7 +269,7 @@ def rollout(model, tokenizer, examples, G, sampling: Sampling, task, cloud, rewa
     components = {k: torch.tensor([s.components[k] for s in scored]).view(P, G)
                   for k in scored[0].components}
     return Rollout(prompts, tokens, device_mask, lengths, out.finished.cpu(), texts, help,
-                   local_ok, formatted, cloud_ok, cloud_asked, rewards, components)
+                   local_ok, formatted, cloud_ok, cloud_asked, cloud_failed, rewards, components)
 
 
 def update_inputs(ro: Rollout, rows, pad_id: int):

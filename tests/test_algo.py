@@ -311,7 +311,7 @@ def test_update_policy_is_the_spec_step_over_the_selected_prompts():
     selected = torch.tensor([0, 2, 3])                                # prompt 1 filtered out
     flags = torch.zeros(P, G, dtype=torch.bool)
     ro = Rollout(prompt_ids, tokens, device_mask, lengths, flags.reshape(-1), [""] * (P * G),
-                 flags, flags, flags, flags[:, 0], flags[:, 0], coef, {})
+                 flags, flags, flags, flags[:, 0], flags[:, 0], flags[:, 0], coef, {})
     model = TinyCausal()
     update_policy(model, ro, coef, selected, TEMP, micro_batch_size=2, pad_id=0)
     params = list(model.parameters())

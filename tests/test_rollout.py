@@ -25,13 +25,16 @@ RESPONSES = [  # prompt-major, G = 2
 
 
 class CountingCloud:
+    """correct: key -> verdict, or None for a call that fails."""
     def __init__(self, correct):
         self.correct, self.asked = correct, []
 
     def ask(self, task, examples):
         from cloud import CloudAnswer
         self.asked += [ex.key for ex in examples]
-        return [CloudAnswer("", self.correct[ex.key], False) for ex in examples]
+        return [CloudAnswer("", False, False, error="CloudError: HTTP 503")
+                if self.correct[ex.key] is None else CloudAnswer("", self.correct[ex.key], False)
+                for ex in examples]
 
 
 @pytest.fixture
@@ -63,6 +66,15 @@ def test_rollout_scores_as_spec(scripted, cloud_right):
     assert ro.device_mask[0, :n].all() and not ro.device_mask[0, n:n + 9].any()
     assert ro.device_mask[0, n + 9] and not ro.device_mask[0, n + 10:].any()
     assert ro.device_mask[3, :len(RESPONSES[3])].all()  # truncated: nothing to exclude
+
+
+def test_failed_cloud_call_is_marked(scripted):
+    ro = algo.rollout(None, TOK, [SOLVED, UNSOLVED], 2, algo.Sampling(40), TASK,
+                      CountingCloud({"a": None, "b": True}), RewardConfig(alpha_c=0.4))
+    assert ro.cloud_failed.tolist() == [True, False] and ro.cloud_ok.tolist() == [False, False]
+    ok = algo.rollout(None, TOK, [SOLVED, UNSOLVED], 2, algo.Sampling(40), TASK,
+                      CountingCloud({"a": False, "b": True}), RewardConfig(alpha_c=0.4))
+    assert ok.cloud_failed.tolist() == [False, False]  # a wrong answer is not a failure
 
 
 def test_help_disabled_asks_no_cloud(scripted):
