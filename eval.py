@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
 
 import algo
 from cloud import NoCloud, make_cloud
@@ -136,6 +138,21 @@ def policy_curve(help, local_ok, answered_ok, cloud_ok, preference):
     kept = np.asarray(local_ok, dtype=bool) & ~help
     kept[help] = np.asarray(answered_ok, dtype=bool)[help]
     return (*routing_curve(policy_order(preference), kept, cloud_ok), kept)
+
+
+# the keys of every row of the table, i.e. of eval.json's `metrics` and each of its `baselines`;
+# None where a row has no such value: response statistics (len_*, clipped_ratio, answer_rate,
+# format_rate) for rows that write no responses of their own (cloud only, naive, router, oracle),
+# curve summaries (apgr ... curve_cloud_acc) for rows that are one point, not a curve
+ROW_KEYS = ("n", "budget", "cap", "call_ratio", "help_calls", "calls_served", "local_acc",
+            "cond_local_acc", "acc_capped", "acc_uncapped", "len_help", "len_local",
+            "clipped_ratio", "answer_rate", "format_rate", "apgr", "cpt50", "cpt80",
+            "curve_local_acc", "curve_cloud_acc")
+
+
+def table_row(metrics):
+    """metrics with every key of ROW_KEYS (None where missing) first, then its own extra keys."""
+    return {**dict.fromkeys(ROW_KEYS), **metrics}
 
 
 def routed_metrics(order, k, local_ok, cloud_ok, budget):
@@ -386,7 +403,11 @@ class Run:
 
     def model(self):
         if self._model is None:
-            self._model = load_pretrained(self.checkpoint, device=self.device).eval()
+            try:
+                self._model = load_pretrained(self.checkpoint, device=self.device).eval()
+            except SafetensorError as e:
+                raise ValueError(f"{self.checkpoint}: the weights cannot be read ({e}); "
+                                 "is the file complete?") from e
         return self._model
 
     def tokenizer(self):
@@ -396,6 +417,23 @@ class Run:
 
     def release(self):
         self._model = None
+
+
+def resolve_device(device=None) -> torch.device:
+    """cpu, cuda or cuda:N (N below the number of visible GPUs); None: cuda when available, else
+    cpu. Anything else is an error naming what this machine allows."""
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None:
+        return torch.device("cuda" if n_gpu else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        d = None
+    if d is not None and (d.type == "cpu" or (d.type == "cuda" and (d.index or 0) < n_gpu)):
+        return d
+    allowed = (f"cpu, cuda or cuda:N with N in 0..{n_gpu - 1}" if n_gpu else
+               "cpu (no CUDA device is available here)")
+    raise ValueError(f"--device={device!r} is not allowed; use {allowed}")
 
 
 def load_run(path, device) -> Run:
@@ -410,11 +448,24 @@ def load_run(path, device) -> Run:
         if not os.path.isfile(os.path.join(path, "checkpoint", name)):
             raise FileNotFoundError(f"{path}: no checkpoint/{name} (train.py writes the checkpoint "
                                     "every save_every steps and at the end; is the run finished?)")
-    with open(config) as f:
-        cfg = yaml.safe_load(f) or {}
+    try:
+        with open(config) as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or e
+        raise ValueError(f"{config} is not valid YAML: {problem}{where}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config} is not a train.py config (a mapping of sections)")
     for key in ("task", "cloud", "sampling", "eval"):
         if not isinstance(cfg.get(key), dict):
             raise ValueError(f"{config}: section {key!r} is missing")
+    for section, key, default in (("sampling", "max_new_tokens", None),
+                                  ("eval", "batch_size", 256)):
+        v = cfg[section].get(key, default)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"{config}: {section}.{key}={v!r} is not allowed: an integer >= 1")
     task = make_task(**cfg["task"])
     cloud = make_cloud(dict(cfg["cloud"]), cache_path=os.path.join(path, "cloud_cache.jsonl"))
     return Run(path, cfg, task, cloud, torch.device(device))
@@ -452,15 +503,37 @@ class Results:
     notes: list = field(default_factory=list)
 
 
+def _check_budget(budget, name):
+    if not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 <= budget <= 1):
+        raise ValueError(f"{name}={budget!r} is not allowed: give the share of prompts that may "
+                         "go to the cloud, a number in [0, 1] (0.3 = at most 30%)")
+
+
 def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, router_n=2000,
                   router_steps=None, seed=0, device=None, progress=None) -> Results:
     """Evaluate every run and the SPEC 8 baselines on the same prompts and budget."""
     progress = progress or (lambda *a, **k: None)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if split not in SPLITS:
         raise ValueError(f"--split={split!r} is not allowed; use one of {list(SPLITS)}")
+    if budget is not None:
+        _check_budget(budget, "--budget")
+    if n is not None and n < 0:
+        raise ValueError(f"--n={n} is not allowed: a count of prompts >= 0 (0 = the whole split)")
+    if router_n < 0:
+        raise ValueError(f"--router-n={router_n} is not allowed: a count of train prompts >= 0 "
+                         "(0 or 1: no router)")
+    if router_steps is not None and router_steps < 1:
+        raise ValueError(f"--router-steps={router_steps} is not allowed: a number of training "
+                         "steps >= 1")
+    if not 0 <= seed < 2 ** 64:
+        raise ValueError(f"--seed={seed} is not allowed: an integer in [0, 2**64 - 1]")
+    device = resolve_device(device)
     if not paths:
         raise ValueError("give at least one run directory")
+    given = [os.path.normpath(p) for p in paths]
+    twice = sorted({p for p in given if given.count(p) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)}: given more than once; give each run once")
     runs = [load_run(p, device) for p in paths]
     if task_tuned is not None and os.path.normpath(task_tuned) not in \
             [os.path.normpath(p) for p in paths]:
@@ -470,15 +543,17 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
         if _task_key(r.cfg) != _task_key(first.cfg):
             raise ValueError(f"{r.path} and {first.path} use different tasks ({_task_key(r.cfg)} vs "
                              f"{_task_key(first.cfg)}); runs in one table must share the task")
-    budget = float(first.cfg["eval"].get("budget", 0.3)) if budget is None else budget
-    if not (isinstance(budget, (int, float)) and 0 <= budget <= 1):
-        raise ValueError(f"--budget={budget!r} is not allowed: give the share of prompts that may "
-                         "go to the cloud, a number in [0, 1] (0.3 = at most 30%)")
+    config = os.path.join(first.path, "config.yaml")   # where budget and n come from by default
+    if budget is None:
+        budget = first.cfg["eval"].get("budget", 0.3)
+        _check_budget(budget, f"{config}: eval.budget")
+    budget = float(budget)
     all_examples = first.task.examples(split)
+    n_name = "--n" if n is not None else f"{config}: eval.n"
     n = int(first.cfg["eval"].get("n", 0)) if n is None else n
     if n < 0 or n > len(all_examples):
-        raise ValueError(f"--n={n} is not allowed: the {split} split has {len(all_examples)} "
-                         f"examples (0 = all of them)")
+        raise ValueError(f"{n_name}={n} is not allowed: the {split} split has "
+                         f"{len(all_examples)} examples (0 = all of them)")
     n = n or len(all_examples)
 
     # the task-tuned run: given, or the (first) run trained with help disabled
@@ -551,7 +626,7 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
     res.settings["models"][base.path] = _describe(base, model)
     m, out = algo.evaluate_policy(model, tok, base.task, examples, NoCloud(), budget, max_new,
                                   batch, lambda d, t: progress(f"{base.name}: greedy", d, t))
-    m["help_calls"] = int(out["help"].sum())
+    m = table_row({**m, "help_calls": int(out["help"].sum())})
     local = out["local_ok"].numpy() & ~out["help"].numpy()
     progress(f"{base.name}: cloud verdicts")
     cloud = np.array([a.correct for a in base.cloud.ask(base.task, examples)], dtype=bool)
@@ -561,11 +636,11 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
     cloud_only = algo.capped_metrics(torch.ones(n, dtype=torch.bool),
                                      torch.zeros(n, dtype=torch.bool), torch.as_tensor(cloud), 1.0)
     cloud_only.update(budget=budget, cap=n, help_calls=n, cond_local_acc=None, capped=False)
-    res.rows.append(("cloud_only", "cloud only (no cap)", cloud_only))
+    res.rows.append(("cloud_only", "cloud only (no cap)", table_row(cloud_only)))
     res.rows.append(("task_tuning_only" if base_role else "local_only", base_label, dict(m)))
 
     def routed(key, label, order, k, **extra):
-        row = routed_metrics(order, k, local, cloud, budget)
+        row = table_row(routed_metrics(order, k, local, cloud, budget))
         res.curves[key] = routing_curve(order, local, cloud)
         row.update(gap_recovered(*res.curves[key]), **extra)
         res.rows.append((key, label, row))
@@ -574,6 +649,9 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
 
     train = base.task.examples("train")[:router_n]
     if len(train) >= 2:
+        if len(train) < router_n:
+            res.notes.append(f"the router was trained on the whole train split, {len(train)} "
+                             f"prompts (--router-n asked for {router_n})")
         _, train_out = algo.evaluate_policy(
             model, tok, base.task, train, NoCloud(), budget, max_new, batch,
             lambda d, t: progress("router labels: greedy on train", d, t))
@@ -582,12 +660,13 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
         test_prompts = [tok.prompt_ids(ex.prompt) for ex in examples]
         progress("router: training")
         if base.from_scratch:
-            router = TinyRouter(tok.vocab_size, tok.pad_id,
-                                max(len(p) for p in train_prompts + test_prompts), seed, device)
-            fit_idx, val_idx = router.fit(train_prompts, labels, steps=router_steps or 400, seed=seed)
+            router, default_steps = TinyRouter(
+                tok.vocab_size, tok.pad_id, max(len(p) for p in train_prompts + test_prompts),
+                seed, device), 400
         else:
-            router = ProbeRouter(model, tok.pad_id)
-            fit_idx, val_idx = router.fit(train_prompts, labels, steps=router_steps or 300, seed=seed)
+            router, default_steps = ProbeRouter(model, tok.pad_id), 300
+        steps = default_steps if router_steps is None else router_steps
+        fit_idx, val_idx = router.fit(train_prompts, labels, steps=steps, seed=seed)
         p_train, p_test = router.predict(train_prompts), router.predict(test_prompts)
         fit_idx, val_idx = fit_idx.numpy(), val_idx.numpy()
         res.router = {"kind": router.kind, "n_train": len(fit_idx), "n_val": len(val_idx),
@@ -599,7 +678,8 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
         routed("router", "router (BCE, prompt only)", router_order(p_test), cap,
                auroc_train=res.router["auroc_train"], auroc_test=res.router["auroc_test"])
     else:
-        res.notes.append("the train split has fewer than 2 prompts: no router")
+        res.notes.append(f"no router: it needs at least 2 train prompts and has {len(train)} "
+                         f"(--router-n={router_n})")
 
     routed("oracle", "oracle router (upper bound)", oracle_order(local),
            min(cap, int((~local).sum())))
@@ -630,6 +710,7 @@ def evaluate_policy_run(res, run, examples, budget, progress):
     *curve, _ = policy_curve(help, local, answered, cloud, score)
     m.update(help_calls=int(help.sum()), cloud_requests=run.cloud.calls_made - calls_before,
              decision_agreement=float(((score > 0) == help).mean()), **gap_recovered(*curve))
+    m = table_row(m)
     res.rows.append((f"policy:{run.path}", label, m))
     res.curves[label] = curve
     res.points[label] = (m["call_ratio"], m["acc_uncapped"])
@@ -645,7 +726,7 @@ def _describe(run, model):
 def _machine(device):
     text = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     if str(device).startswith("cuda") and torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name(0)}"
+        text += f", {torch.cuda.get_device_name(device)}"
     return text
 
 # ----------------------------------------------------------------------------- 5. outputs
@@ -795,6 +876,22 @@ def report_markdown(res: Results, policy_paths, png, command) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_writable(path, name):
+    """An error now, before any evaluation, if directory `path` (created at the end if missing)
+    cannot take new files: it, or its nearest existing parent, must be a directory we can write."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{name} {path!r} cannot be written: {existing} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"{name} {path!r} cannot be written: no new file can be made in "
+                         f"{existing} ({e.strerror})") from e
+
+
 def write_outputs(res: Results, out_dir, command):
     """eval.json (+ report.md, curve.*) in every run directory; the combined report in out_dir."""
     policy_paths = [k[7:] for k, _, _ in res.rows if k.startswith("policy:")]
@@ -839,19 +936,26 @@ def main(argv=None):
                    help="the task-tuning-only run (trained with task.allow_help=false); default: "
                         "a given run whose config has allow_help false")
     p.add_argument("--out", default=None, help="directory of the combined report (default: the first run's)")
-    p.add_argument("--router-n", type=int, default=2000, help="train prompts that label the router")
-    p.add_argument("--router-steps", type=int, default=None, help="router training steps")
-    p.add_argument("--seed", type=int, default=0, help="naive offloading's draw and the router's init")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--router-n", type=int, default=2000,
+                   help="the first N train prompts label the router (at most the split; 0 or 1: "
+                        "no router; default 2000)")
+    p.add_argument("--router-steps", type=int, default=None,
+                   help="router training steps, >= 1 (default: 400 for a from-scratch device "
+                        "model's tiny transformer, 300 for a pretrained model's probe)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="naive offloading's draw and the router's init, in [0, 2**64 - 1]")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     args = p.parse_args(argv)
     command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
     progress = Progress()
     try:
-        if args.budget is not None and not (0 <= args.budget <= 1):
-            raise ValueError(f"--budget={args.budget} is not allowed: give the share of prompts that "
-                             "may go to the cloud, a number in [0, 1] (0.3 = at most 30%)")
-        if args.router_n < 0:
-            raise ValueError(f"--router-n={args.router_n} is not allowed: a count >= 0")
+        # every directory written at the end must be writable now, not after the evaluation
+        if args.out is not None:
+            check_writable(args.out, "--out")
+        for path in args.runs + ([args.task_tuned] if args.task_tuned else []):
+            if os.path.isdir(path):   # a missing run is load_run's error
+                check_writable(path, "run directory")
         res = evaluate_runs(args.runs, args.split, args.budget, args.n, args.task_tuned,
                             args.router_n, args.router_steps, args.seed, args.device, progress)
     except (ValueError, FileNotFoundError) as e:

@@ -4,6 +4,7 @@ end-to-end run of the command line on tiny random checkpoints."""
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -271,9 +272,22 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert d["role"] == "policy" and d["settings"]["n"] == 20 and d["settings"]["cap"] == 5
     assert set(d["baselines"]) == {"cloud_only", "task_tuning_only", "naive", "router", "oracle"}
     m = d["metrics"]
-    for key in ("call_ratio", "local_acc", "cond_local_acc", "acc_capped", "acc_uncapped",
-                "len_help", "len_local", "calls_served", "help_calls", "apgr", "cpt50", "cpt80"):
+    documented = ("call_ratio", "help_calls", "calls_served", "local_acc", "cond_local_acc",
+                  "acc_capped", "acc_uncapped", "len_help", "len_local", "clipped_ratio",
+                  "answer_rate", "apgr", "cpt50", "cpt80", "curve_local_acc", "curve_cloud_acc")
+    for key in documented:
         assert key in m
+    # every baseline row has the keys of a policy's metrics, null where it has no such value
+    policy_only = {"cloud_requests", "decision_agreement"}
+    extras = {"capped", "auroc_train", "auroc_test"}     # cloud_only's and router's own keys
+    for key, b in d["baselines"].items():
+        assert set(b) - extras == set(m) - policy_only, key
+    for key in ("cloud_only", "naive", "router", "oracle"):     # no responses of their own
+        b = d["baselines"][key]
+        assert [b[k] for k in ("len_help", "len_local", "clipped_ratio", "answer_rate")] == \
+            [None] * 4
+    tt, cloud_only = d["baselines"]["task_tuning_only"], d["baselines"]["cloud_only"]
+    assert tt["len_local"] > 0 and tt["apgr"] is None and cloud_only["apgr"] is None
     assert m["calls_served"] == min(m["help_calls"], 5)
     # the policy's curve ends at cloud only (same cloud); it starts at its local-only accuracy
     assert m["curve_cloud_acc"] == pytest.approx(d["baselines"]["cloud_only"]["acc_uncapped"])
@@ -287,9 +301,12 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert os.path.exists(os.path.join(tuned, "report.md"))
 
 
-def test_cli_errors_name_the_problem(tmp_path):
+def test_cli_errors_name_the_problem(tmp_path, no_evaluation):
     with pytest.raises(SystemExit, match="no such run directory"):
         ev.main([str(tmp_path / "missing")])
+    (tmp_path / "notrun").mkdir()
+    with pytest.raises(SystemExit, match="no config.yaml, so this is not a train.py run"):
+        ev.main([str(tmp_path / "notrun")])
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.yaml").write_text("task: {name: tiny_countdown}\n")
     with pytest.raises(SystemExit, match="no checkpoint/model.safetensors"):
@@ -301,6 +318,100 @@ def test_cli_errors_name_the_problem(tmp_path):
         ev.main([run, "--n", "99"])
     with pytest.raises(SystemExit, match="trained with help allowed"):
         ev.main([run, "--task-tuned", run])
+    with pytest.raises(SystemExit,
+                       match=r"--split='dev' is not allowed; use one of \['train', 'test'\]"):
+        ev.main([run, "--split", "dev"])
+    with pytest.raises(SystemExit, match="given more than once"):
+        ev.main([run, run + os.sep])
+
+
+def run_with_config(tmp_path, name, edit):
+    """A tiny run whose config.yaml is edit(the config text)."""
+    run = write_run(tmp_path, name, True, seed=0)
+    config = os.path.join(run, "config.yaml")
+    with open(config) as f:
+        text = edit(f.read())
+    with open(config, "w") as f:
+        f.write(text)
+    return run
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """The errors below must come before any decoding: fail if the evaluation starts."""
+    monkeypatch.setattr(ev, "evaluate_baselines",
+                        lambda *a, **k: pytest.fail("evaluation started despite bad input"))
+
+
+def exit_message(args):
+    """The SystemExit message of ev.main(args): one line, and an exit status other than 0."""
+    with pytest.raises(SystemExit) as e:
+        ev.main(args)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code   # sys.exit(text): status 1
+    return e.value.code
+
+
+def test_cli_bad_run_files_are_one_line_errors(tmp_path, no_evaluation):
+    bad_yaml = run_with_config(tmp_path, "bad_yaml", lambda t: "task: [unclosed\n")
+    assert re.search(r"bad_yaml/config.yaml is not valid YAML: .* at line 2",
+                     exit_message([bad_yaml]))
+    a_list = run_with_config(tmp_path, "a_list", lambda t: "- 1\n")
+    assert "a_list/config.yaml is not a train.py config" in exit_message([a_list])
+    zero_batch = run_with_config(tmp_path, "zero_batch",
+                                 lambda t: t.replace("batch_size: 64", "batch_size: 0"))
+    assert "eval.batch_size=0 is not allowed: an integer >= 1" in exit_message([zero_batch])
+    big_budget = run_with_config(tmp_path, "big_budget",
+                                 lambda t: t.replace("budget: 0.3", "budget: 2"))
+    assert re.search(r"big_budget/config.yaml: eval.budget=2 is not allowed.*\[0, 1\]",
+                     exit_message([big_budget]))
+    assert "bad_n/config.yaml: eval.n=-1 is not allowed" in exit_message(
+        [run_with_config(tmp_path, "bad_n", lambda t: t.replace("n: 20", "n: -1"))])
+
+
+def test_cli_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    run = write_run(tmp_path, "corrupt", True, seed=0)
+    with open(os.path.join(run, "checkpoint", "model.safetensors"), "wb") as f:
+        f.write(b"not safetensors")
+    assert "corrupt/checkpoint: the weights cannot be read" in exit_message([run, "--n", "2"])
+
+
+def test_cli_device_must_exist_here(tmp_path, no_evaluation):
+    run = write_run(tmp_path, "p", True, seed=0)
+    bad = ["tpu", "cuda:x", "cuda:99", "mps"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        text = exit_message([run, "--device", device])
+        assert text.startswith(f"eval error: --device={device!r} is not allowed; use cpu"), text
+    if not torch.cuda.is_available():
+        assert text.endswith("use cpu (no CUDA device is available here)")
+    assert ev.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_cli_rejects_nonsensical_numbers(tmp_path, no_evaluation):
+    run = write_run(tmp_path, "p", True, seed=0)
+    for args, message in [
+            (["--router-steps", "0"],
+             "--router-steps=0 is not allowed: a number of training steps >= 1"),
+            (["--router-steps", "-3"], "--router-steps=-3 is not allowed"),
+            (["--n", "-1"], "--n=-1 is not allowed: a count of prompts >= 0"),
+            (["--router-n", "-1"], "--router-n=-1 is not allowed: a count of train prompts >= 0"),
+            (["--seed", "-1"], "--seed=-1 is not allowed: an integer in [0, 2**64 - 1]"),
+            (["--seed", str(2 ** 64)], f"--seed={2 ** 64} is not allowed"),
+            (["--budget", "nan"], "--budget=nan is not allowed")]:
+        assert message in exit_message([run] + args)
+
+
+def test_cli_checks_outputs_are_writable_before_evaluating(tmp_path, no_evaluation, monkeypatch):
+    run = write_run(tmp_path, "p", True, seed=0)
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        assert exit_message([run, "--out", str(out)]).endswith(
+            f"--out {str(out)!r} cannot be written: {tmp_path / 'a_file'} is not a directory")
+    # a run directory that takes no new file (tests may run as root, so refuse it by hand)
+    def refuse(dir=None, **kw):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(ev.tempfile, "NamedTemporaryFile", refuse)
+    assert exit_message([run]).endswith(f"run directory {run!r} cannot be written: no new file "
+                                        f"can be made in {run} (Permission denied)")
 
 
 def test_report_without_matplotlib_writes_csv_and_says_how_to_plot(tmp_path, monkeypatch):
@@ -323,11 +434,15 @@ def test_report_without_matplotlib_writes_csv_and_says_how_to_plot(tmp_path, mon
 
 def test_cli_without_task_tuned_run_says_what_the_baselines_route(tmp_path):
     policy = write_run(tmp_path, "policy", True, seed=1)
-    res = ev.main([policy, "--n", "8", "--router-n", "10", "--router-steps", "2"])
+    res = ev.main([policy, "--n", "8", "--router-n", "100", "--router-steps", "2"])
     keys = [key for key, _, _ in res.rows]
     assert keys[:2] == ["cloud_only", "local_only"] and "task_tuning_only" not in keys
     d = json.load(open(os.path.join(policy, "eval.json")))
     assert "local_only" in d["baselines"] and "NOT the task-tuning-only baseline" in d["notes"][0]
+    # the train split holds 60 prompts: all of them label the router, and the notes say so
+    assert d["settings"]["router_train_prompts"] == 60
+    assert d["notes"][1] == ("the router was trained on the whole train split, 60 prompts "
+                             "(--router-n asked for 100)")
     assert "help disabled at decode time" in open(os.path.join(policy, "report.md")).read()
 
 
