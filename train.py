@@ -4,12 +4,17 @@
     python train.py configs/x.yaml rl.steps=50       # a config file plus dotted overrides
     python train.py resume=runs/NAME                 # continue a run exactly where it stopped
 
+Config keys and their defaults: the dataclasses in train.py (Config and its sections); task and
+cloud take the arguments of tasks.make_task / cloud.make_cloud. A bad setting: a one-line error.
+Ctrl-C during RL finishes the current step, saves a checkpoint and stops (resume= continues).
+
 The algorithm itself lives in algo.py; this file only wires it together (DESIGN.md).
 Run directory runs/<name>/: config.yaml, metrics.jsonl, samples.jsonl, cloud_cache.jsonl,
 checkpoint/ (model.safetensors + config.json + tokenizer files + trainer_state.pt).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,7 +22,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, fields
 
@@ -32,6 +39,11 @@ from reward import RewardConfig
 from tasks import make_task
 
 # ----------------------------------------------------------------------------- config
+
+
+class ConfigError(ValueError):
+    """A bad setting or argument, found before training starts; main() prints it as one line
+    (any other exception is a bug and keeps its traceback)."""
 
 
 @dataclass
@@ -114,113 +126,191 @@ def _cast(value: str, current, key: str):
             return True
         if value.lower() in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"{key}={value!r}: expected a boolean (true/false)")
+        raise ConfigError(f"{key}={value!r}: expected a boolean (true/false)")
     if isinstance(current, int):
         try:
             return int(value)
         except ValueError:
-            raise ValueError(f"{key}={value!r}: expected an integer") from None
+            raise ConfigError(f"{key}={value!r}: expected an integer") from None
     if isinstance(current, float):
         try:
             num, _, den = value.partition("/")  # fractions like rho=3/7 are allowed
             return float(num) / float(den) if den else float(value)
-        except ValueError:
-            raise ValueError(f"{key}={value!r}: expected a number (or a fraction like 3/7)") from None
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{key}={value!r}: expected a number (or a fraction like 3/7)") \
+                from None
     if isinstance(current, str):
         return value
-    return yaml.safe_load(value)  # lists and free-form dict entries
+    return _parse_yaml(value, key)  # lists and free-form dict entries
+
+
+def _parse_yaml(value: str, key: str):
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"{key}={value!r}: not a valid YAML value (e.g. [0.9, 0.999] or "
+                          f"{{name: x}})") from None
 
 
 def _set(obj, path: list, value, key: str, from_cli: bool):
     name = path[0]
     if isinstance(obj, dict):
         if len(path) > 1:
-            raise ValueError(f"{key}: {name!r} is a plain value, it has no sub-keys")
-        obj[name] = (_cast(value, obj[name], key) if name in obj else yaml.safe_load(value)) \
+            raise ConfigError(f"{key}: {name!r} is a plain value, it has no sub-keys")
+        obj[name] = (_cast(value, obj[name], key) if name in obj else _parse_yaml(value, key)) \
             if from_cli else value
         return
     names = [f.name for f in fields(obj)]
     if name not in names:
-        raise ValueError(f"unknown config key {key!r}; allowed here: {', '.join(names)}")
+        raise ConfigError(f"unknown config key {key!r}; allowed here: {', '.join(names)}")
     current = getattr(obj, name)
     if isinstance(current, dict) and len(path) == 1:  # task / cloud: replaced as a whole
-        value = yaml.safe_load(value) if from_cli else value
+        value = _parse_yaml(value, key) if from_cli else value
         if not isinstance(value, dict):
-            raise ValueError(f"{key} is a section; give a mapping like {key}={{name: ...}} or "
-                             f"set one entry with {key}.<key>=...")
+            raise ConfigError(f"{key} is a section; give a mapping like {key}={{name: ...}} or "
+                              f"set one entry with {key}.<key>=...")
         setattr(obj, name, dict(value))
         return
     if dataclasses.is_dataclass(current) or isinstance(current, dict):
         if len(path) == 1:
             if not isinstance(value, dict):
-                raise ValueError(f"{key} is a section; set its keys, e.g. {key}.<key>=...")
+                raise ConfigError(f"{key} is a section; set its keys, e.g. {key}.<key>=...")
             for k, v in value.items():
                 _set(current, [k], v, f"{key}.{k}", from_cli)
             return
         _set(current, path[1:], value, key, from_cli)
         return
     if len(path) > 1:
-        raise ValueError(f"{key}: {name!r} is a plain value, it has no sub-keys")
+        raise ConfigError(f"{key}: {name!r} is a plain value, it has no sub-keys")
     if from_cli:
         value = _cast(value, current, key)
     elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     elif current is not None and not isinstance(value, type(current)):
-        raise ValueError(f"{key}={value!r}: expected {type(current).__name__}")
+        raise ConfigError(f"{key}={value!r}: expected {type(current).__name__}")
     setattr(obj, name, value)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def validate(cfg: Config):
-    """Every choice checked up front, each error naming the key and what is allowed."""
+    """Every choice checked up front, each error naming the key, the bad value and what is
+    allowed. (Checks that need the task's data, e.g. eval.n against the test split, are in
+    Trainer, still before the warm start.)"""
     choice = lambda key, v, allowed: v in allowed or _fail(f"{key}={v!r}; allowed: {list(allowed)}")
     choice("rl.algo", cfg.rl.algo, algo.ADVANTAGE_KINDS)
     choice("rl.filter", cfg.rl.filter, algo.FILTER_RULES)
     choice("device", cfg.device, ("auto", "cpu", "cuda"))
     choice("precision", cfg.precision, ("fp32", "bf16-mixed", "bf16"))
     choice("rl.optimizer", cfg.rl.optimizer, ("adamw", "sgd"))
-    positive = {"rl.steps": cfg.rl.steps, "rl.prompts_per_step": cfg.rl.prompts_per_step,
-                "rl.lr": cfg.rl.lr, "sampling.max_new_tokens": cfg.sampling.max_new_tokens,
-                "warm_start.batch_size": cfg.warm_start.batch_size, "save_every": cfg.save_every,
-                "eval.batch_size": cfg.eval.batch_size}
-    for key, v in positive.items():
-        if not v > 0:
-            _fail(f"{key}={v}: must be > 0")
-    if cfg.rl.group_size < 2:
-        _fail(f"rl.group_size={cfg.rl.group_size}: the group baseline needs at least 2")
-    if cfg.rl.rho < 0 or not 0 <= cfg.eval.budget <= 1:
-        _fail(f"rl.rho={cfg.rl.rho} must be >= 0 and eval.budget={cfg.eval.budget} in [0, 1]")
-    if cfg.sampling.temperature <= 0:
-        _fail(f"sampling.temperature={cfg.sampling.temperature}: training samples need T > 0")
-    if not cfg.model.path and cfg.task.get("name") != "tiny_countdown":
+    positive = lambda v: _number(v) and v > 0
+    non_negative = lambda v: _number(v) and v >= 0
+    share = lambda v: _number(v) and 0 <= v <= 1
+    betas = lambda v: isinstance(v, list) and len(v) == 2 and all(share(b) and b < 1 for b in v)
+    rules = [  # key, test, what is allowed
+        ("save_every", positive, "an integer > 0"),
+        ("samples_per_step", non_negative, "an integer >= 0"),
+        ("model.hidden_size", positive, "an integer > 0"),
+        ("model.num_hidden_layers", positive, "an integer > 0"),
+        ("model.num_attention_heads", positive, "an integer > 0"),
+        ("model.num_key_value_heads", positive, "an integer > 0"),
+        ("model.intermediate_size", positive, "an integer > 0"),
+        ("model.max_position_embeddings", positive, "an integer > 0"),
+        ("warm_start.steps", non_negative, "an integer >= 0"),
+        ("warm_start.batch_size", positive, "an integer > 0"),
+        ("warm_start.lr", positive, "a finite number > 0"),
+        ("warm_start.warmup", positive, "an integer >= 1 (1 = no warmup)"),
+        ("warm_start.p_correct", share, "a number in [0, 1]"),
+        ("warm_start.p_help", share, "a number in [0, 1]"),
+        ("warm_start.seed", lambda v: v >= -1, "an integer >= 0, or -1 for the run's seed"),
+        ("rl.rho", non_negative, "a finite number >= 0 (3/7: at most 30% to the cloud)"),
+        ("rl.steps", positive, "an integer > 0"),
+        ("rl.prompts_per_step", positive, "an integer > 0"),
+        ("rl.group_size", lambda v: v >= 2, "an integer >= 2 (the group baseline needs 2)"),
+        ("rl.lr", positive, "a finite number > 0"),
+        ("rl.weight_decay", non_negative, "a finite number >= 0"),
+        ("rl.betas", betas, "a list of two numbers in [0, 1), e.g. [0.9, 0.999]"),
+        ("rl.grad_clip", non_negative, "a finite number >= 0 (0 = off)"),
+        ("rl.micro_batch_size", non_negative, "an integer >= 0 (0 = all responses at once)"),
+        ("rl.time_limit_min", non_negative, "a finite number >= 0 (0 = no limit)"),
+        ("rl.dual_init", _number, "a finite number"),
+        ("rl.dual_tau", share, "a number in [0, 1]"),
+        ("rl.dual_eta", non_negative, "a finite number >= 0"),
+        ("sampling.max_new_tokens", positive, "an integer > 0"),
+        ("sampling.temperature", positive, "a finite number > 0 (training samples need T > 0)"),
+        ("sampling.top_k", non_negative, "an integer >= 0 (0 = off)"),
+        ("sampling.top_p", lambda v: share(v) and v > 0, "a number in (0, 1] (1 = off)"),
+        ("eval.every", non_negative, "an integer >= 0 (0 = only at the end)"),
+        ("eval.n", non_negative, "an integer >= 0 (0 = the whole test split)"),
+        ("eval.budget", share, "a number in [0, 1] (0.3 = at most 30% of prompts)"),
+        ("eval.batch_size", positive, "an integer > 0"),
+    ]
+    for key, ok, allowed in rules:
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if not ok(value):
+            _fail(f"{key}={value!r}: must be {allowed}")
+    if cfg.name in ("", ".", "..") or "/" in cfg.name or "\\" in cfg.name:
+        _fail(f"name={cfg.name!r}: must be a directory name for {cfg.out_dir}/<name> "
+              f"(not empty, no '/'), e.g. name=my-run")
+    m = cfg.model
+    if not m.path and (m.hidden_size % m.num_attention_heads
+                       or m.hidden_size // m.num_attention_heads % 2):
+        _fail(f"model.hidden_size={m.hidden_size} with model.num_attention_heads="
+              f"{m.num_attention_heads}: hidden_size must be num_attention_heads times an even "
+              f"number (the head size, even for RoPE)")
+    if not m.path and m.num_attention_heads % m.num_key_value_heads:
+        _fail(f"model.num_attention_heads={m.num_attention_heads} must be a multiple of "
+              f"model.num_key_value_heads={m.num_key_value_heads}")
+    if not m.path and cfg.task.get("name") != "tiny_countdown":
         _fail("model.path is empty (train from scratch), which only the tiny_countdown task "
               "supports; set model.path to a local HF checkpoint directory")
     if "name" not in cfg.task:
         _fail("task.name is required")
-    cfg.reward.validate()
+    try:
+        cfg.reward.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _fail(message):
-    raise ValueError(message)
+    raise ConfigError(message)
 
 
 def load_config(argv: list[str]) -> Config:
     """[config.yaml] [key.sub=value ...]; a bare run uses configs/default.yaml."""
+    options = [a for a in argv if a.startswith("-") and "=" not in a]
+    if options:
+        raise ConfigError(f"unknown option {options[0]!r}; usage: python train.py [config.yaml] "
+                          f"[key.sub=value ...] or resume=runs/NAME (--help: more)")
     files = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
     if len(files) > 1:
-        raise ValueError(f"at most one config file, got {files}")
+        raise ConfigError(f"at most one config file, got {files}")
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if resume:  # continue a run: its own saved config, nothing else may change
         if files or len(overrides) > 1:
-            raise ValueError("resume=runs/NAME takes no config file or other overrides")
+            raise ConfigError("resume=runs/NAME takes no config file or other overrides")
         files = [os.path.join(resume[0], "config.yaml")]
-        if not os.path.exists(files[0]):
-            raise FileNotFoundError(f"resume: no config.yaml in {resume[0]}")
+        if not os.path.isfile(files[0]):
+            raise ConfigError(f"resume={resume[0]}: no config.yaml there, so not a run directory")
     path = files[0] if files else os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "configs", "default.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist or is not a file")
     cfg = Config()
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:  # its message spans lines: made one
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") \
+                from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping (name: ..., rl: {{...}}, ...), "
+                          f"not a {type(data).__name__}")
     for key, value in data.items():
         _set(cfg, [key], value, key, from_cli=False)
     for item in overrides:
@@ -278,6 +368,29 @@ def truncate_log(path: str, step: int):
     atomic_write_text(path, "".join(keep))
 
 
+@contextlib.contextmanager
+def ctrl_c_flag():
+    """Within the block a first Ctrl-C only sets the flag it yields: the RL loop then finishes
+    its step, saves and stops (a step cut in half could leave the weights updated but not the
+    step count). A second Ctrl-C interrupts at once. Outside the main thread: never set."""
+    stop = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_ctrl_c(signum, frame):
+        stop.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, "
+              "losing the steps since the last checkpoint)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
@@ -287,7 +400,8 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available; use device=cpu")
+        raise ConfigError("device='cuda' but no CUDA device is available; use device=cpu or "
+                          "device=auto")
     return torch.device(cfg.device)
 
 
@@ -367,8 +481,9 @@ def warm_start(cfg: Config, task, device) -> str:
                   end="", flush=True)
     print()
     model.eval()
-    stats = warm_start_stats(model, tokenizer, task, cfg.sampling.max_new_tokens)
-    print("warm start: greedy on 500 test prompts: " +
+    n_stats = min(500, len(task.examples("test")))
+    stats = warm_start_stats(model, tokenizer, task, cfg.sampling.max_new_tokens, n_stats)
+    print(f"warm start: greedy on {n_stats} test prompts: " +
           ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
     tmp = out + f".tmp{os.getpid()}"
     save_pretrained(model, tmp, tokenizer)
@@ -418,25 +533,60 @@ def warm_start_stats(model, tokenizer, task, max_new_tokens, n=500):
 
 class Trainer:
     def __init__(self, cfg: Config):
+        # First every check that can fail on a bad setting (ConfigError), then the slow part.
         self.cfg = cfg
         self.device = resolve_device(cfg)
         self.run_dir = cfg.resume or os.path.join(cfg.out_dir, cfg.name)
+        ckpt = os.path.join(self.run_dir, "checkpoint")
+        has_checkpoint = os.path.exists(ckpt) or os.path.exists(ckpt + ".old")
+        if not cfg.resume and has_checkpoint:
+            raise ConfigError(f"{self.run_dir} already holds a run; resume it with "
+                              f"resume={self.run_dir}, or choose another name=")
+        if cfg.resume and not has_checkpoint:
+            raise ConfigError(f"resume={self.run_dir}: no checkpoint yet (the run stopped before "
+                              f"its first save); start it afresh with: python train.py "
+                              f"{os.path.join(self.run_dir, 'config.yaml')}")
+        try:
+            self.task = make_task(**cfg.task)
+            self.cloud = make_cloud(dict(cfg.cloud),
+                                    cache_path=os.path.join(self.run_dir, "cloud_cache.jsonl"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.train_examples = self.task.examples("train")
+        test = self.task.examples("test")
+        if not self.train_examples or not test:
+            raise ConfigError(f"task {cfg.task['name']!r}: needs a non-empty train and test "
+                              f"split, got {len(self.train_examples)} and {len(test)} examples")
+        if cfg.eval.n > len(test):
+            raise ConfigError(f"eval.n={cfg.eval.n}: the test split has only {len(test)} prompts; "
+                              f"use eval.n <= {len(test)}, or eval.n=0 for all of them")
+        self.eval_examples = test[:cfg.eval.n] if cfg.eval.n else test
+        if not cfg.model.path:  # from scratch: a too-short context fails here, not after warm start
+            tokenizer = build_char_tokenizer(self.task.alphabet)
+            longest = max(len(tokenizer.prompt_ids(ex.prompt))
+                          for ex in self.train_examples + test)
+            need = longest + cfg.sampling.max_new_tokens
+            if cfg.model.max_position_embeddings < need:
+                raise ConfigError(
+                    f"model.max_position_embeddings={cfg.model.max_position_embeddings}: prompts "
+                    f"take up to {longest} tokens plus sampling.max_new_tokens="
+                    f"{cfg.sampling.max_new_tokens}; must be at least {need}")
+        elif not cfg.resume and not os.path.isdir(cfg.model.path):
+            raise ConfigError(f"model.path={cfg.model.path!r} is not a directory; give a local "
+                              f"HF checkpoint directory, or '' to train from scratch")
         os.makedirs(self.run_dir, exist_ok=True)
         if not cfg.resume:
-            if os.path.exists(os.path.join(self.run_dir, "checkpoint")):
-                raise ValueError(f"{self.run_dir} already holds a run; resume it with "
-                                 f"resume={self.run_dir}, or choose another name=")
             for stale in ("metrics.jsonl", "samples.jsonl"):
                 if os.path.exists(os.path.join(self.run_dir, stale)):
                     os.remove(os.path.join(self.run_dir, stale))
             atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
                               yaml.safe_dump(config_dict(cfg), sort_keys=False))
-        self.task = make_task(**cfg.task)
-        self.cloud = make_cloud(dict(cfg.cloud),
-                                cache_path=os.path.join(self.run_dir, "cloud_cache.jsonl"))
-        ckpt = os.path.join(self.run_dir, "checkpoint")
         if cfg.resume:
-            source = ckpt if os.path.exists(ckpt) else ckpt + ".old"
+            # A crash mid-save can leave only checkpoint.old: it becomes the checkpoint again, so
+            # that the next save() keeps it as .old until the new one is in place.
+            if not os.path.exists(ckpt):
+                os.replace(ckpt + ".old", ckpt)
+            source = ckpt
         else:
             source = cfg.model.path or warm_start(cfg, self.task, self.device)
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -460,9 +610,6 @@ class Trainer:
             print(f"resumed {self.run_dir} at step {self.step}")
             for name in ("metrics.jsonl", "samples.jsonl"):  # drop rows logged after the checkpoint
                 truncate_log(os.path.join(self.run_dir, name), self.step)
-        self.train_examples = self.task.examples("train")
-        test = self.task.examples("test")
-        self.eval_examples = test[:cfg.eval.n] if cfg.eval.n else test
 
     # one step of SPEC 5-6
     def rl_step(self) -> dict:
@@ -556,8 +703,9 @@ class Trainer:
         return metrics
 
     def save(self):
-        """Checkpoint atomically: write checkpoint.tmp, then swap it in (checkpoint.old survives
-        a crash between the two renames and is what resume falls back to)."""
+        """Checkpoint atomically: write checkpoint.tmp, then swap it in. At every moment a
+        complete `checkpoint` or `checkpoint.old` exists (resume falls back to .old): .old is
+        only deleted once a newer complete checkpoint has taken its place."""
         ckpt = os.path.join(self.run_dir, "checkpoint")
         tmp = ckpt + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -566,14 +714,20 @@ class Trainer:
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "trainer_state.pt"), "rb+") as f:
             os.fsync(f.fileno())
-        shutil.rmtree(ckpt + ".old", ignore_errors=True)
         if os.path.exists(ckpt):
+            shutil.rmtree(ckpt + ".old", ignore_errors=True)
             os.replace(ckpt, ckpt + ".old")
         os.replace(tmp, ckpt)
         shutil.rmtree(ckpt + ".old", ignore_errors=True)
 
     def train(self) -> dict:
         cfg = self.cfg
+        final_path = os.path.join(self.run_dir, "final_eval.json")
+        if self.step >= cfg.rl.steps and os.path.exists(final_path):  # resumed a finished run
+            print(f"{self.run_dir} is already complete ({self.step} steps); its final evaluation "
+                  f"is in {final_path}")
+            with open(final_path) as f:
+                return json.load(f)
         log = RunLog(self.run_dir, cfg.rl.steps)
         first = self.step
         print(f"{cfg.rl.algo} on {self.task.name}: {cfg.rl.steps} steps x "
@@ -581,29 +735,36 @@ class Trainer:
               f"rho={cfg.rl.rho:.3f}, reward {cfg.reward.version} alpha_a={cfg.reward.alpha_a} "
               f"alpha_c={cfg.reward.alpha_c}, help {'allowed' if self.task.allow_help else 'disabled'}"
               f", run dir {self.run_dir}")
-        while self.step < cfg.rl.steps:
-            if cfg.rl.time_limit_min and time.time() - log.start > 60 * cfg.rl.time_limit_min:
-                print(f"\nrl.time_limit_min={cfg.rl.time_limit_min} reached at step {self.step}")
-                self.save()
-                break
-            row = self.rl_step()
-            self.step += 1
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.rl.steps:
-                row.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-            log.log(row)
-            log.log_samples([{"step": self.step, "prompt": ex_prompt, "response": text,
-                              "reward": float(r), "help": bool(h), "local_ok": bool(ok)}
-                             for ex_prompt, text, r, h, ok in self.sample_rows(cfg.samples_per_step)])
-            log.progress(self.step, first, f"reward {row['reward/mean']:.3f} | help "
-                         f"{row['route/help_ratio']:.2f} | local {row['route/local_acc']:.2f}"
-                         + (f" | eval acc {row['eval/acc_capped']:.3f}" if "eval/acc_capped" in row
-                            else ""))
-            if self.step % cfg.save_every == 0 or self.step == cfg.rl.steps:
-                self.save()
+        with ctrl_c_flag() as stop:
+            while self.step < cfg.rl.steps:
+                if cfg.rl.time_limit_min and time.time() - log.start > 60 * cfg.rl.time_limit_min:
+                    print(f"\nrl.time_limit_min={cfg.rl.time_limit_min} reached at step "
+                          f"{self.step}")
+                    self.save()
+                    break
+                row = self.rl_step()
+                self.step += 1
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.rl.steps:
+                    row.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                log.log(row)
+                samples = self.sample_rows(cfg.samples_per_step)
+                log.log_samples([{"step": self.step, "prompt": ex_prompt, "response": text,
+                                  "reward": float(r), "help": bool(h), "local_ok": bool(ok)}
+                                 for ex_prompt, text, r, h, ok in samples])
+                log.progress(self.step, first, f"reward {row['reward/mean']:.3f} | help "
+                             f"{row['route/help_ratio']:.2f} | local {row['route/local_acc']:.2f}"
+                             + (f" | eval acc {row['eval/acc_capped']:.3f}"
+                                if "eval/acc_capped" in row else ""))
+                if self.step % cfg.save_every == 0 or self.step == cfg.rl.steps or stop:
+                    self.save()
+                if stop:
+                    print(f"\nstopped by Ctrl-C: checkpoint saved at step {self.step}")
+                    raise KeyboardInterrupt
         print()
         final = self.evaluate()
+        # final_eval.json first: it marks the run complete, so a resume never logs the row twice
+        atomic_write_text(final_path, json.dumps(final, indent=2))
         log.log({"train/step": self.step, **{f"eval/{k}": v for k, v in final.items()}})
-        atomic_write_text(os.path.join(self.run_dir, "final_eval.json"), json.dumps(final, indent=2))
         return final
 
     def sample_rows(self, k):
@@ -625,14 +786,22 @@ def print_table(rows: list[tuple[str, dict]]):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        sys.exit(0)
     try:
         cfg = load_config(argv)
-    except (ValueError, FileNotFoundError) as e:
+        torch.manual_seed(cfg.seed)
+        trainer = Trainer(cfg)
+    except ConfigError as e:
         sys.exit(f"config error: {e}")
-    torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg)
     start = time.time()
-    final = trainer.train()
+    try:
+        final = trainer.train()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: python train.py resume={trainer.run_dir}",
+              file=sys.stderr)
+        sys.exit(130)
     n, budget = final["n"], cfg.eval.budget
     cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": 0.0, "answer_rate": 0.0}
     answers = trainer.cloud.ask(trainer.task, trainer.eval_examples)

@@ -1,6 +1,9 @@
-"""train.py: a tiny end-to-end run, config errors, exact resume, the non-finite guard."""
+"""train.py: a tiny end-to-end run, config and setup errors, exact resume after a crash, a
+crash mid-save or Ctrl-C, the non-finite guard."""
 import json
 import os
+import re
+import signal
 
 import pytest
 import torch
@@ -49,6 +52,11 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     assert saved.rl.steps == 3 and saved.model.hidden_size == 32
     out = capsys.readouterr().out
     assert "acc @cap" in out and "cloud only" in out
+    assert "warm start: greedy on 20 test prompts" in out  # the split's size, not a fixed 500
+    # resuming the finished run does not evaluate (and log) it a second time
+    assert train.main([f"resume={run}"]) == final
+    assert "already complete" in capsys.readouterr().out
+    assert [r["train/step"] for r in read_rows(run)] == [1, 2, 3, 3]
     # a second run reuses the cached warm start
     train.main(tiny_args(tmp_path, "name=again", "rl.steps=1", f"device={device}"))
     assert "warm start: reusing" in capsys.readouterr().out
@@ -80,34 +88,208 @@ def test_config_casts_and_fractions():
     assert cfg.task["n_train"] == 123 and cfg.model.gradient_checkpointing is True
 
 
-def test_unknown_task_argument_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="no argument"):
-        train.main(tiny_args(tmp_path, "name=bad", "task.colour=red"))
+@pytest.mark.parametrize("override, message", [
+    ("rl.rho=1/0", "rl.rho='1/0': expected a number"),
+    ("rl.rho=nan", "rl.rho=nan: must be a finite number >= 0"),
+    ("warm_start.warmup=0", "warm_start.warmup=0: must be an integer >= 1"),
+    ("warm_start.p_help=1.5", "warm_start.p_help=1.5: must be a number in [0, 1]"),
+    ("sampling.top_p=2", "sampling.top_p=2.0: must be a number in (0, 1]"),
+    ("sampling.top_k=-1", "sampling.top_k=-1: must be an integer >= 0"),
+    ("rl.micro_batch_size=-1", "rl.micro_batch_size=-1: must be an integer >= 0"),
+    ("rl.betas=abc", "rl.betas='abc': must be a list of two numbers in [0, 1)"),
+    ("rl.betas=[0.9]", "rl.betas=[0.9]: must be a list of two numbers"),
+    ("rl.betas=[0.9", "rl.betas='[0.9': not a valid YAML value"),
+    ("rl.weight_decay=-1", "rl.weight_decay=-1.0: must be a finite number >= 0"),
+    ("rl.grad_clip=-1", "rl.grad_clip=-1.0: must be a finite number >= 0"),
+    ("rl.time_limit_min=-1", "rl.time_limit_min=-1.0: must be a finite number >= 0"),
+    ("eval.n=-3", "eval.n=-3: must be an integer >= 0"),
+    ("eval.every=-1", "eval.every=-1: must be an integer >= 0"),
+    ("samples_per_step=-1", "samples_per_step=-1: must be an integer >= 0"),
+    ("name=", "name='': must be a directory name"),
+    ("model.hidden_size=30", "model.hidden_size=30 with model.num_attention_heads=2"),
+    ("model.num_key_value_heads=3", "model.num_key_value_heads=3"),
+    ("--foo", "unknown option '--foo'"),
+    # found when the task is built, still before the warm start
+    ("eval.n=21", "eval.n=21: the test split has only 20 prompts"),
+    ("task.n_test=0", "needs a non-empty train and test split"),
+    ("model.max_position_embeddings=30", "model.max_position_embeddings=30: prompts take up to"),
+    ("task.colour=red", "task 'tiny_countdown' has no argument(s) ['colour']"),
+    ("cloud.backend=nope", "cloud backend='nope' is not allowed"),
+    ("cloud.p_correct=2", "oracle p_correct=2.0 must be a number in [0, 1]"),
+    ("model.path=/no/such/dir", "model.path='/no/such/dir' is not a directory"),
+])
+def test_bad_settings_are_one_line_errors_before_the_warm_start(override, message, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=bad", override))
+    text = str(exc.value.code)
+    assert text.startswith("config error: ") and message in text and "\n" not in text
+    assert not (tmp_path / "warm").exists() and not (tmp_path / "runs").exists()
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
-    common = tiny_args(tmp_path, "rl.steps=4", "save_every=2", "eval.every=0")
-    train.main(common + ["name=straight"])
+def test_setup_errors_are_one_line_errors(tmp_path, monkeypatch):
+    for leftover in ("checkpoint", "checkpoint.old"):  # a run, or one that crashed mid-save
+        os.makedirs(tmp_path / "runs" / "taken" / leftover)
+        taken = re.escape(str(tmp_path / "runs" / "taken"))
+        with pytest.raises(SystemExit, match=f"config error: {taken} already holds a run; "
+                                             f"resume it with resume={taken}, or choose"):
+            train.main(tiny_args(tmp_path, "name=taken"))
+        os.rmdir(tmp_path / "runs" / "taken" / leftover)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="config error: device='cuda' but no CUDA device is "
+                                         "available; use device=cpu or device=auto"):
+        train.main(tiny_args(tmp_path, "name=gpu", "device=cuda"))
+
+
+def test_bad_files_and_help(tmp_path, capsys):
+    (tmp_path / "torn.yaml").write_text("rl: {steps: 3\n")
+    (tmp_path / "list.yaml").write_text("- rl.steps=3\n")
+    for argv, message in [([str(tmp_path / "torn.yaml")], "torn.yaml is not valid YAML: "),
+                          ([str(tmp_path / "list.yaml")], "must hold a mapping (name: ..., rl: "
+                                                          "{...}, ...), not a list"),
+                          ([str(tmp_path)], "does not exist or is not a file"),
+                          ([str(tmp_path / "none.yaml")], "does not exist or is not a file"),
+                          ([f"resume={tmp_path}"], "no config.yaml there, so not a run directory")]:
+        with pytest.raises(SystemExit) as exc:
+            train.main(argv)
+        assert str(exc.value.code).startswith("config error: ") and message in exc.value.code
+        assert "\n" not in exc.value.code
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as exc:
+            train.main([flag])
+        assert exc.value.code == 0
+        assert "python train.py resume=runs/NAME" in capsys.readouterr().out
+
+
+STRAIGHT = ["rl.steps=4", "save_every=2", "eval.every=0"]  # checkpoints at steps 2 and 4
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run and its warm start, which the interrupted runs below share."""
+    root = tmp_path_factory.mktemp("straight")
+    train.main(tiny_args(root, "name=straight", *STRAIGHT))
+    return root
+
+
+def crash_args(tmp_path, straight, name):
+    return tiny_args(tmp_path, *STRAIGHT, f"warm_start.cache_dir={straight / 'warm'}",
+                     f"name={name}")
+
+
+def assert_continued_exactly(run, straight):
+    a = load_file(straight / "runs" / "straight" / "checkpoint" / "model.safetensors")
+    b = load_file(run / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train/step"] for r in read_rows(run)] == [1, 2, 3, 4, 4]  # each step logged once
+
+
+def test_resume_is_exact(tmp_path, straight, monkeypatch):
     real_step = train.Trainer.rl_step
 
     def crash_after_checkpoint(self):
-        if self.step == 3:  # step 3 is lost: the last checkpoint holds step 2
+        if self.step == 3:  # killed in step 4 (e.g. a second Ctrl-C): the last checkpoint
+            # holds step 2, so step 3 is lost and logged again by the resumed run
             raise KeyboardInterrupt
         return real_step(self)
 
     monkeypatch.setattr(train.Trainer, "rl_step", crash_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(common + ["name=crashed"])
+    with pytest.raises(SystemExit) as exc:
+        train.main(crash_args(tmp_path, straight, "crashed"))
+    assert exc.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # train() restored it
+    run = tmp_path / "runs" / "crashed"
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
     monkeypatch.setattr(train.Trainer, "rl_step", real_step)
-    train.main([f"resume={tmp_path / 'runs' / 'crashed'}"])
-    a = load_file(tmp_path / "runs" / "straight" / "checkpoint" / "model.safetensors")
-    b = load_file(tmp_path / "runs" / "crashed" / "checkpoint" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["train/step"] for r in read_rows(tmp_path / "runs" / "crashed")]
-    assert steps == [1, 2, 3, 4, 4]  # the lost step 3 was logged once, by the resumed run
+    train.main([f"resume={run}"])
+    assert_continued_exactly(run, straight)
 
 
-def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
+def test_ctrl_c_saves_after_the_current_step(tmp_path, straight, monkeypatch, capsys):
+    real_step = train.Trainer.rl_step
+
+    def ctrl_c_during_step_3(self):
+        if self.step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self)
+
+    monkeypatch.setattr(train.Trainer, "rl_step", ctrl_c_during_step_3)
+    with pytest.raises(SystemExit) as exc:
+        train.main(crash_args(tmp_path, straight, "ctrl_c"))
+    assert exc.value.code == 130
+    run = tmp_path / "runs" / "ctrl_c"
+    assert "checkpoint saved at step 3" in capsys.readouterr().out
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 3
+    assert [r["train/step"] for r in read_rows(run)] == [1, 2, 3]
+    monkeypatch.setattr(train.Trainer, "rl_step", real_step)
+    train.main([f"resume={run}"])
+    assert_continued_exactly(run, straight)
+
+
+def test_a_crash_mid_save_never_loses_the_checkpoint(tmp_path, straight, monkeypatch):
+    real_replace, swaps = os.replace, []
+
+    def crash_on_swap(crash_at):
+        """os.replace that crashes on the crash_at-th move of checkpoint.tmp into place, i.e.
+        after the old checkpoint became checkpoint.old and before the new one took its place."""
+        def replace(src, dst):
+            if str(src).endswith("checkpoint.tmp"):
+                swaps.append(src)
+                if len(swaps) == crash_at:
+                    raise RuntimeError("simulated crash")
+            return real_replace(src, dst)
+        swaps.clear()
+        monkeypatch.setattr(os, "replace", replace)
+
+    run = tmp_path / "runs" / "mid_save"
+    crash_on_swap(2)  # the step-4 save
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(crash_args(tmp_path, straight, "mid_save"))
+    assert not (run / "checkpoint").exists() and (run / "checkpoint.old").exists()
+    monkeypatch.setattr(os, "replace", real_replace)
+    trainer = train.Trainer(train.load_config([f"resume={run}"]))
+    assert trainer.step == 2  # from checkpoint.old, which is the checkpoint again
+    assert (run / "checkpoint").exists() and not (run / "checkpoint.old").exists()
+    crash_on_swap(1)  # the same save crashes again: the step-2 checkpoint is still there
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train()
+    state = torch.load(run / "checkpoint.old" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+    monkeypatch.setattr(os, "replace", real_replace)
+    train.main([f"resume={run}"])
+    assert_continued_exactly(run, straight)
+    # save() itself deletes checkpoint.old only once a new checkpoint has taken its place
+    real_replace(run / "checkpoint", run / "checkpoint.old")
+    crash_on_swap(1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.save()
+    state = torch.load(run / "checkpoint.old" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4 and (run / "checkpoint.old" / "model.safetensors").exists()
+
+
+def test_resume_before_the_first_checkpoint(tmp_path, monkeypatch):
+    def crash(self):
+        raise RuntimeError("simulated crash")
+
+    real_step = train.Trainer.rl_step
+    monkeypatch.setattr(train.Trainer, "rl_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # a bug keeps its traceback
+        train.main(tiny_args(tmp_path, "name=early", "rl.steps=1"))
+    run = tmp_path / "runs" / "early"
+    with pytest.raises(SystemExit, match=f"config error: resume={re.escape(str(run))}: no "
+                                         f"checkpoint yet .*start it afresh with: python train.py "
+                                         f"{re.escape(str(run / 'config.yaml'))}"):
+        train.main([f"resume={run}"])
+    monkeypatch.setattr(train.Trainer, "rl_step", real_step)
+    train.main([str(run / "config.yaml")])  # what the message suggests works
+    assert [r["train/step"] for r in read_rows(run)] == [1, 1]
+
+
+@pytest.mark.parametrize("loss, grad", [
+    (float("nan"), float("nan")),  # both poisoned
+    (0.5, float("nan")),           # a finite loss, but a NaN gradient
+    (float("inf"), 0.1),           # finite gradients, but an infinite loss
+])
+def test_non_finite_step_is_skipped(loss, grad, tmp_path, monkeypatch):
     # filter none: every prompt is selected, so the update always runs
     trainer = train.Trainer(train.load_config(tiny_args(tmp_path, "name=nan", "rl.steps=1",
                                                         "rl.filter=none")))
@@ -115,8 +297,9 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
 
     def poisoned(model, *args, **kwargs):
         for p in model.parameters():
-            p.grad = torch.full_like(p, float("nan"))
-        return float("nan")
+            p.grad = torch.full_like(p, 0.1)
+        next(model.parameters()).grad.view(-1)[0] = grad  # one entry is enough
+        return loss
 
     monkeypatch.setattr(algo, "update_policy", poisoned)
     row = trainer.rl_step()
