@@ -89,7 +89,7 @@ def main():
     try:
         try:  # the overrides are checked before the (large) checkpoint is built
             cfg = train.load_config([args.recipe, f"model.path={os.path.join(work, 'model')}",
-                                     "cloud={backend: oracle}", "rl.filter=none",
+                                     "cloud={backend: oracle}", "rl.filter=none", "eval.n=0",
                                      f"out_dir={work}", "name=footprint",
                                      f"device={args.device}", *args.overrides])
         except (ValueError, FileNotFoundError) as e:

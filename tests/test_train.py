@@ -349,3 +349,25 @@ def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, device, tmp_
     assert next(trainer.model.parameters()).dtype == torch.float32
     rows = read_rows(tmp_path / "runs" / cfg.name)
     assert [r["train/step"] for r in rows] == [1, 2, 2]
+
+
+def test_prompts_whose_cloud_call_failed_are_left_out_of_the_update(tmp_path, monkeypatch):
+    from cloud import CloudAnswer
+    trainer = train.Trainer(train.load_config(tiny_args(
+        tmp_path, "name=down", "rl.prompts_per_step=8", "rl.filter=none", "rl.steps=1")))
+    monkeypatch.setattr(trainer.cloud, "ask", lambda task, examples: [
+        CloudAnswer("", False, False, error="CloudError: HTTP 503") for _ in examples])
+    seen = []
+    real_update = algo.update_policy
+
+    def spy(model, ro, coef, selected, *a, **k):
+        seen.append((ro, selected))
+        return real_update(model, ro, coef, selected, *a, **k)
+    monkeypatch.setattr(algo, "update_policy", spy)
+    row = trainer.rl_step()
+    ro = trainer.last_rollout
+    failed = ro.cloud_asked.nonzero().flatten().tolist()  # every prompt that asked: its call failed
+    assert failed and row["filter/cloud_failed"] == len(failed) and ro.cloud_failed.sum() == len(failed)
+    kept = [p for p in range(8) if p not in failed]
+    assert row["filter/selected"] == len(kept)  # filter "none" selects all 8; the failed ones leave
+    assert kept and seen[0][1].tolist() == kept
