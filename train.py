@@ -739,6 +739,10 @@ class Trainer:
               f"rho={cfg.rl.rho:.3f}, reward {cfg.reward.version} alpha_a={cfg.reward.alpha_a} "
               f"alpha_c={cfg.reward.alpha_c}, help {'allowed' if self.task.allow_help else 'disabled'}"
               f", run dir {self.run_dir}")
+        matched = cfg.rl.rho / (1 + cfg.rl.rho)
+        if abs(cfg.eval.budget - matched) > 1e-6:
+            print(f"note: eval.budget={cfg.eval.budget} caps evaluation at another share than "
+                  f"rl.rho={cfg.rl.rho:.4g} trains for (SPEC 4: rho/(1+rho) = {matched:.4g})")
         with ctrl_c_flag() as stop:
             while self.step < cfg.rl.steps:
                 if cfg.rl.time_limit_min and time.time() - log.start > 60 * cfg.rl.time_limit_min:

@@ -57,9 +57,11 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     assert train.main([f"resume={run}"]) == final
     assert "already complete" in capsys.readouterr().out
     assert [r["train/step"] for r in read_rows(run)] == [1, 2, 3, 3]
-    # a second run reuses the cached warm start
-    train.main(tiny_args(tmp_path, "name=again", "rl.steps=1", f"device={device}"))
-    assert "warm start: reusing" in capsys.readouterr().out
+    assert "note: eval.budget" not in out  # 0.3 is what rho = 3/7 trains for
+    # a second run reuses the cached warm start; its budget does not match rho
+    train.main(tiny_args(tmp_path, "name=again", "rl.steps=1", f"device={device}", "rl.rho=1"))
+    out = capsys.readouterr().out
+    assert "warm start: reusing" in out and "note: eval.budget=0.3" in out and "= 0.5)" in out
 
 
 @pytest.mark.parametrize("override, message", [
