@@ -42,6 +42,9 @@ def group_advantages(rewards, kind, help=None, dual=0.0, eps=1e-6):
         rewards = rewards.float()
     G = rewards.shape[1]
     centred = rewards - rewards.mean(dim=1, keepdim=True)
+    # a group of equal rewards carries no signal: exactly 0, not the ~1e-8 a rounded float32
+    # mean leaves (which grpo's division by std + eps would blow up to a real coefficient)
+    centred = centred.masked_fill((rewards == rewards[:, :1]).all(dim=1, keepdim=True), 0.0)
     if kind == "gapg":
         if G < 2:
             raise ValueError(f"gapg needs G >= 2 responses per prompt, got G={G}")
@@ -85,7 +88,8 @@ def d2_cap(rho, n_d1):
     return math.floor(rho * n_d1 + 1e-9)
 
 
-def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=None, *, rewards):
+def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=None, *, rewards,
+                   exclude=None):
     """Choose the prompts S = D1 u D2 whose groups enter the update (SPEC 6).
 
     local_ok [P, G] bool: response answered correctly without help. help [P, G] bool: response
@@ -96,6 +100,8 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
     baselines; the counts still describe the batch as "any_correct" would see it, none dropped).
     D2 = no response correct, some response called for help, cloud correct; at most
     floor(rho * |D1|) of them are kept, chosen uniformly at random with `generator`.
+    exclude [P] bool (optional): prompts left out before any of this, in neither D1 nor D2 nor
+    |D1| (e.g. their cloud call failed, so their help responses could not be scored).
     An empty selection is legal: the caller skips the step.
     """
     if rule not in FILTER_RULES:
@@ -111,13 +117,14 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
                          f"{tuple(local_ok.shape)}, {tuple(help.shape)}, {tuple(rewards.shape)}, "
                          f"{tuple(cloud_ok.shape)}")
 
+    usable = torch.ones(P, dtype=torch.bool) if exclude is None else ~exclude.bool().cpu()
     any_ok = local_ok.any(dim=1)
-    d1 = any_ok & ~local_ok.all(dim=1) if rule == "mixed" else any_ok
-    candidates = torch.nonzero(~any_ok & help.any(dim=1) & cloud_ok).flatten()
-    zero_var = (rewards == rewards[:, :1]).all(dim=1)
+    d1 = (any_ok & ~local_ok.all(dim=1) if rule == "mixed" else any_ok) & usable
+    candidates = torch.nonzero(~any_ok & help.any(dim=1) & cloud_ok & usable).flatten()
+    zero_var = (rewards == rewards[:, :1]).all(dim=1) & usable
 
     if rule == "none":
-        selected, n_d2 = torch.arange(P), len(candidates)
+        selected, n_d2 = torch.nonzero(usable).flatten(), len(candidates)
     else:
         n_d2 = min(len(candidates), d2_cap(rho, int(d1.sum())))
         keep = candidates[torch.randperm(len(candidates), generator=generator)[:n_d2]]
@@ -136,9 +143,11 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
 # -----------------------------------------------------------------------------
 # the policy-gradient loss (SPEC 5)
 
-def sequence_token_logprobs(model, input_ids, position_ids, attn_mask, targets_start, temperature):
+def sequence_token_logprobs(model, input_ids, position_ids, attn_mask, targets_start, temperature,
+                            banned_ids=()):
     """log pi(token_t | tokens_<t) at the sampling temperature, with grad, for t >= targets_start:
-    [N, L - targets_start] (SPEC 5: log-probs recomputed on exactly the sampled ids).
+    [N, L - targets_start] (SPEC 5: log-probs recomputed on exactly the sampled ids), under the
+    distribution the sampler drew from: tokens in banned_ids (never sampled) are excluded.
 
     Rows hold [left-padded prompt | right-padded response]; the response starts at column
     targets_start for every row. Padding positions return finite junk; the loss masks them.
@@ -153,6 +162,9 @@ def sequence_token_logprobs(model, input_ids, position_ids, attn_mask, targets_s
     logits = model(input_ids, position_ids, attn_mask=attn_mask, logits_from=targets_start - 1)
     logits = logits[:, :-1]                                         # [N, L - targets_start, V]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if len(banned_ids):
+        logits = logits.index_fill(-1, torch.as_tensor(banned_ids, device=logits.device),
+                                   float("-inf"))
     targets = input_ids[:, targets_start:]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
@@ -181,7 +193,8 @@ def micro_batches(n, size):
 
 
 def accumulate_policy_gradient(model, input_ids, position_ids, attn_mask, targets_start,
-                               temperature, device_mask, coef, n_selected, micro_batch_size):
+                               temperature, device_mask, coef, n_selected, micro_batch_size,
+                               banned_ids=()):
     """Backpropagate the step's policy_gradient_loss in micro-batches; returns the loss value.
 
     The loss is a sum over rows divided by the step's n_selected (not the micro-batch's), so the
@@ -191,7 +204,7 @@ def accumulate_policy_gradient(model, input_ids, position_ids, attn_mask, target
     total = 0.0
     for rows in micro_batches(input_ids.shape[0], micro_batch_size):
         logp = sequence_token_logprobs(model, input_ids[rows], position_ids[rows],
-                                       attn_mask[rows], targets_start, temperature)
+                                       attn_mask[rows], targets_start, temperature, banned_ids)
         loss = policy_gradient_loss(logp, device_mask[rows], coef[rows], n_selected)
         loss.backward()
         total += loss.item()
@@ -287,7 +300,8 @@ def update_inputs(ro: Rollout, rows, pad_id: int):
     return ids, positions, real, Lp, ro.device_mask[rows, :T]
 
 
-def update_policy(model, ro: Rollout, coef, selected, temperature, micro_batch_size, pad_id):
+def update_policy(model, ro: Rollout, coef, selected, temperature, micro_batch_size, pad_id,
+                  banned_ids=()):
     """Accumulate the gradient of the SPEC 5 step over the selected prompts' responses:
     (1/|S|) sum_{x in S} g(x). Responses with coefficient 0 (e.g. zero-variance groups) add
     nothing to the sum, so their forward pass is skipped; |S| still counts their prompt."""
@@ -302,7 +316,7 @@ def update_policy(model, ro: Rollout, coef, selected, temperature, micro_batch_s
                                    for t in update_inputs(ro, rows, pad_id))
     return accumulate_policy_gradient(model, ids, pos, real, start, temperature, mask,
                                       coef[rows].to(device), len(selected),
-                                      micro_batch_size or len(rows))
+                                      micro_batch_size or len(rows), banned_ids)
 
 # -----------------------------------------------------------------------------
 # evaluation under the budget (SPEC 4, 7): greedy decoding, a hard cap on cloud calls

@@ -240,8 +240,10 @@ def validate(cfg: Config):
         ("rl.dual_eta", non_negative, "a finite number >= 0"),
         ("sampling.max_new_tokens", positive, "an integer > 0"),
         ("sampling.temperature", positive, "a finite number > 0 (training samples need T > 0)"),
-        ("sampling.top_k", non_negative, "an integer >= 0 (0 = off)"),
-        ("sampling.top_p", lambda v: share(v) and v > 0, "a number in (0, 1] (1 = off)"),
+        # the update's log-probs are those of the whole tempered softmax: sampling from a
+        # top-k / top-p restriction of it would make the step not the policy's gradient
+        ("sampling.top_k", lambda v: v == 0, "0 in training (top-k sampling is not supported)"),
+        ("sampling.top_p", lambda v: v == 1, "1 in training (top-p sampling is not supported)"),
         ("eval.every", non_negative, "an integer >= 0 (0 = only at the end)"),
         ("eval.n", non_negative, "an integer >= 0 (0 = the whole test split)"),
         ("eval.budget", share, "a number in [0, 1] (0.3 = at most 30% of prompts)"),
@@ -593,6 +595,8 @@ class Trainer:
         self.model = load_pretrained(source, dtype=dtype, device=self.device)
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
         self.tokenizer = load_tokenizer(source)
+        # never sampled, so left out of the update's log-probs too (help disabled: "H")
+        self.banned_ids = self.tokenizer.single_token_ids(self.task.banned_texts)
         self.sampler_model = self.model
         if cfg.precision == "bf16-mixed":  # a bf16 copy samples; fp32 master weights train
             self.sampler_model = load_pretrained(source, dtype=torch.bfloat16, device=self.device)
@@ -624,11 +628,11 @@ class Trainer:
         t1 = time.time()
         coef = algo.group_advantages(ro.rewards, rl.algo, help=ro.help, dual=self.dual)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, "filter"))
-        filt = algo.filter_prompts(ro.local_ok, ro.cloud_ok, ro.help, rl.rho, rl.filter, gen,
-                                   rewards=ro.rewards)
         # [ours] a prompt whose cloud call failed (not cached: retried when next sampled) stays
-        # out of S, since its help responses were scored as if the cloud had answered wrong
-        selected = filt.selected[~ro.cloud_failed[filt.selected]]
+        # out of the filter and S, since its help responses could not be scored
+        filt = algo.filter_prompts(ro.local_ok, ro.cloud_ok, ro.help, rl.rho, rl.filter, gen,
+                                   rewards=ro.rewards, exclude=ro.cloud_failed)
+        selected = filt.selected
         row = self.rollout_metrics(ro)
         row.update({"filter/d1": filt.n_d1, "filter/d2": filt.n_d2,
                     "filter/d2_candidates": filt.n_d2_candidates,
@@ -643,7 +647,7 @@ class Trainer:
             with self.autocast():
                 loss = algo.update_policy(self.model, ro, coef, selected,
                                           cfg.sampling.temperature, rl.micro_batch_size,
-                                          self.tokenizer.pad_id)
+                                          self.tokenizer.pad_id, self.banned_ids)
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0

@@ -68,6 +68,14 @@ def test_hand_advantages_G4():
     flat = torch.full((1, 4), 0.25, dtype=torch.float64)
     for kind in ("gapg", "grpo", "dr_grpo"):
         assert group_advantages(flat, kind).abs().max() == 0
+    # also where the float32 mean is rounded (0.3, 0.2 are not binary fractions; G = 6, 8)
+    for G in (6, 8):
+        for value in (0.3, 0.2, 0.4, 0.7):
+            flat = torch.full((2, G), value)
+            help = torch.tensor([[True] * G, [False] * G])
+            for kind in ("gapg", "grpo", "dr_grpo", "da_grpo"):
+                assert group_advantages(flat, kind, help=help, dual=0.5).abs().max() == 0, \
+                    (G, value, kind)
 
 
 def test_flattening_example_G8():
@@ -127,6 +135,23 @@ def run_filter(groups, cloud, rho=3 / 7, rule="any_correct", seed=0):
     local_ok, cloud_ok, help, rewards = batch(groups, cloud)
     return filter_prompts(local_ok, cloud_ok, help, rho, rule,
                           torch.Generator().manual_seed(seed), rewards=rewards)
+
+
+def test_excluded_prompts_are_in_no_set_and_not_in_the_cap():
+    # D1 = {0, 1, 2, 3}: cap floor(3/7 * 4) = 1; excluding D1 prompt 0 and D2 candidate 4
+    # leaves |D1| = 3, cap floor(3/7 * 3) = 1 of the candidates 5, 6
+    local_ok, cloud_ok, help, rewards = batch(["LW"] * 4 + ["HW"] * 3, [True] * 7)
+    exclude = torch.tensor([True, False, False, False, True, False, False])
+    res = filter_prompts(local_ok, cloud_ok, help, 3 / 7, "any_correct",
+                         torch.Generator().manual_seed(0), rewards=rewards, exclude=exclude)
+    assert res.n_d1 == 3 and res.n_d2_candidates == 2 and res.n_d2 == 1
+    assert res.selected.tolist()[:3] == [1, 2, 3] and res.selected.tolist()[3] in (5, 6)
+    # two excluded D1 prompts: |D1| = 2, cap floor(6/7) = 0
+    exclude[1] = True
+    res = filter_prompts(local_ok, cloud_ok, help, 3 / 7, rewards=rewards, exclude=exclude)
+    assert res.selected.tolist() == [2, 3] and res.n_d2 == 0
+    res = filter_prompts(local_ok, cloud_ok, help, 3 / 7, "none", rewards=rewards, exclude=exclude)
+    assert res.selected.tolist() == [2, 3, 5, 6]
 
 
 @pytest.mark.parametrize("n_d1,cap", list(enumerate([0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4])))
@@ -277,6 +302,21 @@ def test_loss_gradient_matches_hand_assembled():
     policy_gradient_loss(logp, mask, coef, n_selected=3).backward()
     for p, h in zip(model.parameters(), hand_gradient(model, ids, pos, attn, mask, coef, 3)):
         torch.testing.assert_close(p.grad, h, rtol=1e-10, atol=1e-12)
+
+
+def test_banned_tokens_are_outside_the_logprobs_distribution():
+    """The sampler never draws banned ids: the update's log-probs renormalise without them."""
+    model = TinyCausal()
+    ids, pos, attn, _, _ = loss_batch()
+    ids = ids.masked_fill((ids == 2) | (ids == 5), 0)  # the sampled ids avoid the banned 2, 5
+    got = sequence_token_logprobs(model, ids, pos, attn, START, TEMP, banned_ids=[2, 5])
+    with torch.no_grad():
+        logits = model(ids, pos, attn_mask=attn)[:, START - 1:-1] / TEMP
+    allowed = [0, 1, 3, 4, 6]
+    ref = torch.log_softmax(logits[..., allowed], -1)  # the 5 allowed ids, renormalised
+    targets = torch.tensor([allowed.index(int(i)) for i in ids[:, START:].flatten()])
+    expected = ref.reshape(-1, 5).gather(-1, targets[:, None]).view(got.shape)
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("size", [1, 3, 7])
