@@ -2,7 +2,6 @@
 APGR / CPT, naive and oracle routing, the policy's decision score and curve, the router, and an
 end-to-end run of the command line on tiny random checkpoints."""
 import json
-import math
 import os
 import re
 
