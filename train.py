@@ -807,6 +807,10 @@ def main(argv=None):
         trainer = Trainer(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except KeyboardInterrupt:  # in setup, i.e. the warm start: there is nothing to resume yet
+        print("\ninterrupted before RL started; nothing to resume (a warm start is cached only "
+              "once complete): run the same command again", file=sys.stderr)
+        sys.exit(130)
     start = time.time()
     try:
         final = trainer.train()

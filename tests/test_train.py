@@ -373,3 +373,18 @@ def test_prompts_whose_cloud_call_failed_are_left_out_of_the_update(tmp_path, mo
     kept = [p for p in range(8) if p not in failed]
     assert row["filter/selected"] == len(kept)  # filter "none" selects all 8; the failed ones leave
     assert kept and seen[0][1].tolist() == kept
+
+
+def test_ctrl_c_during_the_warm_start_exits_cleanly_and_the_run_can_start_again(
+        tmp_path, monkeypatch, capsys):
+    real_warm_start = train.warm_start
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "warm_start", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=early", "rl.steps=1"))
+    assert exc.value.code == 130 and "run the same command again" in capsys.readouterr().err
+    monkeypatch.setattr(train, "warm_start", real_warm_start)
+    train.main(tiny_args(tmp_path, "name=early", "rl.steps=1"))  # not "already holds a run"
+    assert [r["train/step"] for r in read_rows(tmp_path / "runs" / "early")] == [1, 1]
