@@ -735,7 +735,13 @@ class Trainer:
             print(f"{self.run_dir} is already complete ({self.step} steps); its final evaluation "
                   f"is in {final_path}")
             with open(final_path) as f:
-                return json.load(f)
+                final = json.load(f)
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a+") as f:
+                f.seek(0)
+                last = f.read().splitlines()[-1:]
+                if not last or "eval/acc_capped" not in json.loads(last[0]):  # a crash came
+                    f.write(json.dumps(self.final_row(final)) + "\n")      # before its row
+            return final
         log = RunLog(self.run_dir, cfg.rl.steps)
         first = self.step
         print(f"{cfg.rl.algo} on {self.task.name}: {cfg.rl.steps} steps x "
@@ -776,8 +782,11 @@ class Trainer:
         final = self.evaluate()
         # final_eval.json first: it marks the run complete, so a resume never logs the row twice
         atomic_write_text(final_path, json.dumps(final, indent=2))
-        log.log({"train/step": self.step, **{f"eval/{k}": v for k, v in final.items()}})
+        log.log(self.final_row(final))
         return final
+
+    def final_row(self, final: dict) -> dict:
+        return {"train/step": self.step, **{f"eval/{k}": v for k, v in final.items()}}
 
     def sample_rows(self, k):
         ro, G = self.last_rollout, self.last_rollout.G

@@ -57,6 +57,10 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     assert train.main([f"resume={run}"]) == final
     assert "already complete" in capsys.readouterr().out
     assert [r["train/step"] for r in read_rows(run)] == [1, 2, 3, 3]
+    # a crash between writing final_eval.json and logging its row: the resume logs it
+    rows = read_rows(run)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    assert train.main([f"resume={run}"]) == final and read_rows(run) == rows
     assert "note: eval.budget" not in out  # 0.3 is what rho = 3/7 trains for
     # a second run reuses the cached warm start; its budget does not match rho
     train.main(tiny_args(tmp_path, "name=again", "rl.steps=1", f"device={device}", "rl.rho=1"))
