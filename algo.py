@@ -23,6 +23,11 @@ FILTER_RULES = ("any_correct", "mixed", "none")
 # -----------------------------------------------------------------------------
 # advantages (SPEC 5, baselines SPEC 8)
 
+def zero_variance(rewards):
+    """[P] bool: the group's G rewards are all equal (no learning signal; SPEC 5)."""
+    return (rewards == rewards[:, :1]).all(dim=1)
+
+
 def group_advantages(rewards, kind, help=None, dual=0.0, eps=1e-6):
     """Per-response coefficient [P, G] multiplying grad log pi(y_i|x) in the update (SPEC 5, 8).
 
@@ -44,7 +49,7 @@ def group_advantages(rewards, kind, help=None, dual=0.0, eps=1e-6):
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     # a group of equal rewards carries no signal: exactly 0, not the ~1e-8 a rounded float32
     # mean leaves (which grpo's division by std + eps would blow up to a real coefficient)
-    centred = centred.masked_fill((rewards == rewards[:, :1]).all(dim=1, keepdim=True), 0.0)
+    centred = centred.masked_fill(zero_variance(rewards)[:, None], 0.0)
     if kind == "gapg":
         if G < 2:
             raise ValueError(f"gapg needs G >= 2 responses per prompt, got G={G}")
@@ -121,7 +126,7 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
     any_ok = local_ok.any(dim=1)
     d1 = (any_ok & ~local_ok.all(dim=1) if rule == "mixed" else any_ok) & usable
     candidates = torch.nonzero(~any_ok & help.any(dim=1) & cloud_ok & usable).flatten()
-    zero_var = (rewards == rewards[:, :1]).all(dim=1) & usable
+    zero_var = zero_variance(rewards) & usable
 
     if rule == "none":
         selected, n_d2 = torch.nonzero(usable).flatten(), len(candidates)

@@ -632,20 +632,19 @@ class Trainer:
         # out of the filter and S, since its help responses could not be scored
         filt = algo.filter_prompts(ro.local_ok, ro.cloud_ok, ro.help, rl.rho, rl.filter, gen,
                                    rewards=ro.rewards, exclude=ro.cloud_failed)
-        selected = filt.selected
         row = self.rollout_metrics(ro)
         row.update({"filter/d1": filt.n_d1, "filter/d2": filt.n_d2,
                     "filter/d2_candidates": filt.n_d2_candidates,
                     "filter/d2_dropped": filt.n_d2_dropped,
                     "filter/zero_variance": filt.n_zero_variance,
                     "filter/cloud_failed": int(ro.cloud_failed.sum()),
-                    "filter/selected": len(selected)})
-        loss, grad_norm, skipped = 0.0, 0.0, "empty_selection" if len(selected) == 0 else ""
+                    "filter/selected": len(filt.selected)})
+        loss, grad_norm, skipped = 0.0, 0.0, "empty_selection" if len(filt.selected) == 0 else ""
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         if not skipped:
             with self.autocast():
-                loss = algo.update_policy(self.model, ro, coef, selected,
+                loss = algo.update_policy(self.model, ro, coef, filt.selected,
                                           cfg.sampling.temperature, rl.micro_batch_size,
                                           self.tokenizer.pad_id, self.banned_ids)
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
