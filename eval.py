@@ -535,8 +535,7 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
     if twice:
         raise ValueError(f"{', '.join(twice)}: given more than once; give each run once")
     runs = [load_run(p, device) for p in paths]
-    if task_tuned is not None and os.path.normpath(task_tuned) not in \
-            [os.path.normpath(p) for p in paths]:
+    if task_tuned is not None and os.path.normpath(task_tuned) not in given:
         runs.append(load_run(task_tuned, device))
     first = runs[0]
     for r in runs[1:]:
