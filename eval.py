@@ -36,7 +36,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from safetensors import SafetensorError
 
 import algo
 from cloud import NoCloud, make_cloud
@@ -403,11 +402,7 @@ class Run:
 
     def model(self):
         if self._model is None:
-            try:
-                self._model = load_pretrained(self.checkpoint, device=self.device).eval()
-            except SafetensorError as e:
-                raise ValueError(f"{self.checkpoint}: the weights cannot be read ({e}); "
-                                 "is the file complete?") from e
+            self._model = load_pretrained(self.checkpoint, device=self.device).eval()
         return self._model
 
     def tokenizer(self):

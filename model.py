@@ -390,6 +390,15 @@ def atomic_write_text(path: str, text: str):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def read_json(path: str):
+    """A JSON file's contents; a file that is not valid JSON is a ValueError naming it."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
 def _hf_name(ours: str) -> str:
     return ours if ours.startswith("lm_head.") else "model." + ours
 
@@ -398,15 +407,13 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
     """Load an HF Llama/Qwen2 directory (config.json + model*.safetensors, sharded or not),
     strictly: a missing or unexpected tensor is an error that names it. dtype defaults to fp32
     on CPU and bf16 on CUDA."""
-    from safetensors import safe_open
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = ModelConfig.from_hf(json.load(f))
+    from safetensors import SafetensorError, safe_open
+    cfg = ModelConfig.from_hf(read_json(os.path.join(path, "config.json")))
     device = torch.device(device or "cpu")
     dtype = DTYPES.get(dtype, dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
     else:
         shards = sorted(n for n in os.listdir(path)
                         if n.startswith("model") and n.endswith(".safetensors"))
@@ -419,18 +426,24 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
         expected.pop("lm_head.weight")
     state, tied_head = {}, None
     for shard in shards:
-        with safe_open(os.path.join(path, shard), framework="pt") as f:
-            for name in f.keys():
-                if cfg.tie_word_embeddings and name == "lm_head.weight":
-                    tied_head = f.get_tensor(name)  # stored anyway: must be the embedding
-                    continue
-                if name not in expected:
-                    raise ValueError(f"unexpected tensor {name!r} in {os.path.join(path, shard)}")
-                t = f.get_tensor(name)
-                if not t.is_floating_point():
-                    raise ValueError(f"tensor {name!r} in {shard} has dtype {t.dtype}: quantised "
-                                     "checkpoints are not supported; dequantise to float first")
-                state[expected[name]] = t.to(device=device, dtype=dtype)
+        try:
+            with safe_open(os.path.join(path, shard), framework="pt") as f:
+                for name in f.keys():
+                    if cfg.tie_word_embeddings and name == "lm_head.weight":
+                        tied_head = f.get_tensor(name)  # stored anyway: must be the embedding
+                        continue
+                    if name not in expected:
+                        raise ValueError(f"unexpected tensor {name!r} in "
+                                         f"{os.path.join(path, shard)}")
+                    t = f.get_tensor(name)
+                    if not t.is_floating_point():
+                        raise ValueError(f"tensor {name!r} in {shard} has dtype {t.dtype}: "
+                                         "quantised checkpoints are not supported; dequantise "
+                                         "to float first")
+                    state[expected[name]] = t.to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise ValueError(f"{os.path.join(path, shard)}: the weights cannot be read ({e}); "
+                             "is the file complete?") from e
     missing = [hf for hf, ours in expected.items() if ours not in state]
     if missing:
         raise ValueError(f"checkpoint {path} is missing tensors: {missing[:8]}"
@@ -562,11 +575,17 @@ def load_tokenizer(path: str) -> Tokenizer:
     """tokenizer.json through `tokenizers`; eos/pad/bos from tokenizer_config.json and
     generation_config.json; the chat format recognised from the template's markup."""
     from tokenizers import Tokenizer as HFTokenizer
-    tk = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: no such file (a checkpoint needs its tokenizer)")
+    try:
+        tk = HFTokenizer.from_file(file)
+    except Exception as e:  # the tokenizers package raises a bare Exception for a bad file
+        raise ValueError(f"{file}: cannot be read as a tokenizer ({e})") from e
 
     def read(name):
         p = os.path.join(path, name)
-        return json.load(open(p)) if os.path.exists(p) else {}
+        return read_json(p) if os.path.exists(p) else {}
 
     tc, gc, mc = read("tokenizer_config.json"), read("generation_config.json"), read("config.json")
     template = tc.get("chat_template") or ""

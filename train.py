@@ -592,9 +592,12 @@ class Trainer:
         else:
             source = cfg.model.path or warm_start(cfg, self.task, self.device)
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-        self.model = load_pretrained(source, dtype=dtype, device=self.device)
+        try:
+            self.model = load_pretrained(source, dtype=dtype, device=self.device)
+            self.tokenizer = load_tokenizer(source)
+        except (ValueError, OSError) as e:  # a missing, truncated or foreign file: one line
+            raise ConfigError(f"cannot load the model from {source}: {e}") from e
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
-        self.tokenizer = load_tokenizer(source)
         # never sampled, so left out of the update's log-probs too (help disabled: "H")
         self.banned_ids = self.tokenizer.single_token_ids(self.task.banned_texts)
         self.sampler_model = self.model

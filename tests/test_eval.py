@@ -367,11 +367,17 @@ def test_cli_bad_run_files_are_one_line_errors(tmp_path, no_evaluation):
         [run_with_config(tmp_path, "bad_n", lambda t: t.replace("n: 20", "n: -1"))])
 
 
-def test_cli_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+@pytest.mark.parametrize("name, content, message", [
+    ("model.safetensors", b"not safetensors", "model.safetensors: the weights cannot be read"),
+    ("tokenizer.json", b'{"broken', "tokenizer.json: cannot be read as a tokenizer"),
+    ("config.json", b"{", "config.json: not valid JSON"),
+    ("tokenizer_config.json", b"[1,", "tokenizer_config.json: not valid JSON"),
+])
+def test_cli_corrupt_checkpoint_is_a_one_line_error(tmp_path, name, content, message):
     run = write_run(tmp_path, "corrupt", True, seed=0)
-    with open(os.path.join(run, "checkpoint", "model.safetensors"), "wb") as f:
-        f.write(b"not safetensors")
-    assert "corrupt/checkpoint: the weights cannot be read" in exit_message([run, "--n", "2"])
+    with open(os.path.join(run, "checkpoint", name), "wb") as f:
+        f.write(content)
+    assert f"corrupt/checkpoint/{message}" in exit_message([run, "--n", "2"])
 
 
 def test_cli_device_must_exist_here(tmp_path, no_evaluation):

@@ -146,6 +146,20 @@ def test_setup_errors_are_one_line_errors(tmp_path, monkeypatch):
         train.main(tiny_args(tmp_path, "name=gpu", "device=cuda"))
 
 
+def test_an_unloadable_model_path_is_a_one_line_error(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for files, message in [({}, "config.json"),
+                           ({"config.json": "{"}, "broken/config.json: not valid JSON")]:
+        for name, text in files.items():
+            (broken / name).write_text(text)
+        with pytest.raises(SystemExit) as exc:
+            train.main(tiny_args(tmp_path, "name=b", f"model.path={broken}"))
+        text = str(exc.value.code)
+        assert text.startswith(f"config error: cannot load the model from {broken}: ")
+        assert message in text and "\n" not in text
+
+
 def test_bad_files_and_help(tmp_path, capsys):
     (tmp_path / "torn.yaml").write_text("rl: {steps: 3\n")
     (tmp_path / "list.yaml").write_text("- rl.steps=3\n")
