@@ -4,14 +4,15 @@
 #   gapg            GAPG (SPEC 5-6), the default config
 #   gapg-seed1      the same with another RL seed (same warm start)
 #   task-only       task-tuning only: RL with help disabled (the H decision is never sampled)
-#   collab          collaboration-aware baseline: same rewards, GRPO advantages, no filtering
+#   collab          collaboration-aware baseline (SPEC 8.5): same rewards, no filtering, Dr. GRPO
+#                   advantages (the v3 reward's; SPEC 8.5 pairs GRPO with the v1 reward)
 # Extra arguments are passed to every train.py call (e.g. rl.steps=100 for a quick look).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs}
 EXTRA=("$@")
 for run in "gapg" "gapg-seed1 seed=1 warm_start.seed=0" "task-only task.allow_help=false" \
-           "collab rl.algo=grpo rl.filter=none"; do
+           "collab rl.algo=dr_grpo rl.filter=none"; do
   set -- $run
   name=$1; shift
   if [ -f "$OUT/tiny-$name/final_eval.json" ]; then
