@@ -95,7 +95,8 @@ class RLSection:
 class EvalSection:
     every: int = 100                # held-out evaluation every N steps (0 = only at the end)
     n: int = 500                    # held-out prompts (0 = the whole test split)
-    budget: float = 0.3             # cloud-call cap as a share of prompts (rho / (1 + rho))
+    budget: float | None = None     # cloud-call cap as a share of prompts; None (null):
+                                    # rl.rho / (1 + rho), the share training aims at (SPEC 7)
     batch_size: int = 256
 
 
@@ -246,7 +247,8 @@ def validate(cfg: Config):
         ("sampling.top_p", lambda v: v == 1, "1 in training (top-p sampling is not supported)"),
         ("eval.every", non_negative, "an integer >= 0 (0 = only at the end)"),
         ("eval.n", non_negative, "an integer >= 0 (0 = the whole test split)"),
-        ("eval.budget", share, "a number in [0, 1] (0.3 = at most 30% of prompts)"),
+        ("eval.budget", lambda v: v is None or share(v),
+         "a number in [0, 1] (0.3 = at most 30% of prompts), or null for rho / (1 + rho)"),
         ("eval.batch_size", positive, "an integer > 0"),
     ]
     for key, ok, allowed in rules:
@@ -321,6 +323,8 @@ def load_config(argv: list[str]) -> Config:
     if resume:
         cfg.resume = resume[0]
     validate(cfg)
+    if cfg.eval.budget is None:  # resolved here, so the run's config.yaml holds the number
+        cfg.eval.budget = round(cfg.rl.rho / (1 + cfg.rl.rho), 12)
     return cfg
 
 
@@ -754,7 +758,8 @@ class Trainer:
         matched = cfg.rl.rho / (1 + cfg.rl.rho)
         if abs(cfg.eval.budget - matched) > 1e-6:
             print(f"note: eval.budget={cfg.eval.budget} caps evaluation at another share than "
-                  f"rl.rho={cfg.rl.rho:.4g} trains for (SPEC 4: rho/(1+rho) = {matched:.4g})")
+                  f"rl.rho={cfg.rl.rho:.4g} trains for (SPEC 4: rho/(1+rho) = {matched:.4g}; "
+                  f"eval.budget=null uses that)")
         with ctrl_c_flag() as stop:
             while self.step < cfg.rl.steps:
                 if cfg.rl.time_limit_min and time.time() - log.start > 60 * cfg.rl.time_limit_min:

@@ -62,10 +62,11 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
     assert train.main([f"resume={run}"]) == final and read_rows(run) == rows
     assert "note: eval.budget" not in out  # 0.3 is what rho = 3/7 trains for
-    # a second run reuses the cached warm start; its budget does not match rho
-    train.main(tiny_args(tmp_path, "name=again", "rl.steps=1", f"device={device}", "rl.rho=1"))
+    # a second run reuses the cached warm start; its budget, set by hand, does not match rho
+    train.main(tiny_args(tmp_path, "name=again", "rl.steps=1", f"device={device}", "rl.rho=1",
+                         "eval.budget=0.3"))
     out = capsys.readouterr().out
-    assert "warm start: reusing" in out and "note: eval.budget=0.3" in out and "= 0.5)" in out
+    assert "warm start: reusing" in out and "note: eval.budget=0.3" in out and "= 0.5; eval.budget=null" in out
 
 
 @pytest.mark.parametrize("override, message", [
@@ -92,6 +93,17 @@ def test_config_casts_and_fractions():
                              "task.n_train=123", "model.gradient_checkpointing=true"])
     assert cfg.rl.rho == 3 / 7 and cfg.rl.lr == 1e-5 and cfg.rl.betas == [0.8, 0.9]
     assert cfg.task["n_train"] == 123 and cfg.model.gradient_checkpointing is True
+
+
+def test_the_evaluation_budget_follows_rho_unless_set():
+    """SPEC 7: the cap is floor(N rho / (1 + rho)); eval.budget: null (the default) gives it."""
+    assert train.load_config([]).eval.budget == 0.3                      # rho = 3/7
+    assert train.load_config(["rl.rho=1/4"]).eval.budget == 0.2
+    assert train.load_config(["rl.rho=1"]).eval.budget == 0.5
+    assert train.load_config(["rl.rho=1/4", "eval.budget=0.35"]).eval.budget == 0.35
+    assert train.load_config(["eval.budget=null", "rl.rho=0"]).eval.budget == 0.0
+    with pytest.raises(ValueError, match="eval.budget=2: must be a number in .0, 1.* or null"):
+        train.load_config(["eval.budget=2"])
 
 
 @pytest.mark.parametrize("override, message", [
