@@ -335,7 +335,8 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
     """SPEC 7 metrics for N prompts, one greedy response each (help, local_ok, cloud_ok [N] bool).
 
     The cap is floor(N * budget) cloud calls, served to help calls in dataset order; later help
-    calls are scored wrong [ours]. Uncapped figures serve every help call.
+    calls are scored wrong [ours]. Uncapped figures serve every help call. A ratio over no
+    prompts (conditional local accuracy when every prompt asked for help) is None.
     """
     help, local_ok, cloud_ok = (torch.as_tensor(t, dtype=torch.bool).reshape(-1)
                                 for t in (help, local_ok, cloud_ok))
@@ -351,14 +352,14 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
         "call_ratio": float(help.double().mean()),
         "calls_served": int(served.sum()),
         "local_acc": float(local_ok.double().mean()),
-        "cond_local_acc": float(local_ok.sum()) / n_local if n_local else 0.0,
+        "cond_local_acc": float(local_ok.sum()) / n_local if n_local else None,  # 0/0: none
         "acc_capped": float((local_ok | (served & cloud_ok)).double().mean()),
         "acc_uncapped": float((local_ok | (help & cloud_ok)).double().mean()),
     }
     if len_tokens is not None:
         lens = torch.as_tensor(len_tokens, dtype=torch.float64).reshape(-1)
-        m["len_help"] = float(lens[help].mean()) if help.any() else 0.0
-        m["len_local"] = float(lens[~help].mean()) if (~help).any() else 0.0
+        m["len_help"] = float(lens[help].mean()) if help.any() else None
+        m["len_local"] = float(lens[~help].mean()) if (~help).any() else None
     return m
 
 

@@ -732,8 +732,8 @@ TABLE_COLUMNS = [("call ratio", "call_ratio"), ("local acc", "local_acc"),
                  ("CPT(80%)", "cpt80")]
 
 
-def _fmt(v):
-    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+def _fmt(v, digits: int = 3):
+    return "–" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def _plain(obj):
@@ -829,8 +829,9 @@ def report_markdown(res: Results, policy_paths, png, command) -> str:
                   "| policy | help calls | cloud calls served | len help | len local | clipped | "
                   "local-only acc | decision agreement |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for label, m in policies:
-            lines.append(f"| {label} | {m['help_calls']} | {m['calls_served']} | {m['len_help']:.1f} "
-                         f"| {m['len_local']:.1f} | {m['clipped_ratio']:.3f} | "
+            lines.append(f"| {label} | {m['help_calls']} | {m['calls_served']} | "
+                         f"{_fmt(m['len_help'], 1)} | {_fmt(m['len_local'], 1)} | "
+                         f"{m['clipped_ratio']:.3f} | "
                          f"{m['curve_local_acc']:.3f} | {m['decision_agreement']:.3f} |")
     if res.router:
         r = res.router

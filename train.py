@@ -809,7 +809,8 @@ def print_table(rows: list[tuple[str, dict]]):
     width = max(len(name) for name, _ in rows) + 2
     print("method".ljust(width) + "".join(c.rjust(14) for c, _ in cols))
     for name, m in rows:
-        print(name.ljust(width) + "".join(f"{m[k]:14.3f}" for _, k in cols))
+        print(name.ljust(width) + "".join("–".rjust(14) if m[k] is None else f"{m[k]:14.3f}"
+                                          for _, k in cols))
 
 
 def main(argv=None):
@@ -835,7 +836,7 @@ def main(argv=None):
               file=sys.stderr)
         sys.exit(130)
     n, budget = final["n"], cfg.eval.budget
-    cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": 0.0, "answer_rate": 0.0}
+    cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": None, "answer_rate": 0.0}
     answers = trainer.cloud.ask(trainer.task, trainer.eval_examples)
     acc = sum(a.correct for a in answers) / n
     cloud_only.update(acc_uncapped=acc, acc_capped=acc)

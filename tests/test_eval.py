@@ -46,6 +46,18 @@ def test_capped_metrics_cap_in_dataset_order():
     assert m["len_local"] == pytest.approx((20 + 50 + 60 + 80 + 90 + 100) / 6)
 
 
+
+def test_capped_metrics_over_no_prompts_are_none_not_zero():
+    # every prompt asks for help: no local answers to be right or wrong among (0/0), no lengths
+    m = capped_metrics(torch.ones(4).bool(), torch.zeros(4).bool(),
+                       torch.tensor([1, 1, 0, 1]).bool(), 0.5, torch.tensor([5, 6, 7, 8]))
+    assert m["cond_local_acc"] is None and m["len_local"] is None
+    assert m["local_acc"] == 0.0 and m["len_help"] == 6.5 and m["acc_capped"] == 0.5
+    # no prompt asks: no help-call length
+    m = capped_metrics(torch.zeros(4).bool(), torch.tensor([1, 0, 0, 1]).bool(),
+                       torch.ones(4).bool(), 0.5, torch.tensor([5, 6, 7, 8]))
+    assert m["len_help"] is None and m["cond_local_acc"] == 0.5 and m["len_local"] == 6.5
+
 def test_routing_curve_by_hand():
     local, cloud, order = [1, 0, 1, 0], [1, 1, 0, 1], [3, 0, 2, 1]
     c, a = ev.routing_curve(order, local, cloud)
