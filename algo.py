@@ -222,6 +222,7 @@ def accumulate_policy_gradient(model, input_ids, position_ids, attn_mask, target
 @dataclass
 class Sampling:
     max_new_tokens: int = 64
+    max_prompt_tokens: int = 0  # train.py leaves out longer training prompts (SPEC 9); 0: no limit
     temperature: float = 1.0   # 0 = greedy (evaluation)
     top_k: int = 0
     top_p: float = 1.0

@@ -240,6 +240,7 @@ def validate(cfg: Config):
         ("rl.dual_tau", share, "a number in [0, 1]"),
         ("rl.dual_eta", non_negative, "a finite number >= 0"),
         ("sampling.max_new_tokens", positive, "an integer > 0"),
+        ("sampling.max_prompt_tokens", non_negative, "an integer >= 0 (0 = no limit)"),
         ("sampling.temperature", positive, "a finite number > 0 (training samples need T > 0)"),
         # the update's log-probs are those of the whole tempered softmax: sampling from a
         # top-k / top-p restriction of it would make the step not the policy's gradient
@@ -415,6 +416,20 @@ def step_seed(seed: int, step: int, what: str) -> int:
     """Every random draw of a step is seeded from (seed, step, purpose), so a resumed run makes
     exactly the draws the uninterrupted run would have made (no RNG state to save)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{what}".encode()).digest()[:8], "little") >> 1
+
+
+def drop_long_prompts(examples: list, tokenizer, max_tokens: int) -> list:
+    """The training prompts of at most max_tokens tokens (SPEC 9's max prompt length; 0 = all)."""
+    if not max_tokens:
+        return examples
+    kept = [ex for ex in examples if len(tokenizer.prompt_ids(ex.prompt)) <= max_tokens]
+    if len(kept) < len(examples):
+        print(f"sampling.max_prompt_tokens={max_tokens}: left out {len(examples) - len(kept)} of "
+              f"{len(examples)} training prompts as longer")
+    if not kept:
+        raise ConfigError(f"sampling.max_prompt_tokens={max_tokens}: every training prompt is "
+                          f"longer; raise it, or 0 for no limit")
+    return kept
 
 
 def step_prompts(examples: list, seed: int, step: int, k: int) -> list:
@@ -604,6 +619,8 @@ class Trainer:
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
         # never sampled, so left out of the update's log-probs too (help disabled: "H")
         self.banned_ids = self.tokenizer.single_token_ids(self.task.banned_texts)
+        self.train_examples = drop_long_prompts(self.train_examples, self.tokenizer,
+                                                cfg.sampling.max_prompt_tokens)
         self.sampler_model = self.model
         if cfg.precision == "bf16-mixed":  # a bf16 copy samples; fp32 master weights train
             self.sampler_model = load_pretrained(source, dtype=torch.bfloat16, device=self.device)

@@ -172,6 +172,21 @@ def test_an_unloadable_model_path_is_a_one_line_error(tmp_path):
         assert message in text and "\n" not in text
 
 
+def test_training_prompts_over_max_prompt_tokens_are_left_out(capsys):
+    import string
+
+    from model import build_char_tokenizer
+    from tasks import Example
+    tok = build_char_tokenizer(string.printable)  # one token per character
+    examples = [Example(key=p, prompt=p, data={}) for p in ("abc", "abcdef", "ab", "abcd")]
+    assert train.drop_long_prompts(examples, tok, 0) is examples
+    assert [ex.prompt for ex in train.drop_long_prompts(examples, tok, 4)] == ["abc", "ab", "abcd"]
+    assert "left out 1 of 4 training prompts" in capsys.readouterr().out
+    assert train.drop_long_prompts(examples, tok, 6) == examples
+    with pytest.raises(train.ConfigError, match="max_prompt_tokens=1: every training prompt"):
+        train.drop_long_prompts(examples, tok, 1)
+
+
 def test_bad_files_and_help(tmp_path, capsys):
     (tmp_path / "torn.yaml").write_text("rl: {steps: 3\n")
     (tmp_path / "list.yaml").write_text("- rl.steps=3\n")
@@ -345,8 +360,8 @@ def test_non_finite_step_is_skipped(loss, grad, tmp_path, monkeypatch):
 @pytest.mark.parametrize("config", ["countdown-qwen2.5-3b.yaml", "math-qwen2.5-1.5b.yaml"])
 def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, device, tmp_path):
     """The GPU recipes exactly as written, except: a tiny random Qwen2 model with a
-    character-level ChatML tokenizer, a few prompts, and the oracle cloud; on the CPU, and on
-    CUDA where there is one."""
+    character-level ChatML tokenizer (so no prompt-length limit), a few prompts, and the oracle
+    cloud; on the CPU, and on CUDA where there is one."""
     import string
 
     from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
@@ -365,7 +380,8 @@ def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, device, tmp_
     cfg = train.load_config([recipe, f"model.path={tmp_path / 'qwen2-tiny'}", f"device={device}",
                              "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2",
                              "sampling.max_new_tokens=8", "eval.n=2", "eval.every=0",
-                             "rl.micro_batch_size=1", f"out_dir={tmp_path / 'runs'}"])
+                             "rl.micro_batch_size=1", f"out_dir={tmp_path / 'runs'}",
+                             "sampling.max_prompt_tokens=0"])  # characters: no limit
     assert cfg.precision == "bf16-mixed" and cfg.model.gradient_checkpointing
     cfg.cloud = {"backend": "oracle"}  # no network in tests
     if cfg.task["name"] == "math":
