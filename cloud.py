@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
-import inspect
 import json
 import os
 import random
@@ -28,6 +27,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from tasks import check_arguments
 
 
 class CloudError(RuntimeError):
@@ -439,11 +440,11 @@ def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:
     if name not in BACKENDS:
         raise ValueError(f"cloud backend={name!r} is not allowed; use one of {sorted(BACKENDS)}")
     cls = BACKENDS[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise ValueError(f"cloud backend {name!r} has no argument(s) {unknown}; allowed: {allowed}")
-    backend = cls(**settings)
+    check_arguments(f"cloud backend {name!r}", cls, settings)
+    try:
+        backend = cls(**settings)
+    except (TypeError, ValueError) as e:  # e.g. a string where a number goes
+        raise ValueError(f"cloud backend {name!r} with {settings}: {e}") from e
     return Cloud(backend, CloudCache(cache_path), backend.name, backend.model_name)
 
 

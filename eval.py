@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -39,7 +38,7 @@ import yaml
 
 import algo
 from cloud import NoCloud, make_cloud
-from model import (ModelConfig, Transformer, atomic_write_text, load_pretrained,
+from model import (ModelConfig, Transformer, atomic_write_text, check_writable, load_pretrained,
                    load_tokenizer)
 from sample import generate, left_pad
 from tasks import SPLITS, make_task
@@ -869,22 +868,6 @@ def report_markdown(res: Results, policy_paths, png, command) -> str:
     if res.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
     return "\n".join(lines) + "\n"
-
-
-def check_writable(path, name):
-    """An error now, before any evaluation, if directory `path` (created at the end if missing)
-    cannot take new files: it, or its nearest existing parent, must be a directory we can write."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"{name} {path!r} cannot be written: {existing} is not a directory")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise ValueError(f"{name} {path!r} cannot be written: no new file can be made in "
-                         f"{existing} ({e.strerror})") from e
 
 
 def write_outputs(res: Results, out_dir, command):

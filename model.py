@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -388,6 +389,22 @@ def _atomic_write(path: str, write):
 
 def atomic_write_text(path: str, text: str):
     _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def check_writable(path, name):
+    """An error now, before any evaluation, if directory `path` (created at the end if missing)
+    cannot take new files: it, or its nearest existing parent, must be a directory we can write."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{name} {path!r} cannot be written: {existing} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"{name} {path!r} cannot be written: no new file can be made in "
+                         f"{existing} ({e.strerror})") from e
 
 
 def read_json(path: str):

@@ -319,7 +319,7 @@ class CountdownTask(Task):
 
     def __init__(self, n_numbers=(3, 4), number_range=(1, 99), ops="+-*/", target_range=(1, 100),
                  n_train=5000, n_test=1000, seed=0, allow_help=True):
-        self.allow_help = bool(allow_help)
+        self.allow_help = flag(allow_help, "allow_help")
         self.n_numbers = (n_numbers,) if isinstance(n_numbers, int) else tuple(n_numbers)
         if not self.n_numbers or any(isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= 6
                                      for n in self.n_numbers):
@@ -456,7 +456,7 @@ class TinyCountdownTask(Task):
 
     def __init__(self, n_numbers=3, number_range=(1, 20), ops="+-*", n_train=20000, n_test=500, seed=0,
                  allow_help=True):
-        self.allow_help = bool(allow_help)
+        self.allow_help = flag(allow_help, "allow_help")
         self.banned_texts = () if self.allow_help else ("H",)  # help disabled: H is never sampled
         _check_count("n_numbers", n_numbers, minimum=2)
         self.n_numbers = n_numbers
@@ -863,7 +863,7 @@ class MathTask(Task):
     answer_opening = "\\boxed{"  # decision_split: the final answer opens with \boxed{
 
     def __init__(self, path_train=None, path_test=None, kind="math", max_steps=6, allow_help=True):
-        self.allow_help = bool(allow_help)
+        self.allow_help = flag(allow_help, "allow_help")
         if kind not in self.KINDS:
             raise ValueError(f"kind={kind!r} is not allowed; use one of {sorted(self.KINDS)}")
         _check_count("max_steps", max_steps, minimum=1)
@@ -954,8 +954,28 @@ def make_task(name: str, **kwargs) -> Task:
     if name not in TASKS:
         raise ValueError(f"task={name!r} is not allowed; use one of {sorted(TASKS)}")
     cls = TASKS[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(kwargs) - set(allowed))
+    check_arguments(f"task {name!r}", cls, kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # e.g. a string where a number goes
+        raise ValueError(f"task {name!r} with {kwargs}: {e}") from e
+
+
+def flag(value, name: str) -> bool:
+    """A true/false setting; anything else (e.g. the string "no", which bool() reads as True)
+    is an error."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false")
+    return value
+
+
+def check_arguments(what: str, cls, kwargs: dict):
+    """Unknown or missing constructor arguments of cls, as one error listing what is allowed."""
+    params = {p: v for p, v in inspect.signature(cls.__init__).parameters.items() if p != "self"}
+    unknown = sorted(set(kwargs) - set(params))
     if unknown:
-        raise ValueError(f"task {name!r} has no argument(s) {unknown}; allowed: {allowed}")
-    return cls(**kwargs)
+        raise ValueError(f"{what} has no argument(s) {unknown}; allowed: {list(params)}")
+    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty
+               and p not in kwargs]
+    if missing:
+        raise ValueError(f"{what} needs the argument(s) {missing}")

@@ -6,7 +6,8 @@
 
 Config keys and their defaults: the dataclasses in train.py (Config and its sections); task and
 cloud take the arguments of tasks.make_task / cloud.make_cloud. A bad setting: a one-line error.
-Ctrl-C during RL finishes the current step, saves a checkpoint and stops (resume= continues).
+Ctrl-C (or SIGTERM) during RL finishes the current step, saves a checkpoint and stops
+(resume= continues).
 
 The algorithm itself lives in algo.py; this file only wires it together (DESIGN.md).
 Run directory runs/<name>/: config.yaml, metrics.jsonl, samples.jsonl, cloud_cache.jsonl,
@@ -34,7 +35,7 @@ import yaml
 import algo
 from cloud import NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
-                   load_pretrained, load_tokenizer, save_pretrained)
+                   check_writable, load_pretrained, load_tokenizer, save_pretrained)
 from reward import RewardConfig
 from tasks import make_task
 
@@ -183,10 +184,12 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
         return
     if len(path) > 1:
         raise ConfigError(f"{key}: {name!r} is a plain value, it has no sub-keys")
-    if from_cli:
-        value = _cast(value, current, key)
+    if from_cli or (isinstance(current, float) and isinstance(value, str)):
+        value = _cast(value, current, key)  # a YAML file's 1e-4 or 3/7 reaches us as a string
     elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    elif isinstance(current, int) and not isinstance(current, bool) and isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected an integer")
     elif current is not None and not isinstance(value, type(current)):
         raise ConfigError(f"{key}={value!r}: expected {type(current).__name__}")
     setattr(obj, name, value)
@@ -316,6 +319,9 @@ def load_config(argv: list[str]) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping (name: ..., rl: {{...}}, ...), "
                           f"not a {type(data).__name__}")
+    if data.get("resume") and not resume:
+        raise ConfigError(f"config file {path}: resume is not a file setting; continue a run "
+                          f"with python train.py resume=runs/NAME")
     for key, value in data.items():
         _set(cfg, [key], value, key, from_cli=False)
     for item in overrides:
@@ -377,7 +383,7 @@ def truncate_log(path: str, step: int):
 
 @contextlib.contextmanager
 def ctrl_c_flag():
-    """Within the block a first Ctrl-C only sets the flag it yields: the RL loop then finishes
+    """Within the block a first Ctrl-C (or SIGTERM) only sets the flag it yields: the RL loop then finishes
     its step, saves and stops (a step cut in half could leave the weights updated but not the
     step count). A second Ctrl-C interrupts at once. Outside the main thread: never set."""
     stop = []
@@ -388,14 +394,18 @@ def ctrl_c_flag():
     def on_ctrl_c(signum, frame):
         stop.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, "
-              "losing the steps since the last checkpoint)", file=sys.stderr)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{name}: stopping after this step with a checkpoint (Ctrl-C or SIGTERM again "
+              "stops at once, losing the steps since the last checkpoint)", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    # SIGTERM (a scheduler's or `timeout`'s stop) is handled as a first Ctrl-C
+    previous = {s: signal.signal(s, on_ctrl_c) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _clock(seconds: float) -> str:
@@ -569,12 +579,16 @@ class Trainer:
                               f"{os.path.join(self.run_dir, 'config.yaml')}")
         try:
             self.task = make_task(**cfg.task)
+            self.train_examples = self.task.examples("train")
+            test = self.task.examples("test")
+        except (ValueError, OSError) as e:  # bad task arguments, a missing data file
+            raise ConfigError(str(e) if str(e).startswith("task") else f"task {cfg.task}: {e}") \
+                from None
+        try:
             self.cloud = make_cloud(dict(cfg.cloud),
                                     cache_path=os.path.join(self.run_dir, "cloud_cache.jsonl"))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.train_examples = self.task.examples("train")
-        test = self.task.examples("test")
         if not self.train_examples or not test:
             raise ConfigError(f"task {cfg.task['name']!r}: needs a non-empty train and test "
                               f"split, got {len(self.train_examples)} and {len(test)} examples")
@@ -593,8 +607,18 @@ class Trainer:
                     f"take up to {longest} tokens plus sampling.max_new_tokens="
                     f"{cfg.sampling.max_new_tokens}; must be at least {need}")
         elif not cfg.resume and not os.path.isdir(cfg.model.path):
-            raise ConfigError(f"model.path={cfg.model.path!r} is not a directory; give a local "
-                              f"HF checkpoint directory, or '' to train from scratch")
+            hint = (" (python scripts/get_smollm2.py makes it)"
+                    if os.path.normpath(cfg.model.path) == os.path.join(".cache", "smollm2") else "")
+            raise ConfigError(f"model.path={cfg.model.path!r} is not a directory{hint}; give a "
+                              f"local HF checkpoint directory, or '' to train from scratch")
+        # the directories written to: an error now, not after the warm start
+        dirs = [("out_dir", self.run_dir)] + (
+            [("warm_start.cache_dir", cfg.warm_start.cache_dir)] if not cfg.model.path else [])
+        try:
+            for key, d in dirs:
+                check_writable(d, key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         os.makedirs(self.run_dir, exist_ok=True)
         if not cfg.resume:
             for stale in ("metrics.jsonl", "samples.jsonl"):
@@ -800,7 +824,8 @@ class Trainer:
                 if self.step % cfg.save_every == 0 or self.step == cfg.rl.steps or stop:
                     self.save()
                 if stop:
-                    print(f"\nstopped by Ctrl-C: checkpoint saved at step {self.step}")
+                    print(f"\nstopped by {'Ctrl-C' if stop[0] == signal.SIGINT else 'SIGTERM'}: "
+                          f"checkpoint saved at step {self.step}")
                     raise KeyboardInterrupt
         print()
         final = self.evaluate()

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import eval as ev
+import model
 from algo import capped_metrics, cloud_cap
 from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
 from tasks import HELP_MARKER, make_task
@@ -426,7 +427,7 @@ def test_cli_checks_outputs_are_writable_before_evaluating(tmp_path, no_evaluati
     # a run directory that takes no new file (tests may run as root, so refuse it by hand)
     def refuse(dir=None, **kw):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(ev.tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(model.tempfile, "NamedTemporaryFile", refuse)
     assert exit_message([run]).endswith(f"run directory {run!r} cannot be written: no new file "
                                         f"can be made in {run} (Permission denied)")
 

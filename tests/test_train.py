@@ -95,6 +95,20 @@ def test_config_casts_and_fractions():
     assert cfg.task["n_train"] == 123 and cfg.model.gradient_checkpointing is True
 
 
+def test_config_file_values(tmp_path):
+    # PyYAML reads 1e-4 (no decimal point) and 3/7 as strings: numbers all the same
+    (tmp_path / "a.yaml").write_text("rl: {lr: 1e-4, rho: 3/7}\n")
+    cfg = train.load_config([str(tmp_path / "a.yaml")])
+    assert cfg.rl.lr == 1e-4 and cfg.rl.rho == 3 / 7
+    for text, message in [("seed: true\n", "seed=True: expected an integer"),
+                          ("warm_start: {seed: false}\n", "warm_start.seed=False: expected an int"),
+                          ("rl: {lr: fast}\n", "rl.lr='fast': expected a number"),
+                          ("resume: runs/x\nrl: {steps: 3}\n", "resume is not a file setting")]:
+        (tmp_path / "b.yaml").write_text(text)
+        with pytest.raises(train.ConfigError, match=message):
+            train.load_config([str(tmp_path / "b.yaml")])
+
+
 def test_the_evaluation_budget_follows_rho_unless_set():
     """SPEC 7: the cap is floor(N rho / (1 + rho)); eval.budget: null (the default) gives it."""
     assert train.load_config([]).eval.budget == 0.3                      # rho = 3/7
@@ -135,6 +149,13 @@ def test_the_evaluation_budget_follows_rho_unless_set():
     ("cloud.backend=nope", "cloud backend='nope' is not allowed"),
     ("cloud.p_correct=2", "oracle p_correct=2.0 must be a number in [0, 1]"),
     ("model.path=/no/such/dir", "model.path='/no/such/dir' is not a directory"),
+    ("task.allow_help=maybe", "task.allow_help='maybe': expected a boolean"),
+    ("task={name: tiny_countdown, allow_help: 'no'}", "allow_help='no' must be true or false"),
+    ("task.ops=/", "'ops': '/'"),  # too few distinct problems: the task settings are named
+    ("cloud={backend: http}", "cloud backend 'http' needs the argument(s) ['base_url', 'model']"),
+    ("cloud={backend: oracle, seed: abc}", "cloud backend 'oracle' with {'seed': 'abc'}"),
+    ("out_dir=/proc/no/such", "out_dir '/proc/no/such/bad' cannot be written"),
+    ("warm_start.cache_dir=/proc/no/such", "warm_start.cache_dir '/proc/no/such' cannot be"),
 ])
 def test_bad_settings_are_one_line_errors_before_the_warm_start(override, message, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -156,6 +177,20 @@ def test_setup_errors_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="config error: device='cuda' but no CUDA device is "
                                          "available; use device=cpu or device=auto"):
         train.main(tiny_args(tmp_path, "name=gpu", "device=cuda"))
+
+
+def test_a_missing_smollm2_directory_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where .cache/smollm2 does not exist
+    with pytest.raises(SystemExit, match=r"model.path='.cache/smollm2' is not a directory "
+                                         r"\(python scripts/get_smollm2.py makes it\)"):
+        train.main(tiny_args(tmp_path, "name=s", "model.path=.cache/smollm2"))
+
+
+def test_a_missing_data_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="config error: task .*'name': 'math'.*: "
+                                         "/no/train.jsonl: no such data file"):
+        train.main(tiny_args(tmp_path, "name=m", f"model.path={tmp_path}",
+                             "task={name: math, path_train: /no/train.jsonl, path_test: /no/t}"))
 
 
 def test_an_unloadable_model_path_is_a_one_line_error(tmp_path):
@@ -251,20 +286,23 @@ def test_resume_is_exact(tmp_path, straight, monkeypatch):
     assert_continued_exactly(run, straight)
 
 
-def test_ctrl_c_saves_after_the_current_step(tmp_path, straight, monkeypatch, capsys):
+@pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_saves_after_the_current_step(tmp_path, straight, monkeypatch, capsys, signum,
+                                             name):
     real_step = train.Trainer.rl_step
 
     def ctrl_c_during_step_3(self):
         if self.step == 2:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return real_step(self)
 
     monkeypatch.setattr(train.Trainer, "rl_step", ctrl_c_during_step_3)
     with pytest.raises(SystemExit) as exc:
         train.main(crash_args(tmp_path, straight, "ctrl_c"))
     assert exc.value.code == 130
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
     run = tmp_path / "runs" / "ctrl_c"
-    assert "checkpoint saved at step 3" in capsys.readouterr().out
+    assert f"stopped by {name}: checkpoint saved at step 3" in capsys.readouterr().out
     assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 3
     assert [r["train/step"] for r in read_rows(run)] == [1, 2, 3]
     monkeypatch.setattr(train.Trainer, "rl_step", real_step)
