@@ -497,6 +497,23 @@ class Results:
     notes: list = field(default_factory=list)
 
 
+def _unfinished_note(run) -> str | None:
+    """A note when train.py has not finished the run (no final_eval.json): its last checkpoint
+    is what gets evaluated."""
+    if os.path.isfile(os.path.join(run.path, "final_eval.json")):
+        return None
+    step = None
+    try:
+        with open(os.path.join(run.path, "metrics.jsonl")) as f:
+            for line in f:
+                step = json.loads(line).get("train/step", step)
+    except (OSError, ValueError):
+        pass
+    steps = (run.cfg.get("rl") or {}).get("steps", "?")
+    return (f"{run.path} has not finished training (logged up to step {step} of {steps}); its "
+            "last checkpoint is evaluated")
+
+
 def _check_budget(budget, name):
     if not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 <= budget <= 1):
         raise ValueError(f"{name}={budget!r} is not allowed: give the share of prompts that may "
@@ -543,7 +560,10 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
     budget = float(budget)
     all_examples = first.task.examples(split)
     n_name = "--n" if n is not None else f"{config}: eval.n"
-    n = int(first.cfg["eval"].get("n", 0)) if n is None else n
+    if n is None:
+        n = first.cfg["eval"].get("n", 0)
+        if not (isinstance(n, int) and not isinstance(n, bool)):
+            raise ValueError(f"{n_name}={n!r} is not allowed: a count of prompts >= 0")
     if n < 0 or n > len(all_examples):
         raise ValueError(f"{n_name}={n} is not allowed: the {split} split has "
                          f"{len(all_examples)} examples (0 = all of them)")
@@ -564,7 +584,7 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
                          f"baseline, so leave out {', '.join(others)}")
     policies = [r for r in runs if r.help_allowed]
     clouds = {json.dumps(r.cfg["cloud"], sort_keys=True) for r in runs}
-    notes = []
+    notes = [unfinished for r in runs if (unfinished := _unfinished_note(r))]
     if len(clouds) > 1:
         notes.append("the runs use different cloud settings; each run's curve and metrics use its "
                      "own cloud, the baselines use the base model's run's cloud")
@@ -945,6 +965,8 @@ def main(argv=None):
     print(f"{s['split']} split, N={s['n']}, budget {s['budget']:.0%} (cap {s['cap']} calls); "
           f"baselines over: {s['base_model']}")
     print_table(res)
+    for note in res.notes:
+        print(f"note: {note}")
     if res.router:
         print(f"router AUROC: train {_fmt(res.router['auroc_train'])}, test {_fmt(res.router['auroc_test'])}")
     print("wrote " + ", ".join(written))

@@ -260,7 +260,25 @@ def write_run(root, name, allow_help, seed, task="tiny_countdown", max_new_token
            "eval": {"every": 0, "n": 20, "budget": 0.3, "batch_size": 64}}
     with open(os.path.join(path, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg, f)
+    with open(os.path.join(path, "final_eval.json"), "w") as f:  # train.py finished it
+        f.write("{}")
     return path
+
+
+def test_an_unfinished_run_is_evaluated_with_a_note(tmp_path, capsys):
+    policy = write_run(tmp_path, "policy", True, seed=1)
+    os.remove(os.path.join(policy, "final_eval.json"))      # stopped at step 7 of 240
+    with open(os.path.join(policy, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps({"train/step": s}) + "\n" for s in range(1, 8)))
+    with open(os.path.join(policy, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["rl"]["steps"] = 240
+    with open(os.path.join(policy, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    res = ev.main([policy, "--n", "4", "--router-n", "0"])
+    note = f"{policy} has not finished training (logged up to step 7 of 240)"
+    assert any(n.startswith(note) for n in res.notes)
+    assert f"note: {note}" in capsys.readouterr().out
 
 
 def test_cli_end_to_end(tmp_path, capsys):
