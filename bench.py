@@ -221,14 +221,34 @@ def bench_sample(args):
           f"ratio ours/transformers = {result['ours'] / result['transformers']:.2f}x")
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: an integer >= 1")
+    return int(text)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("what", choices=["sample", "_memory"])
+    ap.add_argument("what", choices=["sample", "_memory"], metavar="sample",
+                    help="the benchmark to run (the only one: sample)")
     ap.add_argument("which", nargs="?", help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="random-qwen2")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--model", default="random-qwen2", choices=["random-qwen2", "smollm2"],
+                    help="random-qwen2 (default): the 12M random model; smollm2: the real "
+                         "SmolLM2-135M-Instruct")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--reps", type=positive_int, default=3,
+                    help="alternating runs of each implementation; the median is reported "
+                         "(default 3)")
     args = ap.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError
+    except (RuntimeError, ValueError):
+        ap.error(f"--device {args.device!r} is not allowed: cpu, cuda or cuda:N")
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        ap.error(f"--device {args.device}: no such CUDA device here; use --device cpu")
     if args.what == "_memory":
         memory_child(args.which, args.model, args.device)
     else:

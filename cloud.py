@@ -452,7 +452,6 @@ def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:
 # CLI: prefill the cache for a whole dataset
 
 def main(argv=None) -> int:
-    from tasks import make_task
     p = argparse.ArgumentParser(description="Prefill the cloud answer cache for a dataset split.")
     p.add_argument("--task", required=True, choices=["tiny_countdown", "countdown", "math"])
     p.add_argument("--split", default="train", choices=["train", "test"])
@@ -481,7 +480,18 @@ def main(argv=None) -> int:
     p.add_argument("--path", help="local: checkpoint directory")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="local")
     args = p.parse_args(argv)
+    for name in ("limit", "chunk"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "chunk" else 0):
+            p.error(f"--{name} {value} is not allowed: an integer >= {1 if name == 'chunk' else 0}")
+    try:
+        return prefill(args)
+    except (ValueError, OSError) as e:  # bad task / backend settings, a missing file
+        sys.exit(f"cloud.py: {e}")
 
+
+def prefill(args) -> int:
+    from tasks import make_task
     if args.task == "math":
         task = make_task("math", path_train=args.data_train, path_test=args.data_test, kind=args.math_kind)
     else:
@@ -499,7 +509,7 @@ def main(argv=None) -> int:
 
     examples = task.examples(args.split)[:args.limit]
     start, correct = time.time(), 0
-    for i in range(0, len(examples), max(1, args.chunk)):
+    for i in range(0, len(examples), args.chunk):
         answers = cloud.ask(task, examples[i:i + args.chunk])
         correct += sum(a.correct for a in answers)
         done = min(i + args.chunk, len(examples))

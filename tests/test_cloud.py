@@ -524,3 +524,27 @@ def test_local_backend_with_fake_model(monkeypatch, task):
     assert calls["generate"][-1]["prompts"] == [[ord(c) for c in chat]]
     assert calls["generate"][-1]["stop_ids"] == [0]
     assert text == f"echo{len(chat)}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "tiny_countdown", "--p-correct", "2"], "oracle p_correct=2.0 must be a number"),
+    (["--task", "tiny_countdown", "--backend", "http"], "http cloud backend needs base_url"),
+    (["--task", "tiny_countdown", "--n-test", "-1"], "n_test=-1 must be an integer >= 0"),
+    (["--task", "math"], "MathTask has no train file"),
+])
+def test_prefill_cli_errors_are_one_line(tmp_path, args, message):
+    import cloud
+    with pytest.raises(SystemExit) as e:
+        cloud.main(args + ["--cache", str(tmp_path / "c.jsonl")])
+    assert isinstance(e.value.code, str) and message in e.value.code and "\n" not in e.value.code
+    with pytest.raises(SystemExit) as e:  # argparse: usage, status 2
+        cloud.main(["--task", "tiny_countdown", "--chunk", "0"])
+    assert e.value.code == 2
+
+
+def test_prefill_cli_fills_the_cache(tmp_path, capsys):
+    import cloud
+    cache = tmp_path / "c.jsonl"
+    assert cloud.main(["--task", "tiny_countdown", "--limit", "5", "--cache", str(cache)]) == 0
+    assert len(cache.read_text().splitlines()) == 5
+    assert "5 prompts, calls made 5" in capsys.readouterr().out

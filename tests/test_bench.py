@@ -1,0 +1,16 @@
+"""bench.py's command line (the benchmark itself is run by hand, never timed in tests)."""
+import pytest
+
+import bench
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--model", "bad"], "invalid choice: 'bad'"),
+    (["sample", "--reps", "0"], "'0' is not allowed: an integer >= 1"),
+    (["sample", "--device", "tpu"], "--device 'tpu' is not allowed"),
+    (["sample", "--device", "cuda:99"], "no such CUDA device here"),
+])
+def test_bad_arguments_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
