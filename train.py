@@ -667,6 +667,7 @@ class Trainer:
     def rl_step(self) -> dict:
         cfg, rl = self.cfg, self.cfg.rl
         examples = step_prompts(self.train_examples, cfg.seed, self.step, rl.prompts_per_step)
+        calls, cached = self.cloud.calls_made, self.cloud.served_from_cache
         t0 = time.time()
         self.model.eval()
         with torch.no_grad(), self.autocast():
@@ -715,8 +716,8 @@ class Trainer:
                     "train/skipped": skipped, "train/dual": self.dual,
                     "perf/sample_s": t1 - t0, "perf/update_s": t2 - t1,
                     "perf/tokens_per_s": generated / max(t1 - t0, 1e-9),
-                    "perf/cloud_calls": self.cloud.calls_made,
-                    "perf/cloud_cached": self.cloud.served_from_cache})
+                    "perf/cloud_calls": self.cloud.calls_made - calls,  # this step's
+                    "perf/cloud_cached": self.cloud.served_from_cache - cached})
         if self.device.type == "cuda":
             row["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.last_rollout = ro

@@ -41,6 +41,8 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
                 "perf/update_s", "perf/tokens_per_s", "train/loss"):
         assert key in rows[0], key
     assert "eval/acc_capped" in rows[1] and "eval/acc_capped" in rows[3]
+    # per step: at most one cloud call per prompt, evaluation calls not counted
+    assert all(0 <= r["perf/cloud_calls"] + r["perf/cloud_cached"] <= 4 for r in rows[:3])
     assert ("perf/peak_mem_gb" in rows[0]) == (device == "cuda")
     assert 0 <= final["acc_capped"] <= 1 and final["n"] == 10
     assert os.path.exists(run / "checkpoint" / "model.safetensors")
