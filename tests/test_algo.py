@@ -152,6 +152,11 @@ def test_excluded_prompts_are_in_no_set_and_not_in_the_cap():
     assert res.selected.tolist() == [2, 3] and res.n_d2 == 0
     res = filter_prompts(local_ok, cloud_ok, help, 3 / 7, "none", rewards=rewards, exclude=exclude)
     assert res.selected.tolist() == [2, 3, 5, 6]
+    # the zero-variance count is of usable groups too: "HH" groups whose cloud call failed
+    local_ok, cloud_ok, help, rewards = batch(["HH", "HH", "WW", "LW"], [False] * 4)
+    res = filter_prompts(local_ok, cloud_ok, help, 3 / 7, rewards=rewards,
+                         exclude=torch.tensor([True, True, False, False]))
+    assert res.n_zero_variance == 1 and res.n_zero_variance_selected == 0
 
 
 @pytest.mark.parametrize("n_d1,cap", list(enumerate([0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 4])))

@@ -48,6 +48,12 @@ def test_capped_metrics_cap_in_dataset_order():
 
 
 
+@pytest.mark.parametrize("n, budget, cap", [(100, 0.29, 29), (100, 0.57, 57), (200, 0.58, 116),
+                                             (500, 0.3, 150), (10, 0.25, 2), (7, 0, 0), (7, 1, 7)])
+def test_cloud_cap_is_floor_n_budget_despite_float_rounding(n, budget, cap):
+    assert cloud_cap(n, budget) == cap   # 100 * 0.29 is 28.999999999999996 in floats
+
+
 def test_capped_metrics_over_no_prompts_are_none_not_zero():
     # every prompt asks for help: no local answers to be right or wrong among (0/0), no lengths
     m = capped_metrics(torch.ones(4).bool(), torch.zeros(4).bool(),

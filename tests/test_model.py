@@ -230,3 +230,17 @@ def test_tokenizer_save_keeps_every_eos_and_reads_jinja_template(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{{ '<|start_header_id|>' }}")
     again = load_tokenizer(str(tmp_path))
     assert again.eos_ids == [1, 2, 3] and again.chat_format == "llama3"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_by_hand_where_eps_matters(dtype):
+    from model import RMSNorm
+    norm = RMSNorm(8, eps=1e-5)
+    norm.weight.data = torch.linspace(0.5, 2.0, 8)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)) * 1e-3  # mean x^2 ~ eps
+    x[2] = 0.0                                                                # no NaN from 0/0
+    xd = x.double()
+    want = norm.weight.double() * xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    got = norm.to(dtype)(x.to(dtype)).double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())

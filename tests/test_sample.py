@@ -283,3 +283,22 @@ def test_banned_ids_are_never_sampled():
     assert not torch.isin(out.tokens, torch.tensor(common)).any()
     greedy = generate(model, PROMPTS, max_new_tokens=30, temperature=0, banned_ids=common)
     assert not torch.isin(greedy.tokens, torch.tensor(common)).any()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    # two tied tokens of 0.5 each: the first alone reaches top_p = 0.5, so the second is dropped
+    logits = torch.tensor([[0.0, 0.0, -float("inf"), -float("inf")]]).repeat(200, 1)
+    token, lp = sample_next(logits.clone(), 1.0, 0, 0.5, torch.Generator().manual_seed(0))
+    assert len(set(token.tolist())) == 1 and torch.allclose(lp, torch.zeros(200))
+
+
+def test_a_uniform_of_exactly_zero_never_picks_a_token_of_probability_zero(monkeypatch):
+    # torch.rand can return 0.0: the draw must still land on the first token with mass
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape))
+    logits = torch.tensor([[-float("inf"), -float("inf"), 1.0, 2.0]] * 3)
+    token, lp = sample_next(logits.clone(), 1.0, 0, 1.0, torch.Generator())
+    assert token.tolist() == [2, 2, 2] and torch.isfinite(lp).all()
+    token, _ = sample_next(torch.tensor([[5.0, 1.0, 0.0]]), 1.0, 1, 1.0, torch.Generator())
+    assert token.tolist() == [0]   # top-k 1: only token 0 has mass
+    token, _ = sample_next(torch.tensor([[1.0, 5.0, 0.0]]), 1.0, 1, 1.0, torch.Generator())
+    assert token.tolist() == [1]

@@ -580,3 +580,23 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
         MathTask(path_train=not_object).examples("train")
     with pytest.raises(ValueError, match="kind"):
         MathTask(kind="aime")
+
+
+@pytest.mark.parametrize("ops, chain, numbers, target, ok", [
+    ("+-*", "[027*037=999]", [27, 37], 999, True),       # 999: the largest 3-digit value
+    ("+-*", "[100*010=1000]", [100, 10], 1000, False),   # leaves 0..999
+    ("+-*", "[003-007=-04]", [3, 7], -4, False),         # below 0
+    ("+-*/", "[012/004=003]", [12, 4], 3, True),         # exact division
+    ("+-*/", "[007/002=003]", [7, 2], 3, False),         # 7/2 is not a whole number
+    ("+-*/", "[007/000=000]", [7, 0], 0, False),
+])
+def test_tiny_chain_arithmetic_bounds(ops, chain, numbers, target, ok):
+    assert TinyCountdownTask(ops=ops).chain_correct(chain, numbers, target) is ok
+
+
+def test_countdown_expression_length_limit_is_inclusive():
+    from tasks import MAX_EXPRESSION_CHARS
+    at_limit = "(" * 97 + "1+2" + ")" * 97    # 197 characters, padded to the limit below
+    at_limit = " " * (MAX_EXPRESSION_CHARS - len(at_limit)) + at_limit
+    assert len(at_limit) == MAX_EXPRESSION_CHARS and check_countdown(at_limit, [1, 2], 3)
+    assert not check_countdown(" " + at_limit, [1, 2], 3)   # one character over

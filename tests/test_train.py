@@ -435,6 +435,9 @@ def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, device, tmp_
     assert trainer.sampler_model is not trainer.model  # bf16 sampler copy, fp32 master weights
     assert next(trainer.sampler_model.parameters()).dtype == torch.bfloat16
     assert next(trainer.model.parameters()).dtype == torch.float32
+    # the sampler samples the updated policy: its weights are the master weights, rounded
+    for p, q in zip(trainer.sampler_model.parameters(), trainer.model.parameters()):
+        assert torch.equal(p, q.to(torch.bfloat16))
     rows = read_rows(tmp_path / "runs" / cfg.name)
     assert [r["train/step"] for r in rows] == [1, 2, 2]
 
@@ -474,3 +477,59 @@ def test_ctrl_c_during_the_warm_start_exits_cleanly_and_the_run_can_start_again(
     monkeypatch.setattr(train, "warm_start", real_warm_start)
     train.main(tiny_args(tmp_path, "name=early", "rl.steps=1"))  # not "already holds a run"
     assert [r["train/step"] for r in read_rows(tmp_path / "runs" / "early")] == [1, 1]
+
+
+def test_step_prompts_cover_each_epoch_once():
+    examples = list(range(12))
+    for k in (3, 4, 5):
+        per_epoch = len(examples) // k
+        for epoch in range(2):
+            seen = [x for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)
+                    for x in train.step_prompts(examples, 0, step, k)]
+            assert len(seen) == len(set(seen)) == per_epoch * k   # no prompt twice in an epoch
+        assert train.step_prompts(examples, 0, 0, k) != train.step_prompts(examples, 0, per_epoch, k)
+
+
+def test_rollout_metrics_by_hand():
+    import types
+    ro = types.SimpleNamespace(
+        help=torch.tensor([[True, False], [False, False], [True, True]]),
+        local_ok=torch.tensor([[False, True], [False, False], [False, False]]),
+        cloud_ok=torch.tensor([True, False, False]), cloud_asked=torch.tensor([True, False, True]),
+        lengths=torch.tensor([4, 6, 8, 10, 2, 2]), finished=torch.tensor([1, 1, 1, 0, 1, 1]).bool(),
+        rewards=torch.tensor([[0.4, 1.0], [0.0, 0.0], [0.0, 0.0]]), components={})
+    m = train.Trainer.rollout_metrics(None, ro)
+    assert m["route/cloud_acc"] == 0.5          # asked for prompts 0 (right) and 2 (wrong) only
+    assert m["route/help_ratio"] == 0.5 and m["route/local_acc"] == pytest.approx(1 / 6)
+    assert m["route/len_help"] == pytest.approx((4 + 2 + 2) / 3)
+    assert m["route/len_answer"] == pytest.approx((6 + 8 + 10) / 3)
+    assert m["route/clipped_ratio"] == pytest.approx(1 / 6)
+    assert m["reward/mean"] == pytest.approx(1.4 / 6)
+
+
+def test_bf16_mixed_sampler_follows_the_updated_weights(tmp_path):
+    """bf16-mixed samples from a bf16 copy: after each update it must hold the new weights."""
+    trainer = train.Trainer(train.load_config(tiny_args(
+        tmp_path, "name=mixed", "precision=bf16-mixed", "rl.steps=8", "rl.lr=0.01", "eval.n=2",
+        "rl.filter=none", "device=cpu")))
+    before = [p.clone() for p in trainer.sampler_model.parameters()]
+    updates = 0
+    while trainer.step < 8 and updates < 2:
+        updates += not trainer.rl_step()["train/skipped"]
+        trainer.step += 1
+    assert updates == 2
+    after = list(trainer.sampler_model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    for p, q in zip(after, trainer.model.parameters()):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q.detach().to(torch.bfloat16))
+
+
+def test_resume_restores_the_da_grpo_dual_variable(tmp_path, straight):
+    trainer = train.Trainer(train.load_config(crash_args(tmp_path, straight, "dual") + [
+        "rl.algo=da_grpo", "rl.dual_init=0.2", "rl.dual_eta=0.5", "rl.dual_tau=0.0"]))
+    trainer.rl_step()
+    trainer.step += 1
+    trainer.save()
+    assert trainer.dual != 0.2   # tau = 0 with any help call moves lambda
+    resumed = train.Trainer(train.load_config([f"resume={tmp_path / 'runs' / 'dual'}"]))
+    assert resumed.step == 1 and resumed.dual == trainer.dual
