@@ -480,10 +480,10 @@ def main(argv=None) -> int:
     p.add_argument("--path", help="local: checkpoint directory")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="local")
     args = p.parse_args(argv)
-    for name in ("limit", "chunk"):
-        value = getattr(args, name)
-        if value is not None and value < (1 if name == "chunk" else 0):
-            p.error(f"--{name} {value} is not allowed: an integer >= {1 if name == 'chunk' else 0}")
+    if args.chunk < 1:
+        p.error(f"--chunk {args.chunk} is not allowed: an integer >= 1")
+    if args.limit is not None and args.limit < 0:
+        p.error(f"--limit {args.limit} is not allowed: an integer >= 0")
     try:
         return prefill(args)
     except (ValueError, OSError) as e:  # bad task / backend settings, a missing file

@@ -392,8 +392,9 @@ def atomic_write_text(path: str, text: str):
 
 
 def check_writable(path, name):
-    """An error now, before any evaluation, if directory `path` (created at the end if missing)
-    cannot take new files: it, or its nearest existing parent, must be a directory we can write."""
+    """A ValueError now, before long work, if directory `path` (created later if missing)
+    cannot take new files: it, or its nearest existing parent, must be a directory we can write.
+    `name` says what the path is (an option or a config key)."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

@@ -383,9 +383,10 @@ def truncate_log(path: str, step: int):
 
 @contextlib.contextmanager
 def ctrl_c_flag():
-    """Within the block a first Ctrl-C (or SIGTERM) only sets the flag it yields: the RL loop then finishes
-    its step, saves and stops (a step cut in half could leave the weights updated but not the
-    step count). A second Ctrl-C interrupts at once. Outside the main thread: never set."""
+    """Within the block a first Ctrl-C (or SIGTERM) only sets the flag it yields: the RL loop
+    then finishes its step, saves and stops (a step cut in half could leave the weights updated
+    but not the step count). A second one interrupts at once. Outside the main thread: never
+    set."""
     stop = []
     if threading.current_thread() is not threading.main_thread():
         yield stop
