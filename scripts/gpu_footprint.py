@@ -85,6 +85,10 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("overrides", nargs="*", help="more train.py key=value overrides")
     args = ap.parse_intermixed_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device here (this script measures GPU memory)")
+    if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
+        ap.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
     work = tempfile.mkdtemp(prefix="footprint-")
     try:
         try:  # the overrides are checked before the (large) checkpoint is built
