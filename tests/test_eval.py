@@ -402,6 +402,19 @@ def test_cli_bad_run_files_are_one_line_errors(tmp_path, no_evaluation):
                      exit_message([big_budget]))
     assert "bad_n/config.yaml: eval.n=-1 is not allowed" in exit_message(
         [run_with_config(tmp_path, "bad_n", lambda t: t.replace("n: 20", "n: -1"))])
+    assert "abc_n/config.yaml: eval.n='abc' is not allowed" in exit_message(
+        [run_with_config(tmp_path, "abc_n", lambda t: t.replace("n: 20", "n: abc"))])
+
+
+def test_a_null_budget_is_rho_over_one_plus_rho(tmp_path):
+    run = write_run(tmp_path, "p", True, seed=0)
+    with open(os.path.join(run, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["eval"]["budget"], cfg["rl"]["rho"] = None, 0.25
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    res = ev.evaluate_runs([run], n=10, router_n=0)
+    assert res.settings["budget"] == pytest.approx(0.2) and res.settings["cap"] == 2
 
 
 @pytest.mark.parametrize("name, content, message", [
