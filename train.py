@@ -828,6 +828,7 @@ class Trainer:
                 if stop:
                     print(f"\nstopped by {'Ctrl-C' if stop[0] == signal.SIGINT else 'SIGTERM'}: "
                           f"checkpoint saved at step {self.step}")
+                    self.stopped_by = stop[0]
                     raise KeyboardInterrupt
         print()
         final = self.evaluate()
@@ -878,7 +879,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: python train.py resume={trainer.run_dir}",
               file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + getattr(trainer, "stopped_by", signal.SIGINT))  # 130, or 143 for SIGTERM
     n, budget = final["n"], cfg.eval.budget
     cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": None, "answer_rate": 0.0}
     answers = trainer.cloud.ask(trainer.task, trainer.eval_examples)
