@@ -327,6 +327,12 @@ def update_policy(model, ro: Rollout, coef, selected, temperature, micro_batch_s
 # -----------------------------------------------------------------------------
 # evaluation under the budget (SPEC 4, 7): greedy decoding, a hard cap on cloud calls
 
+def cloud_share(rho: float) -> float:
+    """rho / (1 + rho): the share of queries the cloud may take when P(cloud) <= rho P(local)
+    (SPEC 4), the default evaluation budget. Rounded to 12 decimals, so rho = 3/7 gives 0.3."""
+    return round(rho / (1 + rho), 12)
+
+
 def cloud_cap(n: int, budget: float) -> int:
     """floor(N * budget): the most cloud calls an evaluation of N prompts may make (SPEC 7)."""
     return math.floor(n * budget + 1e-9)

@@ -331,7 +331,7 @@ def load_config(argv: list[str]) -> Config:
         cfg.resume = resume[0]
     validate(cfg)
     if cfg.eval.budget is None:  # resolved here, so the run's config.yaml holds the number
-        cfg.eval.budget = round(cfg.rl.rho / (1 + cfg.rl.rho), 12)
+        cfg.eval.budget = algo.cloud_share(cfg.rl.rho)
     return cfg
 
 
@@ -579,12 +579,14 @@ class Trainer:
                               f"its first save); start it afresh with: python train.py "
                               f"{os.path.join(self.run_dir, 'config.yaml')}")
         try:
-            self.task = make_task(**cfg.task)
+            self.task = make_task(**cfg.task)  # its errors name the task and the bad argument
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
             self.train_examples = self.task.examples("train")
             test = self.task.examples("test")
-        except (ValueError, OSError) as e:  # bad task arguments, a missing data file
-            raise ConfigError(str(e) if str(e).startswith("task") else f"task {cfg.task}: {e}") \
-                from None
+        except (ValueError, OSError) as e:  # too few distinct problems, a missing data file
+            raise ConfigError(f"task {cfg.task}: {e}") from None
         try:
             self.cloud = make_cloud(dict(cfg.cloud),
                                     cache_path=os.path.join(self.run_dir, "cloud_cache.jsonl"))
@@ -798,7 +800,7 @@ class Trainer:
               f"rho={cfg.rl.rho:.3f}, reward {cfg.reward.version} alpha_a={cfg.reward.alpha_a} "
               f"alpha_c={cfg.reward.alpha_c}, help {'allowed' if self.task.allow_help else 'disabled'}"
               f", run dir {self.run_dir}")
-        matched = cfg.rl.rho / (1 + cfg.rl.rho)
+        matched = algo.cloud_share(cfg.rl.rho)
         if abs(cfg.eval.budget - matched) > 1e-6:
             print(f"note: eval.budget={cfg.eval.budget} caps evaluation at another share than "
                   f"rl.rho={cfg.rl.rho:.4g} trains for (SPEC 4: rho/(1+rho) = {matched:.4g}; "
