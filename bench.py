@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from model import load_pretrained, load_tokenizer
+from model import load_pretrained, load_tokenizer, resolve_device
 from sample import generate, left_pad
 
 
@@ -241,14 +241,9 @@ def main(argv=None):
                          "(default 3)")
     args = ap.parse_args(argv)
     try:
-        device = torch.device(args.device)
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError
-    except (RuntimeError, ValueError):
-        ap.error(f"--device {args.device!r} is not allowed: cpu, cuda or cuda:N")
-    if device.type == "cuda" and not (torch.cuda.is_available()
-                                      and (device.index or 0) < torch.cuda.device_count()):
-        ap.error(f"--device {args.device}: no such CUDA device here; use --device cpu")
+        resolve_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
     if args.what == "_memory":
         memory_child(args.which, args.model, args.device)
     else:

@@ -8,7 +8,8 @@ Each run is decoded greedily on the first N prompts of the split, its help calls
 through the run's own answer cache, and SPEC 7 metrics are computed with the hard cap. Baselines
 on the same prompts: cloud only; task-tuning only (the help-disabled run itself); naive
 offloading, a prompt-only router and the oracle router, all three over the task-tuned model.
-Accuracy-vs-call-ratio curves come from ordering the prompts by who should go to the cloud first.
+Accuracy-vs-call-ratio curves come from ordering the prompts by who should go to the cloud first;
+a policy also gets SPEC 7's curve of its own decisions as the cap varies.
 Writes runs/NAME/eval.json for every run, and report.md + curve.csv (+ curve.png with
 matplotlib) for each run and, with several runs, a combined report in --out.
 
@@ -39,7 +40,7 @@ import yaml
 import algo
 from cloud import NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, check_writable, load_pretrained,
-                   load_tokenizer)
+                   load_tokenizer, resolve_device)
 from sample import generate, left_pad
 from tasks import SPLITS, make_task
 
@@ -136,6 +137,22 @@ def policy_curve(help, local_ok, answered_ok, cloud_ok, preference):
     kept = np.asarray(local_ok, dtype=bool) & ~help
     kept[help] = np.asarray(answered_ok, dtype=bool)[help]
     return (*routing_curve(policy_order(preference), kept, cloud_ok), kept)
+
+
+def capped_curve(help, local_ok, cloud_ok):
+    """The trained policy's curve as SPEC 7 defines it: overall accuracy as the cap varies. With
+    a cap of k calls its first k help calls (dataset order) go to the cloud and later ones are
+    scored wrong, for k = 0..H (H = its help calls; a larger cap changes nothing):
+        acc(k) = ( sum_i local_ok_i * (1 - help_i) + sum_{the first k help calls} cloud_ok_i ) / N.
+    Returns (call_ratio = k/N, acc); the last point is the policy's uncapped accuracy."""
+    help, local, cloud = (np.asarray(x, dtype=bool).reshape(-1) for x in (help, local_ok, cloud_ok))
+    N = len(help)
+    if len(local) != N or len(cloud) != N:
+        raise ValueError(f"need help, local_ok and cloud_ok of one length (got {N}, {len(local)}, "
+                         f"{len(cloud)})")
+    local = local & ~help   # a help call is never a local answer (SPEC 2)
+    served = np.concatenate([[0], np.cumsum(cloud[help])])
+    return np.arange(len(served)) / max(N, 1), (local.sum() + served) / max(N, 1)
 
 
 # the keys of every row of the table, i.e. of eval.json's `metrics` and each of its `baselines`;
@@ -413,23 +430,6 @@ class Run:
         self._model = None
 
 
-def resolve_device(device=None) -> torch.device:
-    """cpu, cuda or cuda:N (N below the number of visible GPUs); None: cuda when available, else
-    cpu. Anything else is an error naming what this machine allows."""
-    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device is None:
-        return torch.device("cuda" if n_gpu else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        d = None
-    if d is not None and (d.type == "cpu" or (d.type == "cuda" and (d.index or 0) < n_gpu)):
-        return d
-    allowed = (f"cpu, cuda or cuda:N with N in 0..{n_gpu - 1}" if n_gpu else
-               "cpu (no CUDA device is available here)")
-    raise ValueError(f"--device={device!r} is not allowed; use {allowed}")
-
-
 def load_run(path, device) -> Run:
     """A train.py run directory; each missing piece is an error that names it."""
     if not os.path.isdir(path):
@@ -492,6 +492,7 @@ class Results:
     rows: list                                     # (key, label, metrics) in table order
     curves: dict = field(default_factory=dict)     # label -> (call_ratio, acc)
     points: dict = field(default_factory=dict)     # label -> (call_ratio, acc): a policy's own choice
+    capped: dict = field(default_factory=dict)     # label -> (call_ratio, acc): a policy's capped_curve
     per_run: dict = field(default_factory=dict)    # run path -> {"role", "metrics"}
     router: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
@@ -703,7 +704,8 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
 
 
 def evaluate_policy_run(res, run, examples, budget, progress):
-    """A trained policy: SPEC 7 metrics, its threshold curve (policy_curve) and its own point."""
+    """A trained policy: SPEC 7 metrics, its two curves (policy_curve, capped_curve) and its own
+    point."""
     model, tok = run.model(), run.tokenizer()
     res.settings["models"][run.path] = _describe(run, model)
     label = run.label if run.label not in res.curves else f"{run.label} [{run.path}]"
@@ -730,6 +732,7 @@ def evaluate_policy_run(res, run, examples, budget, progress):
     res.rows.append((f"policy:{run.path}", label, m))
     res.curves[label] = curve
     res.points[label] = (m["call_ratio"], m["acc_uncapped"])
+    res.capped[label] = capped_curve(help, local, cloud)
     res.per_run[run.path] = {"role": "policy", "metrics": m}
     run.release()
 
@@ -785,11 +788,12 @@ def eval_json(res: Results, path, command) -> dict:
 
 def write_curves(res: Results, out_dir, labels):
     """curve.csv (method, call_ratio, accuracy) always; curve.png when matplotlib is installed.
-    Returns the png's file name, or None."""
+    A policy's capped_curve is the method "LABEL, capped". Returns the png's file name, or None."""
     lines = ["method,call_ratio,accuracy"]
     for label in labels:
-        for c, a in zip(*res.curves[label]):
-            lines.append(f"\"{label}\",{c:.6f},{a:.6f}")
+        for name, curve in ((label, res.curves[label]), (f"{label}, capped", res.capped.get(label))):
+            for c, a in zip(*curve) if curve is not None else ():
+                lines.append(f"\"{name}\",{c:.6f},{a:.6f}")
     atomic_write_text(os.path.join(out_dir, "curve.csv"), "\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -801,6 +805,9 @@ def write_curves(res: Results, out_dir, labels):
     for label in labels:
         c, a = res.curves[label]
         line, = ax.plot(c, a, label=label, lw=1.5)
+        if label in res.capped:
+            ax.plot(*res.capped[label], color=line.get_color(), ls="--", lw=1.5,
+                    label=f"{label}, capped")
         if label in res.points:
             x, y = res.points[label]
             ax.plot([x], [y], marker="*", ms=13, color=line.get_color(), ls="none", clip_on=False)
@@ -883,6 +890,10 @@ def report_markdown(res: Results, policy_paths, png, command) -> str:
         "teacher-forced at the decision point of its own greedy response; kept local, a prompt on "
         "which it asked for help gets the answer it gives when forced to answer there "
         "(local-only acc = the curve at 0 calls). The star marks the policy's own choice (uncapped).",
+        "- \"capped\" (dashed): the policy's own decisions as the cap varies (SPEC 7): with a cap "
+        "of k calls its first k help calls in dataset order go to the cloud and later ones score "
+        "wrong, for k = 0 up to its help calls; it ends at the star. Its value at the budget's cap "
+        "is acc capped.",
         "- APGR = integral over c in [0, 1] of PGR(c) = (acc(c) - acc(0)) / (acc(1) - acc(0)), "
         "each curve against its own endpoints (0.5 = random routing); CPT(x) = the smallest call "
         "ratio recovering x of that gap. Decision agreement: share of prompts where the sign of "

@@ -417,6 +417,24 @@ def read_json(path: str):
             raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
+def resolve_device(device=None) -> torch.device:
+    """The --device option of eval.py and bench.py: cpu, cuda or cuda:N (N below the number of
+    visible GPUs); None: cuda when available, else cpu. Anything else is a ValueError naming what
+    this machine allows."""
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None:
+        return torch.device("cuda" if n_gpu else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        d = None
+    if d is not None and (d.type == "cpu" or (d.type == "cuda" and (d.index or 0) < n_gpu)):
+        return d
+    allowed = (f"cpu, cuda or cuda:N with N in 0..{n_gpu - 1}" if n_gpu else
+               "cpu (no CUDA device is available here)")
+    raise ValueError(f"--device={device!r} is not allowed; use {allowed}")
+
+
 def _hf_name(ours: str) -> str:
     return ours if ours.startswith("lm_head.") else "model." + ours
 

@@ -7,8 +7,8 @@ import bench
 @pytest.mark.parametrize("args, message", [
     (["sample", "--model", "bad"], "invalid choice: 'bad'"),
     (["sample", "--reps", "0"], "'0' is not allowed: an integer >= 1"),
-    (["sample", "--device", "tpu"], "--device 'tpu' is not allowed"),
-    (["sample", "--device", "cuda:99"], "no such CUDA device here"),
+    (["sample", "--device", "tpu"], "--device='tpu' is not allowed; use cpu"),
+    (["sample", "--device", "cuda:99"], "--device='cuda:99' is not allowed; use cpu"),
 ])
 def test_bad_arguments_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as e:

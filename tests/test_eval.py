@@ -151,6 +151,23 @@ def test_policy_curve_endpoints_are_local_only_and_cloud_only():
                        torch.tensor(cloud).bool(), 1.0)
     assert m["acc_uncapped"] == pytest.approx(a[2])
 
+def test_capped_curve_by_hand():
+    help = [1, 0, 1, 1, 0]
+    local = [1, 1, 0, 0, 0]       # prompt 0 asked for help: its local verdict never counts
+    cloud = [0, 0, 1, 1, 1]
+    c, a = ev.capped_curve(help, local, cloud)
+    # 1 right local answer (prompt 1); help calls 0, 2, 3 served in dataset order: +0, +1, +1
+    assert c.tolist() == pytest.approx([0, 0.2, 0.4, 0.6])
+    assert a.tolist() == pytest.approx([0.2, 0.2, 0.4, 0.6])
+    for cap in range(4):   # each point is capped_metrics' acc_capped at that cap (budget cap / N)
+        m = capped_metrics(torch.tensor(help).bool(), torch.tensor(local).bool(),
+                           torch.tensor(cloud).bool(), cap / 5)
+        assert m["acc_capped"] == pytest.approx(a[cap])
+    assert ev.capped_curve([0, 0], [1, 0], [1, 1])[1].tolist() == [0.5]   # no help calls
+    with pytest.raises(ValueError, match="one length"):
+        ev.capped_curve([0, 1], [1], [1, 1])
+
+
 # ----------------------------------------------------------------------------- decision point
 
 
@@ -298,7 +315,9 @@ def test_cli_end_to_end(tmp_path, capsys):
                  "cloud only", "task-tuning only (tuned)", "naive offloading", "router", "oracle",
                  "policy (gapg)", "budget: 25%", "N = 20", "curve.csv"):
         assert text in report
-    assert os.path.exists(os.path.join(policy, "curve.csv"))
+    csv = open(os.path.join(policy, "curve.csv")).read().splitlines()
+    capped = [tuple(map(float, line.rsplit(",", 2)[1:])) for line in csv
+              if line.startswith('"policy (gapg), capped"')]
     try:
         import matplotlib  # noqa: F401
         assert os.path.exists(os.path.join(policy, "curve.png")) and "(curve.png)" in report
@@ -325,6 +344,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     tt, cloud_only = d["baselines"]["task_tuning_only"], d["baselines"]["cloud_only"]
     assert tt["len_local"] > 0 and tt["apgr"] is None and cloud_only["apgr"] is None
     assert m["calls_served"] == min(m["help_calls"], 5)
+    # the capped curve runs from no calls to the policy's own (uncapped) point, through acc capped
+    assert len(capped) == m["help_calls"] + 1 and capped[0][0] == 0
+    assert capped[-1] == pytest.approx((m["call_ratio"], m["acc_uncapped"]), abs=1e-6)
+    assert capped[m["calls_served"]][1] == pytest.approx(m["acc_capped"], abs=1e-6)
     # the policy's curve ends at cloud only (same cloud); it starts at its local-only accuracy
     assert m["curve_cloud_acc"] == pytest.approx(d["baselines"]["cloud_only"]["acc_uncapped"])
     assert m["curve_local_acc"] >= m["local_acc"] - 1e-9
