@@ -527,9 +527,14 @@ def test_bf16_mixed_sampler_follows_the_updated_weights(tmp_path):
 def test_resume_restores_the_da_grpo_dual_variable(tmp_path, straight):
     trainer = train.Trainer(train.load_config(crash_args(tmp_path, straight, "dual") + [
         "rl.algo=da_grpo", "rl.dual_init=0.2", "rl.dual_eta=0.5", "rl.dual_tau=0.0"]))
-    trainer.rl_step()
+    first = trainer.rl_step()
     trainer.step += 1
     trainer.save()
-    assert trainer.dual != 0.2   # tau = 0 with any help call moves lambda
+    # lambda_1 = max(0, lambda_0 + eta * (help ratio of step 1 - tau)), worked from the logged ratio
+    assert first["route/help_ratio"] > 0   # tau = 0 with any help call moves lambda
+    assert trainer.dual == pytest.approx(0.2 + 0.5 * first["route/help_ratio"])
     resumed = train.Trainer(train.load_config([f"resume={tmp_path / 'runs' / 'dual'}"]))
-    assert resumed.step == 1 and resumed.dual == trainer.dual
+    assert resumed.step == 1 and resumed.dual == pytest.approx(0.2 + 0.5 * first["route/help_ratio"])
+    second = resumed.rl_step()   # the next step starts from the restored lambda_1, not lambda_0
+    assert second["train/dual"] == pytest.approx(
+        0.2 + 0.5 * first["route/help_ratio"] + 0.5 * second["route/help_ratio"])
