@@ -126,8 +126,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        if x.dtype == torch.float32:  # one fused op; same result as the lines below
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            # the lines below in fewer passes over x: mean(x^2) = |x|^2 / d, from one reduction
+            # (the fp32 decode step is bound by the number of kernels; F.rms_norm runs 7 on CPU)
+            ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]
+            return x * torch.rsqrt(ms + self.eps) * self.weight
         # normalise in fp32, round, then scale in the input dtype (as HF does, for parity)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -228,9 +231,9 @@ class SharedPrefixCache:
         # never zero-filled: attend() reads only the columns already written (:pos + 1)
         self.k = prefix.k.new_empty(L, P, Hkv, n, max_new, D)
         self.v = prefix.v.new_empty(L, P, Hkv, n, max_new, D)
-        # additive bias hiding the prompts' left padding, [P, 1, 1, Lp]
-        self.prefix_bias = torch.zeros(P, 1, 1, prefix.pos, device=prefix.k.device)
-        self.prefix_bias.masked_fill_(~prefix.valid[:, None, None, :prefix.pos], float("-inf"))
+        # additive bias hiding the prompts' left padding, one row per (prompt, kv head): [P*Hkv, 1, Lp]
+        hidden = ~prefix.valid[:, :prefix.pos].repeat_interleave(Hkv, dim=0)[:, None]
+        self.prefix_bias = prefix.k.new_zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
 
     def begin(self, T: int, attn_mask):
         if T != 1 or attn_mask is not None:
@@ -243,17 +246,20 @@ class SharedPrefixCache:
         r = H // Hkv
         # rows are (prompt, sample) and heads are (kv head, group member): regroup the queries
         # to [P, Hkv, n, r, D] and store this step's keys/values at column t
-        q = q.view(P, n, Hkv, r, D).transpose(1, 2)
+        # (the 1/sqrt(D) scale goes on the queries, as SDPA applies it, not on the scores)
+        q = (q * D ** -0.5).view(P, n, Hkv, r, D).transpose(1, 2)
         self.k[layer, :, :, :, t] = k.view(P, n, Hkv, D).transpose(1, 2)
         self.v[layer, :, :, :, t] = v.view(P, n, Hkv, D).transpose(1, 2)
-        kp, vp = self.prefix.k[layer, :, :, :Lp], self.prefix.v[layer, :, :, :Lp]
+        # the prefix as one batch of P*Hkv matrices [Lp, D] (a view when the prefill's cache is
+        # exactly Lp long, as generate() makes it)
+        kp, vp = (c[layer, :, :, :Lp].reshape(P * Hkv, Lp, D) for c in (self.prefix.k, self.prefix.v))
         ks, vs = self.k[layer, :, :, :, :t + 1], self.v[layer, :, :, :, :t + 1]
-        qg = q.reshape(P, Hkv, n * r, D)
-        scale = D ** -0.5
-        s_pre = (qg @ kp.transpose(-1, -2)).float() * scale + self.prefix_bias  # [P, Hkv, n*r, Lp]
-        s_gen = (q @ ks.transpose(-1, -2)).float().view(P, Hkv, n * r, t + 1) * scale
-        p = torch.softmax(torch.cat([s_pre, s_gen], dim=-1), dim=-1).to(q.dtype)
-        y = p[..., :Lp] @ vp + (p[..., Lp:].view(P, Hkv, n, r, t + 1) @ vs).view(P, Hkv, n * r, D)
+        qg = q.reshape(P * Hkv, n * r, D)
+        s_pre = torch.baddbmm(self.prefix_bias, qg, kp.transpose(1, 2))  # [P*Hkv, n*r, Lp]
+        s_gen = (q @ ks.transpose(-1, -2)).view(P * Hkv, n * r, t + 1)
+        p = torch.softmax(torch.cat([s_pre, s_gen], dim=-1).float(), dim=-1).to(q.dtype)
+        y_gen = (p[..., Lp:].view(P, Hkv, n, r, t + 1) @ vs).view(P * Hkv, n * r, D)
+        y = torch.baddbmm(y_gen, p[..., :Lp], vp)   # + the prefix's share, in the same call
         return y.view(P, Hkv, n, r, D).transpose(1, 2).reshape(R, H, 1, D)
 
     def advance(self, T: int):
