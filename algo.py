@@ -14,6 +14,7 @@ T = L - targets_start response tokens per row, V vocabulary size.
 """
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -87,10 +88,16 @@ class FilterResult:
     n_zero_variance_selected: int   # of those, how many are in S (they add 0 to the sum but count in |S|)
 
 
+def floor_share(n: int, share: float) -> int:
+    """floor(n * share), exact in rationals: the share is read as the nearest fraction of
+    denominator <= 10^6, so 100 x 0.29 (28.999999999999996 in floats) gives 29, and 1/3 rounded
+    to 12 decimals gives floor(n/3) for every n, however large."""
+    return math.floor(n * Fraction(share).limit_denominator(10 ** 6))
+
+
 def d2_cap(rho, n_d1):
-    """floor(rho * |D1|), the most D2 prompts a step may keep (SPEC 4, 6).
-    The 1e-9 absorbs binary rounding (0.29 * 100 = 28.999999999999996 must give 29)."""
-    return math.floor(rho * n_d1 + 1e-9)
+    """floor(rho * |D1|), the most D2 prompts a step may keep (SPEC 4, 6)."""
+    return floor_share(n_d1, rho)
 
 
 def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=None, *, rewards,
@@ -335,7 +342,7 @@ def cloud_share(rho: float) -> float:
 
 def cloud_cap(n: int, budget: float) -> int:
     """floor(N * budget): the most cloud calls an evaluation of N prompts may make (SPEC 7)."""
-    return math.floor(n * budget + 1e-9)
+    return floor_share(n, budget)
 
 
 def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):

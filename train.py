@@ -239,7 +239,7 @@ def validate(cfg: Config):
         ("rl.grad_clip", non_negative, "a finite number >= 0 (0 = off)"),
         ("rl.micro_batch_size", non_negative, "an integer >= 0 (0 = all responses at once)"),
         ("rl.time_limit_min", non_negative, "a finite number >= 0 (0 = no limit)"),
-        ("rl.dual_init", _number, "a finite number"),
+        ("rl.dual_init", non_negative, "a finite number >= 0 (lambda is kept at 0 or above)"),
         ("rl.dual_tau", share, "a number in [0, 1]"),
         ("rl.dual_eta", non_negative, "a finite number >= 0"),
         ("sampling.max_new_tokens", positive, "an integer > 0"),
@@ -702,9 +702,11 @@ class Trainer:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            if not grads:   # every selected response has coefficient 0: nothing to update
+                skipped = "zero_coefficients"
+            elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 skipped = "non_finite"  # never let a NaN/inf reach the weights
-            elif grads:
+            else:
                 if rl.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), rl.grad_clip)
                 self.opt.step()

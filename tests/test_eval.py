@@ -12,7 +12,7 @@ import yaml
 
 import eval as ev
 import model
-from algo import capped_metrics, cloud_cap
+from algo import capped_metrics, cloud_cap, cloud_share
 from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
 from tasks import HELP_MARKER, make_task
 
@@ -48,10 +48,13 @@ def test_capped_metrics_cap_in_dataset_order():
 
 
 
-@pytest.mark.parametrize("n, budget, cap", [(100, 0.29, 29), (100, 0.57, 57), (200, 0.58, 116),
-                                             (500, 0.3, 150), (10, 0.25, 2), (7, 0, 0), (7, 1, 7)])
+@pytest.mark.parametrize("n, budget, cap", [
+    (100, 0.29, 29), (100, 0.57, 57), (200, 0.58, 116), (500, 0.3, 150), (10, 0.25, 2), (7, 0, 0),
+    (7, 1, 7), (6000, cloud_share(1 / 2), 2000), (7500, cloud_share(1 / 2), 2500),
+    (7500, cloud_share(7 / 5), 4375), (7499, cloud_share(1 / 2), 2499), (5000, cloud_share(3 / 7), 1500)])
 def test_cloud_cap_is_floor_n_budget_despite_float_rounding(n, budget, cap):
-    assert cloud_cap(n, budget) == cap   # 100 * 0.29 is 28.999999999999996 in floats
+    # 100 * 0.29 is 28.999999999999996 in floats; cloud_share(1/2) is 1/3 rounded to 12 decimals
+    assert cloud_cap(n, budget) == cap
 
 
 def test_capped_metrics_over_no_prompts_are_none_not_zero():

@@ -83,6 +83,7 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     ("rl.steps.x=1", "no sub-keys"),
     ("rl=3", "is a section"),
     ("device=tpu", "device='tpu'"),
+    ("rl.dual_init=-1", "rl.dual_init=-1"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")
@@ -394,6 +395,20 @@ def test_non_finite_step_is_skipped(loss, grad, tmp_path, monkeypatch):
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not trainer.opt.state  # the optimizer never stepped on the poisoned gradient
+
+
+def test_step_whose_coefficients_are_all_zero_says_so(tmp_path, monkeypatch):
+    # prompts are selected, but every response's coefficient is 0 (e.g. all-correct groups):
+    # the update computes nothing, and the log must not call it an ordinary step
+    trainer = train.Trainer(train.load_config(tiny_args(tmp_path, "name=zero", "rl.steps=1",
+                                                        "rl.filter=none")))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    monkeypatch.setattr(algo, "group_advantages", lambda rewards, *a, **k: torch.zeros_like(rewards))
+    row = trainer.rl_step()
+    assert row["filter/selected"] == 4 and row["train/skipped"] == "zero_coefficients"
+    assert row["train/loss"] == 0.0 and row["train/grad_norm"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert not trainer.opt.state
 
 
 @pytest.mark.parametrize("device", DEVICES)
