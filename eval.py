@@ -498,11 +498,10 @@ class Results:
     notes: list = field(default_factory=list)
 
 
-def _unfinished_note(run) -> str | None:
-    """A note when train.py has not finished the run (no final_eval.json): its last checkpoint
-    is what gets evaluated."""
-    if os.path.isfile(os.path.join(run.path, "final_eval.json")):
-        return None
+def _training_note(run) -> str | None:
+    """A note when train.py did not train the run to its rl.steps: not finished (no
+    final_eval.json; its last checkpoint is what gets evaluated), or stopped early by
+    rl.time_limit_min (finished, at a lower step)."""
     step = None
     try:
         with open(os.path.join(run.path, "metrics.jsonl")) as f:
@@ -511,8 +510,13 @@ def _unfinished_note(run) -> str | None:
     except (OSError, ValueError):
         pass
     steps = (run.cfg.get("rl") or {}).get("steps", "?")
-    return (f"{run.path} has not finished training (logged up to step {step} of {steps}); its "
-            "last checkpoint is evaluated")
+    if not os.path.isfile(os.path.join(run.path, "final_eval.json")):
+        return (f"{run.path} has not finished training (logged up to step {step} of {steps}); "
+                "its last checkpoint is evaluated")
+    if isinstance(step, int) and isinstance(steps, int) and step < steps:
+        return (f"{run.path} stopped training at step {step} of {steps} (rl.time_limit_min); its "
+                "final checkpoint is evaluated")
+    return None
 
 
 def _check_budget(budget, name):
@@ -588,7 +592,7 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
                          f"baseline, so leave out {', '.join(others)}")
     policies = [r for r in runs if r.help_allowed]
     clouds = {json.dumps(r.cfg["cloud"], sort_keys=True) for r in runs}
-    notes = [unfinished for r in runs if (unfinished := _unfinished_note(r))]
+    notes = [note for r in runs if (note := _training_note(r))]
     if len(clouds) > 1:
         notes.append("the runs use different cloud settings; each run's curve and metrics use its "
                      "own cloud, the baselines use the base model's run's cloud")

@@ -305,6 +305,15 @@ def test_an_unfinished_run_is_evaluated_with_a_note(tmp_path, capsys):
     note = f"{policy} has not finished training (logged up to step 7 of 240)"
     assert any(n.startswith(note) for n in res.notes)
     assert f"note: {note}" in capsys.readouterr().out
+    # finished, but early: rl.time_limit_min stopped it at step 7 (train.py then evaluates it)
+    with open(os.path.join(policy, "final_eval.json"), "w") as f:
+        json.dump({"acc_capped": 0.5}, f)
+    res = ev.main([policy, "--n", "4", "--router-n", "0"])
+    assert f"{policy} stopped training at step 7 of 240 (rl.time_limit_min)" in res.notes[0]
+    cfg["rl"]["steps"] = 7   # trained to its rl.steps: no note
+    with open(os.path.join(policy, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    assert not [n for n in ev.main([policy, "--n", "4", "--router-n", "0"]).notes if "training" in n]
 
 
 def test_cli_end_to_end(tmp_path, capsys):
