@@ -469,7 +469,11 @@ def test_http_concurrency_and_order(endpoint, task):
 # ----------------------------------------------------------------------------------------------
 # Local backend with a fake model.py / sample.py
 
-def test_local_backend_with_fake_model(monkeypatch, task):
+def fake_local_model(monkeypatch, answer, eos=True):
+    """Stand-ins for the `model` and `sample` modules LocalBackend imports: a character
+    tokenizer (EOS id 0) and a generate that writes answer(prompt ids) for every row, followed by
+    EOS when `eos` (else the row reads as cut off at max_new_tokens). Returns the dict in which
+    the calls are recorded."""
     import torch
 
     class CharTokenizer:
@@ -497,15 +501,19 @@ def test_local_backend_with_fake_model(monkeypatch, task):
         tokens = torch.zeros(len(prompts), max_new_tokens, dtype=torch.long)
         lengths = torch.zeros(len(prompts), dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            answer = [ord(c) for c in f"echo{len(prompt)}"] + [0]  # ends with EOS
-            tokens[row, :len(answer)] = torch.tensor(answer)
-            lengths[row] = len(answer)
+            ids = [ord(c) for c in answer(prompt)] + ([0] if eos else [])
+            tokens[row, :len(ids)] = torch.tensor(ids)
+            lengths[row] = len(ids)
         return types.SimpleNamespace(tokens=tokens, lengths=lengths)
 
     monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load_pretrained=load_pretrained,
                                                                      load_tokenizer=lambda path: CharTokenizer()))
     monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate))
+    return calls
 
+
+def test_local_backend_with_fake_model(monkeypatch, task):
+    calls = fake_local_model(monkeypatch, lambda prompt: f"echo{len(prompt)}")
     backend = LocalBackend("/ckpt/big", max_new_tokens=16, batch_size=2)
     examples = task.examples("test")[:3]
     texts = backend.complete(task, examples)
@@ -548,3 +556,66 @@ def test_prefill_cli_fills_the_cache(tmp_path, capsys):
     assert cloud.main(["--task", "tiny_countdown", "--limit", "5", "--cache", str(cache)]) == 0
     assert len(cache.read_text().splitlines()) == 5
     assert "5 prompts, calls made 5" in capsys.readouterr().out
+
+
+def test_http_retry_after_is_capped_by_max_wait(endpoint):
+    endpoint.script = [(429, "slow down", {"Retry-After": "86400"}, 0), ok("done")]
+    backend = make_backend(endpoint.url, max_wait=5.0)
+    assert backend.chat(MESSAGES) == "done"
+    assert backend.slept == [5.0]
+
+
+def test_http_negative_retry_after_falls_back_to_backoff(endpoint):
+    endpoint.script = [(429, "slow down", {"Retry-After": "-5"}, 0), ok("done")]
+    backend = make_backend(endpoint.url, backoff=0.5)
+    assert backend.chat(MESSAGES) == "done"
+    assert len(backend.slept) == 1 and 0.25 <= backend.slept[0] <= 0.75  # backoff, not -5 s
+
+
+def test_http_403_is_an_auth_error(endpoint, monkeypatch):
+    monkeypatch.setenv("TEST_CLOUD_KEY", "sk-x")
+    endpoint.script = [(403, "forbidden", {}, 0)]
+    with pytest.raises(CloudAuthError, match="TEST_CLOUD_KEY"):
+        make_backend(endpoint.url).chat(MESSAGES)
+    assert len(endpoint.requests) == 1
+
+
+def test_cache_refuses_answers_to_a_changed_cloud_prompt(tmp_path, monkeypatch):
+    import tasks
+    countdown = CountdownTask(n_train=0, n_test=2, seed=0)
+    examples = countdown.examples("test")
+    path = tmp_path / "c.jsonl"
+    make_cloud({"backend": "oracle"}, cache_path=path).ask(countdown, examples)
+    # the cloud's system message changes; the device prompt (example.prompt) does not
+    monkeypatch.setattr(tasks, "CLOUD_TEMPLATE1_SYSTEM", tasks.CLOUD_TEMPLATE1_SYSTEM + " Be brief.")
+    with pytest.raises(ValueError, match="for a different prompt"):
+        make_cloud({"backend": "oracle"}, cache_path=path).ask(countdown, examples)
+
+
+def test_backend_answer_count_must_match_the_prompts(task):
+    class Surplus:
+        name, model_name = "oracle", "m"
+
+        def complete(self, task, examples):
+            return OracleBackend().complete(task, examples) + ["a surplus answer"]
+
+    cloud = Cloud(Surplus(), CloudCache(None), "oracle", "m")
+    with pytest.raises(RuntimeError, match="2 answers for 1 prompts"):
+        cloud.ask(task, task.examples("train")[:1])
+    assert len(cloud.cache) == 0
+
+
+def test_local_backend_keeps_the_last_token_when_no_eos(monkeypatch, task):
+    # a row that hit max_new_tokens: its last token is part of the answer, not an EOS
+    fake_local_model(monkeypatch, lambda prompt: "[007*003=021,021+012=033]", eos=False)
+    backend = LocalBackend("/ckpt/big", max_new_tokens=32)
+    assert backend.complete(task, task.examples("test")[:2]) == ["[007*003=021,021+012=033]"] * 2
+
+
+def test_local_backend_ignores_multi_token_stop_texts(monkeypatch):
+    calls = fake_local_model(monkeypatch, lambda prompt: "[007*003=021,021+012=033]")
+    backend = LocalBackend("/ckpt/big", max_new_tokens=32)
+    tiny = TinyCountdownTask(n_train=1, n_test=1)
+    tiny.stop_texts = ("A", "<stop>")  # "<stop>" is 6 tokens here: it cannot be a stop id
+    backend.complete(tiny, tiny.examples("test"))
+    assert sorted(calls["generate"][-1]["stop_ids"]) == [0, ord("A")]

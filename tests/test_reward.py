@@ -141,3 +141,23 @@ def test_validate_catches_later_edits():
     with pytest.raises(ValueError, match="alpha_a > alpha_c"):
         cfg.validate()
     assert math.isclose(RewardConfig(alpha_c=0.0).alpha_c, 0.0)  # help never paid: allowed
+
+
+@pytest.mark.parametrize("text,expected", [
+    (HELP_MARKER + " actually: <ANSWER>42</ANSWER>", False),  # the answer is last, in any case
+    (HELP_MARKER + " actually: <answer>3*7\n+ 12</answer>", False),  # an answer spanning lines
+    ("<ANSWER>42</ANSWER> " + HELP_MARKER, True),
+])
+def test_help_called_answer_after_marker_in_any_case_or_lines(text, expected):
+    assert help_called(text) is expected
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"alpha_a": float("inf")}, "finite"),
+    ({"alpha_a": float("nan")}, "finite"),
+    ({"alpha_a": True, "alpha_c": 0.25}, "must be a number"),
+    ({"alpha_c": False}, "must be a number"),
+])
+def test_reward_weights_must_be_finite_numbers_not_booleans(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        RewardConfig(**kwargs)

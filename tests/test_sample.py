@@ -302,3 +302,25 @@ def test_a_uniform_of_exactly_zero_never_picks_a_token_of_probability_zero(monke
     assert token.tolist() == [0]   # top-k 1: only token 0 has mass
     token, _ = sample_next(torch.tensor([[1.0, 5.0, 0.0]]), 1.0, 1, 1.0, torch.Generator())
     assert token.tolist() == [1]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, r"top_k >= 0 \(got -1\)"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"n": 0}, "n=0"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0"),
+])
+def test_bad_sampler_options_raise(kwargs, needle):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=needle):
+        generate(model, [[1, 2]], **{"max_new_tokens": 4, **kwargs})
+
+
+def test_prompt_plus_new_tokens_may_fill_but_not_exceed_the_context():
+    model = tiny_model(max_position_embeddings=16)
+    out = generate(model, [[1] * 10, [2] * 4], max_new_tokens=6, temperature=0)  # 10 + 6 == 16
+    assert out.tokens.shape == (2, 6)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(model, [[1] * 10], max_new_tokens=7, temperature=0)  # 17 > 16

@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reward import HELP_MARKER  # noqa: E402
-from tasks import (CountdownTask, Example, MathTask, TinyCountdownTask, check_countdown,  # noqa: E402
-                   gsm8k_answers_equal, gsm8k_final_number, last_boxed, make_task,
-                   math_answers_equal, tiny_check_text)
+from tasks import (MAX_LITERAL_DIGITS, CountdownTask, Example, MathTask,  # noqa: E402
+                   TinyCountdownTask, check_countdown, gsm8k_answers_equal, gsm8k_final_number,
+                   last_boxed, make_task, math_answers_equal, tiny_check_text)
 
 # ----------------------------------------------------------------------------------------------
 # check_countdown: adversarial table. Default numbers [3, 7, 12] and target 33 (3*7+12).
@@ -600,3 +600,69 @@ def test_countdown_expression_length_limit_is_inclusive():
     at_limit = " " * (MAX_EXPRESSION_CHARS - len(at_limit)) + at_limit
     assert len(at_limit) == MAX_EXPRESSION_CHARS and check_countdown(at_limit, [1, 2], 3)
     assert not check_countdown(" " + at_limit, [1, 2], 3)   # one character over
+
+
+def test_check_countdown_literal_digit_limit_is_inclusive():
+    six = 10 ** (MAX_LITERAL_DIGITS - 1)  # 100000: six digits, allowed
+    assert check_countdown(f"{six}+1", [six, 1], six + 1)
+    assert check_countdown("000007+3", [7, 3], 10)  # leading zeros count towards the six
+    assert not check_countdown(f"{six * 10}+1", [six * 10, 1], six * 10 + 1)  # seven: rejected
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ("1.0000005", "1", True),   # relative 5e-7: within 1e-6
+    ("1.000005", "1", False),   # relative 5e-6: beyond it
+    ("0.33333", "\\frac{1}{3}", False),  # relative 1e-5
+])
+def test_math_decimal_tolerance_is_one_in_a_million(a, b, expected):
+    assert math_answers_equal(a, b) is expected and math_answers_equal(b, a) is expected
+
+
+@pytest.mark.parametrize("answer", ["\\frac{1}{0}", "\\frac{0}{0}", "-\\frac{3}{0.0}"])
+def test_zero_denominator_is_wrong_not_a_crash(answer):
+    assert math_answers_equal(answer, "5") is False and math_answers_equal("5", answer) is False
+
+
+def test_leading_variable_is_dropped_only_from_a_single_equation():
+    assert math_answers_equal("x = 5", "5")
+    assert math_answers_equal("x=1, y=2", "x = 1, y = 2")
+    assert not math_answers_equal("x=1, y=2", "1, y=2")  # the x is part of a list of equations
+
+
+def test_gsm8k_takes_the_first_number_after_the_marker():
+    assert gsm8k_final_number("#### 18 dollars, that is 3 * 6") == "18"
+    assert gsm8k_final_number("#### 1,234 (not 1,243)") == "1234"
+
+
+def test_countdown_answer_tags_in_any_case_are_read():
+    task = CountdownTask(n_train=0, n_test=1, seed=0)
+    ex = Example("countdown:3,7,12->33", [], {"numbers": [3, 7, 12], "target": 33, "solution": "3 * 7 + 12"})
+    # help_called() (reward.py) already treats <ANSWER> as a final answer; the verifier agrees
+    assert task.local_correct(ex, "<think>x</think> <ANSWER>3*7+12</ANSWER>")
+    assert task.local_correct(ex, "<Answer>1+1</Answer> <answer>12 + 3*7</answer>")
+    assert not task.local_correct(ex, "<answer>3*7+12</answer> <ANSWER>1+1</ANSWER>")
+
+
+def test_countdown_target_range_is_inclusive():
+    # 2 numbers in 1..5 added: 15 distinct (pair, sum) examples, sums 2..10; all must appear
+    task = CountdownTask(n_numbers=2, number_range=(1, 5), ops="+", target_range=(2, 10),
+                         n_train=0, n_test=15, seed=0)
+    targets = sorted(e.data["target"] for e in task.examples("test"))
+    assert targets[0] == 2 and targets[-1] == 10
+
+
+def test_tiny_chain_rejects_an_operator_outside_the_task_ops():
+    ex = Example("k", "12,04,05|015=", {"numbers": [12, 4, 5], "target": 15, "solution": ""})
+    response = "[012/004=003,003*005=015]00=11=55=A"
+    assert not TinyCountdownTask(ops="+-*", n_train=1, n_test=1).local_correct(ex, response)
+    assert not TinyCountdownTask(ops="+-*", n_train=1, n_test=1).chain_correct("[012/004=003]", [12, 4], 3)
+    assert TinyCountdownTask(ops="+-*/", n_train=1, n_test=1).local_correct(ex, response)
+
+
+def test_tiny_decision_is_the_first_a_or_h():
+    tiny = TinyCountdownTask(n_train=1, n_test=1)
+    text = "[007*003=021,021+012=033]00=33=33=AH"
+    assert tiny.decision(text) == "A" and tiny.answered(text) and not tiny.help_called(text)
+    assert not tiny.local_correct(EX_33, text)  # text after the decision
+    assert tiny.help_called("[007*003=021,021+012=033]00=33=33=HA")
+    assert tiny.cloud_correct(EX_33, "[007*003=021,021+012=033]00=33=33=AH")
