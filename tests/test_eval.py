@@ -47,7 +47,6 @@ def test_capped_metrics_cap_in_dataset_order():
     assert m["len_local"] == pytest.approx((20 + 50 + 60 + 80 + 90 + 100) / 6)
 
 
-
 @pytest.mark.parametrize("n, budget, cap", [
     (100, 0.29, 29), (100, 0.57, 57), (200, 0.58, 116), (500, 0.3, 150), (10, 0.25, 2), (7, 0, 0),
     (7, 1, 7), (6000, cloud_share(1 / 2), 2000), (7500, cloud_share(1 / 2), 2500),
@@ -569,3 +568,120 @@ def test_answered_locally_decodes_after_the_answer_opening(monkeypatch):
     assert ev.answered_locally(None, tok, task, ex, splits, 16) == [True, False]
     want = tok.prompt_ids(ex[0].prompt) + tok.encode("<think>hm</think>") + tok.encode(" <answer>")
     assert seen[0] == want
+
+
+def test_auroc_is_none_without_positives():
+    """No positive example: undefined, None (not a ZeroDivisionError)."""
+    assert ev.auroc([0.3, 0.2], [0, 0]) is None
+
+
+def test_curves_refuse_arrays_of_different_lengths():
+    """A cloud verdict per prompt, or a ValueError."""
+    with pytest.raises(ValueError, match="one length"):
+        ev.routing_curve([0, 1], [1, 0], [1, 0, 1])
+    with pytest.raises(ValueError, match="one length"):
+        ev.capped_curve([0, 1], [1, 1], [1])
+    with pytest.raises(ValueError, match="one length"):
+        ev.capped_curve([0, 1], [1, 1], [1, 1, 0])
+
+
+def test_gap_recovered_uses_the_curve_endpoint_and_the_real_spacing():
+    """Acc_cloud defaults to acc(1), the last point, not the curve's best point;
+    the trapezoids use the points' own call ratios (uneven spacing)."""
+    s = ev.gap_recovered([0, 0.5, 1], [0.5, 0.9, 0.7])
+    assert s["curve_cloud_acc"] == 0.7
+    # PGR = [0, 2, 1]: (0 + 2) / 2 * .5 + (2 + 1) / 2 * .5
+    assert s["apgr"] == pytest.approx(1.25) and s["cpt50"] == 0.5
+    # PGR = [0, 1, 1] at c = [0, .1, 1]: .5 * .1 + 1 * .9
+    assert ev.gap_recovered([0, 0.1, 1], [0.2, 0.6, 0.6])["apgr"] == pytest.approx(0.95)
+
+
+def test_router_and_policy_orders_keep_dataset_order_on_ties():
+    """Stable on ties also past numpy's small-array insertion sort."""
+    scores = np.zeros(40)
+    scores[::3] = 0.5
+    low, high = [i for i in range(40) if i % 3], list(range(0, 40, 3))
+    assert ev.router_order(scores).tolist() == low + high
+    assert ev.policy_order(scores).tolist() == high + low
+    assert ev.policy_order([1.0, 3.0, 3.0, 0.0]).tolist() == [1, 2, 0, 3]
+
+
+def test_policy_curve_leaves_its_inputs_alone():
+    """The kept-local verdicts are a new array, not the caller's local_ok overwritten."""
+    local = np.array([False, True, True, False])
+    help = np.array([True, False, True, False])
+    ev.policy_curve(help, local, [True, False, False, False], [1, 0, 1, 1], [2.0, -1, 0.5, -3])
+    assert local.tolist() == [False, True, True, False]
+
+
+def test_a_report_shows_only_its_own_policies(tmp_path):
+    """A run's report.md has the baselines and that run's policy row, not the others'."""
+    settings = {"split": "test", "n": 2, "budget": 0.5, "cap": 1, "date": "d", "machine": "m",
+                "task": {"name": "tiny_countdown"}, "cloud": {"backend": "oracle"},
+                "base_model": "b", "models": {"runs/a": "A", "runs/b": "B"},
+                "task_tuned_run": None, "runs": ["runs/a", "runs/b"]}
+    policy = {"call_ratio": 0.5, "help_calls": 1, "calls_served": 1, "len_help": 3.0,
+              "len_local": 4.0, "clipped_ratio": 0.0, "curve_local_acc": 0.5,
+              "decision_agreement": 1.0}
+    res = ev.Results(settings, [("naive", "naive offloading", {"call_ratio": 0.5}),
+                                ("policy:runs/a", "policy A", policy),
+                                ("policy:runs/b", "policy B", policy)])
+    report = ev.report_markdown(res, ["runs/a"], None, "python eval.py runs/a runs/b")
+    assert "| naive offloading |" in report and "| policy A |" in report
+    assert "policy B" not in report
+
+
+def test_boundary_budgets_and_the_whole_split_are_allowed(tmp_path, monkeypatch):
+    """--budget 0 (no cloud) and 1 are allowed, and --n equal to the split size."""
+    run = write_run(tmp_path, "p", True, seed=0)
+    monkeypatch.setattr(ev, "evaluate_baselines", lambda *a, **k: None)
+    monkeypatch.setattr(ev, "evaluate_policy_run", lambda *a, **k: None)
+    for budget, cap in ((0.0, 0), (1.0, 30)):
+        res = ev.evaluate_runs([run], budget=budget, n=30, router_n=0)
+        assert res.settings["n"] == 30 and res.settings["cap"] == cap
+
+
+def test_curve_csv_columns_are_call_ratio_then_accuracy(tmp_path, monkeypatch):
+    """An asymmetric curve, so swapped columns show."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    settings = {"split": "test", "n": 2, "budget": 0.5}
+    res = ev.Results(settings, [], curves={"oracle": (np.array([0, 0.5, 1]),
+                                                      np.array([0.25, 0.75, 0.5]))})
+    ev.write_curves(res, tmp_path, ["oracle"])
+    assert (tmp_path / "curve.csv").read_text().splitlines()[1:] == [
+        '"oracle",0.000000,0.250000', '"oracle",0.500000,0.750000', '"oracle",1.000000,0.500000']
+
+
+def test_cli_config_sections_and_counts_must_have_the_right_type(tmp_path, no_evaluation):
+    """A section that is not a mapping; a boolean is not a count."""
+    not_a_map = run_with_config(tmp_path, "not_a_map",
+                                lambda t: yaml.safe_dump({**yaml.safe_load(t), "sampling": 5}))
+    assert "not_a_map/config.yaml: section 'sampling' is missing" in exit_message([not_a_map])
+    bool_batch = run_with_config(tmp_path, "bool_batch",
+                                 lambda t: t.replace("batch_size: 64", "batch_size: true"))
+    assert "eval.batch_size=True is not allowed: an integer >= 1" in exit_message([bool_batch])
+
+
+def test_eval_json_keeps_booleans():
+    """JSON true / false, not 1 / 0 (bool is an int subclass)."""
+    assert json.dumps(ev._plain({"a": True, "b": np.bool_(False), "c": [np.int64(3)],
+                                 "d": np.float32(0.3)})) == \
+        '{"a": true, "b": false, "c": [3], "d": 0.3}'
+
+
+def test_oracle_sends_only_the_wrong_prompts_when_the_cap_allows_more(tmp_path, monkeypatch):
+    """Budget 0.3 of 10 prompts is a cap of 3, but the base model gets only prompt 0
+    wrong: the oracle sends that one prompt, not 3."""
+    run = write_run(tmp_path, "tuned", False, seed=2)
+
+    def fake_evaluate_policy(model, tok, task, examples, cloud, budget, *a, **k):
+        local = torch.ones(len(examples), dtype=torch.bool)
+        local[0] = False
+        help = torch.zeros(len(examples), dtype=torch.bool)
+        return capped_metrics(help, local, help, budget), {"help": help, "local_ok": local}
+
+    monkeypatch.setattr(ev.algo, "evaluate_policy", fake_evaluate_policy)
+    res = ev.evaluate_runs([run], n=10, budget=0.3, router_n=0)
+    oracle = {key: m for key, _, m in res.rows}["oracle"]
+    assert oracle["help_calls"] == 1 and oracle["call_ratio"] == pytest.approx(0.1)

@@ -244,3 +244,138 @@ def test_rms_norm_by_hand_where_eps_matters(dtype):
     got = norm.to(dtype)(x.to(dtype)).double()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_config_without_kv_heads_is_full_multi_head_attention():
+    """Transformers' default num_key_value_heads is num_attention_heads (no GQA), not our
+    dataclass default of 4."""
+    hf = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 8,
+          "intermediate_size": 100, "num_hidden_layers": 2, "vocab_size": 10}
+    assert ModelConfig.from_hf(hf).num_key_value_heads == 8
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pretraining_tp": 2}, "pretraining_tp"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                          "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+])
+def test_more_unsupported_config_is_an_error(change, message):
+    """Both would silently change the computation."""
+    hf = ModelConfig().to_hf()
+    hf.update(change)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(num_attention_heads=4, num_key_value_heads=3), "not a multiple of num_key_value_heads"),
+    (dict(hidden_size=12, num_attention_heads=4), "must be even for RoPE"),
+])
+def test_config_shape_checks(kw, message):
+    """Heads must group evenly onto kv heads; RoPE needs an even head_dim."""
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kw)
+
+
+def test_attention_mask_by_hand():
+    """Causal over valid keys, and every query sees at least itself (a padding query's
+    row is never all-masked, which would be NaN in SDPA on some backends / torch versions)."""
+    from model import attention_mask
+    valid = torch.tensor([[True, True, True], [False, False, True]])
+    m = attention_mask(valid, 3, 0)
+    assert m.shape == (2, 1, 3, 3)
+    assert m[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert m[1, 0].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    # with an offset: 2 new queries at columns 3, 4 over 5 keys, column 1 padding
+    valid = torch.tensor([[True, False, True, True, True]])
+    assert attention_mask(valid, 2, 3)[0, 0].tolist() == [[True, False, True, True, False],
+                                                          [True, False, True, True, True]]
+
+
+def test_shared_prefix_cache_refuses_more_than_one_token_or_a_mask():
+    """The shared-prefix decode cache has no padding columns and one slot per step."""
+    from model import KVCache, SharedPrefixCache
+    cfg = ModelConfig(num_hidden_layers=1)
+    prefix = KVCache(cfg, batch=2, max_len=4)
+    prefix.begin(4, None)
+    prefix.advance(4)
+    cache = SharedPrefixCache(prefix, n=2, max_new=3)
+    assert cache.begin(1, None) is None
+    with pytest.raises(ValueError, match="one token per row per step"):
+        cache.begin(2, None)
+    with pytest.raises(ValueError, match="one token per row per step"):
+        cache.begin(1, torch.ones(4, 1, dtype=torch.bool))
+
+
+def test_sharded_checkpoint_reads_only_the_index_shards(tmp_path):
+    """With model.safetensors.index.json the shards are the index's, not every
+    model*.safetensors in the directory (a stray file from an older save is ignored)."""
+    model = Transformer(ModelConfig(tie_word_embeddings=False)).init_weights(0)
+    save_pretrained(model, str(tmp_path))
+    state = load_file(tmp_path / "model.safetensors")
+    os.rename(tmp_path / "model.safetensors", tmp_path / "model-00001-of-00001.safetensors")
+    json.dump({"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors"
+                                              for k in state}},
+              open(tmp_path / "model.safetensors.index.json", "w"))
+    save_file({"model.stray.weight": torch.zeros(2)}, tmp_path / "model-old.safetensors")
+    loaded = load_pretrained(str(tmp_path))
+    assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight)
+
+
+def test_saved_config_states_the_weights_dtype(tmp_path):
+    """Config.json's torch_dtype is what the safetensors hold, not the config's field."""
+    model = Transformer(ModelConfig()).init_weights(0).to(torch.bfloat16)
+    save_pretrained(model, str(tmp_path))
+    assert json.load(open(tmp_path / "config.json"))["torch_dtype"] == "bfloat16"
+    assert load_file(tmp_path / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_load_tokenizer_falls_back_to_config_json_eos_and_pads_with_eos(tmp_path):
+    """No generation_config.json and no eos_token: config.json's eos_token_id; no
+    pad_token: the first eos id pads."""
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    json.dump({"eos_token_id": [2, 1]}, open(tmp_path / "config.json", "w"))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.eos_ids == [2, 1] and tok.pad_id == 2
+
+
+def test_load_tokenizer_puts_the_eos_token_first_and_reads_bos(tmp_path):
+    """Tokenizer_config.json's eos_token leads the eos ids even when
+    generation_config.json lists others first (Llama-3.1 instruct: <|eot_id|> last); its
+    bos_token gives bos_id."""
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    json.dump({"eos_token": "<eos>", "bos_token": {"content": "a"}},
+              open(tmp_path / "tokenizer_config.json", "w"))
+    json.dump({"eos_token_id": [3, 4, 1]}, open(tmp_path / "generation_config.json", "w"))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.eos_ids == [1, 3, 4] and tok.pad_id == 1
+    assert tok.bos_id == tok.token_id("a") and tok.bos_id is not None
+
+
+def test_load_tokenizer_uses_the_default_of_named_templates(tmp_path):
+    """A list of named chat templates: the one named "default"."""
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    json.dump({"eos_token": "<eos>", "chat_template": [
+        {"name": "tool_use", "template": "{{ '<|start_header_id|>' }}"},
+        {"name": "default", "template": "{{ '<|im_start|>' }}"}]},
+        open(tmp_path / "tokenizer_config.json", "w"))
+    assert load_tokenizer(str(tmp_path)).chat_format == "chatml"
+
+
+def test_default_system_message_after_a_raw_newline(tmp_path):
+    """SmolLM2's template has a raw newline after "system" (Qwen2.5's a "\\n" escape)."""
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    template = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+                "You are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}")
+    json.dump({"chat_template": template, "eos_token": "<eos>"},
+              open(tmp_path / "tokenizer_config.json", "w"))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.default_system == "You are a helpful AI assistant named SmolLM"
+
+
+def test_tokenizer_save_keeps_a_chat_format_without_template(tmp_path):
+    """A tokenizer whose chat format has no template text still loads with that format."""
+    tok = build_char_tokenizer("abc")
+    tok.chat_format = "llama3.1"
+    tok.save(str(tmp_path))
+    assert load_tokenizer(str(tmp_path)).chat_format == "llama3.1"
