@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce the README's tiny results on a CPU (about 25 minutes on 2 otherwise idle cores): the
-# same cached warm start, RL-tuned four ways, then one evaluation table with the paper's baselines.
+# Reproduce the README's tiny results on a CPU (about 20 minutes on 2 otherwise idle cores, the
+# warm start included): one cached warm start, RL-tuned four ways, then one evaluation table with
+# the paper's baselines.
 #   gapg            GAPG (SPEC 5-6), the default config
 #   gapg-seed1      the same with another RL seed (same warm start)
 #   task-only       task-tuning only: RL with help disabled (the H decision is never sampled)
