@@ -658,6 +658,7 @@ class Trainer:
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.rl.lr,
                                          weight_decay=cfg.rl.weight_decay, betas=tuple(cfg.rl.betas))
         self.step, self.dual = 0, cfg.rl.dual_init
+        self.stopped_by = signal.SIGINT  # the signal that stops train(): SIGINT or SIGTERM
         if cfg.resume:
             state = torch.load(os.path.join(source, "trainer_state.pt"), weights_only=False)
             self.opt.load_state_dict(state["optimizer"])
@@ -883,7 +884,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: python train.py resume={trainer.run_dir}",
               file=sys.stderr)
-        sys.exit(128 + getattr(trainer, "stopped_by", signal.SIGINT))  # 130, or 143 for SIGTERM
+        sys.exit(128 + trainer.stopped_by)  # 130, or 143 for SIGTERM
     n, budget = final["n"], cfg.eval.budget
     cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": None, "answer_rate": 0.0}
     answers = trainer.cloud.ask(trainer.task, trainer.eval_examples)
