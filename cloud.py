@@ -370,6 +370,10 @@ class Cloud:
         self.backend_name = backend_name or getattr(backend, "name", type(backend).__name__)
         self.model_name = model_name or getattr(backend, "model_name", "")
         self.calls_made = self.served_from_cache = self.failures = 0
+        # None: a failed prompt is asked again next time (training: it stays out of the update
+        # and is retried when next sampled). A dict: its failure is kept, (task, key) -> answer,
+        # and served again for the rest of the process (eval.py: one verdict per prompt per report)
+        self.failed: dict | None = None
 
     def _cached(self, task, example, digest: str) -> dict | None:
         record = self.cache.get(task.name, example.key)
@@ -396,6 +400,8 @@ class Cloud:
             if record is not None:
                 answers[i] = CloudAnswer(record["answer"], record["verdict"], cached=True)
                 self.served_from_cache += 1
+            elif self.failed is not None and (task.name, example.key) in self.failed:
+                answers[i] = self.failed[(task.name, example.key)]
             else:
                 pending[example.key] = (example, digest, [i])
         if pending:
@@ -409,6 +415,8 @@ class Cloud:
                 if isinstance(text, BaseException):
                     self.failures += 1
                     answer = CloudAnswer("", False, cached=False, error=f"{type(text).__name__}: {text}")
+                    if self.failed is not None:
+                        self.failed[(task.name, example.key)] = answer
                 else:
                     answer = CloudAnswer(text, bool(task.cloud_correct(example, text)), cached=False)
                     fresh.append({"task": task.name, "key": example.key, "prompt_sha256": digest, "answer": text,

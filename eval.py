@@ -462,6 +462,7 @@ def load_run(path, device) -> Run:
             raise ValueError(f"{config}: {section}.{key}={v!r} is not allowed: an integer >= 1")
     task = make_task(**cfg["task"])
     cloud = make_cloud(dict(cfg["cloud"]), cache_path=os.path.join(path, "cloud_cache.jsonl"))
+    cloud.failed = {}  # a prompt whose call failed keeps that verdict for the whole report
     return Run(path, cfg, task, cloud, torch.device(device))
 
 
@@ -634,6 +635,13 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
         if [e.key for e in ex] != keys:
             raise ValueError(f"{run.path}: its {split} prompts differ from {base.path}'s")
         evaluate_policy_run(res, run, ex, budget, progress)
+    for run in {id(r.cloud): r for r in [base] + runs}.values():
+        if run.cloud.failed:
+            first = next(iter(run.cloud.failed.values())).error
+            res.notes.append(
+                f"{run.path}: the cloud call failed for {len(run.cloud.failed)} prompt(s) (first "
+                f"error: {first}); they count as wrong cloud answers everywhere in this report. "
+                "Run eval.py again to retry them (the answers that arrived are cached)")
     return res
 
 

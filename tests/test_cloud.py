@@ -174,6 +174,25 @@ def test_failures_are_reported_not_cached_and_retried(task, tmp_path):
     assert len(CloudCache(path)) == 2
 
 
+def test_kept_failures_are_served_again_not_retried(task):
+    a, b = task.examples("train")[:2]
+    flaky = CountingBackend(fail_keys={b.key})
+    cloud = Cloud(flaky, CloudCache(None), "oracle", flaky.model_name)
+    cloud.ask(task, [a, b])
+    flaky.fail_keys = set()          # the backend has recovered; a plain Cloud retries b
+    assert cloud.ask(task, [b])[0].error is None and flaky.sent == [a.key, b.key, b.key]
+    flaky = CountingBackend(fail_keys={b.key})
+    cloud = Cloud(flaky, CloudCache(None), "oracle", flaky.model_name)
+    cloud.failed = {}                # eval.py's setting: b's failure stands for the process
+    first = cloud.ask(task, [a, b])
+    flaky.fail_keys = set()
+    again = cloud.ask(task, [b, a])
+    assert flaky.sent == [a.key, b.key]
+    assert again[0] == first[1] and "simulated outage" in again[0].error
+    assert again[0].correct is False and again[1].error is None and again[1].cached
+    assert cloud.failures == 1 and cloud.calls_made == 2 and list(cloud.failed) == [(task.name, b.key)]
+
+
 def test_cache_from_another_backend_is_refused(task, tmp_path):
     path = tmp_path / "cache.jsonl"
     ex = task.examples("train")[0]

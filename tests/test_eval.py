@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+import cloud as cloud_module
 import eval as ev
 import model
 from algo import capped_metrics, cloud_cap, cloud_share
@@ -369,6 +370,32 @@ def test_cli_end_to_end(tmp_path, capsys):
     t = json.load(open(os.path.join(tuned, "eval.json")))
     assert t["role"] == "task_tuned" and t["metrics"]["call_ratio"] == 0.0
     assert os.path.exists(os.path.join(tuned, "report.md"))
+
+
+def test_a_cloud_call_that_fails_once_keeps_its_verdict_in_the_report(tmp_path, monkeypatch):
+    # each prompt's first call to a backend fails, a second would succeed: within one report a
+    # prompt keeps its first verdict, so the baselines, the policy's capped point and its curves
+    # all count the same (failed) answers, and a note says so
+    real = cloud_module.OracleBackend.complete
+
+    def first_call_fails(self, task, examples):
+        seen = self.__dict__.setdefault("seen", set())
+        texts = [t if e.key in seen else ConnectionError("first call fails")
+                 for e, t in zip(examples, real(self, task, examples))]
+        seen.update(e.key for e in examples)
+        return texts
+
+    monkeypatch.setattr(cloud_module.OracleBackend, "complete", first_call_fails)
+    policy = write_run(tmp_path, "policy", True, seed=1)
+    res = ev.main([policy, "--n", "20", "--router-n", "0"])
+    m = json.load(open(os.path.join(policy, "eval.json")))["metrics"]
+    assert m["help_calls"] == 2 and m["local_acc"] == 0.0   # as in test_cli_end_to_end
+    label = next(iter(res.capped))
+    calls, acc = res.capped[label]
+    assert acc[m["calls_served"]] == pytest.approx(m["acc_capped"]) and m["acc_capped"] == 0.0
+    assert m["curve_cloud_acc"] == 0.0   # every prompt's one call failed
+    note = f"{policy}: the cloud call failed for 20 prompt(s) (first error: ConnectionError"
+    assert any(n.startswith(note) for n in res.notes)
 
 
 def test_cli_errors_name_the_problem(tmp_path, no_evaluation):
