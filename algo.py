@@ -85,7 +85,8 @@ class FilterResult:
     n_d2_candidates: int            # D2 candidates before the floor(rho * |D1|) cap
     n_d2_dropped: int               # candidates the cap removed
     n_zero_variance: int            # groups of the whole batch whose G rewards are all equal
-    n_zero_variance_selected: int   # of those, how many are in S (they add 0 to the sum but count in |S|)
+    n_zero_variance_selected: int   # of those, how many are in S (they count in |S|; their
+                                    # coefficients are 0 except da_grpo's help-rate term)
 
 
 def floor_share(n: int, share: float) -> int:
