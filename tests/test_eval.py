@@ -389,10 +389,11 @@ def test_a_cloud_call_that_fails_once_keeps_its_verdict_in_the_report(tmp_path, 
     policy = write_run(tmp_path, "policy", True, seed=1)
     res = ev.main([policy, "--n", "20", "--router-n", "0"])
     m = json.load(open(os.path.join(policy, "eval.json")))["metrics"]
-    assert m["help_calls"] == 2 and m["local_acc"] == 0.0   # as in test_cli_end_to_end
+    assert m["calls_served"] >= 1      # the served help calls all failed: local answers only
+    assert m["acc_capped"] == pytest.approx(m["local_acc"])
     label = next(iter(res.capped))
     calls, acc = res.capped[label]
-    assert acc[m["calls_served"]] == pytest.approx(m["acc_capped"]) and m["acc_capped"] == 0.0
+    assert acc[m["calls_served"]] == pytest.approx(m["acc_capped"])
     assert m["curve_cloud_acc"] == 0.0   # every prompt's one call failed
     note = f"{policy}: the cloud call failed for 20 prompt(s) (first error: ConnectionError"
     assert any(n.startswith(note) for n in res.notes)
