@@ -335,6 +335,9 @@ def update_policy(model, ro: Rollout, coef, selected, temperature, micro_batch_s
 # -----------------------------------------------------------------------------
 # evaluation under the budget (SPEC 4, 7): greedy decoding, a hard cap on cloud calls
 
+DEFAULT_RHO = 3 / 7  # the paper's budget: P(cloud) <= 3/7 P(local), i.e. 30% of queries (SPEC 4)
+
+
 def cloud_share(rho: float) -> float:
     """rho / (1 + rho): the share of queries the cloud may take when P(cloud) <= rho P(local)
     (SPEC 4), the default evaluation budget. Rounded to 12 decimals, so rho = 3/7 gives 0.3."""

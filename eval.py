@@ -563,7 +563,7 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
     if budget is None:
         budget = first.cfg["eval"].get("budget", 0.3)
         if budget is None:  # null: rho / (1 + rho), as train.py resolves it
-            rho = (first.cfg.get("rl") or {}).get("rho", 3 / 7)
+            rho = (first.cfg.get("rl") or {}).get("rho", algo.DEFAULT_RHO)
             budget = algo.cloud_share(rho) if isinstance(rho, (int, float)) and rho >= 0 else rho
         _check_budget(budget, f"{config}: eval.budget")
     budget = float(budget)

@@ -33,6 +33,7 @@ import torch
 import yaml
 
 import algo
+from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
 from cloud import NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
                    check_writable, load_pretrained, load_tokenizer, save_pretrained)
@@ -76,7 +77,7 @@ class WarmStartSection:
 class RLSection:
     algo: str = "gapg"              # gapg | grpo | dr_grpo | da_grpo (algo.ADVANTAGE_KINDS)
     filter: str = "any_correct"     # any_correct | mixed | none (algo.FILTER_RULES)
-    rho: float = 3 / 7              # budget: P(cloud) <= rho * P(local) (SPEC 4)
+    rho: float = DEFAULT_RHO        # budget: P(cloud) <= rho * P(local) (SPEC 4)
     steps: int = 300
     prompts_per_step: int = 32
     group_size: int = 8
