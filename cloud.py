@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import check_arguments
+from tasks import construct
 
 
 class CloudError(RuntimeError):
@@ -447,12 +447,7 @@ def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:
     settings.pop("cache_path", None)
     if name not in BACKENDS:
         raise ValueError(f"cloud backend={name!r} is not allowed; use one of {sorted(BACKENDS)}")
-    cls = BACKENDS[name]
-    check_arguments(f"cloud backend {name!r}", cls, settings)
-    try:
-        backend = cls(**settings)
-    except (TypeError, ValueError) as e:  # e.g. a string where a number goes
-        raise ValueError(f"cloud backend {name!r} with {settings}: {e}") from e
+    backend = construct(f"cloud backend {name!r}", BACKENDS[name], settings)
     return Cloud(backend, CloudCache(cache_path), backend.name, backend.model_name)
 
 

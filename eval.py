@@ -637,10 +637,10 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
         evaluate_policy_run(res, run, ex, budget, progress)
     for run in {id(r.cloud): r for r in [base] + runs}.values():
         if run.cloud.failed:
-            first = next(iter(run.cloud.failed.values())).error
+            error = next(iter(run.cloud.failed.values())).error
             res.notes.append(
                 f"{run.path}: the cloud call failed for {len(run.cloud.failed)} prompt(s) (first "
-                f"error: {first}); they count as wrong cloud answers everywhere in this report. "
+                f"error: {error}); they count as wrong cloud answers everywhere in this report. "
                 "Run eval.py again to retry them (the answers that arrived are cached)")
     return res
 

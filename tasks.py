@@ -953,12 +953,7 @@ def make_task(name: str, **kwargs) -> Task:
     """Build a task by name; unknown names or arguments are errors listing what is allowed."""
     if name not in TASKS:
         raise ValueError(f"task={name!r} is not allowed; use one of {sorted(TASKS)}")
-    cls = TASKS[name]
-    check_arguments(f"task {name!r}", cls, kwargs)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:  # e.g. a string where a number goes
-        raise ValueError(f"task {name!r} with {kwargs}: {e}") from e
+    return construct(f"task {name!r}", TASKS[name], kwargs)
 
 
 def flag(value, name: str) -> bool:
@@ -969,8 +964,10 @@ def flag(value, name: str) -> bool:
     return value
 
 
-def check_arguments(what: str, cls, kwargs: dict):
-    """Unknown or missing constructor arguments of cls, as one error listing what is allowed."""
+def construct(what: str, cls, kwargs: dict):
+    """cls(**kwargs), every failure a ValueError naming `what`: unknown or missing arguments as
+    one error listing what is allowed, a bad value (e.g. a string where a number goes) with the
+    settings given."""
     params = {p: v for p, v in inspect.signature(cls.__init__).parameters.items() if p != "self"}
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
@@ -979,3 +976,7 @@ def check_arguments(what: str, cls, kwargs: dict):
                and p not in kwargs]
     if missing:
         raise ValueError(f"{what} needs the argument(s) {missing}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} with {kwargs}: {e}") from e
