@@ -46,18 +46,18 @@ def group_advantages(rewards, kind, help=None, dual=0.0, eps=1e-6):
         raise ValueError(f"unknown advantage kind {kind!r}; allowed: {', '.join(ADVANTAGE_KINDS)}")
     if not rewards.is_floating_point():
         rewards = rewards.float()
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"rewards must be finite, got {rewards[~torch.isfinite(rewards)][:4].tolist()}")
     G = rewards.shape[1]
+    if G < 2:  # one response has no group to compare with: every method needs G >= 2
+        raise ValueError(f"{kind} needs G >= 2 responses per prompt, got G={G}")
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     # a group of equal rewards carries no signal: exactly 0, not the ~1e-8 a rounded float32
     # mean leaves (which grpo's division by std + eps would blow up to a real coefficient)
     centred = centred.masked_fill(zero_variance(rewards)[:, None], 0.0)
     if kind == "gapg":
-        if G < 2:
-            raise ValueError(f"gapg needs G >= 2 responses per prompt, got G={G}")
         return centred / (G - 1)
     if kind == "grpo":
-        if G < 2:
-            raise ValueError(f"grpo's sample std needs G >= 2 responses per prompt, got G={G}")
         return centred / (rewards.std(dim=1, keepdim=True, correction=1) + eps)
     if kind == "dr_grpo":
         return centred
@@ -72,6 +72,9 @@ def group_advantages(rewards, kind, help=None, dual=0.0, eps=1e-6):
 
 def update_dual(dual, help_rate, tau, eta):
     """DA-GRPO dual ascent on the help-call rate: max(0, dual + eta * (help_rate - tau)) (SPEC 8)."""
+    if not all(math.isfinite(v) for v in (dual, help_rate, tau, eta)):
+        raise ValueError(f"update_dual needs finite numbers, got dual={dual}, help_rate={help_rate}, "
+                         f"tau={tau}, eta={eta}")
     return max(0.0, dual + eta * (help_rate - tau))
 
 # -----------------------------------------------------------------------------
@@ -130,7 +133,10 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
                          f"{tuple(local_ok.shape)}, {tuple(help.shape)}, {tuple(rewards.shape)}, "
                          f"{tuple(cloud_ok.shape)}")
 
+    if exclude is not None and exclude.shape != (P,):
+        raise ValueError(f"exclude must be [P] = [{P}], got {tuple(exclude.shape)}")
     usable = torch.ones(P, dtype=torch.bool) if exclude is None else ~exclude.bool().cpu()
+    local_ok = local_ok & ~help  # a help call is never a local answer (SPEC 2)
     any_ok = local_ok.any(dim=1)
     d1 = (any_ok & ~local_ok.all(dim=1) if rule == "mixed" else any_ok) & usable
     candidates = torch.nonzero(~any_ok & help.any(dim=1) & cloud_ok & usable).flatten()
@@ -193,6 +199,10 @@ def policy_gradient_loss(token_logprobs, device_mask, coef, n_selected):
     """
     if n_selected < 1:
         raise ValueError(f"n_selected must be >= 1 (skip the step when S is empty), got {n_selected}")
+    if device_mask.shape != token_logprobs.shape or coef.shape != token_logprobs.shape[:1]:
+        raise ValueError(f"need token_logprobs and device_mask [N, T] and coef [N]; got "
+                         f"{tuple(token_logprobs.shape)}, {tuple(device_mask.shape)}, "
+                         f"{tuple(coef.shape)}")
     logp = torch.where(device_mask, token_logprobs, torch.zeros_like(token_logprobs))
     per_response = logp.sum(dim=1)                                  # log pi(y_i | x), device tokens
     return -(coef.detach().to(per_response.dtype) * per_response).sum() / n_selected
@@ -358,8 +368,11 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
     """
     help, local_ok, cloud_ok = (torch.as_tensor(t, dtype=torch.bool).reshape(-1)
                                 for t in (help, local_ok, cloud_ok))
-    local_ok = local_ok & ~help  # a help call is never a local answer (SPEC 2)
     N = len(help)
+    if N == 0 or local_ok.shape != (N,) or cloud_ok.shape != (N,):
+        raise ValueError(f"need help, local_ok, cloud_ok of one length N >= 1; got {N}, "
+                         f"{len(local_ok)}, {len(cloud_ok)}")
+    local_ok = local_ok & ~help  # a help call is never a local answer (SPEC 2)
     cap = cloud_cap(N, budget)
     served = help & (help.long().cumsum(0) <= cap)
     n_local = int((~help).sum())

@@ -119,6 +119,13 @@ def test_advantage_errors():
         group_advantages(torch.ones(3, 4), "ppo")
     with pytest.raises(ValueError, match="help"):
         group_advantages(torch.ones(3, 4), "da_grpo")
+    for kind in ("dr_grpo", "da_grpo"):   # no group to compare with, whatever the method
+        with pytest.raises(ValueError, match="G=1"):
+            group_advantages(torch.ones(3, 1), kind, help=torch.ones(3, 1).bool())
+    with pytest.raises(ValueError, match="finite.*nan"):
+        group_advantages(torch.tensor([[1.0, float("nan")]]), "gapg")
+    with pytest.raises(ValueError, match="help_rate=nan"):
+        update_dual(0.5, float("nan"), tau=0.3, eta=0.5)
 
 # -----------------------------------------------------------------------------
 # filtering (SPEC 6). A group is a string: L = locally correct, W = wrong, H = help call.
@@ -249,6 +256,18 @@ def test_filter_errors():
         run_filter(["LW"], [True], rho=-0.1)
     with pytest.raises(ValueError, match="any_correct"):
         run_filter(["LW"], [True], rule="both")
+    local_ok, cloud_ok, help, rewards = batch(["LW", "WW"], [True, True])
+    with pytest.raises(ValueError, match=r"exclude must be \[P\] = \[2\], got \(1,\)"):
+        filter_prompts(local_ok, cloud_ok, help, 3 / 7, rewards=rewards, exclude=torch.tensor([True]))
+
+
+def test_a_help_call_flagged_correct_is_not_a_local_solve():
+    # a task that marks a help call locally correct too must not put its prompt in D1 (SPEC 2):
+    # group "HW" with both flags on the help call is a D2 candidate, as capped_metrics scores it
+    local_ok, cloud_ok, help, rewards = batch(["HW", "LW"], [True, True])
+    local_ok[0, 0] = True
+    res = filter_prompts(local_ok, cloud_ok, help, 1.0, rewards=rewards)
+    assert res.n_d1 == 1 and res.n_d2_candidates == 1 and res.selected.tolist() == [0, 1]
 
 # -----------------------------------------------------------------------------
 # the loss on a tiny stand-in causal model with model.py's call signature
@@ -397,3 +416,8 @@ def test_masked_tokens_carry_no_gradient():
 def test_loss_errors():
     with pytest.raises(ValueError, match="n_selected"):
         policy_gradient_loss(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), torch.ones(1), 0)
+    # a [N, 1] coef or a [N] mask would broadcast to a silently wrong loss
+    with pytest.raises(ValueError, match=r"coef \[N\]; got \(2, 2\), \(2, 2\), \(2, 1\)"):
+        policy_gradient_loss(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 1), 1)
+    with pytest.raises(ValueError, match=r"got \(2, 2\), \(2,\), \(2,\)"):
+        policy_gradient_loss(torch.zeros(2, 2), torch.ones(2, dtype=torch.bool), torch.ones(2), 1)

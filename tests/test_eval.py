@@ -67,6 +67,11 @@ def test_capped_metrics_over_no_prompts_are_none_not_zero():
     m = capped_metrics(torch.zeros(4).bool(), torch.tensor([1, 0, 0, 1]).bool(),
                        torch.ones(4).bool(), 0.5, torch.tensor([5, 6, 7, 8]))
     assert m["len_help"] is None and m["cond_local_acc"] == 0.5 and m["len_local"] == 6.5
+    # an evaluation of no prompts has no metrics at all; flags of different lengths are a bug
+    with pytest.raises(ValueError, match="N >= 1; got 0"):
+        capped_metrics(torch.zeros(0).bool(), torch.zeros(0).bool(), torch.zeros(0).bool(), 0.3)
+    with pytest.raises(ValueError, match="got 3, 2, 3"):
+        capped_metrics(torch.zeros(3).bool(), torch.zeros(2).bool(), torch.zeros(3).bool(), 0.3)
 
 def test_routing_curve_by_hand():
     local, cloud, order = [1, 0, 1, 0], [1, 1, 0, 1], [3, 0, 2, 1]
