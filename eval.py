@@ -452,9 +452,11 @@ def load_run(path, device) -> Run:
         raise ValueError(f"{config} is not valid YAML: {problem}{where}") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{config} is not a train.py config (a mapping of sections)")
-    for key in ("task", "cloud", "sampling", "eval"):
+    for key in ("model", "task", "cloud", "sampling", "eval"):
         if not isinstance(cfg.get(key), dict):
             raise ValueError(f"{config}: section {key!r} is missing")
+    if not isinstance(cfg["task"].get("name"), str):
+        raise ValueError(f"{config}: task.name is missing (the task's name, e.g. countdown)")
     for section, key, default in (("sampling", "max_new_tokens", None),
                                   ("eval", "batch_size", 256)):
         v = cfg[section].get(key, default)
@@ -561,10 +563,14 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
                              f"{_task_key(first.cfg)}); runs in one table must share the task")
     config = os.path.join(first.path, "config.yaml")   # where budget and n come from by default
     if budget is None:
-        budget = first.cfg["eval"].get("budget", 0.3)
-        if budget is None:  # null: rho / (1 + rho), as train.py resolves it
+        budget = first.cfg["eval"].get("budget")
+        if budget is None:  # absent or null: rho / (1 + rho), as train.py resolves it
             rho = (first.cfg.get("rl") or {}).get("rho", algo.DEFAULT_RHO)
-            budget = algo.cloud_share(rho) if isinstance(rho, (int, float)) and rho >= 0 else rho
+            if not (isinstance(rho, (int, float)) and not isinstance(rho, bool)
+                    and 0 <= rho < float("inf")):
+                raise ValueError(f"{config}: rl.rho={rho!r} is not allowed: a finite number >= 0 "
+                                 "(eval.budget is unset, so the budget is rho / (1 + rho))")
+            budget = algo.cloud_share(rho)
         _check_budget(budget, f"{config}: eval.budget")
     budget = float(budget)
     all_examples = first.task.examples(split)
@@ -704,6 +710,9 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
                       "auroc_val": auroc(p_train[val_idx], labels[val_idx]),
                       "auroc_test": auroc(p_test, local)}
         res.settings["router_train_prompts"] = len(train)
+        if res.settings["split"] == "train":
+            res.notes.append("evaluated on the train split, whose first prompts also trained the "
+                             "router: the router's row and test AUROC are optimistic")
         routed("router", "router (BCE, prompt only)", router_order(p_test), cap,
                auroc_train=res.router["auroc_train"], auroc_test=res.router["auroc_test"])
     else:

@@ -566,6 +566,12 @@ def test_cli_without_task_tuned_run_says_what_the_baselines_route(tmp_path):
     assert d["notes"][1] == ("the router was trained on the whole train split, 60 prompts "
                              "(--router-n asked for 100)")
     assert "help disabled at decode time" in open(os.path.join(policy, "report.md")).read()
+    # evaluated on the train split itself, the router has seen the test prompts
+    res = ev.main([policy, "--n", "4", "--split", "train", "--router-n", "10",
+                   "--router-steps", "2"])
+    assert [n for n in res.notes if "optimistic" in n] == [
+        "evaluated on the train split, whose first prompts also trained the router: the "
+        "router's row and test AUROC are optimistic"]
 
 
 def test_cli_template1_task_with_probe_router(tmp_path):
@@ -691,9 +697,47 @@ def test_cli_config_sections_and_counts_must_have_the_right_type(tmp_path, no_ev
     not_a_map = run_with_config(tmp_path, "not_a_map",
                                 lambda t: yaml.safe_dump({**yaml.safe_load(t), "sampling": 5}))
     assert "not_a_map/config.yaml: section 'sampling' is missing" in exit_message([not_a_map])
+    no_model = run_with_config(tmp_path, "no_model",
+                               lambda t: yaml.safe_dump({k: v for k, v in yaml.safe_load(t).items()
+                                                         if k != "model"}))
+    assert "no_model/config.yaml: section 'model' is missing" in exit_message([no_model])
+    def drop_task_name(t):
+        cfg = yaml.safe_load(t)
+        del cfg["task"]["name"]
+        return yaml.safe_dump(cfg)
+    no_name = run_with_config(tmp_path, "no_name", drop_task_name)
+    assert "no_name/config.yaml: task.name is missing" in exit_message([no_name])
     bool_batch = run_with_config(tmp_path, "bool_batch",
                                  lambda t: t.replace("batch_size: 64", "batch_size: true"))
     assert "eval.batch_size=True is not allowed: an integer >= 1" in exit_message([bool_batch])
+
+
+def test_an_unset_budget_is_rho_over_one_plus_rho_as_in_training(tmp_path, monkeypatch):
+    """eval.budget absent or null: rho / (1 + rho) (train.py's rule), never a fixed 0.3;
+    a bad rho is blamed on rl.rho."""
+    seen = []
+    def stop(res, base, label, role, examples, budget, *rest):
+        seen.append(budget)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ev, "evaluate_baselines", stop)
+
+    def with_budget(budget, rho):
+        def edit(t):
+            cfg = yaml.safe_load(t)
+            cfg["eval"].pop("budget")
+            if budget != "absent":
+                cfg["eval"]["budget"] = budget
+            cfg.setdefault("rl", {})["rho"] = rho
+            return yaml.safe_dump(cfg)
+        return edit
+    for name, budget in (("absent", "absent"), ("null", None)):
+        run = run_with_config(tmp_path, name, with_budget(budget, 1.0))
+        with pytest.raises(KeyboardInterrupt):
+            ev.evaluate_runs([run], n=2, router_n=0)
+        assert seen.pop() == 0.5                    # rho = 1: P(cloud) <= P(local), half
+    bad_rho = run_with_config(tmp_path, "bad_rho", with_budget(None, -1))
+    assert "bad_rho/config.yaml: rl.rho=-1 is not allowed: a finite number >= 0" in \
+        exit_message([bad_rho])
 
 
 def test_eval_json_keeps_booleans():
