@@ -12,8 +12,12 @@ HELP_MARKER = "<unknown> I need external assistance </unknown>"
 # SPEC section 2: lenient help marker. "<unknown>" alone counts (the paper counted a misspelt
 # "assitance" inside the tags), and so does the phrase "external assist..." in any case/spacing.
 _HELP_RE = re.compile(r"<unknown>|external\s+assist", re.IGNORECASE)
-# A final answer: a complete <answer>...</answer> block or the start of a \boxed{...}.
-_ANSWER_RE = re.compile(r"<answer>.*?</answer>|\\boxed\s*\{", re.IGNORECASE | re.DOTALL)
+# The same, plus the closing tag that ends a call (help_start).
+_HELP_OR_CLOSE_RE = re.compile(r"</?unknown>|external\s+assist", re.IGNORECASE)
+# Template I's final answer: a complete <answer>...</answer> block with no other <answer> opening
+# inside, so an unclosed "<answer>" cannot reach over a later help marker. The Countdown verifier
+# (tasks.py) reads the content of the last such block.
+ANSWER_BLOCK_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.IGNORECASE | re.DOTALL)
 
 
 def _last_start(pattern: re.Pattern, text: str) -> int:
@@ -24,17 +28,41 @@ def _last_start(pattern: re.Pattern, text: str) -> int:
     return last
 
 
-def help_called(text: str) -> bool:
+def last_answer_block(text: str) -> re.Match | None:
+    """The LAST complete <answer>...</answer> block of `text` (group 1: its content), or None."""
+    last = None
+    for last in ANSWER_BLOCK_RE.finditer(text):
+        pass
+    return last
+
+
+def help_called(text: str, answer_at: int | None = None) -> bool:
     """SPEC section 2: does the response ask the cloud for help?
 
     A help call is `<unknown>` or /external\\s+assist/i. When the text also holds a final answer,
     whichever STARTS last wins; a marker written inside an answer block therefore counts as a
     help call ("<answer>I need external assistance</answer>" is not an answer to anything).
+    `answer_at`: where the final answer that the task's verifier reads starts (-1: none); by
+    default, the last Template I <answer>...</answer> block.
     """
-    help_at = _last_start(_HELP_RE, text)
-    if help_at < 0:
-        return False
-    return help_at > _last_start(_ANSWER_RE, text)
+    if answer_at is None:
+        block = last_answer_block(text)
+        answer_at = block.start() if block else -1
+    return _last_start(_HELP_RE, text) > answer_at
+
+
+def help_start(text: str, after: int = -1) -> int:
+    """Where the last help call after index `after` starts, or -1 if none (eval's decision point):
+    the last help match, or, for a phrase inside an <unknown> tag not yet closed, that tag."""
+    start = opened = -1
+    for m in _HELP_OR_CLOSE_RE.finditer(text, after + 1):
+        if m.group(0).startswith("</"):
+            opened = -1
+        elif m.group(0).startswith("<"):
+            start = opened = m.start()
+        else:
+            start = m.start() if opened < 0 else opened
+    return start
 
 
 # Template I format (SPEC section 1b). Exact rules [ours]:

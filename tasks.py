@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from reward import HELP_MARKER, template1_formatted
+from reward import HELP_MARKER, help_start, last_answer_block, template1_formatted
 from reward import help_called as marker_help_called
 
 SPLITS = ("train", "test")
@@ -51,9 +51,16 @@ class Task:
     def examples(self, split: str) -> list[Example]:
         raise NotImplementedError
 
+    def answer_start(self, text: str) -> int:
+        """Where the final answer that local_correct reads starts, or -1 if there is none.
+        Default: the last complete Template I <answer>...</answer> block."""
+        block = last_answer_block(text)
+        return block.start() if block else -1
+
     def help_called(self, text: str) -> bool:
-        """SPEC section 2 (lenient marker, last of answer/marker wins)."""
-        return marker_help_called(text)
+        """SPEC section 2 (lenient marker; of the marker and the answer that local_correct reads,
+        the one starting last wins)."""
+        return marker_help_called(text, self.answer_start(text))
 
     def local_correct(self, example: Example, text: str) -> bool:
         """The task's verdict on a DEVICE response: False for help calls and unparseable answers."""
@@ -82,15 +89,17 @@ class Task:
     def answered(self, text: str) -> bool:
         """The response gives a final answer (right or wrong) rather than a help call or nothing:
         the format adherence reported by evaluation."""
-        return not self.help_called(text) and self.answer_opening in text
+        return self.answer_start(text) >= 0 and not self.help_called(text)
 
     def decision_split(self, text: str) -> tuple[str, str, str]:
         """(prefix, help continuation, answer continuation) of a device response at its
         answer-or-help decision, for eval.py's routing score [ours]. Marker tasks: the decision
-        point is the start of the LAST help tag "<unknown>" or answer opening (SPEC 2: the last
-        one wins), or the end of the text if there is neither; the whitespace before it moves
-        into both continuations, so they tokenize as the model would write them."""
-        cut = max(text.rfind("<unknown>"), text.rfind(self.answer_opening))
+        point is the start of the LAST help call (as help_called reads it: a tag or the phrase)
+        or final answer (an answer opening, even unfinished, or the answer local_correct reads),
+        as SPEC 2: the last one wins; or the end of the text if there is neither. The whitespace
+        before it moves into both continuations, so they tokenize as the model would write them."""
+        answer_at = max(text.rfind(self.answer_opening), self.answer_start(text))
+        cut = max(answer_at, help_start(text, after=answer_at))
         cut = len(text) if cut < 0 else cut
         prefix = text[:cut].rstrip()
         space = text[len(prefix):cut]
@@ -256,12 +265,6 @@ def check_countdown(expression: str, numbers: list[int], target: int) -> bool:
         return False
 
 
-def _last_answer_block(text: str) -> str | None:
-    """Content of the LAST <answer>...</answer> block, or None."""
-    blocks = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL | re.IGNORECASE)
-    return blocks[-1] if blocks else None
-
-
 def _random_expression(numbers: list[int], ops: str, rng: random.Random):
     """A random expression tree over all `numbers` (each once): returns (text, value) or None if
     a division was not exact or an intermediate went negative."""
@@ -329,6 +332,7 @@ class CountdownTask(Task):
         self.ops = _check_ops(ops)
         _check_count("n_train", n_train)
         _check_count("n_test", n_test)
+        _check_count("seed", seed)  # '0' or [1] would seed a different or no generator
         self.n_train, self.n_test, self.seed = n_train, n_test, seed
         self._splits = None
 
@@ -366,8 +370,9 @@ class CountdownTask(Task):
     def local_correct(self, example: Example, text: str) -> bool:
         if self.help_called(text):
             return False
-        answer = _last_answer_block(text)
-        return answer is not None and check_countdown(answer, example.data["numbers"], example.data["target"])
+        block = last_answer_block(text)
+        return block is not None and check_countdown(block.group(1), example.data["numbers"],
+                                                     example.data["target"])
 
     def cloud_messages(self, example: Example) -> list[dict]:
         """[ours] The same question, with a system message that offers no help escape."""
@@ -464,6 +469,7 @@ class TinyCountdownTask(Task):
         self.ops = _check_ops(ops)
         _check_count("n_train", n_train)
         _check_count("n_test", n_test)
+        _check_count("seed", seed)  # '0' or [1] would seed a different or no generator
         self.n_train, self.n_test, self.seed = n_train, n_test, seed
         self.alphabet = "0123456789,|=[]+-*#AH" + ("/" if "/" in self.ops else "")
         self._splits = None
@@ -640,6 +646,12 @@ class TinyCountdownTask(Task):
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (or \\fbox{...}) with nested braces matched; also the
     "\\boxed 5" form. None if there is none or the last one is unbalanced."""
+    found = _last_boxed_at(text)
+    return found[1] if found else None
+
+
+def _last_boxed_at(text: str) -> tuple[int, str] | None:
+    """(start, content) of the answer last_boxed reads, or None."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
@@ -655,11 +667,11 @@ def last_boxed(text: str) -> str | None:
             elif text[k] == "}":
                 depth -= 1
                 if depth == 0:
-                    return text[j + 1:k]
+                    return start, text[j + 1:k]
         return None
     if j > i:  # "\boxed 5$": up to the next dollar sign or whitespace
         m = re.match(r"[^\s$]+", text[j:])
-        return m.group(0) if m else None
+        return (start, m.group(0)) if m else None
     return None
 
 
@@ -701,7 +713,9 @@ def _fix_fracs(s: str) -> str:
 
 
 _TEXT_COMMAND = r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)"
-_TRAILING_UNIT_RE = re.compile(r"^(?P<value>.*[0-9}].*?)\s*" + _TEXT_COMMAND + r"\{[^{}]*\}(?:\^\{?[0-9]\}?)?\s*$")
+# A unit after a value: the text command that ends the answer (its braces hold no brace, so at
+# most one start can match: a left-to-right search is linear, no backtracking over the value).
+_TRAILING_UNIT_RE = re.compile(_TEXT_COMMAND + r"\{[^{}]*\}(?:\^\{?[0-9]\}?)?\s*\Z")
 _TEXT_RE = re.compile(_TEXT_COMMAND + r"\{([^{}]*)\}")
 
 
@@ -723,9 +737,9 @@ def normalize_math_answer(s: str) -> str:
     for degree in ("^{\\circ}", "^\\circ", "°", "\\degree"):
         s = s.replace(degree, "")
     s = s.replace("\\%", "").replace("%", "")
-    m = _TRAILING_UNIT_RE.match(s)
-    if m:
-        s = m.group("value")
+    m = _TRAILING_UNIT_RE.search(s)
+    if m and re.search(r"[0-9}]", s[:m.start()]):  # a unit only after a value
+        s = s[:m.start()].rstrip()
     while _TEXT_RE.search(s):
         s = _TEXT_RE.sub(r"\1", s)
     m = re.match(r"\s*[a-zA-Z]\s*=", s)
@@ -765,15 +779,29 @@ def _as_number(s: str) -> Fraction | None:
     return None
 
 
-def _numbers_equal(x: Fraction, y: Fraction, rounded: bool) -> bool:
-    """Exactly equal; or, when either was written as a decimal with a fractional part (so may be
-    rounded, e.g. 0.3333333 for 1/3), within a relative 1e-6. Exact rational arithmetic: no
-    float overflow on huge values, and 1000000 != 1000001."""
-    return x == y or (rounded and abs(x - y) <= Fraction(1, 10 ** 6) * max(abs(x), abs(y)))
+def _terminates(q: Fraction) -> bool:
+    """q has a finite decimal expansion: its reduced denominator has no prime factor but 2 and 5."""
+    d = q.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+def _rounded_decimal_of(text: str, q: Fraction) -> bool:
+    """[ours] `text`, a decimal with a fractional part, stands for q, a value no decimal writes
+    exactly (1/3 as 0.3333333): q rounded to the digits written and within a relative 1e-6.
+    Every other pair of numbers is compared exactly (Fraction: 1000000 != 1000000.5)."""
+    m = re.fullmatch(r"-?[0-9]+\.([0-9]+)", text)
+    if m is None or _terminates(q):
+        return False
+    error = abs(Fraction(text) - q)
+    return error <= Fraction(1, 2 * 10 ** len(m.group(1))) and error <= abs(q) / 10 ** 6
 
 
 def math_answers_equal(a: str | None, b: str | None) -> bool:
-    """Equal after normalisation, or equal as numbers (a decimal within a relative 1e-6)."""
+    """Equal after normalisation, or equal as numbers: exactly, or a rounded decimal of a value
+    that has no exact decimal (_rounded_decimal_of)."""
     if a is None or b is None or max(len(a), len(b)) > MAX_ANSWER_CHARS:
         return False
     na, nb = normalize_math_answer(a), normalize_math_answer(b)
@@ -782,7 +810,9 @@ def math_answers_equal(a: str | None, b: str | None) -> bool:
     if na == nb:
         return True
     x, y = _as_number(na), _as_number(nb)
-    return x is not None and y is not None and _numbers_equal(x, y, "." in na + nb)
+    if x is None or y is None:
+        return False
+    return x == y or _rounded_decimal_of(na, y) or _rounded_decimal_of(nb, x)
 
 
 _NUMBER_RE = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?|-?\.[0-9]+")
@@ -797,16 +827,26 @@ def _clean_number(token: str) -> str | None:
     return token
 
 
+def _gsm8k_declared(text: str) -> tuple[int, str | None] | None:
+    """The declared GSM8K answer: (start, first number after it, commas stripped) of the last
+    "####", else of the last boxed answer (last_boxed); None if there is neither."""
+    if "####" in text:
+        start = text.rfind("####")
+        found = _NUMBER_RE.search(text, start + 4)
+    else:
+        boxed = _last_boxed_at(text)
+        if boxed is None:
+            return None
+        start, found = boxed[0], _NUMBER_RE.search(boxed[1])
+    return start, (_clean_number(found.group(0)) if found else None)
+
+
 def gsm8k_final_number(text: str) -> str | None:
     """GSM8K verdict input: the number after the last "####", else in the last \\boxed{}, else the
     last number of the text; commas stripped."""
-    if "####" in text:
-        found = _NUMBER_RE.findall(text.rsplit("####", 1)[1])
-        return _clean_number(found[0]) if found else None
-    boxed = last_boxed(text)
-    if boxed is not None:
-        found = _NUMBER_RE.findall(boxed)
-        return _clean_number(found[0]) if found else None
+    declared = _gsm8k_declared(text)
+    if declared is not None:
+        return declared[1]
     found = _NUMBER_RE.findall(text)
     return _clean_number(found[-1]) if found else None
 
@@ -815,8 +855,7 @@ def gsm8k_answers_equal(prediction: str | None, gold: str) -> bool:
     if prediction is None or max(len(prediction), len(gold)) > MAX_ANSWER_CHARS:
         return False
     x, y = _clean_number(prediction), _clean_number(gold)
-    return x is not None and y is not None and _numbers_equal(Fraction(x), Fraction(y),
-                                                              "." in x + y)
+    return x is not None and y is not None and Fraction(x) == Fraction(y)  # both exact decimals
 
 
 def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -913,6 +952,16 @@ class MathTask(Task):
         if self.kind == "gsm8k":
             return gsm8k_answers_equal(gsm8k_final_number(text), example.data["gold"])
         return math_answers_equal(last_boxed(text), example.data["gold"])
+
+    def answer_start(self, text: str) -> int:
+        """Where the answer the verifier reads starts (-1: none): the last boxed answer
+        (last_boxed); GSM8K: the last "####" with a number, else the last boxed one holding a
+        number. GSM8K's fallback, the last number of the text, is no declared answer."""
+        if self.kind == "gsm8k":
+            declared = _gsm8k_declared(text)
+            return declared[0] if declared and declared[1] is not None else -1
+        boxed = _last_boxed_at(text)
+        return boxed[0] if boxed else -1
 
     def local_correct(self, example: Example, text: str) -> bool:
         return self._answer_correct(example, text)

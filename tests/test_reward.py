@@ -6,7 +6,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reward import HELP_MARKER, RewardConfig, help_called, reward, template1_formatted  # noqa: E402
+from reward import (HELP_MARKER, RewardConfig, help_called, help_start, reward,  # noqa: E402
+                    template1_formatted)
 
 HELP_CASES = [
     # (text, is a help call)
@@ -26,11 +27,14 @@ HELP_CASES = [
     ("<answer>42</answer> " + HELP_MARKER, True),  # marker last wins
     (HELP_MARKER + " actually I got it: <answer>42</answer>", False),  # answer last wins
     ("The answer is \\boxed{5}. " + HELP_MARKER, True),
-    (HELP_MARKER + " Step 3: so \\boxed{5}", False),
     ("<answer>I need external assistance</answer>", True),  # a marker inside the answer block
     (HELP_MARKER + " <answer>12", True),  # an unclosed answer is not a final answer
     ("<answer>1</answer> <unknown> x </unknown> <answer>2</answer>", False),
     ("<answer>1</answer> <answer>2</answer> I need external assistance", True),
+    # an unclosed <answer> before the marker does not reach over it to a later complete answer
+    ("<answer> 3+4 " + HELP_MARKER + " then <answer>7</answer>", False),
+    ("<answer> 3+4 I need external assistance <answer>7", True),
+    ("<answer><answer>7</answer>", False),
 ]
 
 
@@ -161,3 +165,26 @@ def test_help_called_answer_after_marker_in_any_case_or_lines(text, expected):
 def test_reward_weights_must_be_finite_numbers_not_booleans(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         RewardConfig(**kwargs)
+
+
+def test_help_called_takes_the_answer_start_from_the_task():
+    """The default reads Template I <answer> blocks only; a task passes where the answer its
+    verifier reads starts (tasks.py). HELP_MARKER is 47 characters, its phrase starts at 17."""
+    text = HELP_MARKER + " Step 3: so \\boxed{5}"   # the box starts at 47 + 12 = 59
+    assert help_called(text) is True                   # no <answer> block: the marker stands
+    assert help_called(text, answer_at=59) is False    # the boxed answer is last
+    assert help_called(text, answer_at=10) is True     # an answer at 10 is before the phrase (17)
+    assert help_called("no marker", answer_at=-1) is False
+
+
+@pytest.mark.parametrize("text,after,expected", [
+    (HELP_MARKER, -1, 0),                                   # the phrase is inside the open tag
+    ("<UNKNOWN> I need External Assistance", -1, 0),        # any case, tag never closed
+    ("abc I need external assistance", -1, 11),             # a bare phrase starts the call
+    ("<unknown>x</unknown> external assist", -1, 21),       # the tag closed before the phrase
+    ("<unknown> <answer>5</answer> external assistance", 10, 29),  # the tag is before `after`
+    ("<answer>5</answer>", -1, -1),
+    ("<think>hm</think> " + HELP_MARKER + " " + HELP_MARKER, -1, 66),  # the last call: 18+47+1
+])
+def test_help_start(text, after, expected):
+    assert help_start(text, after) == expected

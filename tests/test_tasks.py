@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reward import HELP_MARKER  # noqa: E402
 from tasks import (MAX_LITERAL_DIGITS, CountdownTask, Example, MathTask,  # noqa: E402
                    TinyCountdownTask, check_countdown, gsm8k_answers_equal, gsm8k_final_number,
-                   last_boxed, make_task, math_answers_equal, tiny_check_text)
+                   last_boxed, make_task, math_answers_equal, normalize_math_answer,
+                   tiny_check_text)
 
 # ----------------------------------------------------------------------------------------------
 # check_countdown: adversarial table. Default numbers [3, 7, 12] and target 33 (3*7+12).
@@ -441,7 +442,7 @@ MATH_CASES = [
     ("\\frac{\\sqrt3}{2}", "\\frac{\\sqrt{3}}{2}", True),
     ("3\\!\\cdot\\!4", "3\\cdot4", True),
     ("a\\,b", "ab", True),
-    ("1.0000001", "1", True),  # relative tolerance 1e-6
+    ("1.0000001", "1", False),  # both exact: compared exactly
     ("5.", "5", True),
     ("\\displaystyle\\frac{2}{3}", "\\frac{2}{3}", True),
     ("0.3333", "\\frac{1}{3}", False),  # beyond the tolerance
@@ -610,12 +611,56 @@ def test_check_countdown_literal_digit_limit_is_inclusive():
 
 
 @pytest.mark.parametrize("a,b,expected", [
-    ("1.0000005", "1", True),   # relative 5e-7: within 1e-6
-    ("1.000005", "1", False),   # relative 5e-6: beyond it
-    ("0.33333", "\\frac{1}{3}", False),  # relative 1e-5
+    ("1000000", "1000000.5", False),  # both exact: no tolerance, however large the numbers
+    ("1.0000005", "1", False),
+    ("0.5", "\\frac{1}{2}", True),   # equal forms of one exact value
+    ("0.5", "1/2", True),
+    ("0.125", "\\frac{1}{8}", True),
+    ("1,000", "1000", True),
+    # 1/3 has no exact decimal: a decimal may stand for it when it is 1/3 rounded to the digits
+    # written (error <= half a unit of the last digit) and within a relative 1e-6
+    ("0.3333333", "\\frac{1}{3}", True),   # error 1/(3e7) < 5e-8, relative 1e-7
+    ("-0.3333333", "-\\frac{1}{3}", True),
+    ("0.6666667", "\\frac{2}{3}", True),   # error 1/(3e7)
+    ("0.6666666", "\\frac{2}{3}", False),  # truncated: error 2/(3e7) > 5e-8
+    ("0.33333", "\\frac{1}{3}", False),    # rounded, but relative 1e-5
+    ("333333.5", "\\frac{1000000}{3}", False),  # relative 5e-7, but 333333.33.. rounds to .3
+    ("333333.3333", "\\frac{1000000}{3}", True),  # error 1/30000 < 5e-5
+    ("333333", "\\frac{1000000}{3}", False),  # no fractional part: not a rounded decimal
 ])
-def test_math_decimal_tolerance_is_one_in_a_million(a, b, expected):
+def test_numbers_compare_exactly_unless_a_decimal_rounds_a_value_without_one(a, b, expected):
     assert math_answers_equal(a, b) is expected and math_answers_equal(b, a) is expected
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ("1234568", "1234567.5", False),
+    ("2000000.9", "2000001", False),
+    ("18.0", "18", True),
+    ("1,234", "1234", True),
+    (".5", "0.50", True),
+])
+def test_gsm8k_numbers_compare_exactly(a, b, expected):
+    assert gsm8k_answers_equal(a, b) is expected and gsm8k_answers_equal(b, a) is expected
+
+
+@pytest.mark.parametrize("answer,expected", [
+    ("5 \\text{cm}", "5"),
+    ("10\\text{ m}^2", "10"),
+    ("\\frac{1}{2}\\mbox{ inches}", "\\frac{1}{2}"),
+    ("5\\text{cm} \\text{m}", "5cm"),   # only the last unit goes; the other is unwrapped
+    ("x\\text{ cm}", "xcm"),              # no value before it: not a unit
+    ("1" * 1000 + "\t" * 4000 + "\\text{cm}", "1" * 1000),
+    ("1" * 1000 + "\t" * 4000 + "\\textx", "1" * 1000 + "\t" * 4000 + "\\textx"),
+])
+def test_trailing_unit_is_dropped(answer, expected):
+    assert normalize_math_answer(answer) == expected
+
+
+def test_trailing_unit_search_is_linear():
+    """The old pattern backtracked cubically: this 5006-character answer took seconds."""
+    start = time.perf_counter()
+    normalize_math_answer("1" * 1000 + "\t" * 4000 + "\\textx")
+    assert time.perf_counter() - start < 0.5
 
 
 @pytest.mark.parametrize("answer", ["\\frac{1}{0}", "\\frac{0}{0}", "-\\frac{3}{0.0}"])
@@ -666,3 +711,56 @@ def test_tiny_decision_is_the_first_a_or_h():
     assert not tiny.local_correct(EX_33, text)  # text after the decision
     assert tiny.help_called("[007*003=021,021+012=033]00=33=33=HA")
     assert tiny.cloud_correct(EX_33, "[007*003=021,021+012=033]00=33=33=AH")
+
+
+EX_5 = Example("math:5", [], {"problem": "p", "solution": "\\boxed{5}", "gold": "5"})
+
+
+@pytest.mark.parametrize("kind,text,help,correct", [
+    # the phrase, then an answer form the verifier reads: the answer is last (SPEC 2)
+    ("math", "Step 1: need external assistance? No. Step 2: $\\boxed 5$", False, True),
+    ("math", HELP_MARKER + " Step 3: so \\boxed{5}", False, True),
+    ("math", HELP_MARKER + " Step 3: so \\fbox{5}", False, True),
+    ("math", "Step 1: \\boxed{5}. " + HELP_MARKER, True, False),
+    ("math", "Step 1: \\boxed{5}. " + HELP_MARKER + " \\boxed{5", True, False),  # unreadable last box
+    ("gsm8k", "Step 1: need external assistance? No.\n#### 5", False, True),
+    ("gsm8k", "Step 1: need external assistance? No. \\boxed{5}", False, True),
+    ("gsm8k", HELP_MARKER + " so 5", True, False),  # the last number is no declared answer
+    ("gsm8k", "#### 5 " + HELP_MARKER + " \\boxed{5}", True, False),  # the verifier reads "####"
+])
+def test_math_help_call_sees_the_answer_forms_the_verifier_reads(kind, text, help, correct):
+    task = MathTask(kind=kind)
+    assert task.help_called(text) is help
+    assert task.local_correct(EX_5, text) is correct
+    assert task.answered(text) is (not help)
+
+
+def test_countdown_unclosed_answer_before_the_marker_then_a_full_answer():
+    task = CountdownTask(n_train=0, n_test=1, seed=0)
+    ex = Example("countdown:3,7,12->33", [], {"numbers": [3, 7, 12], "target": 33, "solution": "3 * 7 + 12"})
+    text = "<answer> 3+4 " + HELP_MARKER + " then <answer>3*7+12</answer>"
+    assert not task.help_called(text) and task.answered(text)
+    assert task.local_correct(ex, text)  # the verifier reads the last complete block
+    assert not task.answered("<think>a</think> <answer>3*7+")  # cut off: no answer to read
+
+
+def test_decision_split_at_the_help_call_help_called_sees():
+    cd = CountdownTask(n_train=0, n_test=1, seed=0)
+    assert cd.decision_split("<think>no</think> I need external assistance") == \
+        ("<think>no</think> I need", " " + HELP_MARKER, " <answer>")       # the bare phrase
+    assert cd.decision_split("<think>x</think>\n<UNKNOWN> I need external assistance </UNKNOWN>") == \
+        ("<think>x</think>", "\n" + HELP_MARKER, "\n<answer>")          # the tag, any case
+    assert cd.decision_split("<think>a</think> " + HELP_MARKER + " <answer>12") == \
+        ("<think>a</think> " + HELP_MARKER, " " + HELP_MARKER, " <answer>")  # an answer opened last
+    math = MathTask()
+    assert math.decision_split("Step 1: x. Step 2: \\fbox{5}") == \
+        ("Step 1: x. Step 2:", " " + HELP_MARKER, " \\boxed{")
+    assert math.decision_split("Step 1: x.") == ("Step 1: x.", HELP_MARKER, "\\boxed{")
+
+
+@pytest.mark.parametrize("seed", ["0", [1], True, 1.0, -1, None])
+@pytest.mark.parametrize("name", ["countdown", "tiny_countdown"])
+def test_task_seed_must_be_an_integer(name, seed):
+    with pytest.raises(ValueError) as err:
+        make_task(name, n_train=1, n_test=1, seed=seed)
+    assert f"seed={seed!r} must be an integer >= 0" in str(err.value)
