@@ -2,7 +2,8 @@
 
 The cloud sees the prompt x alone (task.cloud_messages) and is treated as deterministic: each
 prompt reaches it at most once, across a whole run including crash and resume, because every
-answer is appended (flushed and fsynced) to a JSONL cache and served from there afterwards.
+answer is appended (flushed and fsynced) to a JSONL cache and served from there afterwards,
+also to other processes sharing the file (CloudCache).
 
 Backends share one small interface, `complete(task, examples) -> list[str]`; a backend may put
 an exception in place of a text to report that this one prompt failed (never cached, retried on
@@ -24,9 +25,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl  # Linux / macOS: file locks between processes sharing a cache file
+except ImportError:  # Windows: no locking (see CloudCache)
+    fcntl = None
 
 from tasks import construct
 
@@ -36,7 +43,10 @@ class CloudError(RuntimeError):
 
 
 class CloudAuthError(CloudError):
-    """401/403: no request can succeed until the key is fixed, so the whole batch stops."""
+    """401/403: no request can succeed until the key is fixed, so the whole batch stops.
+    answers: set by HttpBackend.complete to what did arrive, one entry per prompt (a text, a
+    CloudError, or None where no answer came), so that Cloud.ask can still cache those texts."""
+    answers: list | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,45 +64,81 @@ def prompt_digest(messages) -> str:
 
 class CloudCache:
     """Persistent JSONL cache, one record per (task name, example key): the cloud's answer text,
-    its verdict, the backend and the model name (never a secret).
+    its verdict, the backend and the model name (never a secret). path=None: in memory only.
 
-    Kill safety: each append is one write of whole lines, flushed and fsynced. On load, a torn
-    or corrupt LAST line (a crash mid-write) is ignored and cut off before the next append; a
-    corrupt earlier line is an error naming it. path=None keeps the cache in memory only."""
+    Kill safety: each append is one write of whole lines, flushed and fsynced. A torn or corrupt
+    LAST line (a crash mid-write) is ignored on reading and cut off by the next append; a
+    corrupt earlier line is an error naming it.
+
+    Several processes may share one file (train.py, eval.py and `python cloud.py` can all write
+    runs/NAME/cloud_cache.jsonl): appends use O_APPEND under an exclusive flock, and under that
+    lock the writer first reads what others appended since it last looked, so it never
+    duplicates their keys and repairs a torn end only if the file still has one. refresh()
+    (Cloud.ask calls it before deciding what to send) takes in other processes' answers too.
+    Two processes asking the same new prompt at the same moment may both send it; the file
+    keeps the first answer. Without fcntl (Windows) there is no locking between processes."""
 
     def __init__(self, path=None):
         self.path = Path(path) if path is not None else None
         self.records: dict[tuple[str, str], dict] = {}
-        self.ignored_torn_line = False
-        self._truncate_to = None    # byte offset where a torn last line starts
-        self._needs_newline = False  # the last record is whole but lacks its "\n"
+        self._size = 0         # bytes of the file read so far: always just past a whole line
+        self._line_count = 0   # lines in those bytes, for error messages
         self._lock = threading.Lock()
+        self.ignored_torn_line = False
         if self.path is not None and self.path.exists():
-            self._load()
+            with self._locked_file("rb", fcntl.LOCK_SH if fcntl else None) as f:
+                _, self.ignored_torn_line = self._read_new(f)
 
-    def _load(self):
-        data = self.path.read_bytes()
-        lines, offset = [], 0
-        for raw in data.split(b"\n"):
-            lines.append((offset, raw))
-            offset += len(raw) + 1
-        nonblank = [i for i, (_, raw) in enumerate(lines) if raw.strip()]
-        for i in nonblank:
-            start, raw = lines[i]
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                problem = self._record_problem(record)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                problem = f"not valid JSON ({e})"
-            if problem is None:
+    @contextmanager
+    def _locked_file(self, mode: str, lock):
+        """The cache file, open in `mode` and flock-ed (LOCK_SH / LOCK_EX) until closed."""
+        with open(self.path, mode) as f:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), lock)
+            yield f
+
+    def _read_new(self, f) -> tuple[bytes, bool]:
+        """Take in the records appended (by anyone) since byte self._size, and move _size past
+        the last whole line. Call with the file locked. Returns (the bytes left after _size,
+        torn): b"" when the file ends in a newline; else a torn (partial or corrupt) last line,
+        torn=True, or a whole record that lost its newline (taken in; torn=False)."""
+        end = os.fstat(f.fileno()).st_size
+        if end < self._size:
+            raise ValueError(f"cloud cache {self.path} is now {end} bytes, shorter than the {self._size} "
+                             f"already read: it was edited or replaced while in use; use one file per run")
+        f.seek(self._size)
+        data = f.read(end - self._size)
+        lines = data.split(b"\n")
+        consumed = 0
+        for i, raw in enumerate(lines[:-1]):  # whole lines; lines[-1] lacks its "\n" (often b"")
+            record, problem = self._parse(raw)
+            if problem is not None:
+                if b"".join(lines[i + 1:]).strip():
+                    raise ValueError(f"{self.path}:{self._line_count + 1}: corrupt cloud cache record ({problem}); "
+                                     f"only a torn last line is repaired automatically")
+                return data[consumed:], True  # a corrupt last line, newline and all
+            if record is not None:
                 self.records.setdefault((record["task"], record["key"]), record)  # first answer wins
-            elif i == nonblank[-1]:
-                self.ignored_torn_line, self._truncate_to = True, start
-            else:
-                raise ValueError(f"{self.path}:{i + 1}: corrupt cloud cache record ({problem}); only a "
-                                 f"torn last line is repaired automatically")
-        if self._truncate_to is None and data and not data.endswith(b"\n"):
-            self._needs_newline = True
+            consumed += len(raw) + 1
+            self._size += len(raw) + 1
+            self._line_count += 1
+        tail = data[consumed:]
+        record, problem = self._parse(tail)
+        if record is not None:
+            self.records.setdefault((record["task"], record["key"]), record)
+        return tail, problem is not None
+
+    @staticmethod
+    def _parse(raw: bytes) -> tuple[dict | None, str | None]:
+        """(record, None) for a good line, (None, None) for a blank one, else (None, the problem)."""
+        if not raw.strip():
+            return None, None
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return None, f"not valid JSON ({e})"
+        problem = CloudCache._record_problem(record)
+        return (None, problem) if problem else (record, None)
 
     @staticmethod
     def _record_problem(record) -> str | None:
@@ -109,44 +155,57 @@ class CloudCache:
     def get(self, task_name: str, key: str) -> dict | None:
         return self.records.get((task_name, key))
 
+    def refresh(self) -> None:
+        """Take in the records other processes appended since this cache last read the file."""
+        if self.path is None:
+            return
+        with self._lock:
+            if self.path.exists():
+                with self._locked_file("rb", fcntl.LOCK_SH if fcntl else None) as f:
+                    self._read_new(f)
+
     def put(self, task_name: str, key: str, answer: str, verdict: bool, backend: str, model: str,
             prompt_sha256: str = "") -> None:
         self.put_many([{"task": task_name, "key": key, "prompt_sha256": prompt_sha256, "answer": answer,
                         "verdict": bool(verdict), "backend": backend, "model": model}])
 
     def put_many(self, records: list[dict]) -> None:
-        """Append records (one write, one fsync). A key already cached keeps its first answer."""
+        """Append records (one write, one fsync). A key already cached, by this process or by
+        another one, keeps its first answer."""
         for record in records:
             problem = self._record_problem(record)
             if problem is not None:
                 raise ValueError(f"bad cloud cache record: {problem}")
         with self._lock:
-            fresh, seen = [], set()
-            for r in records:  # a key repeated within this call also keeps its first record only
-                k = (r["task"], r["key"])
-                if k not in self.records and k not in seen:
-                    seen.add(k)
-                    fresh.append(r)
-            if not fresh:
+            if self.path is None:
+                for r in self._fresh(records):
+                    self.records[(r["task"], r["key"])] = r
                 return
-            if self.path is not None:
-                self._append(fresh)
-            for r in fresh:
-                self.records[(r["task"], r["key"])] = r
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._locked_file("a+b", fcntl.LOCK_EX if fcntl else None) as f:  # O_APPEND
+                tail, torn = self._read_new(f)  # others' records first: never write a key twice
+                fresh = self._fresh(records)
+                if not fresh:
+                    return
+                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode("utf-8")
+                if torn:      # checked under the lock: cut exactly the torn bytes after the last good line
+                    f.truncate(self._size)
+                elif tail:    # a whole last record whose "\n" was lost
+                    text = b"\n" + text
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+                self._read_new(f)  # take in what was just written, as any other writer would
 
-    def _append(self, records: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        if self._needs_newline:
-            text = "\n" + text
-        with open(self.path, "r+b" if self.path.exists() else "wb") as f:
-            if self._truncate_to is not None:
-                f.truncate(self._truncate_to)
-            f.seek(0, os.SEEK_END)
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        self._truncate_to, self._needs_newline = None, False
+    def _fresh(self, records: list[dict]) -> list[dict]:
+        """The records whose key is not cached yet; a key repeated in `records` keeps its first."""
+        fresh, seen = [], set()
+        for r in records:
+            k = (r["task"], r["key"])
+            if k not in self.records and k not in seen:
+                seen.add(k)
+                fresh.append(r)
+        return fresh
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,10 +268,18 @@ class HttpBackend:
                  max_tokens: int = 2048, timeout: float = 60, retries: int = 5, concurrency: int = 8,
                  backoff: float = 1.0, max_wait: float = 600.0):
         if not base_url or not model:
-            raise ValueError("http cloud backend needs base_url and model")
-        if int(concurrency) < 1 or int(retries) < 0 or float(timeout) <= 0:
-            raise ValueError(f"http cloud backend: need concurrency >= 1 (got {concurrency}), "
-                             f"retries >= 0 (got {retries}), timeout > 0 (got {timeout})")
+            raise ValueError(f"http cloud backend needs base_url and model (got base_url={base_url!r}, "
+                             f"model={model!r})")
+        problems = [f"{name}={value!r} (allowed: {allowed})" for name, value, ok, allowed in [
+            ("concurrency", concurrency, int(concurrency) >= 1, "an integer >= 1"),
+            ("retries", retries, int(retries) >= 0, "an integer >= 0"),
+            ("max_tokens", max_tokens, int(max_tokens) >= 1, "an integer >= 1"),
+            ("timeout", timeout, float(timeout) > 0, "seconds > 0"),
+            ("temperature", temperature, float(temperature) >= 0, "a number >= 0"),
+            ("backoff", backoff, float(backoff) >= 0, "seconds >= 0"),
+            ("max_wait", max_wait, float(max_wait) >= 0, "seconds >= 0")] if not ok]
+        if problems:
+            raise ValueError("http cloud backend: " + "; ".join(problems))
         self.url = chat_completions_url(base_url)
         self.model = self.model_name = model
         self.api_key_env = api_key_env
@@ -222,7 +289,8 @@ class HttpBackend:
         self.sleep = time.sleep  # replaceable in tests
 
     def _scrub(self, text: str, key: str | None) -> str:
-        return text.replace(key, "***") if key else text
+        """text for an error message: the key hidden, on one line."""
+        return " ".join((text.replace(key, "***") if key else text).split())
 
     def chat(self, messages: list[dict]) -> str:
         """One request with retries; returns the answer text or raises CloudError."""
@@ -292,9 +360,12 @@ class HttpBackend:
             futures = [pool.submit(one, task.cloud_messages(ex)) for ex in examples]
             try:
                 return [f.result() for f in futures]
-            except CloudAuthError:
+            except CloudAuthError as error:
                 for f in futures:
                     f.cancel()
+                wait(futures)  # requests already under way finish: keep what they bring
+                error.answers = [None if f.cancelled() or f.exception() is not None else f.result()
+                                 for f in futures]
                 raise
 
 
@@ -304,6 +375,11 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, path: str, max_new_tokens: int = 1024, device=None, dtype=None, batch_size: int = 16):
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise ValueError(f"local cloud backend: path={path!r} is not allowed; give the checkpoint directory")
+        for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"local cloud backend: {name}={value!r} is not allowed; an integer >= 1")
         self.path, self.model_name = str(path), str(path)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.device, self.dtype = device, dtype
@@ -391,6 +467,7 @@ class Cloud:
     def ask(self, task, examples) -> list[CloudAnswer]:
         answers: list[CloudAnswer | None] = [None] * len(examples)
         pending: dict[str, tuple] = {}  # key -> (example, digest, [positions])
+        self.cache.refresh()  # answers another process (train.py / eval.py / cloud.py) cached meanwhile
         for i, example in enumerate(examples):
             if example.key in pending:
                 pending[example.key][2].append(i)
@@ -406,27 +483,39 @@ class Cloud:
                 pending[example.key] = (example, digest, [i])
         if pending:
             batch = [example for example, _, _ in pending.values()]
-            texts = self.backend.complete(task, batch)
+            try:
+                texts = self.backend.complete(task, batch)
+            except CloudAuthError as error:  # the batch stopped; still cache the answers that came
+                if error.answers is not None and len(error.answers) == len(batch):
+                    self._record(task, pending, error.answers, answers)
+                raise
             if len(texts) != len(batch):
                 raise RuntimeError(f"cloud backend returned {len(texts)} answers for {len(batch)} prompts")
-            fresh = []
-            for (example, digest, positions), text in zip(pending.values(), texts):
-                self.calls_made += 1
-                if isinstance(text, BaseException):
-                    self.failures += 1
-                    answer = CloudAnswer("", False, cached=False, error=f"{type(text).__name__}: {text}")
-                    if self.failed is not None:
-                        self.failed[(task.name, example.key)] = answer
-                else:
-                    answer = CloudAnswer(text, bool(task.cloud_correct(example, text)), cached=False)
-                    fresh.append({"task": task.name, "key": example.key, "prompt_sha256": digest, "answer": text,
-                                  "verdict": answer.correct, "backend": self.backend_name, "model": self.model_name})
-                answers[positions[0]] = answer
-                for j in positions[1:]:  # a repeat within this call costs no new call
-                    self.served_from_cache += 1
-                    answers[j] = CloudAnswer(answer.text, answer.correct, cached=True, error=answer.error)
-            self.cache.put_many(fresh)
+            self._record(task, pending, texts, answers)
         return answers
+
+    def _record(self, task, pending: dict, texts: list, answers: list) -> None:
+        """Turn the backend's texts into CloudAnswers at their positions and cache the good ones.
+        A text None (never answered) is skipped."""
+        fresh = []
+        for (example, digest, positions), text in zip(pending.values(), texts):
+            if text is None:
+                continue
+            self.calls_made += 1
+            if isinstance(text, BaseException):
+                self.failures += 1
+                answer = CloudAnswer("", False, cached=False, error=f"{type(text).__name__}: {text}")
+                if self.failed is not None:
+                    self.failed[(task.name, example.key)] = answer
+            else:
+                answer = CloudAnswer(text, bool(task.cloud_correct(example, text)), cached=False)
+                fresh.append({"task": task.name, "key": example.key, "prompt_sha256": digest, "answer": text,
+                              "verdict": answer.correct, "backend": self.backend_name, "model": self.model_name})
+            answers[positions[0]] = answer
+            for j in positions[1:]:  # a repeat within this call costs no new call
+                self.served_from_cache += 1
+                answers[j] = CloudAnswer(answer.text, answer.correct, cached=True, error=answer.error)
+        self.cache.put_many(fresh)
 
 
 class NoCloud:
@@ -487,9 +576,13 @@ def main(argv=None) -> int:
         p.error(f"--chunk {args.chunk} is not allowed: an integer >= 1")
     if args.limit is not None and args.limit < 0:
         p.error(f"--limit {args.limit} is not allowed: an integer >= 0")
+    if args.backend == "local" and not args.path:
+        p.error("--backend local needs --path: the checkpoint directory of the cloud model")
+    if args.backend == "local" and args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens {args.max_new_tokens} is not allowed: an integer >= 1")
     try:
         return prefill(args)
-    except (ValueError, OSError) as e:  # bad task / backend settings, a missing file
+    except (ValueError, OSError, CloudError) as e:  # bad settings, a missing file, a refused API key
         sys.exit(f"cloud.py: {e}")
 
 

@@ -638,3 +638,161 @@ def test_local_backend_ignores_multi_token_stop_texts(monkeypatch):
     tiny.stop_texts = ("A", "<stop>")  # "<stop>" is 6 tokens here: it cannot be a stop id
     backend.complete(tiny, tiny.examples("test"))
     assert sorted(calls["generate"][-1]["stop_ids"]) == [0, ord("A")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes on one cache file (train.py, eval.py and `python cloud.py` may share it)
+
+def _file_keys(path):
+    return [json.loads(line)["key"] for line in _lines(path)]
+
+
+def test_two_writers_after_a_torn_line_lose_nothing(tmp_path):
+    """Both caches load a file whose last line is torn; the first to append repairs it; the
+    second must neither cut the first one's records nor write a key twice."""
+    path = tmp_path / "cache.jsonl"
+    whole = json.dumps(_record("k1", "a1")) + "\n"
+    path.write_text(whole + json.dumps(_record("k9", "lost"))[:30], encoding="utf-8")  # a crash mid-write
+    train, ev = CloudCache(path), CloudCache(path)
+    assert train.ignored_torn_line and ev.ignored_torn_line and len(train) == len(ev) == 1
+    train.put_many([_record("k2", "a2"), _record("k3", "a3")])
+    assert _file_keys(path) == ["k1", "k2", "k3"]
+    ev.put_many([_record("k4", "a4")])
+    expected = "".join(json.dumps(_record(k, a)) + "\n" for k, a in [("k1", "a1"), ("k2", "a2"), ("k3", "a3"), ("k4", "a4")])
+    assert path.read_text(encoding="utf-8") == expected  # the torn bytes cut once, nothing else lost
+    assert ev.get("tiny_countdown", "k2")["answer"] == "a2"  # ev took in train's records
+    ev.put_many([_record("k3", "another answer")])  # train's answer came first and stays
+    assert path.read_text(encoding="utf-8") == expected
+    assert ev.get("tiny_countdown", "k3")["answer"] == "a3"
+    train.put_many([_record("k5", "a5")])
+    assert _file_keys(path) == ["k1", "k2", "k3", "k4", "k5"] and len(train) == 5
+
+
+@pytest.mark.parametrize("end, kept", [
+    ('{"task": "tiny_countdown", "key": "k2", "answer": "h\u00e9', ""),  # torn mid-line (and mid-character)
+    ('{"task": "tiny_countdown", "key": "k2"}\n', ""),                    # a corrupt last line
+    (json.dumps(_record("k2", "a2")), json.dumps(_record("k2", "a2")) + "\n"),  # whole, lost its "\n"
+])
+def test_end_left_by_another_writer_is_repaired_exactly(tmp_path, end, kept):
+    """The cache loaded a clean file; another process then crashed mid-append. The next append
+    cuts exactly the torn bytes (or restores a lost newline) and keeps every whole record."""
+    path = tmp_path / "cache.jsonl"
+    first = json.dumps(_record("k1", "a1")) + "\n"
+    path.write_text(first, encoding="utf-8")
+    cache = CloudCache(path)
+    assert not cache.ignored_torn_line
+    with open(path, "ab") as f:
+        f.write(end.encode("utf-8"))
+    cache.put_many([_record("k3", "a3")])
+    assert path.read_text(encoding="utf-8") == first + kept + json.dumps(_record("k3", "a3")) + "\n"
+    assert (cache.get("tiny_countdown", "k2") is not None) == bool(kept)
+    assert len(CloudCache(path)) == 2 + bool(kept) and not CloudCache(path).ignored_torn_line
+
+
+def test_cloud_serves_answers_another_process_cached(task, tmp_path):
+    path = tmp_path / "cache.jsonl"
+    a, b = task.examples("train")[:2]
+    backend_train, backend_eval = CountingBackend(), CountingBackend()
+    train = Cloud(backend_train, CloudCache(path), "oracle", backend_train.model_name)
+    ev = Cloud(backend_eval, CloudCache(path), "oracle", backend_eval.model_name)  # both loaded an empty file
+    train.ask(task, [a])
+    answers = ev.ask(task, [a, b])
+    assert backend_train.sent == [a.key] and backend_eval.sent == [b.key]  # a went to the cloud once
+    assert answers[0].cached and answers[0].text == OracleBackend().complete(task, [a])[0]
+    assert _file_keys(path) == [a.key, b.key]
+
+
+WRITER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from cloud import CloudCache
+cache = CloudCache({path!r})
+time.sleep(max(0.0, {start} - time.time()))
+for i in range({n}):
+    cache.put_many([{{"task": "t", "key": "w{w}-%d" % i, "prompt_sha256": "", "answer": "x" * 3000,
+                     "verdict": True, "backend": "oracle", "model": "m"}}])
+"""
+
+
+def test_concurrent_processes_keep_every_record(tmp_path):
+    """Four processes that all loaded a file with a torn end append at the same time: every
+    record arrives whole, exactly once (3 kB lines, so unlocked writes would interleave)."""
+    import subprocess
+    path = tmp_path / "cache.jsonl"
+    path.write_text(json.dumps(_record("k0", "a0")) + "\n" + '{"task": "t", "ke', encoding="utf-8")
+    root, start, n = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), time.time() + 1.0, 40
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, path=str(path), start=start, n=n, w=w)])
+             for w in range(4)]
+    assert [p.wait(timeout=60) for p in procs] == [0] * 4
+    keys = _file_keys(path)  # every line parses
+    assert sorted(keys) == sorted(["k0"] + [f"w{w}-{i}" for w in range(4) for i in range(n)])
+    assert path.read_bytes().endswith(b"\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings checked at construction; one-line CLI errors
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backoff": -1.0}, "backoff=-1.0 (allowed: seconds >= 0)"),
+    ({"max_wait": -0.5}, "max_wait=-0.5 (allowed: seconds >= 0)"),
+    ({"max_tokens": 0}, "max_tokens=0 (allowed: an integer >= 1)"),
+    ({"temperature": -0.1}, "temperature=-0.1 (allowed: a number >= 0)"),
+    ({"temperature": float("nan")}, "temperature=nan (allowed: a number >= 0)"),
+    ({"timeout": 0}, "timeout=0 (allowed: seconds > 0)"),
+    ({"concurrency": 0}, "concurrency=0 (allowed: an integer >= 1)"),
+])
+def test_http_settings_checked_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        HttpBackend("http://127.0.0.1:9", "m", **kwargs)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"path": None}, "path=None is not allowed"),
+    ({"path": ""}, "path='' is not allowed"),
+    ({"path": "/ckpt", "max_new_tokens": 0}, "max_new_tokens=0 is not allowed; an integer >= 1"),
+    ({"path": "/ckpt", "batch_size": -2}, "batch_size=-2 is not allowed; an integer >= 1"),
+])
+def test_local_settings_checked_at_construction(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        make_cloud(backend="local", **kwargs)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--backend local needs --path"),
+    (["--path", "/ckpt/big", "--max-new-tokens", "0"], "--max-new-tokens 0 is not allowed: an integer >= 1"),
+])
+def test_prefill_cli_local_settings_checked_before_loading(monkeypatch, tmp_path, capsys, extra, message):
+    import cloud
+    calls = fake_local_model(monkeypatch, lambda prompt: "never")
+    with pytest.raises(SystemExit) as e:
+        cloud.main(["--task", "tiny_countdown", "--backend", "local", "--cache", str(tmp_path / "c.jsonl")] + extra)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert calls == {} and not (tmp_path / "c.jsonl").exists()  # no model loaded, nothing written
+
+
+def test_auth_error_keeps_the_answers_that_arrived(endpoint, task, tmp_path):
+    path = tmp_path / "cache.jsonl"
+    examples = task.examples("test")[:3]
+    endpoint.script = [ok("first answer")] + [(401, "no", {}, 0)] * 2
+    cloud = Cloud(make_backend(endpoint.url, concurrency=1, retries=0), CloudCache(path), "http", "cloud-model")
+    with pytest.raises(CloudAuthError):
+        cloud.ask(task, examples)
+    assert [(r["key"], r["answer"]) for r in map(json.loads, _lines(path))] == [(examples[0].key, "first answer")]
+    assert CloudCache(path).get(task.name, examples[1].key) is None
+
+
+def test_prefill_cli_auth_error_is_one_line(endpoint, monkeypatch, tmp_path):
+    import cloud
+    monkeypatch.setenv("TEST_CLOUD_KEY", "sk-secret-55")
+    cache = tmp_path / "c.jsonl"
+    endpoint.script = [ok("first answer")] + [(401, '{\n  "error": "invalid key sk-secret-55"\n}', {}, 0)] * 2
+    with pytest.raises(SystemExit) as e:
+        cloud.main(["--task", "tiny_countdown", "--limit", "3", "--backend", "http", "--base-url", endpoint.url,
+                    "--model", "m", "--api-key-env", "TEST_CLOUD_KEY", "--retries", "0", "--concurrency", "1",
+                    "--cache", str(cache)])
+    message = e.value.code
+    assert isinstance(message, str) and "\n" not in message
+    assert "HTTP 401" in message and "TEST_CLOUD_KEY" in message and "sk-secret-55" not in message
+    assert [json.loads(line)["answer"] for line in _lines(cache)] == ["first answer"]
