@@ -22,6 +22,8 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- config
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
 
 
 @dataclass
@@ -64,6 +66,9 @@ class ModelConfig:
                              "none/'default', 'llama3'")
         if rope_type == "default":
             self.rope_scaling = None
+        elif missing := [k for k in LLAMA3_ROPE_KEYS if self.rope_scaling.get(k) is None]:
+            raise ValueError(f"llama3 rope scaling lacks {missing}; it needs all of "
+                             f"{list(LLAMA3_ROPE_KEYS)}")
 
     @property
     def qkv_bias(self) -> bool:
@@ -98,7 +103,8 @@ class ModelConfig:
             rope["rope_type"] = rope.pop("type")
         kw = {f.name: hf[f.name] for f in fields(cls)
               if f.name in hf and f.name not in ("rope_theta", "rope_scaling", "head_dim")}
-        kw.setdefault("num_key_value_heads", hf["num_attention_heads"])
+        if kw.get("num_key_value_heads") is None:  # absent or null: no GQA, as in transformers
+            kw["num_key_value_heads"] = hf["num_attention_heads"]
         kw.setdefault("tie_word_embeddings", False)  # transformers' default for both families
         kw["torch_dtype"] = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
         return cls(**kw, head_dim=hf.get("head_dim") or 0, rope_theta=float(theta),
@@ -386,11 +392,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _atomic_write(path: str, write):
     """Write through a temp file in the same directory, fsync, rename: never a torn file."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write leaves the old file as it was, and no temp file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def atomic_write_text(path: str, text: str):
@@ -452,8 +463,15 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
     from safetensors import SafetensorError, safe_open
     cfg = ModelConfig.from_hf(read_json(os.path.join(path, "config.json")))
     device = torch.device(device or "cpu")
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; allowed: {sorted(DTYPES)} "
+                         "or a torch.dtype")
     dtype = DTYPES.get(dtype, dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index) and os.path.exists(os.path.join(path, "model.safetensors")):
+        # we would read the index's shards, transformers model.safetensors: two different models
+        raise ValueError(f"{path} holds both model.safetensors and model.safetensors.index.json "
+                         "(a single-file and a sharded checkpoint); remove the stale one")
     if os.path.exists(index):
         shards = sorted(set(read_json(index)["weight_map"].values()))
     else:
@@ -466,11 +484,15 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
     expected = {_hf_name(n): n for n in model.state_dict()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    state, tied_head = {}, None
+    state, tied_head, source = {}, None, {}
     for shard in shards:
         try:
             with safe_open(os.path.join(path, shard), framework="pt") as f:
                 for name in f.keys():
+                    if name in source:  # which copy is meant? (e.g. a stray file of an old save)
+                        raise ValueError(f"tensor {name!r} is stored twice in {path}: in "
+                                         f"{source[name]} and in {shard}; remove the stale file")
+                    source[name] = shard
                     if cfg.tie_word_embeddings and name == "lm_head.weight":
                         tied_head = f.get_tensor(name)  # stored anyway: must be the embedding
                         continue
@@ -515,6 +537,15 @@ def save_pretrained(model: Transformer, path: str, tokenizer: "Tokenizer | None"
     blob = save(state, metadata={"format": "pt"})
     _atomic_write(os.path.join(path, "model.safetensors"), lambda f: f.write(blob))
     atomic_write_text(os.path.join(path, "config.json"), json.dumps(hf, indent=2))
+    # a sharded checkpoint saved here before: drop its index (which the loader would otherwise
+    # read instead of the new weights) and then the shards it lists
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        stale = set(read_json(index).get("weight_map", {}).values()) - {"model.safetensors"}
+        os.remove(index)
+        for shard in stale:
+            if os.path.basename(shard) == shard and os.path.isfile(os.path.join(path, shard)):
+                os.remove(os.path.join(path, shard))
     if tokenizer is not None:
         tokenizer.save(path)
 
@@ -588,7 +619,7 @@ class Tokenizer:
                          "as a string, not as chat messages")
 
     def save(self, path: str):
-        self.tk.save(os.path.join(path, "tokenizer.json"))
+        atomic_write_text(os.path.join(path, "tokenizer.json"), self.tk.to_str(pretty=True))
         conf = dict(self.special_tokens)
         if self.chat_format:
             conf["chat_format"] = self.chat_format

@@ -38,6 +38,17 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def monotone_cdf(cdf, shifted):
+    """The running total `cdf` of exp(shifted) [R, V], made non-decreasing and flat (equal to its
+    left neighbour) at every token of probability 0 (shifted = -inf), as inverse-CDF sampling
+    needs. CUDA's cumsum is a parallel scan that sums neighbouring prefixes in different orders,
+    so one can come out a rounding step above or below the next: a zero-probability token (banned,
+    outside top-k / top-p) one step above its neighbour is drawn when u falls in that step, and a
+    step down breaks searchsorted's sorted input. Zeroing those tokens' totals, then a running
+    max, gives each exactly the largest total before it."""
+    return cdf.masked_fill_(shifted.isneginf(), 0).cummax(-1).values
+
+
 def sample_next(logits, temperature: float, top_k: int, top_p: float, generator, scratch=None):
     """Draw one token per row from softmax(logits / T) restricted to the top-k / top-p
     support; return (token, its log-prob under that restricted distribution). T = 0: greedy,
@@ -65,6 +76,10 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator,
     shifted = logits.sub_(logits.amax(-1, keepdim=True))
     cdf = torch.exp(shifted, out=scratch if scratch is not None else torch.empty_like(shifted))
     cdf.cumsum_(-1)
+    if cdf.device.type != "cpu":
+        # the CPU's cumsum adds left to right (in double): already exact where it matters, so
+        # the CPU (the benchmark's device) skips this extra pass
+        cdf = monotone_cdf(cdf, shifted)
     total = cdf[:, -1:]
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * total
     token = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)
@@ -81,9 +96,15 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
+    if check_every < 1:
+        raise ValueError(f"check_every={check_every} must be >= 1 (steps between finished checks)")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 (got {temperature}), top_k >= 0 (got {top_k}), "
                          f"0 < top_p <= 1 (got {top_p})")
+    V = model.config.vocab_size
+    if set(banned_ids).issuperset(range(V)):
+        raise ValueError(f"banned_ids cover the whole vocabulary (vocab_size={V}): nothing is left "
+                         f"to sample; ban at most {V - 1} of the ids 0..{V - 1}")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     P, R = len(prompts), len(prompts) * n
@@ -104,7 +125,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     logits = logits[:, -1].float().repeat_interleave(n, dim=0)
     next_pos = (positions[:, -1] + 1).repeat_interleave(n)[:, None]
     # static per-step buffers: the model's logits and the sampler's cumulative distribution
-    out = torch.empty(R, 1, model.config.vocab_size, device=device, dtype=dtype)
+    out = torch.empty(R, 1, V, device=device, dtype=dtype)
     scratch = torch.empty_like(logits)
 
     tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)

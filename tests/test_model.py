@@ -379,3 +379,100 @@ def test_tokenizer_save_keeps_a_chat_format_without_template(tmp_path):
     tok.chat_format = "llama3.1"
     tok.save(str(tmp_path))
     assert load_tokenizer(str(tmp_path)).chat_format == "llama3.1"
+
+
+def test_every_saved_file_arrives_by_rename(tmp_path, monkeypatch):
+    """DESIGN: files are written atomically (temp file, then rename), tokenizer.json included."""
+    renamed, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(dst), replace(src, dst)))
+    tok = build_char_tokenizer("abc")
+    save_pretrained(Transformer(ModelConfig()).init_weights(0), str(tmp_path), tok)
+    assert "tokenizer.json" in os.listdir(tmp_path)
+    assert sorted(os.path.basename(p) for p in renamed) == sorted(os.listdir(tmp_path))
+    assert load_tokenizer(str(tmp_path)).encode("cab") == tok.encode("cab")
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    from model import _atomic_write
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def write(f):
+        f.write(b"half a fi")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _atomic_write(str(path), write)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
+
+
+def test_saving_over_a_sharded_checkpoint_replaces_it(tmp_path):
+    """Saving into a directory that holds a sharded HF checkpoint: both our loader and
+    transformers must then load what was saved, and the old index and shards are gone."""
+    hf = make_hf_model("llama_untied_headdim", seed=1)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len([n for n in os.listdir(tmp_path) if n.startswith("model-")]) > 1
+    new = load_pretrained(str(tmp_path)).init_weights(seed=5, std=0.15)
+    save_pretrained(new, str(tmp_path))
+    assert [n for n in os.listdir(tmp_path) if n.startswith("model")] == ["model.safetensors"]
+    ours = load_pretrained(str(tmp_path))
+    for name, t in new.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], t), name
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    ids = torch.randint(3, 97, (1, 30))
+    with torch.no_grad():
+        want = new(ids, torch.arange(30)[None])
+        assert (theirs(ids).logits - want).abs().max().item() <= 1e-4
+        assert (hf(ids).logits - want).abs().max().item() > 1e-1  # the old model is not loaded
+
+
+def test_a_single_file_next_to_an_index_is_an_error(tmp_path):
+    """Our loader would read the index's shards, transformers model.safetensors."""
+    save_pretrained(Transformer(ModelConfig()).init_weights(0), str(tmp_path))
+    os.link(tmp_path / "model.safetensors", tmp_path / "model-00001-of-00001.safetensors")
+    json.dump({"metadata": {}, "weight_map": {"model.norm.weight":
+                                              "model-00001-of-00001.safetensors"}},
+              open(tmp_path / "model.safetensors.index.json", "w"))
+    with pytest.raises(ValueError, match="both model.safetensors and model.safetensors.index"):
+        load_pretrained(str(tmp_path))
+
+
+def test_a_tensor_stored_in_two_files_is_an_error(tmp_path):
+    """Without an index every model*.safetensors is read: two copies of one tensor are
+    ambiguous (which one is meant?), not the later file's silently."""
+    save_pretrained(Transformer(ModelConfig()).init_weights(0), str(tmp_path))
+    save_file({"model.norm.weight": torch.zeros(128)}, tmp_path / "model-old.safetensors")
+    with pytest.raises(ValueError) as e:
+        load_pretrained(str(tmp_path))
+    for part in ["'model.norm.weight'", "model-old.safetensors", "and in model.safetensors"]:
+        assert part in str(e.value)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("key", ["factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings"])
+def test_llama3_rope_scaling_without_a_key_is_a_config_error(key):
+    hf = dict(ModelConfig().to_hf(), rope_scaling={k: v for k, v in LLAMA3_ROPE.items()
+                                                   if k != key})
+    with pytest.raises(ValueError, match=f"lacks \\['{key}'\\]"):
+        ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_null_kv_heads_means_one_kv_head_per_attention_head_as_in_transformers(family):
+    hf = {"model_type": family, "hidden_size": 64, "num_attention_heads": 8,
+          "num_key_value_heads": None, "intermediate_size": 100, "num_hidden_layers": 2,
+          "vocab_size": 10}
+    ref = transformers.AutoConfig.for_model(**hf)
+    assert ModelConfig.from_hf(hf).num_key_value_heads == ref.num_key_value_heads == 8
+
+
+def test_an_unknown_dtype_name_is_an_error(tmp_path):
+    save_pretrained(Transformer(ModelConfig()).init_weights(0), str(tmp_path))
+    with pytest.raises(ValueError, match=r"dtype 'fp16' is not supported; allowed: \['bfloat16', "
+                                         r"'float16', 'float32'\]"):
+        load_pretrained(str(tmp_path), dtype="fp16")
+    assert load_pretrained(str(tmp_path), dtype="float16").norm.weight.dtype == torch.float16

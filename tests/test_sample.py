@@ -324,3 +324,50 @@ def test_prompt_plus_new_tokens_may_fill_but_not_exceed_the_context():
     assert out.tokens.shape == (2, 6)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, [[1] * 10], max_new_tokens=7, temperature=0)  # 17 > 16
+
+
+def test_banning_the_whole_vocabulary_is_an_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"whole vocabulary \(vocab_size=61\)"):
+        generate(model, [[1, 2]], max_new_tokens=4, banned_ids=range(61))
+    # one token left: it is the only one drawn, with probability 1 (log-prob 0)
+    for temperature in (1.0, 0):
+        out = generate(model, [[1, 2]], n=3, max_new_tokens=4, temperature=temperature,
+                       banned_ids=[i for i in range(61) if i != 17])
+        assert (out.tokens == 17).all() and (out.logprobs == 0).all()
+
+
+def test_check_every_below_one_is_an_error():
+    with pytest.raises(ValueError, match="check_every=0 must be >= 1"):
+        generate(tiny_model(), [[1, 2]], max_new_tokens=4, check_every=0)
+
+
+def test_monotone_cdf_repairs_a_parallel_scans_rounding_by_hand():
+    """Probabilities [1, 0, 0, 1, 0, 0]: the exact running total is [1, 1, 1, 2, 2, 2]. A
+    parallel scan may give a zero-probability token a total one rounding step above or below
+    its neighbour's; u = 1 must then still draw token 3, the first with mass after token 0."""
+    from sample import monotone_cdf
+    inf = float("inf")
+    shifted = torch.tensor([[0.0, -inf, -inf, 0.0, -inf, -inf]])
+    up = 1.0 + 2 ** -23  # one rounding step above 1; 2 - 2 ** -23 is one below 2
+    scanned = torch.tensor([[1.0, up, up, 2.0, 2.0 - 2 ** -23, 2.0]])
+    u = torch.tensor([[1.0]])
+    assert torch.searchsorted(scanned, u, right=True).item() == 1  # a token of probability 0
+    fixed = monotone_cdf(scanned.clone(), shifted)
+    assert fixed.tolist() == [[1.0, 1.0, 1.0, 2.0, 2.0, 2.0]]
+    assert torch.searchsorted(fixed, u, right=True).item() == 3
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_top_k_draws_on_cuda_never_leave_the_support(device):
+    """CUDA's cumsum is a parallel scan, not exactly monotone: over ~1.6M draws from a large
+    vocabulary, every token must still lie in the top-k and have a finite log-prob."""
+    g = torch.Generator(device).manual_seed(0)
+    logits = torch.randn(4096, 8192, generator=g, device=device) * 3
+    top = logits.argsort(-1, descending=True)[:, :40]
+    support = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
+    bad = torch.zeros((), dtype=torch.long, device=device)
+    for _ in range(400):
+        tok, lp = sample_next(logits.clone(), 1.0, 40, 1.0, g)
+        bad += (~support.gather(-1, tok[:, None])[:, 0] | ~torch.isfinite(lp)).sum()
+    assert bad.item() == 0
