@@ -39,8 +39,8 @@ import yaml
 
 import algo
 from cloud import NoCloud, make_cloud
-from model import (ModelConfig, Transformer, atomic_write_text, check_writable, load_pretrained,
-                   load_tokenizer, resolve_device)
+from model import (ModelConfig, Transformer, atomic_write, atomic_write_text, check_writable,
+                   load_pretrained, load_tokenizer, resolve_device)
 from sample import generate, left_pad
 from tasks import SPLITS, make_task
 
@@ -841,10 +841,10 @@ def write_curves(res: Results, out_dir, labels):
                  "* = the policy's own choice", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = os.path.join(out_dir, f".curve.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, os.path.join(out_dir, "curve.png"))
+    try:
+        atomic_write(os.path.join(out_dir, "curve.png"), lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
     return "curve.png"
 
 

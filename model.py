@@ -389,7 +389,7 @@ class Transformer(nn.Module):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _atomic_write(path: str, write):
+def atomic_write(path: str, write):
     """Write through a temp file in the same directory, fsync, rename: never a torn file."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -405,7 +405,7 @@ def _atomic_write(path: str, write):
 
 
 def atomic_write_text(path: str, text: str):
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def check_writable(path, name):
@@ -535,7 +535,7 @@ def save_pretrained(model: Transformer, path: str, tokenizer: "Tokenizer | None"
     if cfg.tie_word_embeddings:
         del state["lm_head.weight"]
     blob = save(state, metadata={"format": "pt"})
-    _atomic_write(os.path.join(path, "model.safetensors"), lambda f: f.write(blob))
+    atomic_write(os.path.join(path, "model.safetensors"), lambda f: f.write(blob))
     atomic_write_text(os.path.join(path, "config.json"), json.dumps(hf, indent=2))
     # a sharded checkpoint saved here before: drop its index (which the loader would otherwise
     # read instead of the new weights) and then the shards it lists

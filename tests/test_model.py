@@ -393,7 +393,7 @@ def test_every_saved_file_arrives_by_rename(tmp_path, monkeypatch):
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
-    from model import _atomic_write
+    from model import atomic_write
     path = tmp_path / "config.json"
     path.write_text("old")
 
@@ -402,7 +402,7 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pa
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _atomic_write(str(path), write)
+        atomic_write(str(path), write)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
 
 
