@@ -167,6 +167,11 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
     if name not in names:
         raise ConfigError(f"unknown config key {key!r}; allowed here: {', '.join(names)}")
     current = getattr(obj, name)
+    if len(path) == 1 and next(f.type for f in fields(obj) if f.name == name) == "float | None":
+        if value is None or (from_cli and value.lower() in ("null", "~")):
+            setattr(obj, name, None)
+            return
+        current = 0.0  # eval.budget: else a number, read as every float key reads one (3/10)
     if isinstance(current, dict) and len(path) == 1:  # task / cloud: replaced as a whole
         value = _parse_yaml(value, key) if from_cli else value
         if not isinstance(value, dict):
@@ -214,7 +219,9 @@ def validate(cfg: Config):
     non_negative = lambda v: _number(v) and v >= 0
     share = lambda v: _number(v) and 0 <= v <= 1
     betas = lambda v: isinstance(v, list) and len(v) == 2 and all(share(b) and b < 1 for b in v)
+    seed = lambda v: isinstance(v, int) and 0 <= v < 2**63  # what every generator accepts
     rules = [  # key, test, what is allowed
+        ("seed", seed, "an integer in [0, 2**63)"),
         ("save_every", positive, "an integer > 0"),
         ("samples_per_step", non_negative, "an integer >= 0"),
         ("model.hidden_size", positive, "an integer > 0"),
@@ -229,7 +236,8 @@ def validate(cfg: Config):
         ("warm_start.warmup", positive, "an integer >= 1 (1 = no warmup)"),
         ("warm_start.p_correct", share, "a number in [0, 1]"),
         ("warm_start.p_help", share, "a number in [0, 1]"),
-        ("warm_start.seed", lambda v: v >= -1, "an integer >= 0, or -1 for the run's seed"),
+        ("warm_start.seed", lambda v: v == -1 or seed(v),
+         "an integer in [0, 2**63), or -1 for the run's seed"),
         ("rl.rho", non_negative, "a finite number >= 0 (3/7: at most 30% to the cloud)"),
         ("rl.steps", positive, "an integer > 0"),
         ("rl.prompts_per_step", positive, "an integer > 0"),
@@ -367,8 +375,14 @@ class RunLog:
         print(line.ljust(100), end="", flush=True)
 
 
-def truncate_log(path: str, step: int):
-    """Keep the rows of steps <= step (a crash can log steps after the last checkpoint)."""
+def is_final_row(row: dict) -> bool:
+    """The final evaluation's row in metrics.jsonl: eval/* keys, no train/loss (a step's has one)."""
+    return "train/loss" not in row and any(k.startswith("eval/") for k in row)
+
+
+def truncate_log(path: str, step: int, drop_final: bool = False):
+    """Keep the rows of steps <= step (a crash can log steps after the last checkpoint); with
+    drop_final, not the final evaluation's row either (training goes on past it)."""
     if not os.path.exists(path):
         return
     keep = []
@@ -377,8 +391,9 @@ def truncate_log(path: str, step: int):
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by the crash
-        if row.get("train/step", row.get("step", 0)) <= step:
-            keep.append(line if line.endswith("\n") else line + "\n")
+        if row.get("train/step", row.get("step", 0)) > step or (drop_final and is_final_row(row)):
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(path, "".join(keep))
 
 
@@ -430,8 +445,9 @@ def step_seed(seed: int, step: int, what: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{what}".encode()).digest()[:8], "little") >> 1
 
 
-def drop_long_prompts(examples: list, tokenizer, max_tokens: int) -> list:
-    """The training prompts of at most max_tokens tokens (SPEC 9's max prompt length; 0 = all)."""
+def drop_long_prompts(examples: list, tokenizer, max_tokens: int, per_step: int = 1) -> list:
+    """The training prompts of at most max_tokens tokens (SPEC 9's max prompt length; 0 = all);
+    at least per_step of them (rl.prompts_per_step: a step never takes a prompt twice)."""
     if not max_tokens:
         return examples
     kept = [ex for ex in examples if len(tokenizer.prompt_ids(ex.prompt)) <= max_tokens]
@@ -441,6 +457,10 @@ def drop_long_prompts(examples: list, tokenizer, max_tokens: int) -> list:
     if not kept:
         raise ConfigError(f"sampling.max_prompt_tokens={max_tokens}: every training prompt is "
                           f"longer; raise it, or 0 for no limit")
+    if len(kept) < per_step:
+        raise ConfigError(f"sampling.max_prompt_tokens={max_tokens} leaves {len(kept)} training "
+                          f"prompts, fewer than rl.prompts_per_step={per_step}; raise it (0 = no "
+                          f"limit), or use rl.prompts_per_step <= {len(kept)}")
     return kept
 
 
@@ -564,6 +584,23 @@ def warm_start_stats(model, tokenizer, task, max_new_tokens, n=500):
 # ----------------------------------------------------------------------------- the RL loop
 
 
+class TimedCloud:
+    """The cloud as the rollout sees it, adding up the seconds its answers took (perf/cloud_s)."""
+
+    def __init__(self, cloud):
+        self.cloud, self.seconds = cloud, 0.0
+
+    def ask(self, task, examples):
+        start = time.time()
+        try:
+            return self.cloud.ask(task, examples)
+        finally:
+            self.seconds += time.time() - start
+
+    def __getattr__(self, name):
+        return getattr(self.cloud, name)
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         # First every check that can fail on a bad setting (ConfigError), then the slow part.
@@ -596,12 +633,19 @@ class Trainer:
         if not self.train_examples or not test:
             raise ConfigError(f"task {cfg.task['name']!r}: needs a non-empty train and test "
                               f"split, got {len(self.train_examples)} and {len(test)} examples")
+        if cfg.rl.prompts_per_step > len(self.train_examples):
+            raise ConfigError(f"rl.prompts_per_step={cfg.rl.prompts_per_step}: the training split "
+                              f"has only {len(self.train_examples)} prompts and a step takes each "
+                              f"at most once; use rl.prompts_per_step <= {len(self.train_examples)}")
         if cfg.eval.n > len(test):
             raise ConfigError(f"eval.n={cfg.eval.n}: the test split has only {len(test)} prompts; "
                               f"use eval.n <= {len(test)}, or eval.n=0 for all of them")
         self.eval_examples = test[:cfg.eval.n] if cfg.eval.n else test
         if not cfg.model.path:  # from scratch: a too-short context fails here, not after warm start
             tokenizer = build_char_tokenizer(self.task.alphabet)
+            self.train_examples = drop_long_prompts(self.train_examples, tokenizer,
+                                                    cfg.sampling.max_prompt_tokens,
+                                                    cfg.rl.prompts_per_step)
             longest = max(len(tokenizer.prompt_ids(ex.prompt))
                           for ex in self.train_examples + test)
             need = longest + cfg.sampling.max_new_tokens
@@ -625,7 +669,7 @@ class Trainer:
             raise ConfigError(str(e)) from None
         os.makedirs(self.run_dir, exist_ok=True)
         if not cfg.resume:
-            for stale in ("metrics.jsonl", "samples.jsonl"):
+            for stale in ("final_eval.json", "metrics.jsonl", "samples.jsonl"):
                 if os.path.exists(os.path.join(self.run_dir, stale)):
                     os.remove(os.path.join(self.run_dir, stale))
             atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
@@ -647,8 +691,10 @@ class Trainer:
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
         # never sampled, so left out of the update's log-probs too (help disabled: "H")
         self.banned_ids = self.tokenizer.single_token_ids(self.task.banned_texts)
-        self.train_examples = drop_long_prompts(self.train_examples, self.tokenizer,
-                                                cfg.sampling.max_prompt_tokens)
+        if cfg.model.path:  # (from scratch: done above, before the warm start)
+            self.train_examples = drop_long_prompts(self.train_examples, self.tokenizer,
+                                                    cfg.sampling.max_prompt_tokens,
+                                                    cfg.rl.prompts_per_step)
         self.sampler_model = self.model
         if cfg.precision == "bf16-mixed":  # a bf16 copy samples; fp32 master weights train
             self.sampler_model = load_pretrained(source, dtype=torch.bfloat16, device=self.device)
@@ -659,27 +705,49 @@ class Trainer:
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.rl.lr,
                                          weight_decay=cfg.rl.weight_decay, betas=tuple(cfg.rl.betas))
         self.step, self.dual = 0, cfg.rl.dual_init
+        self.time_limited = False  # stopped by rl.time_limit_min: finished (README)
         self.stopped_by = signal.SIGINT  # the signal that stops train(): SIGINT or SIGTERM
         if cfg.resume:
             state = torch.load(os.path.join(source, "trainer_state.pt"), weights_only=False)
             self.opt.load_state_dict(state["optimizer"])
             self.step, self.dual = state["step"], state["dual"]
+            # finished by the time limit only under the settings it stopped with: raising rl.steps
+            # or changing rl.time_limit_min in the run's config.yaml trains on
+            self.time_limited = state.get("time_limit_stop") == self.time_limit_settings()
             print(f"resumed {self.run_dir} at step {self.step}")
+            # Training goes on (e.g. rl.steps raised): the old final evaluation and its row are
+            # stale. The file goes first: eval.py takes a final_eval.json for a finished run.
+            final_path = os.path.join(self.run_dir, "final_eval.json")
+            if not self.finished() and os.path.exists(final_path):
+                os.remove(final_path)
             for name in ("metrics.jsonl", "samples.jsonl"):  # drop rows logged after the checkpoint
-                truncate_log(os.path.join(self.run_dir, name), self.step)
+                truncate_log(os.path.join(self.run_dir, name), self.step,
+                             drop_final=not self.finished())
+
+    def time_limit_settings(self) -> tuple:
+        """What a stop by rl.time_limit_min is saved with, and compared against on resume."""
+        return (self.cfg.rl.steps, self.cfg.rl.time_limit_min)
+
+    def finished(self) -> bool:
+        """Trained to rl.steps, or stopped by rl.time_limit_min (README: that counts as finished)."""
+        return self.step >= self.cfg.rl.steps or self.time_limited
 
     # one step of SPEC 5-6
     def rl_step(self) -> dict:
         cfg, rl = self.cfg, self.cfg.rl
         examples = step_prompts(self.train_examples, cfg.seed, self.step, rl.prompts_per_step)
         calls, cached = self.cloud.calls_made, self.cloud.served_from_cache
+        if self.device.type == "cuda":  # perf/peak_mem_gb: this step's peak
+            torch.cuda.reset_peak_memory_stats(self.device)
+        cloud = TimedCloud(self.cloud)
         t0 = time.time()
         self.model.eval()
         with torch.no_grad(), self.autocast():
             ro = algo.rollout(self.sampler_model, self.tokenizer, examples, rl.group_size,
-                              cfg.sampling, self.task, self.cloud, cfg.reward,
+                              cfg.sampling, self.task, cloud, cfg.reward,
                               seed=step_seed(cfg.seed, self.step, "sample"))
         t1 = time.time()
+        sample_s = t1 - t0 - cloud.seconds  # the rollout without waiting for the cloud
         coef = algo.group_advantages(ro.rewards, rl.algo, help=ro.help, dual=self.dual)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, self.step, "filter"))
         # [ours] a prompt whose cloud call failed (not cached: retried when next sampled) stays
@@ -719,10 +787,12 @@ class Trainer:
                                          rl.dual_eta)
         t2 = time.time()
         generated = int(ro.lengths.sum())
-        row.update({"train/step": self.step + 1, "train/loss": loss, "train/grad_norm": grad_norm,
+        finite = lambda v: v if math.isfinite(v) else None  # null: metrics.jsonl is strict JSON
+        row.update({"train/step": self.step + 1, "train/loss": finite(loss),
+                    "train/grad_norm": finite(grad_norm),
                     "train/skipped": skipped, "train/dual": self.dual,
-                    "perf/sample_s": t1 - t0, "perf/update_s": t2 - t1,
-                    "perf/tokens_per_s": generated / max(t1 - t0, 1e-9),
+                    "perf/sample_s": sample_s, "perf/cloud_s": cloud.seconds,
+                    "perf/update_s": t2 - t1, "perf/tokens_per_s": generated / max(sample_s, 1e-9),
                     "perf/cloud_calls": self.cloud.calls_made - calls,  # this step's
                     "perf/cloud_cached": self.cloud.served_from_cache - cached})
         if self.device.type == "cuda":
@@ -773,7 +843,8 @@ class Trainer:
         tmp = ckpt + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(self.model, tmp, self.tokenizer)
-        state = {"optimizer": self.opt.state_dict(), "step": self.step, "dual": self.dual}
+        state = {"optimizer": self.opt.state_dict(), "step": self.step, "dual": self.dual,
+                 "time_limit_stop": self.time_limit_settings() if self.time_limited else None}
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "trainer_state.pt"), "rb+") as f:
             os.fsync(f.fileno())
@@ -786,15 +857,16 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         final_path = os.path.join(self.run_dir, "final_eval.json")
-        if self.step >= cfg.rl.steps and os.path.exists(final_path):  # resumed a finished run
-            print(f"{self.run_dir} is already complete ({self.step} steps); its final evaluation "
-                  f"is in {final_path}")
+        if self.finished() and os.path.exists(final_path):  # resumed a finished run
+            print(f"{self.run_dir} is already complete ({self.step} steps"
+                  f"{', stopped by rl.time_limit_min' if self.time_limited else ''}); its final "
+                  f"evaluation is in {final_path}")
             with open(final_path) as f:
                 final = json.load(f)
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "a+") as f:
                 f.seek(0)
                 last = f.read().splitlines()[-1:]
-                if not last or "eval/acc_capped" not in json.loads(last[0]):  # a crash came
+                if not last or not is_final_row(json.loads(last[0])):  # a crash came
                     f.write(json.dumps(self.final_row(final)) + "\n")      # before its row
             return final
         log = RunLog(self.run_dir, cfg.rl.steps)
@@ -810,10 +882,11 @@ class Trainer:
                   f"rl.rho={cfg.rl.rho:.4g} trains for (SPEC 4: rho/(1+rho) = {matched:.4g}; "
                   f"eval.budget=null uses that)")
         with ctrl_c_flag() as stop:
-            while self.step < cfg.rl.steps:
+            while not self.finished():
                 if cfg.rl.time_limit_min and time.time() - log.start > 60 * cfg.rl.time_limit_min:
                     print(f"\nrl.time_limit_min={cfg.rl.time_limit_min} reached at step "
                           f"{self.step}")
+                    self.time_limited = True
                     self.save()
                     break
                 row = self.rl_step()

@@ -3,15 +3,18 @@ crash mid-save or Ctrl-C, the non-finite guard."""
 import json
 import os
 import re
+import shutil
 import signal
+import types
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import algo
 import train
-from devices import DEVICES
+from devices import CUDA, DEVICES
 
 TINY = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
         "model.num_key_value_heads=1", "model.intermediate_size=64",
@@ -38,7 +41,7 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     for key in ("reward/mean", "route/help_ratio", "route/local_acc", "filter/d1", "filter/d2",
                 "filter/d2_dropped", "filter/zero_variance", "route/len_help", "route/len_answer",
                 "route/clipped_ratio", "perf/cloud_calls", "perf/cloud_cached", "perf/sample_s",
-                "perf/update_s", "perf/tokens_per_s", "train/loss"):
+                "perf/update_s", "perf/tokens_per_s", "perf/cloud_s", "train/loss"):
         assert key in rows[0], key
     assert "eval/acc_capped" in rows[1] and "eval/acc_capped" in rows[3]
     # per step: at most one cloud call per prompt, evaluation calls not counted
@@ -119,8 +122,34 @@ def test_the_evaluation_budget_follows_rho_unless_set():
     assert train.load_config(["rl.rho=1"]).eval.budget == 0.5
     assert train.load_config(["rl.rho=1/4", "eval.budget=0.35"]).eval.budget == 0.35
     assert train.load_config(["eval.budget=null", "rl.rho=0"]).eval.budget == 0.0
-    with pytest.raises(ValueError, match="eval.budget=2: must be a number in .0, 1.* or null"):
+    with pytest.raises(ValueError, match="eval.budget=2.0: must be a number in .0, 1.* or null"):
         train.load_config(["eval.budget=2"])
+
+
+def test_the_evaluation_budget_reads_numbers_as_other_float_keys_do(tmp_path):
+    assert train.load_config(["eval.budget=3/10"]).eval.budget == 0.3
+    assert train.load_config(["eval.budget=1e-1"]).eval.budget == 0.1
+    (tmp_path / "a.yaml").write_text("eval: {budget: 1e-1}\n")  # PyYAML: the string '1e-1'
+    assert train.load_config([str(tmp_path / "a.yaml")]).eval.budget == 0.1
+    (tmp_path / "b.yaml").write_text("eval: {budget: 3/10}\nrl: {rho: 1}\n")
+    assert train.load_config([str(tmp_path / "b.yaml")]).eval.budget == 0.3
+    # null on the command line restores the default over a file's number: rho / (1 + rho)
+    assert train.load_config([str(tmp_path / "b.yaml"), "eval.budget=null"]).eval.budget == 0.5
+    for value in ("abc", "[0.3]", "1/0"):
+        with pytest.raises(train.ConfigError, match=f"eval.budget='{re.escape(value)}': expected "
+                                                    f"a number"):
+            train.load_config([f"eval.budget={value}"])
+
+
+def test_seeds_are_what_torch_accepts():
+    largest = 2**63 - 1
+    torch.manual_seed(largest)           # fine for torch ...
+    with pytest.raises(ValueError):
+        torch.manual_seed(2**64)         # ... and this is not: refused as a config error instead
+    assert train.load_config([f"seed={largest}", f"warm_start.seed={largest}"]).seed == largest
+    with pytest.raises(train.ConfigError, match=r"^seed=9223372036854775808: must be an integer"):
+        train.load_config([f"seed={2**63}"])
+    assert train.load_config(["warm_start.seed=-1"]).warm_start.seed == -1
 
 
 @pytest.mark.parametrize("override, message", [
@@ -144,8 +173,17 @@ def test_the_evaluation_budget_follows_rho_unless_set():
     ("model.hidden_size=30", "model.hidden_size=30 with model.num_attention_heads=2"),
     ("model.num_key_value_heads=3", "model.num_key_value_heads=3"),
     ("--foo", "unknown option '--foo'"),
+    ("seed=99999999999999999999", "seed=99999999999999999999: must be an integer in [0, 2**63)"),
+    ("seed=-1", "seed=-1: must be an integer in [0, 2**63)"),
+    ("warm_start.seed=-2", "warm_start.seed=-2: must be an integer in [0, 2**63), or -1 for"),
     # found when the task is built, still before the warm start
     ("eval.n=21", "eval.n=21: the test split has only 20 prompts"),
+    ("rl.prompts_per_step=301", "rl.prompts_per_step=301: the training split has only 300 "
+                                "prompts and a step takes each at most once; use "
+                                "rl.prompts_per_step <= 300"),
+    # tiny prompts are 13 tokens ("06,06,11|132=")
+    ("sampling.max_prompt_tokens=12", "sampling.max_prompt_tokens=12: every training prompt is "
+                                      "longer"),
     ("task.n_test=0", "needs a non-empty train and test split"),
     ("model.max_position_embeddings=30", "model.max_position_embeddings=30: prompts take up to"),
     ("task.colour=red", "task 'tiny_countdown' has no argument(s) ['colour']"),
@@ -223,6 +261,10 @@ def test_training_prompts_over_max_prompt_tokens_are_left_out(capsys):
     assert train.drop_long_prompts(examples, tok, 6) == examples
     with pytest.raises(train.ConfigError, match="max_prompt_tokens=1: every training prompt"):
         train.drop_long_prompts(examples, tok, 1)
+    assert len(train.drop_long_prompts(examples, tok, 4, per_step=3)) == 3
+    with pytest.raises(train.ConfigError, match=r"max_prompt_tokens=4 leaves 3 training prompts, "
+                                                r"fewer than rl.prompts_per_step=4; .* <= 3"):
+        train.drop_long_prompts(examples, tok, 4, per_step=4)
 
 
 def test_bad_files_and_help(tmp_path, capsys):
@@ -392,6 +434,10 @@ def test_non_finite_step_is_skipped(loss, grad, tmp_path, monkeypatch):
     monkeypatch.setattr(algo, "update_policy", poisoned)
     row = trainer.rl_step()
     assert row["filter/selected"] == 4 and row["train/skipped"] == "non_finite"
+    # written as null, not NaN / Infinity, which strict JSON does not have
+    assert row["train/loss"] == (None if loss != loss or abs(loss) == float("inf") else loss)
+    assert (row["train/grad_norm"] is None) == (grad != grad)  # NaN: the only non-finite gradient
+    json.dumps(row, allow_nan=False)
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not trainer.opt.state  # the optimizer never stepped on the poisoned gradient
@@ -553,3 +599,102 @@ def test_resume_restores_the_da_grpo_dual_variable(tmp_path, straight):
     second = resumed.rl_step()   # the next step starts from the restored lambda_1, not lambda_0
     assert second["train/dual"] == pytest.approx(
         0.2 + 0.5 * first["route/help_ratio"] + 0.5 * second["route/help_ratio"])
+
+
+def test_a_time_limited_run_is_finished_until_its_config_asks_for_more(tmp_path, straight,
+                                                                       monkeypatch, capsys):
+    """README: a run stopped by rl.time_limit_min counts as finished, and resuming a finished run
+    only prints its final evaluation. Training that does go on (rl.steps raised in its
+    config.yaml) first removes the old final evaluation: final_eval.json and its row."""
+    clock, calls = {"now": 0.0, "per_step": 60.0, "crash": False}, []
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock["now"]))
+    real_step = train.Trainer.rl_step
+
+    def timed_step(self):  # each step takes a minute of the fake clock
+        calls.append(self.step)
+        if clock["crash"]:
+            raise RuntimeError("simulated crash")
+        clock["now"] += clock["per_step"]
+        return real_step(self)
+
+    monkeypatch.setattr(train.Trainer, "rl_step", timed_step)
+    run = tmp_path / "runs" / "limited"
+    final = train.main(crash_args(tmp_path, straight, "limited") + ["rl.time_limit_min=1.5"])
+    assert "rl.time_limit_min=1.5 reached at step 2" in capsys.readouterr().out
+    assert calls == [0, 1] and [r["train/step"] for r in read_rows(run)] == [1, 2, 2]
+    assert json.loads((run / "final_eval.json").read_text()) == final
+    # resumed: finished, so no step is trained and nothing is logged again
+    assert train.main([f"resume={run}"]) == final and calls == [0, 1]
+    assert "already complete (2 steps, stopped by rl.time_limit_min)" in capsys.readouterr().out
+    assert [r["train/step"] for r in read_rows(run)] == [1, 2, 2]
+    # a crash between the time limit's checkpoint and the final evaluation: only evaluated
+    rows = read_rows(run)
+    (run / "final_eval.json").unlink()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    assert train.main([f"resume={run}"]) == final and calls == [0, 1] and read_rows(run) == rows
+    # rl.steps raised: training goes on, and the old final evaluation is gone before it starts
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["rl"]["steps"] = 5
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    clock["crash"] = True
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main([f"resume={run}"])
+    assert calls == [0, 1, 2]
+    assert not (run / "final_eval.json").exists()     # eval.py: not finished, not time-limited
+    assert [r["train/step"] for r in read_rows(run)] == [1, 2]
+    assert all("train/loss" in r for r in read_rows(run))
+    clock.update(crash=False, per_step=0.0)
+    train.main([f"resume={run}"])
+    assert calls == [0, 1, 2, 2, 3, 4]
+    assert [r["train/step"] for r in read_rows(run)] == [1, 2, 3, 4, 5, 5]
+    assert (run / "final_eval.json").exists()
+    # the checkpoint deleted and the run started again under its name: no stale final state
+    shutil.rmtree(run / "checkpoint")
+    clock["crash"] = True
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(crash_args(tmp_path, straight, "limited"))
+    assert not (run / "final_eval.json").exists() and read_rows(run) == []
+
+
+def test_sample_time_leaves_out_the_wait_for_the_cloud(tmp_path, monkeypatch):
+    """perf/cloud_s is the time the step's cloud call took; perf/sample_s and perf/tokens_per_s
+    are the rest of the rollout. A fake clock: 3 s of sampling, 10 s in the cloud."""
+    trainer = train.Trainer(train.load_config(tiny_args(
+        tmp_path, "name=clock", "rl.prompts_per_step=8", "rl.steps=1")))
+    clock = [100.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    real_ask, real_rollout, asked = trainer.cloud.ask, algo.rollout, []
+
+    def slow_ask(task, examples):
+        asked.append(len(examples))
+        clock[0] += 10
+        return real_ask(task, examples)
+
+    def rollout(*args, **kwargs):
+        clock[0] += 3
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.cloud, "ask", slow_ask)
+    monkeypatch.setattr(algo, "rollout", rollout)
+    row = trainer.rl_step()
+    assert asked == [row["perf/cloud_calls"] + row["perf/cloud_cached"]] and asked[0] > 0
+    assert row["perf/cloud_s"] == 10 and row["perf/sample_s"] == 3
+    assert row["perf/tokens_per_s"] == int(trainer.last_rollout.lengths.sum()) / 3
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_peak_memory_is_each_steps_own(device, tmp_path, monkeypatch):
+    trainer = train.Trainer(train.load_config(tiny_args(tmp_path, "name=mem", "rl.steps=2",
+                                                        f"device={device}")))
+    real_rollout = algo.rollout
+
+    def rollout_with_a_gib(*args, **kwargs):  # step 1 only: 1 GiB more, freed at once
+        if trainer.step == 0:
+            torch.empty(2**30, dtype=torch.uint8, device=device)
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(algo, "rollout", rollout_with_a_gib)
+    first = trainer.rl_step()
+    trainer.step += 1
+    second = trainer.rl_step()
+    assert first["perf/peak_mem_gb"] >= 1 > 0.5 > second["perf/peak_mem_gb"]
