@@ -167,11 +167,11 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
     if name not in names:
         raise ConfigError(f"unknown config key {key!r}; allowed here: {', '.join(names)}")
     current = getattr(obj, name)
-    if len(path) == 1 and next(f.type for f in fields(obj) if f.name == name) == "float | None":
+    if len(path) == 1 and key == "eval.budget":  # a float that may be null (its default: rho / (1 + rho))
         if value is None or (from_cli and value.lower() in ("null", "~")):
             setattr(obj, name, None)
             return
-        current = 0.0  # eval.budget: else a number, read as every float key reads one (3/10)
+        current = 0.0  # else a number, read as every float key reads one (3/10)
     if isinstance(current, dict) and len(path) == 1:  # task / cloud: replaced as a whole
         value = _parse_yaml(value, key) if from_cli else value
         if not isinstance(value, dict):
@@ -596,9 +596,6 @@ class TimedCloud:
             return self.cloud.ask(task, examples)
         finally:
             self.seconds += time.time() - start
-
-    def __getattr__(self, name):
-        return getattr(self.cloud, name)
 
 
 class Trainer:
