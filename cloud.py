@@ -83,18 +83,19 @@ class CloudCache:
         self.records: dict[tuple[str, str], dict] = {}
         self._size = 0         # bytes of the file read so far: always just past a whole line
         self._line_count = 0   # lines in those bytes, for error messages
+        self._file_id = None   # (device, inode) of the file those bytes were read from
         self._lock = threading.Lock()
         self.ignored_torn_line = False
         if self.path is not None and self.path.exists():
-            with self._locked_file("rb", fcntl.LOCK_SH if fcntl else None) as f:
+            with self._locked_file("rb") as f:
                 _, self.ignored_torn_line = self._read_new(f)
 
     @contextmanager
-    def _locked_file(self, mode: str, lock):
-        """The cache file, open in `mode` and flock-ed (LOCK_SH / LOCK_EX) until closed."""
+    def _locked_file(self, mode: str, exclusive: bool = False):
+        """The cache file, open in `mode` and flock-ed (shared, or exclusive) until closed."""
         with open(self.path, mode) as f:
             if fcntl is not None:
-                fcntl.flock(f.fileno(), lock)
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield f
 
     def _read_new(self, f) -> tuple[bytes, bool]:
@@ -102,10 +103,13 @@ class CloudCache:
         the last whole line. Call with the file locked. Returns (the bytes left after _size,
         torn): b"" when the file ends in a newline; else a torn (partial or corrupt) last line,
         torn=True, or a whole record that lost its newline (taken in; torn=False)."""
-        end = os.fstat(f.fileno()).st_size
-        if end < self._size:
-            raise ValueError(f"cloud cache {self.path} is now {end} bytes, shorter than the {self._size} "
-                             f"already read: it was edited or replaced while in use; use one file per run")
+        stat = os.fstat(f.fileno())
+        end, file_id = stat.st_size, (stat.st_dev, stat.st_ino)
+        if file_id != self._file_id or end < self._size:
+            # a new file (deleted or replaced while in use) or a shorter one: read it from the
+            # start; answers already taken in stay in memory, first answer winning as always
+            self._size = self._line_count = 0
+            self._file_id = file_id
         f.seek(self._size)
         data = f.read(end - self._size)
         lines = data.split(b"\n")
@@ -161,7 +165,7 @@ class CloudCache:
             return
         with self._lock:
             if self.path.exists():
-                with self._locked_file("rb", fcntl.LOCK_SH if fcntl else None) as f:
+                with self._locked_file("rb") as f:
                     self._read_new(f)
 
     def put(self, task_name: str, key: str, answer: str, verdict: bool, backend: str, model: str,
@@ -182,7 +186,7 @@ class CloudCache:
                     self.records[(r["task"], r["key"])] = r
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._locked_file("a+b", fcntl.LOCK_EX if fcntl else None) as f:  # O_APPEND
+            with self._locked_file("a+b", exclusive=True) as f:  # O_APPEND
                 tail, torn = self._read_new(f)  # others' records first: never write a key twice
                 fresh = self._fresh(records)
                 if not fresh:
@@ -495,10 +499,15 @@ class Cloud:
         return answers
 
     def _record(self, task, pending: dict, texts: list, answers: list) -> None:
-        """Turn the backend's texts into CloudAnswers at their positions and cache the good ones.
-        A text None (never answered) is skipped."""
-        fresh = []
-        for (example, digest, positions), text in zip(pending.values(), texts):
+        """Cache the backend's answers, then put CloudAnswers at their positions. A text None
+        (never answered) is skipped. The answer given is the one the cache keeps: when another
+        process cached this prompt first, its answer, so a prompt has one answer everywhere."""
+        self.cache.put_many([
+            {"task": task.name, "key": example.key, "prompt_sha256": digest, "answer": text,
+             "verdict": bool(task.cloud_correct(example, text)), "backend": self.backend_name,
+             "model": self.model_name}
+            for (example, digest, _), text in zip(pending.values(), texts) if isinstance(text, str)])
+        for (example, _, positions), text in zip(pending.values(), texts):
             if text is None:
                 continue
             self.calls_made += 1
@@ -508,14 +517,12 @@ class Cloud:
                 if self.failed is not None:
                     self.failed[(task.name, example.key)] = answer
             else:
-                answer = CloudAnswer(text, bool(task.cloud_correct(example, text)), cached=False)
-                fresh.append({"task": task.name, "key": example.key, "prompt_sha256": digest, "answer": text,
-                              "verdict": answer.correct, "backend": self.backend_name, "model": self.model_name})
+                kept = self.cache.get(task.name, example.key)
+                answer = CloudAnswer(kept["answer"], kept["verdict"], cached=False)
             answers[positions[0]] = answer
             for j in positions[1:]:  # a repeat within this call costs no new call
                 self.served_from_cache += 1
                 answers[j] = CloudAnswer(answer.text, answer.correct, cached=True, error=answer.error)
-        self.cache.put_many(fresh)
 
 
 class NoCloud:

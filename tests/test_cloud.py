@@ -702,6 +702,51 @@ def test_cloud_serves_answers_another_process_cached(task, tmp_path):
     assert _file_keys(path) == [a.key, b.key]
 
 
+def test_a_prompt_asked_by_two_processes_at_once_has_the_first_answer_everywhere(task, tmp_path):
+    """Both processes send the prompt (neither had seen the other's answer); the file keeps the
+    first answer, and the second process returns that one too, not its own."""
+    path = tmp_path / "cache.jsonl"
+    a = task.examples("train")[0]
+
+    class Fixed(CountingBackend):
+        def __init__(self, text):
+            super().__init__()
+            self.text = text
+
+        def complete(self, task, examples):
+            self.sent.extend(ex.key for ex in examples)
+            return [self.text for _ in examples]
+
+    first, second = Fixed("ANSWER-A"), Fixed("ANSWER-B")
+    cloud_a = Cloud(first, CloudCache(path), "oracle", first.model_name)
+    cloud_b = Cloud(second, CloudCache(path), "oracle", second.model_name)
+    real_refresh = cloud_b.cache.refresh
+    cloud_b.cache.refresh = lambda: None        # b decides to send before a's answer lands
+    assert cloud_a.ask(task, [a])[0].text == "ANSWER-A"
+    answer = cloud_b.ask(task, [a])[0]
+    cloud_b.cache.refresh = real_refresh
+    assert second.sent == [a.key] and answer.text == "ANSWER-A" and not answer.cached
+    assert cloud_b.ask(task, [a])[0].text == "ANSWER-A" and _file_keys(path) == [a.key]
+
+
+def test_a_cache_file_deleted_or_replaced_in_use_is_read_afresh(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    cache = CloudCache(path)
+    cache.put_many([_record("k1", "a1"), _record("k2", "a2")])
+    path.unlink()                                   # deleted: the next append starts a new file
+    cache.put_many([_record("k3", "a3")])
+    assert _file_keys(path) == ["k3"] and cache.get("tiny_countdown", "k1")["answer"] == "a1"
+    # replaced by a longer file (another inode): read from its start, not from the old offset
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(_record(k, k + "!")) + "\n" for k in ("z1", "z2", "k3")))
+    os.replace(other, path)
+    cache.refresh()
+    assert cache.get("tiny_countdown", "z1")["answer"] == "z1!"
+    assert cache.get("tiny_countdown", "k3")["answer"] == "a3"     # the first answer still wins
+    cache.put_many([_record("z2", "again"), _record("k4", "a4")])
+    assert _file_keys(path) == ["z1", "z2", "k3", "k4"]             # z2 not written twice
+
+
 WRITER = """
 import sys, time
 sys.path.insert(0, {root!r})
