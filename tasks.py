@@ -24,6 +24,7 @@ from reward import HELP_MARKER, help_start, last_answer_block, template1_formatt
 from reward import help_called as marker_help_called
 
 SPLITS = ("train", "test")
+ANSWER_OPENINGS = ("<answer>", "\\boxed{", "\\fbox{", "####")  # how final answers open
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,9 @@ class Task:
         cut = len(text) if cut < 0 else cut
         prefix = text[:cut].rstrip()
         space = text[len(prefix):cut]
-        return prefix, space + HELP_MARKER, space + self.answer_opening
+        # the answer opened as the response opens it at the cut (GSM8K's "####"), else as usual
+        opening = next((o for o in ANSWER_OPENINGS if text.startswith(o, cut)), self.answer_opening)
+        return prefix, space + HELP_MARKER, space + opening
 
 
 def _check_split(split: str) -> str:

@@ -754,7 +754,9 @@ def test_decision_split_at_the_help_call_help_called_sees():
         ("<think>a</think> " + HELP_MARKER, " " + HELP_MARKER, " <answer>")  # an answer opened last
     math = MathTask()
     assert math.decision_split("Step 1: x. Step 2: \\fbox{5}") == \
-        ("Step 1: x. Step 2:", " " + HELP_MARKER, " \\boxed{")
+        ("Step 1: x. Step 2:", " " + HELP_MARKER, " \\fbox{")       # the opening it wrote
+    assert MathTask(kind="gsm8k").decision_split("Step 1: 2+3=5.\n#### 5") == \
+        ("Step 1: 2+3=5.", "\n" + HELP_MARKER, "\n####")
     assert math.decision_split("Step 1: x.") == ("Step 1: x.", HELP_MARKER, "\\boxed{")
 
 
