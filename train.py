@@ -38,7 +38,7 @@ from cloud import NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
                    check_writable, load_pretrained, load_tokenizer, save_pretrained)
 from reward import RewardConfig
-from tasks import make_task
+from tasks import TASKS, make_task
 
 # ----------------------------------------------------------------------------- config
 
@@ -281,11 +281,11 @@ def validate(cfg: Config):
     if not m.path and m.num_attention_heads % m.num_key_value_heads:
         _fail(f"model.num_attention_heads={m.num_attention_heads} must be a multiple of "
               f"model.num_key_value_heads={m.num_key_value_heads}")
-    if not m.path and cfg.task.get("name") != "tiny_countdown":
+    if cfg.task.get("name") not in TASKS:
+        _fail(f"task.name={cfg.task.get('name')!r}: allowed: {', '.join(TASKS)}")
+    if not m.path and cfg.task["name"] != "tiny_countdown":
         _fail("model.path is empty (train from scratch), which only the tiny_countdown task "
               "supports; set model.path to a local HF checkpoint directory")
-    if "name" not in cfg.task:
-        _fail("task.name is required")
     try:
         cfg.reward.validate()
     except ValueError as e:

@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("overrides", nargs="*", help="more train.py key=value overrides")
     args = ap.parse_intermixed_args()
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps} is not allowed: an integer >= 1 (RL steps to measure)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here (this script measures GPU memory)")
     if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):

@@ -24,7 +24,7 @@ for run in "gapg" "gapg-seed1 seed=1 warm_start.seed=0" "task-only task.allow_he
     python train.py resume="$OUT/tiny-$name"
   else
     echo "== tiny-$name"
-    python train.py name="tiny-$name" out_dir="$OUT" "$@" "${EXTRA[@]}"
+    python train.py name="tiny-$name" out_dir="$OUT" "$@" ${EXTRA[@]+"${EXTRA[@]}"}
   fi
 done
 python eval.py "$OUT/tiny-gapg" "$OUT/tiny-gapg-seed1" "$OUT/tiny-collab" \

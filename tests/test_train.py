@@ -187,6 +187,7 @@ def test_seeds_are_what_torch_accepts():
     ("task.n_test=0", "needs a non-empty train and test split"),
     ("model.max_position_embeddings=30", "model.max_position_embeddings=30: prompts take up to"),
     ("task.colour=red", "task 'tiny_countdown' has no argument(s) ['colour']"),
+    ("task.name=foo", "task.name='foo': allowed: tiny_countdown, countdown, math"),
     ("cloud.backend=nope", "cloud backend='nope' is not allowed"),
     ("cloud.p_correct=2", "oracle p_correct=2.0 must be a number in [0, 1]"),
     ("model.path=/no/such/dir", "model.path='/no/such/dir' is not a directory"),
