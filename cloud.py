@@ -121,16 +121,19 @@ class CloudCache:
                     raise ValueError(f"{self.path}:{self._line_count + 1}: corrupt cloud cache record ({problem}); "
                                      f"only a torn last line is repaired automatically")
                 return data[consumed:], True  # a corrupt last line, newline and all
-            if record is not None:
-                self.records.setdefault((record["task"], record["key"]), record)  # first answer wins
+            self._take(record)
             consumed += len(raw) + 1
             self._size += len(raw) + 1
             self._line_count += 1
         tail = data[consumed:]
         record, problem = self._parse(tail)
+        self._take(record)
+        return tail, problem is not None
+
+    def _take(self, record: dict | None) -> None:
+        """Hold a record read from the file (None: a blank line); a key's first answer wins."""
         if record is not None:
             self.records.setdefault((record["task"], record["key"]), record)
-        return tail, problem is not None
 
     @staticmethod
     def _parse(raw: bytes) -> tuple[dict | None, str | None]:

@@ -20,20 +20,23 @@ _HELP_OR_CLOSE_RE = re.compile(r"</?unknown>|external\s+assist", re.IGNORECASE)
 ANSWER_BLOCK_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.IGNORECASE | re.DOTALL)
 
 
+def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
+    """The last match of `pattern` in `text`, or None."""
+    last = None
+    for last in pattern.finditer(text):
+        pass
+    return last
+
+
 def _last_start(pattern: re.Pattern, text: str) -> int:
     """Start index of the last match of `pattern` in `text`, or -1 if none."""
-    last = -1
-    for m in pattern.finditer(text):
-        last = m.start()
-    return last
+    last = _last_match(pattern, text)
+    return last.start() if last else -1
 
 
 def last_answer_block(text: str) -> re.Match | None:
     """The LAST complete <answer>...</answer> block of `text` (group 1: its content), or None."""
-    last = None
-    for last in ANSWER_BLOCK_RE.finditer(text):
-        pass
-    return last
+    return _last_match(ANSWER_BLOCK_RE, text)
 
 
 def help_called(text: str, answer_at: int | None = None) -> bool:
@@ -46,8 +49,7 @@ def help_called(text: str, answer_at: int | None = None) -> bool:
     default, the last Template I <answer>...</answer> block.
     """
     if answer_at is None:
-        block = last_answer_block(text)
-        answer_at = block.start() if block else -1
+        answer_at = _last_start(ANSWER_BLOCK_RE, text)
     return _last_start(_HELP_RE, text) > answer_at
 
 
