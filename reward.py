@@ -97,7 +97,8 @@ def template1_formatted(text: str) -> bool:
 @dataclass
 class RewardConfig:
     """Weights of the hierarchical reward (SPEC section 3). v3 (default) uses alpha_a and
-    alpha_c; v1 adds the format bonus alpha_f. Constraint: alpha_a > alpha_c (> alpha_f in v1)."""
+    alpha_c; v1 adds the format bonus alpha_f. Constraint: alpha_a > alpha_c (> alpha_f in v1);
+    alpha_a = alpha_c is accepted as SPEC section 10's ablation (help pays as much as solving)."""
     version: str = "v3"
     alpha_a: float = 1.0
     alpha_c: float = 0.25
@@ -115,9 +116,10 @@ class RewardConfig:
                 raise ValueError(f"reward {name}={value!r} must be a number")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"reward {name}={value!r} must be a finite number >= 0")
-        if not self.alpha_a > self.alpha_c:
-            raise ValueError(f"reward needs alpha_a > alpha_c (SPEC section 3), "
-                             f"got alpha_a={self.alpha_a} and alpha_c={self.alpha_c}")
+        if not self.alpha_a >= self.alpha_c:
+            raise ValueError(f"reward needs alpha_a > alpha_c (SPEC section 3; alpha_a = alpha_c "
+                             f"is allowed as SPEC 10's ablation), got alpha_a={self.alpha_a} and "
+                             f"alpha_c={self.alpha_c}")
         if self.version == "v1" and not self.alpha_c > self.alpha_f:
             raise ValueError(f"reward v1 needs alpha_c > alpha_f (SPEC section 3), "
                              f"got alpha_c={self.alpha_c} and alpha_f={self.alpha_f}")

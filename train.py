@@ -873,6 +873,10 @@ class Trainer:
               f"rho={cfg.rl.rho:.3f}, reward {cfg.reward.version} alpha_a={cfg.reward.alpha_a} "
               f"alpha_c={cfg.reward.alpha_c}, help {'allowed' if self.task.allow_help else 'disabled'}"
               f", run dir {self.run_dir}")
+        if cfg.reward.alpha_c == cfg.reward.alpha_a:
+            print(f"note: reward.alpha_c = reward.alpha_a = {cfg.reward.alpha_a} is SPEC 10's "
+                  f"ablation: a help call the cloud gets right pays as much as solving (the paper "
+                  f"reports a collapse to always asking for help); SPEC 3 needs alpha_a > alpha_c")
         matched = algo.cloud_share(cfg.rl.rho)
         if abs(cfg.eval.budget - matched) > 1e-6:
             print(f"note: eval.budget={cfg.eval.budget} caps evaluation at another share than "

@@ -121,7 +121,6 @@ def test_paper_math_weights(alpha_c):
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    ({"alpha_a": 0.25, "alpha_c": 0.25}, "alpha_a > alpha_c"),
     ({"alpha_a": 0.2, "alpha_c": 0.4}, "alpha_a > alpha_c"),
     ({"alpha_c": -0.1}, "alpha_c=-0.1"),
     ({"alpha_a": -1.0}, "alpha_a=-1.0"),
@@ -145,6 +144,18 @@ def test_validate_catches_later_edits():
     with pytest.raises(ValueError, match="alpha_a > alpha_c"):
         cfg.validate()
     assert math.isclose(RewardConfig(alpha_c=0.0).alpha_c, 0.0)  # help never paid: allowed
+
+
+def test_equal_weights_ablation_allowed():
+    """SPEC 10's ablation alpha_c = alpha_a: a correct help call pays exactly what a local solve
+    does (v3 and v1), and anything above alpha_a is still refused."""
+    cfg = RewardConfig(alpha_a=0.5, alpha_c=0.5)
+    assert reward(True, False, True, False, cfg).total == reward(False, True, False, False, cfg).total == 0.5
+    v1 = RewardConfig(version="v1", alpha_a=2.0, alpha_c=2.0, alpha_f=0.2)
+    assert reward(True, False, True, True, v1).total == 2.0
+    assert reward(False, True, False, True, v1).total == pytest.approx(2.2)
+    with pytest.raises(ValueError, match="alpha_a > alpha_c"):
+        RewardConfig(alpha_a=0.5, alpha_c=0.5000001)
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -67,11 +67,14 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
     assert train.main([f"resume={run}"]) == final and read_rows(run) == rows
     assert "note: eval.budget" not in out  # 0.3 is what rho = 3/7 trains for
-    # a second run reuses the cached warm start; its budget, set by hand, does not match rho
+    assert "SPEC 10's ablation" not in out
+    # a second run reuses the cached warm start; its budget, set by hand, does not match rho,
+    # and alpha_c = alpha_a is the equal-weights ablation, run with a note
     train.main(tiny_args(tmp_path, "name=again", "rl.steps=1", f"device={device}", "rl.rho=1",
-                         "eval.budget=0.3"))
+                         "eval.budget=0.3", "reward.alpha_a=0.5", "reward.alpha_c=0.5"))
     out = capsys.readouterr().out
     assert "warm start: reusing" in out and "note: eval.budget=0.3" in out and "= 0.5; eval.budget=null" in out
+    assert "note: reward.alpha_c = reward.alpha_a = 0.5 is SPEC 10's ablation" in out
 
 
 @pytest.mark.parametrize("override, message", [
