@@ -2,11 +2,12 @@
 
     python bench.py sample                 our sampler vs transformers' generate, random 12M model
     python bench.py sample --model smollm2 the same on the real SmolLM2-135M-Instruct checkpoint
+    python bench.py sample --dtype bf16    both implementations in bf16 (the CUDA training dtype)
 
 Rates are generated tokens per second (median over alternating runs). "Model FLOP/s" counts the
 useful work, identical for both: 2 * (matmul parameters) per prompt token once and per generated
-token, divided by the time; it is reported as a fraction of a large fp32 matmul's FLOP/s measured
-here (the machine's practical peak). Peak memory is measured in a fresh child process per
+token, divided by the time; it is reported as a fraction of a large matmul's FLOP/s in the same
+dtype measured here (the machine's practical peak). Peak memory is measured in a fresh child process per
 implementation: growth of the peak resident set during one generate call on CPU (Linux), peak
 allocated bytes on CUDA.
 Not imported by the rest of the project.
@@ -28,8 +29,11 @@ from model import load_pretrained, load_tokenizer, resolve_device
 from sample import generate, left_pad
 
 
-def matmul_peak_flops(device, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_peak_flops(device, dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(2):
         a @ b
     times = []
@@ -141,9 +145,9 @@ def run_hf(hf, prompts, n, new, device, pad_id=0, eos_ids=None):
     return dt, int((~after).sum())
 
 
-def load_hf(path, device):
+def load_hf(path, device, dtype=torch.float32):
     import transformers
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def matmul_params(model) -> int:
@@ -154,11 +158,11 @@ def matmul_params(model) -> int:
         model.embed_tokens.weight.numel() if model.config.tie_word_embeddings else 0)
 
 
-def memory_child(which: str, model_name: str, device: str):
+def memory_child(which: str, model_name: str, device: str, dtype: str = "fp32"):
     """Run one generate call in this (fresh) process and print its peak memory growth."""
     path, prompts, n, new = setup(model_name)
-    model = load_pretrained(path, dtype=torch.float32, device=device) if which == "ours" \
-        else load_hf(path, device)
+    model = load_pretrained(path, dtype=DTYPES[dtype], device=device) if which == "ours" \
+        else load_hf(path, device, DTYPES[dtype])
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -183,10 +187,10 @@ def proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(which, model_name, device) -> float | str:
+def peak_memory(which, model_name, device, dtype="fp32") -> float | str:
     """Peak memory growth of one generate call in a fresh process, or why it is unknown."""
     out = subprocess.run([sys.executable, __file__, "_memory", which, "--model", model_name,
-                          "--device", device], capture_output=True, text=True)
+                          "--device", device, "--dtype", dtype], capture_output=True, text=True)
     if out.returncode != 0:  # e.g. no /proc/self/clear_refs (not Linux): the rates still stand
         return "unavailable (" + (out.stderr.strip().splitlines() or ["no output"])[-1] + ")"
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -195,14 +199,15 @@ def peak_memory(which, model_name, device) -> float | str:
 def bench_sample(args):
     device = args.device
     path, prompts, n, new = setup(args.model)
-    ours = load_pretrained(path, dtype=torch.float32, device=device).eval()
-    hf = load_hf(path, device)
+    dtype = DTYPES[args.dtype]
+    ours = load_pretrained(path, dtype=dtype, device=device).eval()
+    hf = load_hf(path, device, dtype)
     params = matmul_params(ours)
     print(f"model {args.model}: {ours.num_params() / 1e6:.1f}M parameters, {len(prompts)} prompts "
           f"({min(map(len, prompts))}-{max(map(len, prompts))} tokens) x n={n} x {new} new tokens, "
-          f"temperature 1, {device}, {torch.get_num_threads()} threads", flush=True)
-    peak = matmul_peak_flops(device)
-    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+          f"temperature 1, {device}, {args.dtype}, {torch.get_num_threads()} threads", flush=True)
+    peak = matmul_peak_flops(device, dtype)
+    print(f"{args.dtype} matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     stop, pad = stops(args.model, path)
     run_ours(ours, prompts, n, 8, device, stop)  # warm-up
     run_hf(hf, prompts, n, 8, device, pad, stop or None)
@@ -220,7 +225,7 @@ def bench_sample(args):
     for name in rates:
         rate = statistics.median(rates[name])
         flops = useful / (total / rate)
-        mem = peak_memory("ours" if name == "ours" else "hf", args.model, device)
+        mem = peak_memory("ours" if name == "ours" else "hf", args.model, device, args.dtype)
         result[name] = rate
         print(f"{name:>12}: {rate:,.0f} tok/s, model FLOP/s {flops / 1e9:.1f} G = "
               f"{flops / peak:.1%} of matmul peak, peak memory "
@@ -244,6 +249,8 @@ def main(argv=None):
                     help="random-qwen2 (default): the 12M random model; smollm2: the real "
                          "SmolLM2-135M-Instruct")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                    help="weights and compute of both implementations: fp32 (default) or bf16")
     ap.add_argument("--reps", type=positive_int, default=3,
                     help="alternating runs of each implementation; the median is reported "
                          "(default 3)")
@@ -253,7 +260,7 @@ def main(argv=None):
     except ValueError as e:
         ap.error(str(e))
     if args.what == "_memory":
-        memory_child(args.which, args.model, args.device)
+        memory_child(args.which, args.model, args.device, args.dtype)
         return
     try:
         bench_sample(args)

@@ -9,6 +9,7 @@ import bench
     (["sample", "--reps", "0"], "'0' is not allowed: an integer >= 1"),
     (["sample", "--device", "tpu"], "--device='tpu' is not allowed; use cpu"),
     (["sample", "--device", "cuda:99"], "--device='cuda:99' is not allowed; use cpu"),
+    (["sample", "--dtype", "fp16"], "invalid choice: 'fp16' (choose from 'fp32', 'bf16')"),
 ])
 def test_bad_arguments_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as e:
