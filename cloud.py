@@ -228,7 +228,9 @@ class OracleBackend:
     def __init__(self, p_correct: float = 0.95, seed: int = 0):
         if not isinstance(p_correct, (int, float)) or isinstance(p_correct, bool) or not 0 <= p_correct <= 1:
             raise ValueError(f"oracle p_correct={p_correct!r} must be a number in [0, 1]")
-        self.p_correct, self.seed = float(p_correct), int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"oracle seed={seed!r} is not allowed; an integer")
+        self.p_correct, self.seed = float(p_correct), seed
         self.model_name = f"oracle(p_correct={self.p_correct},seed={self.seed})"
 
     def rng_for(self, task, example) -> random.Random:
@@ -241,6 +243,13 @@ class OracleBackend:
             rng = self.rng_for(task, example)
             texts.append(task.oracle_answer(example, rng.random() < self.p_correct, rng))
         return texts
+
+
+def _number(value, kind=float) -> float:
+    """value as a number for a range check, or NaN (which fails every check) when it is not one
+    of `kind` (int: an integer; float: any real number); True / False are not numbers here."""
+    ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    return value if ok else float("nan")
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -274,17 +283,19 @@ class HttpBackend:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0,
                  max_tokens: int = 2048, timeout: float = 60, retries: int = 5, concurrency: int = 8,
                  backoff: float = 1.0, max_wait: float = 600.0):
-        if not base_url or not model:
-            raise ValueError(f"http cloud backend needs base_url and model (got base_url={base_url!r}, "
-                             f"model={model!r})")
+        if not (base_url and isinstance(base_url, str) and model and isinstance(model, str)):
+            raise ValueError(f"http cloud backend needs base_url and model, both strings (got "
+                             f"base_url={base_url!r}, model={model!r})")
         problems = [f"{name}={value!r} (allowed: {allowed})" for name, value, ok, allowed in [
-            ("concurrency", concurrency, int(concurrency) >= 1, "an integer >= 1"),
-            ("retries", retries, int(retries) >= 0, "an integer >= 0"),
-            ("max_tokens", max_tokens, int(max_tokens) >= 1, "an integer >= 1"),
-            ("timeout", timeout, float(timeout) > 0, "seconds > 0"),
-            ("temperature", temperature, float(temperature) >= 0, "a number >= 0"),
-            ("backoff", backoff, float(backoff) >= 0, "seconds >= 0"),
-            ("max_wait", max_wait, float(max_wait) >= 0, "seconds >= 0")] if not ok]
+            ("concurrency", concurrency, _number(concurrency, int) >= 1, "an integer >= 1"),
+            ("retries", retries, _number(retries, int) >= 0, "an integer >= 0"),
+            ("max_tokens", max_tokens, _number(max_tokens, int) >= 1, "an integer >= 1"),
+            ("timeout", timeout, _number(timeout) > 0, "seconds > 0"),
+            ("temperature", temperature, _number(temperature) >= 0, "a number >= 0"),
+            ("backoff", backoff, _number(backoff) >= 0, "seconds >= 0"),
+            ("max_wait", max_wait, _number(max_wait) >= 0, "seconds >= 0"),
+            ("api_key_env", api_key_env, isinstance(api_key_env, str) and api_key_env != "",
+             "the name of an environment variable")] if not ok]
         if problems:
             raise ValueError("http cloud backend: " + "; ".join(problems))
         self.url = chat_completions_url(base_url)
@@ -387,6 +398,9 @@ class LocalBackend:
         for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"local cloud backend: {name}={value!r} is not allowed; an integer >= 1")
+        if not os.path.isfile(os.path.join(path, "config.json")):  # checked now, loaded when first asked
+            raise ValueError(f"local cloud backend: path={str(path)!r} has no config.json; give an HF "
+                             f"checkpoint directory")
         self.path, self.model_name = str(path), str(path)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.device, self.dtype = device, dtype

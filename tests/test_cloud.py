@@ -531,12 +531,21 @@ def fake_local_model(monkeypatch, answer, eos=True):
     return calls
 
 
-def test_local_backend_with_fake_model(monkeypatch, task):
+@pytest.fixture
+def ckpt(tmp_path):
+    """A directory that passes LocalBackend's check (it has a config.json); the fake model
+    stands in for what would be loaded from it."""
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "config.json").write_text("{}")
+    return str(tmp_path / "big")
+
+
+def test_local_backend_with_fake_model(monkeypatch, task, ckpt):
     calls = fake_local_model(monkeypatch, lambda prompt: f"echo{len(prompt)}")
-    backend = LocalBackend("/ckpt/big", max_new_tokens=16, batch_size=2)
+    backend = LocalBackend(ckpt, max_new_tokens=16, batch_size=2)
     examples = task.examples("test")[:3]
     texts = backend.complete(task, examples)
-    assert calls["load"] == ("/ckpt/big", None, None)
+    assert calls["load"] == (ckpt, None, None)
     assert texts == [f"echo{len(ex.prompt)}" for ex in examples]  # EOS stripped
     first = calls["generate"][0]
     assert first["prompts"] == [[ord(c) for c in ex.prompt] for ex in examples[:2]]  # raw prompt, no chat
@@ -624,16 +633,16 @@ def test_backend_answer_count_must_match_the_prompts(task):
     assert len(cloud.cache) == 0
 
 
-def test_local_backend_keeps_the_last_token_when_no_eos(monkeypatch, task):
+def test_local_backend_keeps_the_last_token_when_no_eos(monkeypatch, task, ckpt):
     # a row that hit max_new_tokens: its last token is part of the answer, not an EOS
     fake_local_model(monkeypatch, lambda prompt: "[007*003=021,021+012=033]", eos=False)
-    backend = LocalBackend("/ckpt/big", max_new_tokens=32)
+    backend = LocalBackend(ckpt, max_new_tokens=32)
     assert backend.complete(task, task.examples("test")[:2]) == ["[007*003=021,021+012=033]"] * 2
 
 
-def test_local_backend_ignores_multi_token_stop_texts(monkeypatch):
+def test_local_backend_ignores_multi_token_stop_texts(monkeypatch, ckpt):
     calls = fake_local_model(monkeypatch, lambda prompt: "[007*003=021,021+012=033]")
-    backend = LocalBackend("/ckpt/big", max_new_tokens=32)
+    backend = LocalBackend(ckpt, max_new_tokens=32)
     tiny = TinyCountdownTask(n_train=1, n_test=1)
     tiny.stop_texts = ("A", "<stop>")  # "<stop>" is 6 tokens here: it cannot be a stop id
     backend.complete(tiny, tiny.examples("test"))
@@ -785,6 +794,12 @@ def test_concurrent_processes_keep_every_record(tmp_path):
     ({"temperature": float("nan")}, "temperature=nan (allowed: a number >= 0)"),
     ({"timeout": 0}, "timeout=0 (allowed: seconds > 0)"),
     ({"concurrency": 0}, "concurrency=0 (allowed: an integer >= 1)"),
+    ({"concurrency": "abc"}, "concurrency='abc' (allowed: an integer >= 1)"),
+    ({"concurrency": None}, "concurrency=None (allowed: an integer >= 1)"),
+    ({"retries": 1.5}, "retries=1.5 (allowed: an integer >= 0)"),
+    ({"timeout": [1]}, "timeout=[1] (allowed: seconds > 0)"),
+    ({"backoff": True}, "backoff=True (allowed: seconds >= 0)"),
+    ({"api_key_env": 5}, "api_key_env=5 (allowed: the name of an environment variable)"),
 ])
 def test_http_settings_checked_at_construction(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -797,6 +812,7 @@ def test_http_settings_checked_at_construction(kwargs, message):
     ({"path": ""}, "path='' is not allowed"),
     ({"path": "/ckpt", "max_new_tokens": 0}, "max_new_tokens=0 is not allowed; an integer >= 1"),
     ({"path": "/ckpt", "batch_size": -2}, "batch_size=-2 is not allowed; an integer >= 1"),
+    ({"path": "/nonexistent"}, "path='/nonexistent' has no config.json"),
 ])
 def test_local_settings_checked_at_construction(kwargs, message):
     with pytest.raises(ValueError) as e:

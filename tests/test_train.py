@@ -199,6 +199,11 @@ def test_seeds_are_what_torch_accepts():
     ("task.ops=/", "'ops': '/'"),  # too few distinct problems: the task settings are named
     ("cloud={backend: http}", "cloud backend 'http' needs the argument(s) ['base_url', 'model']"),
     ("cloud={backend: oracle, seed: abc}", "cloud backend 'oracle' with {'seed': 'abc'}"),
+    ("cloud={backend: local, path: /no/such}", "path='/no/such' has no config.json"),
+    ("cloud={backend: http, base_url: 'http://127.0.0.1:9', model: m, api_key_env: 5}",
+     "api_key_env=5 (allowed: the name of an environment variable)"),
+    ("cloud={backend: http, base_url: 'http://127.0.0.1:9', model: m, concurrency: abc}",
+     "concurrency='abc' (allowed: an integer >= 1)"),
     ("out_dir=/proc/no/such", "out_dir '/proc/no/such/bad' cannot be written"),
     ("warm_start.cache_dir=/proc/no/such", "warm_start.cache_dir '/proc/no/such' cannot be"),
 ])
