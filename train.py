@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -34,7 +35,7 @@ import yaml
 
 import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
-from cloud import NoCloud, make_cloud
+from cloud import CloudError, NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
                    check_writable, load_pretrained, load_tokenizer, save_pretrained)
 from reward import RewardConfig
@@ -318,12 +319,15 @@ def load_config(argv: list[str]) -> Config:
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist or is not a file")
     cfg = Config()
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as e:  # its message spans lines: made one
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") \
                 from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte "
+                              f"{e.start}); save it as UTF-8") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping (name: ..., rl: {{...}}, ...), "
@@ -371,8 +375,7 @@ class RunLog:
         elapsed = time.time() - self.start
         done = step - first_step
         eta = elapsed / done * (self.total - step) if done else 0
-        line = f"\rstep {step}/{self.total} | {_clock(elapsed)} elapsed | ETA {_clock(eta)} | {text}"
-        print(line.ljust(100), end="", flush=True)
+        status(f"step {step}/{self.total} | {_clock(elapsed)} elapsed | ETA {_clock(eta)} | {text}")
 
 
 def is_final_row(row: dict) -> bool:
@@ -425,6 +428,11 @@ def ctrl_c_flag():
             signal.signal(s, handler)
 
 
+def status(text: str):
+    """Overwrite the console's progress line (the step line, evaluation, cloud calls)."""
+    print(f"\r{text}".ljust(100), end="", flush=True)
+
+
 def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
@@ -464,6 +472,16 @@ def drop_long_prompts(examples: list, tokenizer, max_tokens: int, per_step: int 
     return kept
 
 
+def check_context(examples: list, tokenizer, max_new_tokens: int, limit: int, what: str):
+    """Every prompt plus sampling.max_new_tokens must fit the model's context (`what`=`limit`):
+    an error now, not when a long prompt is first sampled."""
+    longest = max(len(tokenizer.prompt_ids(ex.prompt)) for ex in examples)
+    need = longest + max_new_tokens
+    if limit < need:
+        raise ConfigError(f"{what}={limit}: prompts take up to {longest} tokens plus "
+                          f"sampling.max_new_tokens={max_new_tokens}; must be at least {need}")
+
+
 def step_prompts(examples: list, seed: int, step: int, k: int) -> list:
     """The step's prompts: epochs of seeded shuffles of the training split, k per step."""
     n = len(examples)
@@ -486,6 +504,16 @@ def warm_start_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def warm_start_seed(cfg: Config) -> int:
     return cfg.seed if cfg.warm_start.seed < 0 else cfg.warm_start.seed
 
@@ -497,6 +525,10 @@ def warm_start(cfg: Config, task, device) -> str:
     if os.path.exists(os.path.join(out, "warm_start.json")):
         print(f"warm start: reusing {out}")
         return out
+    for partial in glob.glob(glob.escape(out) + ".tmp*"):  # a killed process's unfinished save
+        pid = partial[len(out) + 4:]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
     ws, m = cfg.warm_start, cfg.model
     tokenizer = build_char_tokenizer(task.alphabet)
     model_cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,
@@ -584,6 +616,31 @@ def warm_start_stats(model, tokenizer, task, max_new_tokens, n=500):
 # ----------------------------------------------------------------------------- the RL loop
 
 
+def load_task(cfg: Config) -> tuple:
+    """-> (task, train examples, test examples), each problem with the task's settings a
+    ConfigError (a bad argument, a missing data file, splits too small for rl.prompts_per_step
+    or eval.n)."""
+    try:
+        task = make_task(**cfg.task)  # its errors name the task and the bad argument
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        train, test = task.examples("train"), task.examples("test")
+    except (ValueError, OSError) as e:  # too few distinct problems, a missing data file
+        raise ConfigError(f"task {cfg.task}: {e}") from None
+    if not train or not test:
+        raise ConfigError(f"task {cfg.task['name']!r}: needs a non-empty train and test split, "
+                          f"got {len(train)} and {len(test)} examples")
+    if cfg.rl.prompts_per_step > len(train):
+        raise ConfigError(f"rl.prompts_per_step={cfg.rl.prompts_per_step}: the training split "
+                          f"has only {len(train)} prompts and a step takes each at most once; "
+                          f"use rl.prompts_per_step <= {len(train)}")
+    if cfg.eval.n > len(test):
+        raise ConfigError(f"eval.n={cfg.eval.n}: the test split has only {len(test)} prompts; "
+                          f"use eval.n <= {len(test)}, or eval.n=0 for all of them")
+    return task, train, test
+
+
 class TimedCloud:
     """The cloud as the rollout sees it, adding up the seconds its answers took (perf/cloud_s)."""
 
@@ -613,44 +670,20 @@ class Trainer:
             raise ConfigError(f"resume={self.run_dir}: no checkpoint yet (the run stopped before "
                               f"its first save); start it afresh with: python train.py "
                               f"{os.path.join(self.run_dir, 'config.yaml')}")
-        try:
-            self.task = make_task(**cfg.task)  # its errors name the task and the bad argument
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        try:
-            self.train_examples = self.task.examples("train")
-            test = self.task.examples("test")
-        except (ValueError, OSError) as e:  # too few distinct problems, a missing data file
-            raise ConfigError(f"task {cfg.task}: {e}") from None
+        self.task, self.train_examples, test = load_task(cfg)
         try:
             self.cloud = make_cloud(dict(cfg.cloud),
                                     cache_path=os.path.join(self.run_dir, "cloud_cache.jsonl"))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not self.train_examples or not test:
-            raise ConfigError(f"task {cfg.task['name']!r}: needs a non-empty train and test "
-                              f"split, got {len(self.train_examples)} and {len(test)} examples")
-        if cfg.rl.prompts_per_step > len(self.train_examples):
-            raise ConfigError(f"rl.prompts_per_step={cfg.rl.prompts_per_step}: the training split "
-                              f"has only {len(self.train_examples)} prompts and a step takes each "
-                              f"at most once; use rl.prompts_per_step <= {len(self.train_examples)}")
-        if cfg.eval.n > len(test):
-            raise ConfigError(f"eval.n={cfg.eval.n}: the test split has only {len(test)} prompts; "
-                              f"use eval.n <= {len(test)}, or eval.n=0 for all of them")
         self.eval_examples = test[:cfg.eval.n] if cfg.eval.n else test
         if not cfg.model.path:  # from scratch: a too-short context fails here, not after warm start
             tokenizer = build_char_tokenizer(self.task.alphabet)
             self.train_examples = drop_long_prompts(self.train_examples, tokenizer,
                                                     cfg.sampling.max_prompt_tokens,
                                                     cfg.rl.prompts_per_step)
-            longest = max(len(tokenizer.prompt_ids(ex.prompt))
-                          for ex in self.train_examples + test)
-            need = longest + cfg.sampling.max_new_tokens
-            if cfg.model.max_position_embeddings < need:
-                raise ConfigError(
-                    f"model.max_position_embeddings={cfg.model.max_position_embeddings}: prompts "
-                    f"take up to {longest} tokens plus sampling.max_new_tokens="
-                    f"{cfg.sampling.max_new_tokens}; must be at least {need}")
+            check_context(self.train_examples + test, tokenizer, cfg.sampling.max_new_tokens,
+                          cfg.model.max_position_embeddings, "model.max_position_embeddings")
         elif not cfg.resume and not os.path.isdir(cfg.model.path):
             hint = (" (python scripts/get_smollm2.py makes it)"
                     if os.path.normpath(cfg.model.path) == os.path.join(".cache", "smollm2") else "")
@@ -689,9 +722,16 @@ class Trainer:
         # never sampled, so left out of the update's log-probs too (help disabled: "H")
         self.banned_ids = self.tokenizer.single_token_ids(self.task.banned_texts)
         if cfg.model.path:  # (from scratch: done above, before the warm start)
-            self.train_examples = drop_long_prompts(self.train_examples, self.tokenizer,
-                                                    cfg.sampling.max_prompt_tokens,
-                                                    cfg.rl.prompts_per_step)
+            try:  # a chat task needs a chat format: a raw-text tokenizer fails here, not in step 1
+                self.train_examples = drop_long_prompts(self.train_examples, self.tokenizer,
+                                                        cfg.sampling.max_prompt_tokens,
+                                                        cfg.rl.prompts_per_step)
+                check_context(self.train_examples + test, self.tokenizer,
+                              cfg.sampling.max_new_tokens,
+                              self.model.config.max_position_embeddings,
+                              f"max_position_embeddings of {source}")
+            except ValueError as e:
+                raise ConfigError(f"model.path={cfg.model.path!r}: {e}") from None
         self.sampler_model = self.model
         if cfg.precision == "bf16-mixed":  # a bf16 copy samples; fp32 master weights train
             self.sampler_model = load_pretrained(source, dtype=torch.bfloat16, device=self.device)
@@ -829,7 +869,8 @@ class Trainer:
             metrics, _ = algo.evaluate_policy(self.sampler_model, self.tokenizer, self.task,
                                               self.eval_examples, self.cloud, self.cfg.eval.budget,
                                               self.cfg.sampling.max_new_tokens,
-                                              self.cfg.eval.batch_size)
+                                              self.cfg.eval.batch_size,
+                                              lambda done, total: status(f"evaluation {done}/{total}"))
         return metrics
 
     def save(self):
@@ -902,7 +943,9 @@ class Trainer:
                 log.progress(self.step, first, f"reward {row['reward/mean']:.3f} | help "
                              f"{row['route/help_ratio']:.2f} | local {row['route/local_acc']:.2f}"
                              + (f" | eval acc {row['eval/acc_capped']:.3f}"
-                                if "eval/acc_capped" in row else ""))
+                                if "eval/acc_capped" in row else "")
+                             + (f" | cloud failed {self.cloud.failures}"
+                                if self.cloud.failures else ""))
                 if self.step % cfg.save_every == 0 or self.step == cfg.rl.steps or stop:
                     self.save()
                 if stop:
@@ -956,18 +999,29 @@ def main(argv=None):
     start = time.time()
     try:
         final = trainer.train()
+        answers = trainer.cloud.ask(trainer.task, trainer.eval_examples, progress=lambda done,
+                                    total: status(f"cloud only: {done}/{total} prompts asked"))
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: python train.py resume={trainer.run_dir}",
               file=sys.stderr)
         sys.exit(128 + trainer.stopped_by)  # 130, or 143 for SIGTERM
+    except CloudError as e:  # e.g. a refused API key: the run goes on from its last checkpoint
+        again = (f"python train.py resume={trainer.run_dir}"
+                 if os.path.exists(os.path.join(trainer.run_dir, "checkpoint")) else
+                 f"python train.py {os.path.join(trainer.run_dir, 'config.yaml')}")
+        sys.exit(f"\ncloud error: {e}; once fixed, continue with: {again}")
     n, budget = final["n"], cfg.eval.budget
     cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": None, "answer_rate": 0.0}
-    answers = trainer.cloud.ask(trainer.task, trainer.eval_examples)
     acc = sum(a.correct for a in answers) / n
     cloud_only.update(acc_uncapped=acc, acc_capped=acc)
     print(f"\nheld-out evaluation: {n} test prompts, greedy, cloud cap {budget:.0%} "
           f"({final['cap']} calls), {time.time() - start:.0f} s of RL + evaluation")
     print_table([(f"{cfg.rl.algo} ({trainer.run_dir})", final), ("cloud only (no cap)", cloud_only)])
+    if trainer.cloud.failures:
+        print(f"note: {trainer.cloud.failures} cloud calls failed in this run (training leaves "
+              f"their prompts out of the update, evaluation scores them wrong; "
+              f"{sum(a.error is not None for a in answers)} of the {n} cloud-only answers); check "
+              f"the cloud settings, then python eval.py {trainer.run_dir} asks them again")
     print("baselines (task-tuning only, naive offloading, router, oracle, collaboration-aware): "
           "bash scripts/reproduce_tiny.sh, or python eval.py runs/A runs/B ...")
     return final

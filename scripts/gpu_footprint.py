@@ -93,17 +93,21 @@ def main():
         ap.error(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
     work = tempfile.mkdtemp(prefix="footprint-")
     try:
-        try:  # the overrides are checked before the (large) checkpoint is built
+        try:  # the overrides and the task are checked before the (large) checkpoint is built
             cfg = train.load_config([args.recipe, f"model.path={os.path.join(work, 'model')}",
                                      "cloud={backend: oracle}", "rl.filter=none", "eval.n=0",
                                      f"out_dir={work}", "name=footprint",
                                      f"device={args.device}", *args.overrides])
+            train.load_task(cfg)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"config error: {e}")
         random_checkpoint(args.arch, args.tokenizer, os.path.join(work, "model"), args.device)
         algo.group_advantages = every_response_updates
         t = time.time()
-        trainer = train.Trainer(cfg)
+        try:
+            trainer = train.Trainer(cfg)
+        except train.ConfigError as e:  # e.g. prompts longer than the architecture's context
+            sys.exit(f"config error: {e}")
         print(f"loaded in {time.time() - t:.0f} s ({cfg.precision}); {cfg.rl.prompts_per_step} "
               f"prompts x G={cfg.rl.group_size}, {cfg.sampling.max_new_tokens} new tokens, "
               f"micro-batch {cfg.rl.micro_batch_size}", flush=True)

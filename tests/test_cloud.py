@@ -67,6 +67,31 @@ def test_each_prompt_sent_once_and_answers_in_order(task, tmp_path):
     assert all(set(r) >= {"answer", "verdict", "model"} for r in records)
 
 
+def test_uncached_prompts_go_in_chunks_each_cached_as_it_arrives(task, tmp_path):
+    """5 uncached prompts (and a repeat and a cached one) with chunk=2: batches of 2, 2, 1,
+    progress after each; a refused key in the third batch keeps the first two batches."""
+    examples = task.examples("train")[:6]
+    path = tmp_path / "cache.jsonl"
+    Cloud(CountingBackend(), CloudCache(path), "oracle", OracleBackend().model_name).ask(task, examples[:1])
+    batches, seen = [], []
+
+    class Recording(CountingBackend):
+        def complete(self, task, batch):
+            batches.append([ex.key for ex in batch])
+            if len(batches) == 3:
+                raise CloudAuthError("HTTP 401")
+            return super().complete(task, batch)
+
+    backend = Recording()
+    cloud = Cloud(backend, CloudCache(path), "oracle", backend.model_name)
+    with pytest.raises(CloudAuthError):
+        cloud.ask(task, examples + examples[1:2], progress=lambda d, t: seen.append((d, t)), chunk=2)
+    assert batches == [[ex.key for ex in examples[1:3]], [ex.key for ex in examples[3:5]],
+                       [examples[5].key]]
+    assert seen == [(2, 5), (4, 5)]
+    assert [json.loads(line)["key"] for line in _lines(path)] == [ex.key for ex in examples[:5]]
+
+
 def test_resume_reuses_answers(task, tmp_path):
     path = tmp_path / "cache.jsonl"
     examples = task.examples("train")[:20]

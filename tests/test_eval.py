@@ -762,3 +762,23 @@ def test_oracle_sends_only_the_wrong_prompts_when_the_cap_allows_more(tmp_path, 
     res = ev.evaluate_runs([run], n=10, budget=0.3, router_n=0)
     oracle = {key: m for key, _, m in res.rows}["oracle"]
     assert oracle["help_calls"] == 1 and oracle["call_ratio"] == pytest.approx(0.1)
+
+
+def test_a_run_left_with_only_checkpoint_old_is_evaluated_from_it(tmp_path):
+    """A crash between train.py save()'s two renames leaves checkpoint.old alone; train.py's
+    resume restores it, and eval.py evaluates it."""
+    run = write_run(tmp_path, "policy", True, seed=1)
+    os.replace(os.path.join(run, "checkpoint"), os.path.join(run, "checkpoint.old"))
+    res = ev.main([run, "--n", "4", "--router-n", "0"])
+    assert res.settings["models"][run].endswith("checkpoint.old")
+
+
+def test_a_refused_api_key_is_a_one_line_error(tmp_path, monkeypatch):
+    def refused(self, task, examples):
+        raise cloud_module.CloudAuthError("HTTP 401 from the cloud: check the environment "
+                                          "variable OPENAI_API_KEY (it is NOT set)")
+    monkeypatch.setattr(cloud_module.OracleBackend, "complete", refused)
+    run = write_run(tmp_path, "policy", True, seed=1)
+    assert exit_message([run, "--n", "4", "--router-n", "0"]) == (
+        "eval error: HTTP 401 from the cloud: check the environment variable OPENAI_API_KEY "
+        "(it is NOT set)")

@@ -707,3 +707,81 @@ def test_peak_memory_is_each_steps_own(device, tmp_path, monkeypatch):
     trainer.step += 1
     second = trainer.rl_step()
     assert first["perf/peak_mem_gb"] >= 1 > 0.5 > second["perf/peak_mem_gb"]
+
+
+def test_failed_cloud_calls_are_reported_on_the_console(tmp_path, capsys):
+    """A cloud that never answers (nothing listens on port 9): the run still finishes, and the
+    console says how many calls failed instead of showing 0.000 as a real cloud accuracy."""
+    dead = "cloud={backend: http, base_url: 'http://127.0.0.1:9', model: m, retries: 0, timeout: 2}"
+    train.main(tiny_args(tmp_path, "name=down", "rl.steps=2", dead))
+    out = capsys.readouterr().out
+    failed = int(re.search(r"note: (\d+) cloud calls failed in this run", out).group(1))
+    assert failed >= 10 and "10 of the 10 cloud-only answers" in out
+    assert "evaluation 10/10" in out        # the final evaluation's progress
+
+
+def test_a_refused_api_key_stops_with_one_line_saying_how_to_go_on(tmp_path, monkeypatch):
+    import cloud
+
+    def refused(self, task, examples):
+        raise cloud.CloudAuthError("HTTP 401 from the cloud: check OPENAI_API_KEY")
+    monkeypatch.setattr(cloud.OracleBackend, "complete", refused)
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=key", "rl.steps=2"))
+    text = str(exc.value.code).strip()
+    run = tmp_path / "runs" / "key"
+    again = (f"resume={run}" if (run / "checkpoint").exists() else f"{run / 'config.yaml'}")
+    assert text == (f"cloud error: HTTP 401 from the cloud: check OPENAI_API_KEY; once fixed, "
+                    f"continue with: python train.py {again}")
+
+
+def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# r\u00e9glage\nrl: {steps: 3}\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=f"config error: config file {path} is not UTF-8 text "
+                                         r"\(invalid continuation byte at byte 3\); save it as UTF-8"):
+        train.main([str(path)])
+
+
+def test_a_killed_warm_starts_partial_save_is_removed(tmp_path):
+    """out.tmp<PID> of a process that no longer runs is removed by the next warm start; one of a
+    running process (here the parent) is left alone."""
+    cfg = train.load_config(tiny_args(tmp_path, "name=w"))
+    out = os.path.join(cfg.warm_start.cache_dir, train.warm_start_key(cfg))
+    dead, alive = out + ".tmp4194399", out + f".tmp{os.getppid()}"  # above Linux's largest PID
+    for d in (dead, alive):
+        os.makedirs(d)
+    train.warm_start(cfg, train.load_task(cfg)[0], torch.device("cpu"))
+    assert not os.path.exists(dead) and os.path.isdir(alive)
+    assert os.path.exists(os.path.join(out, "warm_start.json"))
+
+
+def pretrained_char_model(path, chat_format, max_positions):
+    import string
+
+    from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
+    tok = build_char_tokenizer(string.printable)
+    tok.chat_format = chat_format
+    cfg = ModelConfig(model_type="qwen2", vocab_size=tok.vocab_size, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=max_positions)
+    save_pretrained(Transformer(cfg).init_weights(0), str(path), tok)
+    return path
+
+
+@pytest.mark.parametrize("chat_format, max_positions, message", [
+    (None, 4096, "this tokenizer has no chat format"),
+    ("chatml", 256, "max_position_embeddings of {path}=256: prompts take up to"),
+])
+def test_a_pretrained_model_that_cannot_take_the_prompts_is_a_config_error(
+        tmp_path, chat_format, max_positions, message):
+    """Countdown's chat prompts need a chat format, and prompt + sampling.max_new_tokens must fit
+    the model's context: both are found before step 1, and nothing is trained."""
+    path = pretrained_char_model(tmp_path / "m", chat_format, max_positions)
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=p", f"model.path={path}",
+                             "task={name: countdown, n_train: 20, n_test: 4}", "eval.n=4"))
+    text = str(exc.value.code)
+    assert text.startswith(f"config error: model.path='{path}': ") and "\n" not in text
+    assert message.format(path=path) in text
+    assert not os.path.exists(tmp_path / "runs" / "p" / "metrics.jsonl")
