@@ -785,3 +785,19 @@ def test_a_pretrained_model_that_cannot_take_the_prompts_is_a_config_error(
     assert text.startswith(f"config error: model.path='{path}': ") and "\n" not in text
     assert message.format(path=path) in text
     assert not os.path.exists(tmp_path / "runs" / "p" / "metrics.jsonl")
+
+
+def test_gpu_footprint_checks_the_task_before_building_the_checkpoint(tmp_path):
+    """A recipe whose data files are missing (relative paths, run from an empty directory) is a
+    one-line error before the 0.5B-parameter checkpoint is built, not a traceback after it."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.abspath(train.__file__))
+    tok = pretrained_char_model(tmp_path / "tok", "chatml", 4096)
+    out = subprocess.run([sys.executable, os.path.join(root, "scripts", "gpu_footprint.py"),
+                          os.path.join(root, "configs", "math-qwen2.5-1.5b.yaml"), "--arch",
+                          "qwen2.5-0.5b", "--tokenizer", str(tok), "--device", "cpu"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert re.fullmatch(r"config error: task \{.*'name': 'math'.*\}: "
+                        r"data/math_lighteval/train.jsonl: no such data file\n", out.stderr)
