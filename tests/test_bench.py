@@ -36,3 +36,12 @@ def test_without_transformers_the_comparison_is_a_one_line_error(monkeypatch):
         bench.main(["sample"])
     assert e.value.code == ("bench.py: No module named 'transformers'; the comparison needs "
                             "transformers: pip install -r requirements-dev.txt")
+
+
+def test_an_unfinished_smollm2_directory_is_a_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")   # a conversion that stopped part way
+    monkeypatch.setenv("SMOLLM2_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        bench.smollm2_dir()
+    assert e.value.code.startswith(f"bench.py: SmolLM2: {tmp_path} exists but lacks ")
+    assert "\n" not in e.value.code
