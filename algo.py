@@ -1,5 +1,6 @@
 """
-The algorithm of SPEC.md sections 4-6, as pure functions on tensors.
+The algorithm of SPEC.md: sections 4-6 as pure functions on tensors (1-4), then the parts that
+drive the model, the sampler and the cloud (5-6).
 
 Read top to bottom:
   1. group_advantages   the coefficient that multiplies grad log pi(y_i|x) (SPEC 5; baselines SPEC 8)
@@ -8,6 +9,14 @@ Read top to bottom:
   4. sequence_token_logprobs, policy_gradient_loss, micro_batches, accumulate_policy_gradient
                         the training forward and the loss whose gradient is
                         (1/|S|) sum_{x in S} g(x) (SPEC 5)
+  5. rollout, update_policy
+                        one step's samples, help calls, verdicts and rewards (SPEC 1-3), and the
+                        update over the selected prompts
+  6. cloud_share, cloud_cap, capped_metrics, evaluate_policy
+                        evaluation under the budget's hard cap (SPEC 4, 7)
+
+A new coefficient rule or filter rule: its name in ADVANTAGE_KINDS / FILTER_RULES (train.py
+checks rl.algo / rl.filter against them) and its branch in group_advantages / filter_prompts.
 
 Shapes: P prompts, G responses per prompt, N = rows of a flattened [P*G] batch, L tokens per row,
 T = L - targets_start response tokens per row, V vocabulary size.
@@ -61,13 +70,14 @@ def group_advantages(rewards, kind, help=None, dual=0.0, eps=1e-6):
         return centred / (rewards.std(dim=1, keepdim=True, correction=1) + eps)
     if kind == "dr_grpo":
         return centred
-    # da_grpo
-    if help is None:
-        raise ValueError("da_grpo needs the help-call flags `help` [P, G]")
-    if help.shape != rewards.shape:
-        raise ValueError(f"help shape {tuple(help.shape)} != rewards shape {tuple(rewards.shape)}")
-    calls = help.to(rewards.dtype)
-    return centred - dual * (calls - calls.mean(dim=1, keepdim=True))
+    if kind == "da_grpo":
+        if help is None:
+            raise ValueError("da_grpo needs the help-call flags `help` [P, G]")
+        if help.shape != rewards.shape:
+            raise ValueError(f"help shape {tuple(help.shape)} != rewards shape {tuple(rewards.shape)}")
+        calls = help.to(rewards.dtype)
+        return centred - dual * (calls - calls.mean(dim=1, keepdim=True))
+    raise NotImplementedError(f"advantage kind {kind!r} is in ADVANTAGE_KINDS but has no branch here")
 
 
 def update_dual(dual, help_rate, tau, eta):
@@ -144,10 +154,12 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
 
     if rule == "none":
         selected, n_d2 = torch.nonzero(usable).flatten(), len(candidates)
-    else:
+    elif rule in ("any_correct", "mixed"):
         n_d2 = min(len(candidates), d2_cap(rho, int(d1.sum())))
         keep = candidates[torch.randperm(len(candidates), generator=generator)[:n_d2]]
         selected = torch.sort(torch.cat([torch.nonzero(d1).flatten(), keep])).values
+    else:
+        raise NotImplementedError(f"filter rule {rule!r} is in FILTER_RULES but has no branch here")
 
     return FilterResult(
         selected=selected,

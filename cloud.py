@@ -9,6 +9,9 @@ Backends share one small interface, `complete(task, examples) -> list[str]`; a b
 an exception in place of a text to report that this one prompt failed (never cached, retried on
 the next run). Backends: OracleBackend (a simulation, for synthetic tasks), HttpBackend
 (OpenAI-compatible /v1/chat/completions on urllib), LocalBackend (a larger local checkpoint).
+A new backend: a class with that method, registered in BACKENDS; its `name` (default: the
+registry key) and `model_name` are stored with each cached answer, and a cache holding answers
+from another name or model_name is refused, so model_name must change whenever the answers would.
 
 CLI: python cloud.py --task tiny_countdown --split train --backend oracle --cache runs/cc.jsonl
 """
@@ -35,7 +38,7 @@ try:
 except ImportError:  # Windows: no locking (see CloudCache)
     fcntl = None
 
-from tasks import construct
+from tasks import TASKS, construct
 
 
 class CloudError(RuntimeError):
@@ -568,7 +571,7 @@ def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:
     if name not in BACKENDS:
         raise ValueError(f"cloud backend={name!r} is not allowed; use one of {sorted(BACKENDS)}")
     backend = construct(f"cloud backend {name!r}", BACKENDS[name], settings)
-    return Cloud(backend, CloudCache(cache_path), backend.name, backend.model_name)
+    return Cloud(backend, CloudCache(cache_path), getattr(backend, "name", name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,7 +579,7 @@ def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Prefill the cloud answer cache for a dataset split.")
-    p.add_argument("--task", required=True, choices=["tiny_countdown", "countdown", "math"])
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--backend", default="oracle", choices=sorted(BACKENDS))
     p.add_argument("--cache", default="runs/cloud_cache.jsonl", help="cache file (JSONL)")
@@ -630,8 +633,10 @@ def prefill(args) -> int:
         settings = {"base_url": args.base_url, "model": args.model, "api_key_env": args.api_key_env,
                     "temperature": args.temperature, "max_tokens": args.max_tokens, "timeout": args.timeout,
                     "retries": args.retries, "concurrency": args.concurrency}
-    else:
+    elif args.backend == "local":
         settings = {"path": args.path, "max_new_tokens": args.max_new_tokens}
+    else:  # a backend added to BACKENDS: its settings have no options here
+        settings = {}
     cloud = make_cloud({"backend": args.backend, **settings}, cache_path=args.cache)
 
     examples = task.examples(args.split)[:args.limit]

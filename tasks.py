@@ -40,7 +40,12 @@ class Example:
 
 
 class Task:
-    """The interface every task implements; defaults suit marker-based (pretrained) tasks."""
+    """The interface every task implements; defaults suit marker-based (pretrained) tasks.
+
+    A new task: subclass this, give it a unique `name` (the cloud cache files answers under it),
+    an __init__ that takes `allow_help` (eval.py rebuilds a run's task with allow_help=False for
+    the task-tuning baseline), and register the class in TASKS (the config's task.name). A task trained from scratch (model.path
+    empty) is character-level: it also sets `alphabet` and implements warm_start_completion."""
     name: str = "task"
     stop_texts: tuple = ()      # texts that, as a single token, end generation besides EOS
     banned_texts: tuple = ()    # texts that, as a single token, are never sampled
@@ -86,6 +91,23 @@ class Task:
         """True for generated tokens that are a declared self-check and carry no policy gradient
         (SPEC section 5, last bullet). Pretrained-model tasks declare none."""
         return [False] * len(pieces)
+
+    def self_check_correct(self, example: Example, text: str) -> bool:
+        """has_self_check tasks: the response's self-check is the one its own answer implies
+        (a warm-start statistic; not part of the reward)."""
+        raise NotImplementedError
+
+    def warm_start_completion(self, example: Example, rng: random.Random,
+                              p_correct: float = 0.7, p_help: float = 0.2) -> str:
+        """Tasks trained from scratch: one supervised trace for train.py's warm start, correct
+        with probability p_correct (else a plausible wrong attempt), ending in a help call with
+        probability p_help. Every character must be in `alphabet`."""
+        raise NotImplementedError
+
+    @classmethod
+    def trains_from_scratch(cls) -> bool:
+        """The task supplies warm-start traces, so train.py can train a model for it from scratch."""
+        return cls.warm_start_completion is not Task.warm_start_completion
 
     def answered(self, text: str) -> bool:
         """The response gives a final answer (right or wrong) rather than a help call or nothing:
@@ -632,6 +654,14 @@ class TinyCountdownTask(Task):
     def oracle_answer(self, example: Example, correct: bool, rng: random.Random) -> str:
         return example.data["solution"] if correct else self.wrong_chain(example, rng)
 
+    def self_check_correct(self, example: Example, text: str) -> bool:
+        close = text.find("]")
+        try:
+            final = int(text[close - 3:close])
+        except ValueError:
+            return False
+        return text[close + 1:close + 10] == tiny_check_text(final, example.data["target"])
+
     def warm_start_completion(self, example: Example, rng: random.Random,
                               p_correct: float = 0.7, p_help: float = 0.2) -> str:
         """A supervised trace for the warm start (issue 5): the solution with probability
@@ -1020,8 +1050,12 @@ def construct(what: str, cls, kwargs: dict):
     """cls(**kwargs), every failure a ValueError naming `what`: unknown or missing arguments as
     one error listing what is allowed, a bad value (e.g. a string where a number goes) with the
     settings given."""
-    params = {p: v for p, v in inspect.signature(cls.__init__).parameters.items() if p != "self"}
-    unknown = sorted(set(kwargs) - set(params))
+    # (a class without its own __init__ takes no settings: object's *args, **kwargs are not any)
+    signature = {} if cls.__init__ is object.__init__ else inspect.signature(cls.__init__).parameters
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    params = {p: v for p, v in signature.items() if p != "self" and v.kind not in variadic}
+    any_name = any(v.kind == inspect.Parameter.VAR_KEYWORD for v in signature.values())
+    unknown = [] if any_name else sorted(set(kwargs) - set(params))
     if unknown:
         raise ValueError(f"{what} has no argument(s) {unknown}; allowed: {list(params)}")
     missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty

@@ -284,9 +284,11 @@ def validate(cfg: Config):
               f"model.num_key_value_heads={m.num_key_value_heads}")
     if cfg.task.get("name") not in TASKS:
         _fail(f"task.name={cfg.task.get('name')!r}: allowed: {', '.join(TASKS)}")
-    if not m.path and cfg.task["name"] != "tiny_countdown":
-        _fail("model.path is empty (train from scratch), which only the tiny_countdown task "
-              "supports; set model.path to a local HF checkpoint directory")
+    if not m.path and not TASKS[cfg.task["name"]].trains_from_scratch():
+        scratch = [name for name, task in TASKS.items() if task.trains_from_scratch()]
+        _fail(f"model.path is empty (train from scratch), which task {cfg.task['name']!r} does "
+              f"not support (it has no warm-start traces; from scratch: {', '.join(scratch)}); "
+              f"set model.path to a local HF checkpoint directory")
     try:
         cfg.reward.validate()
     except ValueError as e:
@@ -494,9 +496,17 @@ def step_prompts(examples: list, seed: int, step: int, k: int) -> list:
 # ----------------------------------------------------------------------------- warm start
 
 
-def warm_start_key(cfg: Config) -> str:
+def sample_traces(task, k: int = 8) -> list[str]:
+    """The first k training prompts with a warm-start completion each (a fixed draw)."""
+    rng = random.Random(0)
+    return [ex.prompt + task.warm_start_completion(ex, rng) for ex in task.examples("train")[:k]]
+
+
+def warm_start_key(cfg: Config, task) -> str:
+    """The warm start's cache name: the settings that shape it, and the task's alphabet and a few
+    of its traces, so that a task whose format changed gets a new warm start, not a stale one."""
     spec = {"task": cfg.task, "model": config_dict(cfg.model), "warm": config_dict(cfg.warm_start),
-            "seed": warm_start_seed(cfg)}
+            "seed": warm_start_seed(cfg), "alphabet": task.alphabet, "traces": sample_traces(task)}
     spec["warm"].pop("cache_dir")
     spec["warm"].pop("seed")
     spec["model"].pop("gradient_checkpointing")
@@ -521,7 +531,7 @@ def warm_start_seed(cfg: Config) -> int:
 def warm_start(cfg: Config, task, device) -> str:
     """Train a tiny model from scratch on solver traces (cross-entropy on the completion,
     self-check characters included) and save it; reuse a cached one whose config matches."""
-    out = os.path.join(cfg.warm_start.cache_dir, warm_start_key(cfg))
+    out = os.path.join(cfg.warm_start.cache_dir, warm_start_key(cfg, task))
     if os.path.exists(os.path.join(out, "warm_start.json")):
         print(f"warm start: reusing {out}")
         return out
@@ -597,23 +607,26 @@ def supervised_loss(model, pairs, pad_id, device):
 def warm_start_stats(model, tokenizer, task, max_new_tokens, n=500):
     """Greedy local accuracy, help rate, and self-check accuracy (the check characters the model
     wrote versus the ones its own final value implies) on held-out prompts."""
-    from tasks import tiny_check_text
     examples = task.examples("test")[:n]
     metrics, out = algo.evaluate_policy(model, tokenizer, task, examples, NoCloud(), 0.0,
                                         max_new_tokens)
-    checks_ok = 0
-    for ex, text in zip(examples, out["text"]):
-        close = text.find("]")
-        try:
-            final = int(text[close - 3:close])
-            checks_ok += text[close + 1:close + 10] == tiny_check_text(final, ex.data["target"])
-        except ValueError:
-            pass
-    return {"local_acc": metrics["local_acc"], "help_rate": metrics["call_ratio"],
-            "check_acc": checks_ok / len(examples)}
+    stats = {"local_acc": metrics["local_acc"], "help_rate": metrics["call_ratio"]}
+    if task.has_self_check:
+        stats["check_acc"] = sum(task.self_check_correct(ex, text)
+                                 for ex, text in zip(examples, out["text"])) / len(examples)
+    return stats
 
 
 # ----------------------------------------------------------------------------- the RL loop
+
+
+def _whole_section_hint(error, section: str, key: str) -> str:
+    """`task.name=x` / `cloud.backend=x` keep the other keys of the section they change, which
+    the new task or backend may not take: say how to replace the section instead."""
+    if "has no argument(s)" not in str(error):
+        return ""
+    return (f" (a {section}.{key}=... override keeps the section's other settings; to switch, "
+            f"replace the section whole: '{section}={{{key}: ..., ...}}')")
 
 
 def load_task(cfg: Config) -> tuple:
@@ -623,7 +636,7 @@ def load_task(cfg: Config) -> tuple:
     try:
         task = make_task(**cfg.task)  # its errors name the task and the bad argument
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(e) + _whole_section_hint(e, "task", "name")) from None
     try:
         train, test = task.examples("train"), task.examples("test")
     except (ValueError, OSError) as e:  # too few distinct problems, a missing data file
@@ -675,9 +688,17 @@ class Trainer:
             self.cloud = make_cloud(dict(cfg.cloud),
                                     cache_path=os.path.join(self.run_dir, "cloud_cache.jsonl"))
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(str(e) + _whole_section_hint(e, "cloud", "backend")) from None
         self.eval_examples = test[:cfg.eval.n] if cfg.eval.n else test
         if not cfg.model.path:  # from scratch: a too-short context fails here, not after warm start
+            # the character tokenizer reads any character outside the alphabet as <pad>
+            texts = [ex.prompt for ex in self.train_examples + test] + list(
+                self.task.stop_texts + self.task.banned_texts) + sample_traces(self.task)
+            unknown = sorted(set("".join(texts)) - set(self.task.alphabet or ""))
+            if unknown:
+                raise ConfigError(f"task {self.task.name!r}: its prompts, stop/banned texts or "
+                                  f"warm-start traces use {''.join(unknown)!r}, which are not in "
+                                  f"its alphabet {self.task.alphabet!r}")
             tokenizer = build_char_tokenizer(self.task.alphabet)
             self.train_examples = drop_long_prompts(self.train_examples, tokenizer,
                                                     cfg.sampling.max_prompt_tokens,

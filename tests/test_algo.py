@@ -421,3 +421,18 @@ def test_loss_errors():
         policy_gradient_loss(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 1), 1)
     with pytest.raises(ValueError, match=r"got \(2, 2\), \(2,\), \(2,\)"):
         policy_gradient_loss(torch.zeros(2, 2), torch.ones(2, dtype=torch.bool), torch.ones(2), 1)
+
+
+def test_a_listed_rule_without_a_branch_is_an_error_not_another_rule(monkeypatch):
+    """A forker who adds a name to ADVANTAGE_KINDS / FILTER_RULES but no branch gets an error,
+    not (as a fall-through would give) da_grpo's coefficients or the default filter."""
+    import algo
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.25]])
+    help = torch.tensor([[False, False, False, True]])
+    monkeypatch.setattr(algo, "ADVANTAGE_KINDS", algo.ADVANTAGE_KINDS + ("median",))
+    with pytest.raises(NotImplementedError, match="'median' is in ADVANTAGE_KINDS"):
+        algo.group_advantages(rewards, "median", help=help)
+    monkeypatch.setattr(algo, "FILTER_RULES", algo.FILTER_RULES + ("uncapped",))
+    with pytest.raises(NotImplementedError, match="'uncapped' is in FILTER_RULES"):
+        algo.filter_prompts(rewards > 0.5, torch.tensor([True]), help, 0.5, "uncapped",
+                            rewards=rewards)

@@ -882,3 +882,27 @@ def test_prefill_cli_auth_error_is_one_line(endpoint, monkeypatch, tmp_path):
     assert isinstance(message, str) and "\n" not in message
     assert "HTTP 401" in message and "TEST_CLOUD_KEY" in message and "sk-secret-55" not in message
     assert [json.loads(line)["answer"] for line in _lines(cache)] == ["first answer"]
+
+
+def test_a_new_backend_needs_only_complete(tmp_path, monkeypatch, capsys):
+    """A registered class with just complete(): make_cloud files its answers under its registry
+    name (and model_name ""), and the prefill command runs it with no settings."""
+    import cloud
+
+    class Echo:
+        def complete(self, task, examples):
+            return [f"echo {ex.key}" for ex in examples]
+
+    monkeypatch.setitem(cloud.BACKENDS, "echo", Echo)
+    c = make_cloud({"backend": "echo"}, cache_path=tmp_path / "a.jsonl")
+    examples = TinyCountdownTask(n_train=3, n_test=3).examples("test")
+    assert [a.text for a in c.ask(TinyCountdownTask(n_train=3, n_test=3), examples)] == [
+        f"echo {ex.key}" for ex in examples]
+    records = [json.loads(line) for line in _lines(tmp_path / "a.jsonl")]
+    assert {(r["backend"], r["model"]) for r in records} == {("echo", "")}
+    assert cloud.main(["--task", "tiny_countdown", "--backend", "echo", "--limit", "4",
+                       "--cache", str(tmp_path / "b.jsonl")]) == 0
+    assert len(_lines(tmp_path / "b.jsonl")) == 4
+    with pytest.raises(ValueError, match=r"cloud backend 'echo' has no argument\(s\) \['x'\]; "
+                                         r"allowed: \[\]"):
+        make_cloud({"backend": "echo", "x": 1})

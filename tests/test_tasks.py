@@ -766,3 +766,23 @@ def test_task_seed_must_be_an_integer(name, seed):
     with pytest.raises(ValueError) as err:
         make_task(name, n_train=1, n_test=1, seed=seed)
     assert f"seed={seed!r} must be an integer >= 0" in str(err.value)
+
+
+def test_self_check_correct_reads_the_check_after_the_chain(tiny):
+    """By hand: final 120 against target 033 writes the check 10#23#03#."""
+    from tasks import Example
+    example = Example(key="k", prompt="07,03,12|033=", data={"numbers": [7, 3, 12], "target": 33})
+    assert tiny.self_check_correct(example, "[007+003=010,010*012=120]10#23#03#A")
+    assert not tiny.self_check_correct(example, "[007+003=010,010*012=120]10=23#03#A")
+    assert not tiny.self_check_correct(example, "no chain at all")
+
+
+def test_only_tasks_with_warm_start_traces_train_from_scratch():
+    from tasks import CountdownTask, MathTask, Task
+    assert TinyCountdownTask.trains_from_scratch()
+    assert not CountdownTask.trains_from_scratch() and not MathTask.trains_from_scratch()
+
+    class Traced(Task):
+        def warm_start_completion(self, example, rng, p_correct=0.7, p_help=0.2):
+            return "A"
+    assert Traced.trains_from_scratch()

@@ -747,7 +747,7 @@ def test_a_killed_warm_starts_partial_save_is_removed(tmp_path):
     """out.tmp<PID> of a process that no longer runs is removed by the next warm start; one of a
     running process (here the parent) is left alone."""
     cfg = train.load_config(tiny_args(tmp_path, "name=w"))
-    out = os.path.join(cfg.warm_start.cache_dir, train.warm_start_key(cfg))
+    out = os.path.join(cfg.warm_start.cache_dir, train.warm_start_key(cfg, train.load_task(cfg)[0]))
     dead, alive = out + ".tmp4194399", out + f".tmp{os.getppid()}"  # above Linux's largest PID
     for d in (dead, alive):
         os.makedirs(d)
@@ -801,3 +801,57 @@ def test_gpu_footprint_checks_the_task_before_building_the_checkpoint(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert re.fullmatch(r"config error: task \{.*'name': 'math'.*\}: "
                         r"data/math_lighteval/train.jsonl: no such data file\n", out.stderr)
+
+
+class ShoutedTinyTask:
+    """Builders of TinyCountdownTask variants a forker might write (registered by the tests)."""
+
+    @staticmethod
+    def with_completion(suffix):
+        from tasks import TinyCountdownTask
+
+        class Variant(TinyCountdownTask):
+            def warm_start_completion(self, example, rng, p_correct=0.7, p_help=0.2):
+                return super().warm_start_completion(example, rng, p_correct, p_help) + suffix
+        return Variant
+
+
+def test_a_new_from_scratch_task_is_checked_against_its_alphabet(tmp_path, monkeypatch):
+    """A registered task with warm-start traces may train from scratch; a trace character
+    outside its alphabet (the character tokenizer would read it as <pad>) is a config error."""
+    from tasks import TASKS
+    monkeypatch.setitem(TASKS, "tiny_countdown", ShoutedTinyTask.with_completion("!"))
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=a"))
+    assert str(exc.value.code) == ("config error: task 'tiny_countdown': its prompts, stop/banned "
+                                   "texts or warm-start traces use '!', which are not in its "
+                                   "alphabet '0123456789,|=[]+-*#AH'")
+    assert not (tmp_path / "warm").exists()
+
+
+def test_a_task_without_warm_start_traces_cannot_train_from_scratch(tmp_path):
+    with pytest.raises(SystemExit, match=r"config error: model.path is empty \(train from "
+                                         r"scratch\), which task 'countdown' does not support "
+                                         r"\(it has no warm-start traces; from scratch: "
+                                         r"tiny_countdown\)"):
+        train.main(tiny_args(tmp_path, "name=c", "task={name: countdown}"))
+
+
+def test_the_warm_start_cache_key_follows_the_tasks_traces(monkeypatch):
+    """Editing a task's trace format gives a new warm start instead of reusing a stale one."""
+    from tasks import TASKS
+    cfg = train.load_config(TINY)
+    key = train.warm_start_key(cfg, train.load_task(cfg)[0])
+    assert train.warm_start_key(cfg, train.load_task(cfg)[0]) == key   # deterministic
+    monkeypatch.setitem(TASKS, "tiny_countdown", ShoutedTinyTask.with_completion("A"))
+    assert train.warm_start_key(cfg, train.load_task(cfg)[0]) != key
+
+
+@pytest.mark.parametrize("override, section", [("task.name=math", "task={name: ..., ...}"),
+                                               ("cloud.backend=local", "cloud={backend: ..., ...}")])
+def test_switching_task_or_backend_by_one_key_says_to_replace_the_section(override, section,
+                                                                          tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=s", "model.path=" + str(tmp_path), override))
+    assert "has no argument(s)" in str(exc.value.code)
+    assert f"to switch, replace the section whole: '{section}'" in str(exc.value.code)
