@@ -77,7 +77,7 @@ def group_advantages(rewards, kind, help=None, dual=0.0, eps=1e-6):
             raise ValueError(f"help shape {tuple(help.shape)} != rewards shape {tuple(rewards.shape)}")
         calls = help.to(rewards.dtype)
         return centred - dual * (calls - calls.mean(dim=1, keepdim=True))
-    raise NotImplementedError(f"advantage kind {kind!r} is in ADVANTAGE_KINDS but has no branch here")
+    raise NotImplementedError(f"advantage kind {kind!r} is in ADVANTAGE_KINDS but has no branch")
 
 
 def update_dual(dual, help_rate, tau, eta):
@@ -159,7 +159,7 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
         keep = candidates[torch.randperm(len(candidates), generator=generator)[:n_d2]]
         selected = torch.sort(torch.cat([torch.nonzero(d1).flatten(), keep])).values
     else:
-        raise NotImplementedError(f"filter rule {rule!r} is in FILTER_RULES but has no branch here")
+        raise NotImplementedError(f"filter rule {rule!r} is in FILTER_RULES but has no branch")
 
     return FilterResult(
         selected=selected,

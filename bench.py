@@ -7,9 +7,9 @@
 Rates are generated tokens per second (median over alternating runs). "Model FLOP/s" counts the
 useful work, identical for both: 2 * (matmul parameters) per prompt token once and per generated
 token, divided by the time; it is reported as a fraction of a large matmul's FLOP/s in the same
-dtype measured here (the machine's practical peak). Peak memory is measured in a fresh child process per
-implementation: growth of the peak resident set during one generate call on CPU (Linux), peak
-allocated bytes on CUDA.
+dtype measured here (the machine's practical peak). Peak memory is measured in a fresh child
+process per implementation: growth of the peak resident set during one generate call on CPU
+(Linux), peak allocated bytes on CUDA.
 Not imported by the rest of the project.
 """
 from __future__ import annotations

@@ -401,9 +401,9 @@ class LocalBackend:
         for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"local cloud backend: {name}={value!r} is not allowed; an integer >= 1")
-        if not os.path.isfile(os.path.join(path, "config.json")):  # checked now, loaded when first asked
-            raise ValueError(f"local cloud backend: path={str(path)!r} has no config.json; give an HF "
-                             f"checkpoint directory")
+        if not os.path.isfile(os.path.join(path, "config.json")):  # loaded when first asked
+            raise ValueError(f"local cloud backend: path={str(path)!r} has no config.json; give "
+                             f"an HF checkpoint directory")
         self.path, self.model_name = str(path), str(path)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.device, self.dtype = device, dtype

@@ -670,8 +670,9 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
                                   batch, lambda d, t: progress(f"{base.name}: greedy", d, t))
     m = table_row({**m, "help_calls": int(out["help"].sum())})
     local = out["local_ok"].numpy() & ~out["help"].numpy()
-    cloud = np.array([a.correct for a in base.cloud.ask(
-        base.task, examples, lambda d, t: progress(f"{base.name}: cloud verdicts", d, t))], dtype=bool)
+    answers = base.cloud.ask(base.task, examples,
+                             lambda d, t: progress(f"{base.name}: cloud verdicts", d, t))
+    cloud = np.array([a.correct for a in answers], dtype=bool)
     if base_role:
         res.per_run[base.path] = {"role": base_role, "metrics": m}
 
@@ -744,8 +745,9 @@ def evaluate_policy_run(res, run, examples, budget, progress):
                                   lambda d, t: progress(f"{run.name}: greedy", d, t))
     help = out["help"].numpy()
     local = out["local_ok"].numpy() & ~help
-    cloud = np.array([a.correct for a in run.cloud.ask(
-        run.task, examples, lambda d, t: progress(f"{run.name}: cloud verdicts", d, t))], dtype=bool)
+    answers = run.cloud.ask(run.task, examples,
+                            lambda d, t: progress(f"{run.name}: cloud verdicts", d, t))
+    cloud = np.array([a.correct for a in answers], dtype=bool)
     progress(f"{run.name}: decision scores")
     score, splits = help_preference(model, tok, run.task, examples, out["text"])
     progress(f"{run.name}: local answers of its help calls")

@@ -44,8 +44,9 @@ class Task:
 
     A new task: subclass this, give it a unique `name` (the cloud cache files answers under it),
     an __init__ that takes `allow_help` (eval.py rebuilds a run's task with allow_help=False for
-    the task-tuning baseline), and register the class in TASKS (the config's task.name). A task trained from scratch (model.path
-    empty) is character-level: it also sets `alphabet` and implements warm_start_completion."""
+    the task-tuning baseline), and register the class in TASKS (the config's task.name). A task
+    trained from scratch (model.path empty) is character-level: it also sets `alphabet` and
+    implements warm_start_completion."""
     name: str = "task"
     stop_texts: tuple = ()      # texts that, as a single token, end generation besides EOS
     banned_texts: tuple = ()    # texts that, as a single token, are never sampled
@@ -106,7 +107,7 @@ class Task:
 
     @classmethod
     def trains_from_scratch(cls) -> bool:
-        """The task supplies warm-start traces, so train.py can train a model for it from scratch."""
+        """The task supplies warm-start traces: train.py can train a model for it from scratch."""
         return cls.warm_start_completion is not Task.warm_start_completion
 
     def answered(self, text: str) -> bool:
@@ -1051,7 +1052,8 @@ def construct(what: str, cls, kwargs: dict):
     one error listing what is allowed, a bad value (e.g. a string where a number goes) with the
     settings given."""
     # (a class without its own __init__ takes no settings: object's *args, **kwargs are not any)
-    signature = {} if cls.__init__ is object.__init__ else inspect.signature(cls.__init__).parameters
+    init = cls.__init__
+    signature = {} if init is object.__init__ else inspect.signature(init).parameters
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     params = {p: v for p, v in signature.items() if p != "self" and v.kind not in variadic}
     any_name = any(v.kind == inspect.Parameter.VAR_KEYWORD for v in signature.values())
