@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,8 +366,11 @@ class HttpBackend:
             raise CloudError(f"response from {self.url} has an empty choices[0].message.content: {snippet!r}")
         return content
 
-    def complete(self, task, examples) -> list:
-        """Answer texts in input order; a prompt that failed gets its CloudError instead."""
+    def complete_each(self, task, examples):
+        """Yield (index, answer text or its CloudError) as each answer arrives, `concurrency`
+        requests at a time (Cloud.ask caches each at once). A refused key (401/403) stops the
+        batch: what the requests already under way bring is still yielded, then the
+        CloudAuthError is raised."""
         def one(messages):
             try:
                 return self.chat(messages)
@@ -376,18 +379,37 @@ class HttpBackend:
             except CloudError as e:
                 return e
         if not examples:
-            return []
+            return
+        refused = None
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(examples))) as pool:
-            futures = [pool.submit(one, task.cloud_messages(ex)) for ex in examples]
+            futures = {pool.submit(one, task.cloud_messages(ex)): i for i, ex in enumerate(examples)}
             try:
-                return [f.result() for f in futures]
-            except CloudAuthError as error:
-                for f in futures:
-                    f.cancel()
-                wait(futures)  # requests already under way finish: keep what they bring
-                error.answers = [None if f.cancelled() or f.exception() is not None else f.result()
-                                 for f in futures]
-                raise
+                for f in as_completed(futures):
+                    if f.cancelled():
+                        continue
+                    if isinstance(f.exception(), CloudAuthError):
+                        if refused is None:
+                            refused = f.exception()
+                            for other in futures:
+                                other.cancel()
+                        continue
+                    yield futures[f], f.result()
+            finally:  # the caller stopped early (e.g. Ctrl-C): requests not yet sent never are
+                for other in futures:
+                    other.cancel()
+        if refused is not None:
+            raise refused
+
+    def complete(self, task, examples) -> list:
+        """Answer texts in input order; a prompt that failed gets its CloudError instead."""
+        texts = [None] * len(examples)
+        try:
+            for i, text in self.complete_each(task, examples):
+                texts[i] = text
+        except CloudAuthError as error:
+            error.answers = texts  # None where no answer came
+            raise
+        return texts
 
 
 class LocalBackend:
@@ -401,9 +423,6 @@ class LocalBackend:
         for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"local cloud backend: {name}={value!r} is not allowed; an integer >= 1")
-        if not os.path.isfile(os.path.join(path, "config.json")):  # loaded when first asked
-            raise ValueError(f"local cloud backend: path={str(path)!r} has no config.json; give "
-                             f"an HF checkpoint directory")
         self.path, self.model_name = str(path), str(path)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.device, self.dtype = device, dtype
@@ -489,9 +508,10 @@ class Cloud:
         return record
 
     def ask(self, task, examples, progress=None, chunk: int = 64) -> list[CloudAnswer]:
-        """One answer per example, in order. The uncached prompts go to the backend `chunk` at a
-        time, each chunk cached as soon as it is answered (an interrupted batch keeps what
-        arrived); progress(done, total), when given, follows those prompts."""
+        """One answer per example, in order. The uncached prompts are cached as their answers
+        arrive, so an interrupted batch keeps what came: one by one from a backend with
+        complete_each (http), else `chunk` prompts per complete() call. progress(done, total),
+        when given, follows those prompts."""
         answers: list[CloudAnswer | None] = [None] * len(examples)
         pending: dict[str, tuple] = {}  # key -> (example, digest, [positions])
         self.cache.refresh()  # answers another process (train.py / eval.py / cloud.py) cached meanwhile
@@ -509,6 +529,13 @@ class Cloud:
             else:
                 pending[example.key] = (example, digest, [i])
         items = list(pending.items())
+        each = getattr(self.backend, "complete_each", None)
+        if each is not None and items:
+            for done, (i, text) in enumerate(each(task, [ex for ex, _, _ in pending.values()])):
+                self._record(task, dict([items[i]]), [text], answers)
+                if progress:
+                    progress(done + 1, len(items))
+            return answers
         for start in range(0, len(items), chunk):
             part = dict(items[start:start + chunk])
             batch = [example for example, _, _ in part.values()]
@@ -584,7 +611,9 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="oracle", choices=sorted(BACKENDS))
     p.add_argument("--cache", default="runs/cloud_cache.jsonl", help="cache file (JSONL)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    p.add_argument("--chunk", type=int, default=64, help="prompts per backend call (cache written after each)")
+    p.add_argument("--chunk", type=int, default=64,
+                   help="prompts per backend call, cached after each (http: each answer is cached as it "
+                        "arrives, concurrency at a time)")
     # task options
     p.add_argument("--data-train", help="math: train JSONL")
     p.add_argument("--data-test", help="math: test JSONL")
@@ -640,16 +669,15 @@ def prefill(args) -> int:
     cloud = make_cloud({"backend": args.backend, **settings}, cache_path=args.cache)
 
     examples = task.examples(args.split)[:args.limit]
-    start, correct = time.time(), 0
-    for i in range(0, len(examples), args.chunk):
-        answers = cloud.ask(task, examples[i:i + args.chunk])
-        correct += sum(a.correct for a in answers)
-        done = min(i + args.chunk, len(examples))
+    start = time.time()
+
+    def progress(done, total):  # over the prompts not yet cached
         elapsed = time.time() - start
-        eta = elapsed / done * (len(examples) - done)
-        line = (f"{done}/{len(examples)}  calls {cloud.calls_made}  cached {cloud.served_from_cache}  "
-                f"failures {cloud.failures}  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
+        line = (f"{done}/{total} asked  calls {cloud.calls_made}  cached {cloud.served_from_cache}  "
+                f"failures {cloud.failures}  elapsed {elapsed:.0f}s  "
+                f"eta {elapsed / done * (total - done):.0f}s")
         print("\r" + line.ljust(79), end="", file=sys.stderr, flush=True)
+    correct = sum(a.correct for a in cloud.ask(task, examples, progress, chunk=args.chunk))
     print(file=sys.stderr)
     print(f"task {task.name} split {args.split}: {len(examples)} prompts, calls made {cloud.calls_made}, "
           f"served from cache {cloud.served_from_cache}, failures {cloud.failures}, "

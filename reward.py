@@ -116,6 +116,9 @@ class RewardConfig:
                 raise ValueError(f"reward {name}={value!r} must be a number")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"reward {name}={value!r} must be a finite number >= 0")
+        if not self.alpha_a > 0:
+            raise ValueError(f"reward alpha_a={self.alpha_a} must be > 0: solving it yourself must "
+                             f"pay (SPEC section 3)")
         if not self.alpha_a >= self.alpha_c:
             raise ValueError(f"reward needs alpha_a > alpha_c (SPEC section 3; alpha_a = alpha_c "
                              f"is allowed as SPEC 10's ablation), got alpha_a={self.alpha_a} and "

@@ -515,6 +515,8 @@ def warm_start_key(cfg: Config, task) -> str:
 
 
 def process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there, not ask: assume it runs
+        return True
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
@@ -625,8 +627,8 @@ def _whole_section_hint(error, section: str, key: str) -> str:
     the new task or backend may not take: say how to replace the section instead."""
     if "has no argument(s)" not in str(error):
         return ""
-    return (f" (a {section}.{key}=... override keeps the section's other settings; to switch, "
-            f"replace the section whole: '{section}={{{key}: ..., ...}}')")
+    return (f" (if this comes from switching with {section}.{key}=..., which keeps the section's "
+            f"other settings: replace the section whole, '{section}={{{key}: ..., ...}}')")
 
 
 def load_task(cfg: Config) -> tuple:
@@ -689,6 +691,11 @@ class Trainer:
                                     cache_path=os.path.join(self.run_dir, "cloud_cache.jsonl"))
         except ValueError as e:
             raise ConfigError(str(e) + _whole_section_hint(e, "cloud", "backend")) from None
+        local = cfg.cloud.get("path") if cfg.cloud.get("backend") == "local" else None
+        if local and not cfg.resume and not os.path.isfile(os.path.join(local, "config.json")):
+            # the backend loads its model when first asked: after the warm start, too late
+            raise ConfigError(f"cloud.path={local!r} has no config.json; the local cloud backend "
+                              f"needs an HF checkpoint directory")
         self.eval_examples = test[:cfg.eval.n] if cfg.eval.n else test
         if not cfg.model.path:  # from scratch: a too-short context fails here, not after warm start
             # the character tokenizer reads any character outside the alphabet as <pad>

@@ -808,6 +808,22 @@ def test_concurrent_processes_keep_every_record(tmp_path):
     assert path.read_bytes().endswith(b"\n")
 
 
+def test_http_answers_are_cached_as_they_arrive_not_after_the_slowest(endpoint, task, tmp_path):
+    """One slow prompt among six, two requests at a time: each fast answer is in the cache file
+    (and counted by progress) while the slow one is still out, so neither throughput nor an
+    interruption waits on it."""
+    examples = task.examples("test")[:6]
+    endpoint.delay_for = {examples[0].prompt: 0.8}
+    path = tmp_path / "cache.jsonl"
+    cloud = Cloud(make_backend(endpoint.url, concurrency=2, retries=0), CloudCache(path), "http",
+                  "cloud-model")
+    seen = []
+    answers = cloud.ask(task, examples, progress=lambda d, t: seen.append((d, t, len(_lines(path)))))
+    assert [a.text for a in answers] == [ex.prompt[::-1] for ex in examples]
+    assert seen == [(d, 6, d) for d in range(1, 7)]          # one record per answer, as it came
+    assert json.loads(_lines(path)[-1])["key"] == examples[0].key  # the slow one came last
+
+
 # ----------------------------------------------------------------------------------------------
 # Settings checked at construction; one-line CLI errors
 
@@ -837,7 +853,6 @@ def test_http_settings_checked_at_construction(kwargs, message):
     ({"path": ""}, "path='' is not allowed"),
     ({"path": "/ckpt", "max_new_tokens": 0}, "max_new_tokens=0 is not allowed; an integer >= 1"),
     ({"path": "/ckpt", "batch_size": -2}, "batch_size=-2 is not allowed; an integer >= 1"),
-    ({"path": "/nonexistent"}, "path='/nonexistent' has no config.json"),
 ])
 def test_local_settings_checked_at_construction(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -882,6 +897,20 @@ def test_prefill_cli_auth_error_is_one_line(endpoint, monkeypatch, tmp_path):
     assert isinstance(message, str) and "\n" not in message
     assert "HTTP 401" in message and "TEST_CLOUD_KEY" in message and "sk-secret-55" not in message
     assert [json.loads(line)["answer"] for line in _lines(cache)] == ["first answer"]
+
+
+def test_a_local_backend_run_is_served_from_its_cache_without_the_model(tmp_path, monkeypatch):
+    """The checkpoint is loaded only when a prompt is not cached: a finished run whose answers
+    are all cached can be evaluated after its cloud checkpoint has moved."""
+    calls = fake_local_model(monkeypatch, lambda prompt: "[007*003=021,021+012=033]")
+    tiny = TinyCountdownTask(n_train=3, n_test=3)
+    path = tmp_path / "c.jsonl"
+    make_cloud({"backend": "local", "path": "/moved/away"}, cache_path=path).ask(
+        tiny, tiny.examples("test"))
+    calls.clear()
+    cloud = make_cloud({"backend": "local", "path": "/moved/away"}, cache_path=path)
+    assert len(cloud.ask(tiny, tiny.examples("test"))) == 3
+    assert cloud.served_from_cache == 3 and calls == {}
 
 
 def test_a_new_backend_needs_only_complete(tmp_path, monkeypatch, capsys):

@@ -122,6 +122,7 @@ def test_paper_math_weights(alpha_c):
 
 @pytest.mark.parametrize("kwargs,needle", [
     ({"alpha_a": 0.2, "alpha_c": 0.4}, "alpha_a > alpha_c"),
+    ({"alpha_a": 0.0, "alpha_c": 0.0}, "alpha_a=0.0 must be > 0"),  # every reward 0: no signal
     ({"alpha_c": -0.1}, "alpha_c=-0.1"),
     ({"alpha_a": -1.0}, "alpha_a=-1.0"),
     ({"alpha_a": float("nan")}, "alpha_a=nan"),

@@ -199,7 +199,7 @@ def test_seeds_are_what_torch_accepts():
     ("task.ops=/", "'ops': '/'"),  # too few distinct problems: the task settings are named
     ("cloud={backend: http}", "cloud backend 'http' needs the argument(s) ['base_url', 'model']"),
     ("cloud={backend: oracle, seed: abc}", "cloud backend 'oracle' with {'seed': 'abc'}"),
-    ("cloud={backend: local, path: /no/such}", "path='/no/such' has no config.json"),
+    ("cloud={backend: local, path: /no/such}", "cloud.path='/no/such' has no config.json"),
     ("cloud={backend: http, base_url: 'http://127.0.0.1:9', model: m, api_key_env: 5}",
      "api_key_env=5 (allowed: the name of an environment variable)"),
     ("cloud={backend: http, base_url: 'http://127.0.0.1:9', model: m, concurrency: abc}",
@@ -720,19 +720,30 @@ def test_failed_cloud_calls_are_reported_on_the_console(tmp_path, capsys):
     assert "evaluation 10/10" in out        # the final evaluation's progress
 
 
-def test_a_refused_api_key_stops_with_one_line_saying_how_to_go_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refuse_from_step, again", [(0, "{run}/config.yaml"),
+                                                     (1, "resume={run}")])
+def test_a_refused_api_key_stops_with_one_line_saying_how_to_go_on(tmp_path, monkeypatch,
+                                                                    refuse_from_step, again):
+    """Refused in step 1 there is no checkpoint yet: start afresh; refused after step 1 (saved
+    with save_every=1): resume."""
     import cloud
+    real_step = train.Trainer.rl_step
 
     def refused(self, task, examples):
         raise cloud.CloudAuthError("HTTP 401 from the cloud: check OPENAI_API_KEY")
-    monkeypatch.setattr(cloud.OracleBackend, "complete", refused)
+
+    def step(self):
+        if self.step >= refuse_from_step:
+            monkeypatch.setattr(cloud.OracleBackend, "complete", refused)
+        return real_step(self)
+    monkeypatch.setattr(train.Trainer, "rl_step", step)
     with pytest.raises(SystemExit) as exc:
-        train.main(tiny_args(tmp_path, "name=key", "rl.steps=2"))
-    text = str(exc.value.code).strip()
+        train.main(tiny_args(tmp_path, "name=key", "rl.steps=3", "save_every=1", "eval.every=0",
+                             "rl.prompts_per_step=8", "rl.group_size=8"))
     run = tmp_path / "runs" / "key"
-    again = (f"resume={run}" if (run / "checkpoint").exists() else f"{run / 'config.yaml'}")
-    assert text == (f"cloud error: HTTP 401 from the cloud: check OPENAI_API_KEY; once fixed, "
-                    f"continue with: python train.py {again}")
+    assert str(exc.value.code).strip() == (
+        "cloud error: HTTP 401 from the cloud: check OPENAI_API_KEY; once fixed, continue with: "
+        "python train.py " + again.format(run=run))
 
 
 def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
@@ -854,4 +865,4 @@ def test_switching_task_or_backend_by_one_key_says_to_replace_the_section(overri
     with pytest.raises(SystemExit) as exc:
         train.main(tiny_args(tmp_path, "name=s", "model.path=" + str(tmp_path), override))
     assert "has no argument(s)" in str(exc.value.code)
-    assert f"to switch, replace the section whole: '{section}'" in str(exc.value.code)
+    assert f"replace the section whole, '{section}'" in str(exc.value.code)
