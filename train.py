@@ -758,7 +758,9 @@ class Trainer:
                               cfg.sampling.max_new_tokens,
                               self.model.config.max_position_embeddings,
                               f"max_position_embeddings of {source}")
-            except ValueError as e:
+            except ConfigError:  # already names the setting at fault
+                raise
+            except ValueError as e:  # the tokenizer's, e.g. no chat format for chat prompts
                 raise ConfigError(f"model.path={cfg.model.path!r}: {e}") from None
         self.sampler_model = self.model
         if cfg.precision == "bf16-mixed":  # a bf16 copy samples; fp32 master weights train
