@@ -7,8 +7,10 @@ also to other processes sharing the file (CloudCache).
 
 Backends share one small interface, `complete(task, examples) -> list[str]`; a backend may put
 an exception in place of a text to report that this one prompt failed (never cached, retried on
-the next run). Backends: OracleBackend (a simulation, for synthetic tasks), HttpBackend
-(OpenAI-compatible /v1/chat/completions on urllib), LocalBackend (a larger local checkpoint).
+the next run); one may also offer `complete_each(task, examples)`, yielding (index, text) as
+each answer arrives, so that Cloud.ask caches it at once (HttpBackend does). Backends:
+OracleBackend (a simulation, for synthetic tasks), HttpBackend (OpenAI-compatible
+/v1/chat/completions on urllib), LocalBackend (a larger local checkpoint).
 A new backend: a class with that method, registered in BACKENDS; its `name` (default: the
 registry key) and `model_name` are stored with each cached answer, and a cache holding answers
 from another name or model_name is refused, so model_name must change whenever the answers would.
