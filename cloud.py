@@ -223,6 +223,13 @@ class CloudCache:
 # ----------------------------------------------------------------------------------------------
 # Backends
 
+def _number(value, kind=float) -> float:
+    """value as a number for a range check, or NaN (which fails every check) when it is not one
+    of `kind` (int: an integer; float: any real number); True / False are not numbers here."""
+    ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    return value if ok else float("nan")
+
+
 class OracleBackend:
     """A SIMULATED strong cloud model for synthetic tasks (not a real LLM): for each prompt it is
     correct with probability p_correct, decided by a generator seeded from
@@ -231,7 +238,7 @@ class OracleBackend:
     name = "oracle"
 
     def __init__(self, p_correct: float = 0.95, seed: int = 0):
-        if not isinstance(p_correct, (int, float)) or isinstance(p_correct, bool) or not 0 <= p_correct <= 1:
+        if not 0 <= _number(p_correct) <= 1:
             raise ValueError(f"oracle p_correct={p_correct!r} must be a number in [0, 1]")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"oracle seed={seed!r} is not allowed; an integer")
@@ -248,13 +255,6 @@ class OracleBackend:
             rng = self.rng_for(task, example)
             texts.append(task.oracle_answer(example, rng.random() < self.p_correct, rng))
         return texts
-
-
-def _number(value, kind=float) -> float:
-    """value as a number for a range check, or NaN (which fails every check) when it is not one
-    of `kind` (int: an integer; float: any real number); True / False are not numbers here."""
-    ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
-    return value if ok else float("nan")
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -423,7 +423,7 @@ class LocalBackend:
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise ValueError(f"local cloud backend: path={path!r} is not allowed; give the checkpoint directory")
         for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _number(value, int) >= 1:
                 raise ValueError(f"local cloud backend: {name}={value!r} is not allowed; an integer >= 1")
         self.path, self.model_name = str(path), str(path)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
