@@ -455,12 +455,17 @@ def step_seed(seed: int, step: int, what: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{what}".encode()).digest()[:8], "little") >> 1
 
 
-def drop_long_prompts(examples: list, tokenizer, max_tokens: int, per_step: int = 1) -> list:
+def prompt_lengths(examples: list, tokenizer) -> dict:
+    """Each prompt's length in tokens, by example key (tokenized once for the two checks below)."""
+    return {ex.key: len(tokenizer.prompt_ids(ex.prompt)) for ex in examples}
+
+
+def drop_long_prompts(examples: list, lengths: dict, max_tokens: int, per_step: int = 1) -> list:
     """The training prompts of at most max_tokens tokens (SPEC 9's max prompt length; 0 = all);
     at least per_step of them (rl.prompts_per_step: a step never takes a prompt twice)."""
     if not max_tokens:
         return examples
-    kept = [ex for ex in examples if len(tokenizer.prompt_ids(ex.prompt)) <= max_tokens]
+    kept = [ex for ex in examples if lengths[ex.key] <= max_tokens]
     if len(kept) < len(examples):
         print(f"sampling.max_prompt_tokens={max_tokens}: left out {len(examples) - len(kept)} of "
               f"{len(examples)} training prompts as longer")
@@ -474,10 +479,10 @@ def drop_long_prompts(examples: list, tokenizer, max_tokens: int, per_step: int 
     return kept
 
 
-def check_context(examples: list, tokenizer, max_new_tokens: int, limit: int, what: str):
+def check_context(examples: list, lengths: dict, max_new_tokens: int, limit: int, what: str):
     """Every prompt plus sampling.max_new_tokens must fit the model's context (`what`=`limit`):
     an error now, not when a long prompt is first sampled."""
-    longest = max(len(tokenizer.prompt_ids(ex.prompt)) for ex in examples)
+    longest = max(lengths[ex.key] for ex in examples)
     need = longest + max_new_tokens
     if limit < need:
         raise ConfigError(f"{what}={limit}: prompts take up to {longest} tokens plus "
@@ -706,11 +711,12 @@ class Trainer:
                 raise ConfigError(f"task {self.task.name!r}: its prompts, stop/banned texts or "
                                   f"warm-start traces use {''.join(unknown)!r}, which are not in "
                                   f"its alphabet {self.task.alphabet!r}")
-            tokenizer = build_char_tokenizer(self.task.alphabet)
-            self.train_examples = drop_long_prompts(self.train_examples, tokenizer,
+            lengths = prompt_lengths(self.train_examples + test,
+                                     build_char_tokenizer(self.task.alphabet))
+            self.train_examples = drop_long_prompts(self.train_examples, lengths,
                                                     cfg.sampling.max_prompt_tokens,
                                                     cfg.rl.prompts_per_step)
-            check_context(self.train_examples + test, tokenizer, cfg.sampling.max_new_tokens,
+            check_context(self.train_examples + test, lengths, cfg.sampling.max_new_tokens,
                           cfg.model.max_position_embeddings, "model.max_position_embeddings")
         elif not cfg.resume and not os.path.isdir(cfg.model.path):
             hint = (" (python scripts/get_smollm2.py makes it)"
@@ -751,10 +757,11 @@ class Trainer:
         self.banned_ids = self.tokenizer.single_token_ids(self.task.banned_texts)
         if cfg.model.path:  # (from scratch: done above, before the warm start)
             try:  # a chat task needs a chat format: a raw-text tokenizer fails here, not in step 1
-                self.train_examples = drop_long_prompts(self.train_examples, self.tokenizer,
+                lengths = prompt_lengths(self.train_examples + test, self.tokenizer)
+                self.train_examples = drop_long_prompts(self.train_examples, lengths,
                                                         cfg.sampling.max_prompt_tokens,
                                                         cfg.rl.prompts_per_step)
-                check_context(self.train_examples + test, self.tokenizer,
+                check_context(self.train_examples + test, lengths,
                               cfg.sampling.max_new_tokens,
                               self.model.config.max_position_embeddings,
                               f"max_position_embeddings of {source}")

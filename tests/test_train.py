@@ -264,16 +264,18 @@ def test_training_prompts_over_max_prompt_tokens_are_left_out(capsys):
     from tasks import Example
     tok = build_char_tokenizer(string.printable)  # one token per character
     examples = [Example(key=p, prompt=p, data={}) for p in ("abc", "abcdef", "ab", "abcd")]
-    assert train.drop_long_prompts(examples, tok, 0) is examples
-    assert [ex.prompt for ex in train.drop_long_prompts(examples, tok, 4)] == ["abc", "ab", "abcd"]
+    lengths = train.prompt_lengths(examples, tok)
+    assert lengths == {"abc": 3, "abcdef": 6, "ab": 2, "abcd": 4}
+    assert train.drop_long_prompts(examples, lengths, 0) is examples
+    assert [ex.prompt for ex in train.drop_long_prompts(examples, lengths, 4)] == ["abc", "ab", "abcd"]
     assert "left out 1 of 4 training prompts" in capsys.readouterr().out
-    assert train.drop_long_prompts(examples, tok, 6) == examples
+    assert train.drop_long_prompts(examples, lengths, 6) == examples
     with pytest.raises(train.ConfigError, match="max_prompt_tokens=1: every training prompt"):
-        train.drop_long_prompts(examples, tok, 1)
-    assert len(train.drop_long_prompts(examples, tok, 4, per_step=3)) == 3
+        train.drop_long_prompts(examples, lengths, 1)
+    assert len(train.drop_long_prompts(examples, lengths, 4, per_step=3)) == 3
     with pytest.raises(train.ConfigError, match=r"max_prompt_tokens=4 leaves 3 training prompts, "
                                                 r"fewer than rl.prompts_per_step=4; .* <= 3"):
-        train.drop_long_prompts(examples, tok, 4, per_step=4)
+        train.drop_long_prompts(examples, lengths, 4, per_step=4)
 
 
 def test_bad_files_and_help(tmp_path, capsys):
