@@ -96,6 +96,32 @@ def test_logits_match_transformers(ours, hf, tok):
     assert (ref - got).abs().max().item() <= 1e-3
 
 
+def test_gradients_match_transformers(smollm2_dir, tok):
+    """The backward pass on the real checkpoint (the CPU smoke run's updates can be skipped when
+    every reward is 0): the gradient of a response's summed log-probabilities, per parameter."""
+    ours = load_pretrained(smollm2_dir).train()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).train()
+    # transformers' embedding has padding_idx = pad_token_id, which drops the input side of that
+    # row's gradient. Here the pad is <|im_end|>, which every chat prompt contains, so that is not
+    # the gradient of the objective; ours is exact. Compare with the exact one.
+    assert hf.model.embed_tokens.padding_idx == tok.pad_id == 2
+    hf.model.embed_tokens.padding_idx = None
+    ids = torch.tensor([tok.encode(tok.apply_chat(user("Using 3, 5 and 7 once each, make 22."))
+                                   + "3 * 5 = 15, 15 + 7 = 22. <answer>3 * 5 + 7</answer>")])
+    T = ids.shape[1]
+    assert (ids == tok.pad_id).sum() >= 2  # <|im_end|> ends the system and the user turn
+
+    def objective(logits):
+        return torch.log_softmax(logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).sum()
+
+    objective(hf(ids).logits).backward()
+    objective(ours(ids, torch.arange(T)[None])).backward()
+    hf_grads = dict(hf.named_parameters())
+    for n, p in ours.named_parameters():
+        ref = hf_grads["model." + n].grad  # tied: the embedding's gradient includes the head's
+        assert (p.grad - ref).abs().max().item() <= 1e-3 * max(1.0, ref.abs().max().item()), n
+
+
 def test_greedy_ragged_batch_equals_transformers_and_stops_at_im_end(ours, hf, tok):
     # prompts of 32..42 tokens (default system message included); three answer and stop within
     # 48 tokens, one runs to the limit. Chosen with top-1/top-2 logit margins >= 0.03 along the
