@@ -436,3 +436,32 @@ def test_a_listed_rule_without_a_branch_is_an_error_not_another_rule(monkeypatch
     with pytest.raises(NotImplementedError, match="'uncapped' is in FILTER_RULES"):
         algo.filter_prompts(rewards > 0.5, torch.tensor([True]), help, 0.5, "uncapped",
                             rewards=rewards)
+
+
+def test_evaluation_decodes_greedily():
+    """SPEC 7 evaluates the greedy policy: every token of every evaluated response is the argmax
+    of a full forward pass over the prompt and the response so far (a sampled decode would be
+    just as repeatable, since its seed is fixed, so repeatability proves nothing)."""
+    from algo import evaluate_policy
+    from cloud import NoCloud
+    from model import ModelConfig, Transformer, build_char_tokenizer
+    from tasks import make_task
+    task = make_task("tiny_countdown", n_train=4, n_test=12)
+    tok = build_char_tokenizer(task.alphabet)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, max_position_embeddings=64,
+                                    eos_token_id=1)).init_weights(3, std=0.5).eval()
+    examples = task.examples("test")
+    _, out = evaluate_policy(model, tok, task, examples, NoCloud(), 0.3, max_new_tokens=20,
+                             batch_size=5)
+    checked = 0
+    for ex, text in zip(examples, out["text"]):
+        prompt, response = tok.prompt_ids(ex.prompt), tok.encode(text)
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logits = model(ids, torch.arange(ids.shape[1])[None])[0]
+        for j, token in enumerate(response):
+            assert int(logits[len(prompt) + j - 1].argmax()) == token
+            checked += 1
+    assert checked >= 5 * len(examples)  # responses long enough for the check to bite

@@ -793,3 +793,24 @@ def test_a_refused_api_key_is_a_one_line_error(tmp_path, monkeypatch):
     assert exit_message([run, "--n", "4", "--router-n", "0"]) == (
         "eval error: HTTP 401 from the cloud: check the environment variable OPENAI_API_KEY "
         "(it is NOT set)")
+
+
+def test_the_router_learns_which_prompts_the_device_gets_right(tmp_path, monkeypatch, one_thread):
+    """SPEC 8.4: the router's label is "the base model answers this prompt right by itself".
+    A stand-in base model gets exactly the prompts whose first number is below 10 right; the
+    router trained on those labels must rank test prompts the same way (AUROC against the
+    device's test answers well above 0.5; inverted labels would put it well below)."""
+    run = write_run(tmp_path, "tuned", False, seed=2)
+
+    def fake_evaluate_policy(model, tok, task, examples, cloud, budget, *a, **k):
+        local = torch.tensor([ex.data["numbers"][0] < 10 for ex in examples])
+        help = torch.zeros(len(examples), dtype=torch.bool)
+        return capped_metrics(help, local, help, budget), {"help": help, "local_ok": local}
+
+    monkeypatch.setattr(ev.algo, "evaluate_policy", fake_evaluate_policy)
+    res = ev.evaluate_runs([run], n=30, budget=0.3, router_n=60, router_steps=150)
+    train_examples = make_task("tiny_countdown", n_numbers=3, number_range=[1, 20], ops="+-*",
+                               n_train=60, n_test=30, seed=0).examples("train")
+    share_right = sum(ex.data["numbers"][0] < 10 for ex in train_examples) / 60
+    assert res.router["train_positive_rate"] == pytest.approx(share_right)
+    assert res.router["auroc_test"] > 0.8
