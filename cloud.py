@@ -310,6 +310,9 @@ class HttpBackend:
         self.timeout, self.retries, self.concurrency = float(timeout), int(retries), int(concurrency)
         self.backoff, self.max_wait = float(backoff), float(max_wait)
         self.sleep = time.sleep  # replaceable in tests
+        if not os.environ.get(api_key_env):  # fine for a local server; a forgotten key shows now
+            print(f"note: http cloud: the environment variable {api_key_env} is not set, so "
+                  f"requests to {self.url} carry no API key", file=sys.stderr)
 
     def _scrub(self, text: str, key: str | None) -> str:
         """text for an error message: the key hidden, on one line."""
@@ -608,39 +611,46 @@ def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Prefill the cloud answer cache for a dataset split.")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--backend", default="oracle", choices=sorted(BACKENDS))
-    p.add_argument("--cache", default="runs/cloud_cache.jsonl", help="cache file (JSONL)")
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="the task, as task.name")
+    p.add_argument("--split", default="train", choices=["train", "test"],
+                   help="which split (default %(default)s)")
+    p.add_argument("--backend", default="oracle", choices=sorted(BACKENDS),
+                   help="as cloud.backend (default %(default)s)")
+    p.add_argument("--cache", default="runs/cloud_cache.jsonl", help="cache file (JSONL) (default %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--chunk", type=int, default=64,
                    help="prompts per backend call, cached after each (http: each answer is cached as it "
-                        "arrives, concurrency at a time)")
-    # task options
-    p.add_argument("--data-train", help="math: train JSONL")
-    p.add_argument("--data-test", help="math: test JSONL")
-    p.add_argument("--math-kind", default="math", choices=["math", "gsm8k"])
-    p.add_argument("--n-train", type=int)
-    p.add_argument("--n-test", type=int)
-    p.add_argument("--task-seed", type=int)
-    # backend options
-    p.add_argument("--p-correct", type=float, default=0.95, help="oracle")
-    p.add_argument("--seed", type=int, default=0, help="oracle")
+                        "arrives, concurrency at a time; default %(default)s)")
+    # task options (as the run's task section sets them)
+    p.add_argument("--data-train", help="math: train JSONL (task.path_train)")
+    p.add_argument("--data-test", help="math: test JSONL (task.path_test)")
+    p.add_argument("--math-kind", default="math", choices=["math", "gsm8k"],
+                   help="math: task.kind (default %(default)s)")
+    p.add_argument("--n-train", type=int, help="countdown tasks: task.n_train (default: the task's)")
+    p.add_argument("--n-test", type=int, help="countdown tasks: task.n_test")
+    p.add_argument("--task-seed", type=int, help="countdown tasks: task.seed")
+    # backend options (as the run's cloud section sets them)
+    p.add_argument("--p-correct", type=float, default=0.95, help="oracle (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="oracle (default %(default)s)")
     p.add_argument("--base-url", help="http")
     p.add_argument("--model", help="http: model name")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="http: NAME of the env var holding the key")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--timeout", type=float, default=60)
-    p.add_argument("--retries", type=int, default=5)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="http: NAME of the env var holding the key (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="http (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="http (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=60, help="http: seconds per request (default %(default)s)")
+    p.add_argument("--retries", type=int, default=5, help="http (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8, help="http: requests at a time (default %(default)s)")
     p.add_argument("--path", help="local: checkpoint directory")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="local")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="local (default %(default)s)")
     args = p.parse_args(argv)
     if args.chunk < 1:
         p.error(f"--chunk {args.chunk} is not allowed: an integer >= 1")
     if args.limit is not None and args.limit < 0:
         p.error(f"--limit {args.limit} is not allowed: an integer >= 0")
+    if args.task == "math" and not getattr(args, f"data_{args.split}"):
+        p.error(f"--task math --split {args.split} needs --data-{args.split}: the {args.split} JSONL "
+                f"(the run's task.path_{args.split})")
     if args.backend == "local" and not args.path:
         p.error("--backend local needs --path: the checkpoint directory of the cloud model")
     if args.backend == "local" and args.max_new_tokens < 1:

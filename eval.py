@@ -924,12 +924,12 @@ def write_outputs(res: Results, out_dir, command):
         mine = [path] if path in label_of else []
         png = write_curves(res, path, baseline_curves + [label_of[p] for p in mine])
         atomic_write_text(os.path.join(path, "report.md"), report_markdown(res, mine, png, command))
-        written.append(os.path.join(path, "report.md"))
+        written += [os.path.join(path, f) for f in ("report.md", "curve.csv", png) if f]
     os.makedirs(out_dir, exist_ok=True)
     png = write_curves(res, out_dir, baseline_curves + [label_of[p] for p in policy_paths])
     atomic_write_text(os.path.join(out_dir, "report.md"),
                       report_markdown(res, policy_paths, png, command))
-    written.append(os.path.join(out_dir, "report.md"))
+    written += [os.path.join(out_dir, f) for f in ("report.md", "curve.csv", png) if f]
     return written
 
 
@@ -960,7 +960,8 @@ def main(argv=None):
                    help="router training steps, >= 1 (default: 400 for a from-scratch device "
                         "model's tiny transformer, 300 for a pretrained model's probe)")
     p.add_argument("--seed", type=int, default=0,
-                   help="naive offloading's draw and the router's init, in [0, 2**64 - 1]")
+                   help="naive offloading's draw and the router's init, in [0, 2**64 - 1] "
+                        "(default 0)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     args = p.parse_args(argv)

@@ -405,11 +405,18 @@ def test_http_success(endpoint, monkeypatch):
     assert request["body"] == {"model": "cloud-model", "messages": MESSAGES, "temperature": 0.0, "max_tokens": 64}
 
 
-def test_http_no_key_sends_no_header(endpoint, monkeypatch):
+def test_http_no_key_sends_no_header(endpoint, monkeypatch, capsys):
+    """Allowed (a local server needs no key), but said when the backend is made, so a forgotten
+    key shows before the first request rather than as a 401 after a model has loaded."""
     monkeypatch.delenv("TEST_CLOUD_KEY", raising=False)
     endpoint.script = [ok("hi")]
-    assert make_backend(endpoint.url).chat(MESSAGES) == "hi"
+    backend = make_backend(endpoint.url)
+    assert "TEST_CLOUD_KEY is not set" in capsys.readouterr().err
+    assert backend.chat(MESSAGES) == "hi"
     assert "Authorization" not in endpoint.requests[0]["headers"]
+    monkeypatch.setenv("TEST_CLOUD_KEY", "sk-test-123")
+    make_backend(endpoint.url)
+    assert "not set" not in capsys.readouterr().err
 
 
 def test_http_500_then_success(endpoint):
@@ -591,7 +598,6 @@ def test_local_backend_with_fake_model(monkeypatch, task, ckpt):
     (["--task", "tiny_countdown", "--p-correct", "2"], "oracle p_correct=2.0 must be a number"),
     (["--task", "tiny_countdown", "--backend", "http"], "http cloud backend needs base_url"),
     (["--task", "tiny_countdown", "--n-test", "-1"], "n_test=-1 must be an integer >= 0"),
-    (["--task", "math"], "MathTask has no train file"),
 ])
 def test_prefill_cli_errors_are_one_line(tmp_path, args, message):
     import cloud
@@ -601,6 +607,14 @@ def test_prefill_cli_errors_are_one_line(tmp_path, args, message):
     with pytest.raises(SystemExit) as e:  # argparse: usage, status 2
         cloud.main(["--task", "tiny_countdown", "--chunk", "0"])
     assert e.value.code == 2
+
+
+def test_prefill_cli_names_its_own_option_for_a_missing_math_file(capsys):
+    import cloud
+    with pytest.raises(SystemExit) as e:  # argparse: usage, status 2
+        cloud.main(["--task", "math", "--split", "test", "--data-train", "t.jsonl"])
+    assert e.value.code == 2
+    assert "--task math --split test needs --data-test" in capsys.readouterr().err
 
 
 def test_prefill_cli_fills_the_cache(tmp_path, capsys):

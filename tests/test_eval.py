@@ -327,6 +327,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     ev.main([policy, tuned, "--budget", "0.25", "--router-n", "40", "--router-steps", "5"])
     printed = capsys.readouterr().out
     assert "oracle router" in printed
+    wrote = printed.splitlines()[-1]
+    for f in ("eval.json", "report.md", "curve.csv"):  # the policy's (the combined report's)
+        assert os.path.join(policy, f) in wrote and os.path.join(tuned, f) in wrote
     report = open(os.path.join(policy, "report.md")).read()
     for text in ("| method | call ratio | local acc | cond. local acc | acc capped | acc uncapped | APGR",
                  "cloud only", "task-tuning only (tuned)", "naive offloading", "router", "oracle",
