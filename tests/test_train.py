@@ -1,5 +1,6 @@
 """train.py: a tiny end-to-end run, config and setup errors, exact resume after a crash, a
 crash mid-save or Ctrl-C, the non-finite guard."""
+import dataclasses
 import json
 import os
 import re
@@ -867,3 +868,141 @@ def test_switching_task_or_backend_by_one_key_says_to_replace_the_section(overri
         train.main(tiny_args(tmp_path, "name=s", "model.path=" + str(tmp_path), override))
     assert "has no argument(s)" in str(exc.value.code)
     assert f"replace the section whole, '{section}'" in str(exc.value.code)
+
+
+# ----------------------------------------------------------------------------- rl_step's wiring
+# rl_step hands the CONFIGURED rl.algo, rl.rho and rl.filter to group_advantages / filter_prompts,
+# updates on the filter's S, and steps the optimizer once. Scripted verdicts (below) replace the
+# rollout's, so S and the coefficients are known by hand; the sampled tokens stay real, so the
+# update runs through the model as in training.
+
+# Eight prompts, G = 4. Rewards as SPEC 3 v3 gives them (alpha_a = 1, alpha_c = 0.25).
+T, F = True, False
+SCRIPT = [  # (local_ok, help, cloud_ok, cloud_failed, rewards)
+    ([T, F, F, F], [F, F, F, F], F, F, [1, 0, 0, 0]),              # 0: D1, mixed
+    ([T, T, F, F], [F, F, T, T], T, F, [1, 1, 0.25, 0.25]),        # 1: D1, mixed
+    ([T, T, T, T], [F, F, F, F], F, F, [1, 1, 1, 1]),              # 2: D1 all correct (not mixed)
+    ([F, F, F, F], [T, F, F, F], T, F, [0.25, 0, 0, 0]),           # 3: D2 candidate
+    ([F, F, F, F], [T, T, F, F], T, F, [0.25, 0.25, 0, 0]),        # 4: D2 candidate
+    ([F, F, F, F], [T, F, F, F], F, F, [0, 0, 0, 0]),              # 5: help, cloud wrong: neither
+    ([F, F, F, F], [F, F, F, F], F, F, [0, 0, 0, 0]),              # 6: all wrong: neither
+    ([T, F, F, F], [F, T, F, F], F, T, [1, 0, 0, 0]),              # 7: cloud call failed: left out
+]
+Z = [0, 0, 0, 0]
+# gapg: (r_i - rbar) / (G - 1), G - 1 = 3
+GAPG = [[1 / 4, -1 / 12, -1 / 12, -1 / 12],   # rbar 1/4: (3/4, -1/4) / 3
+        [1 / 8, 1 / 8, -1 / 8, -1 / 8],       # rbar 5/8: (+-3/8) / 3
+        Z,                                    # all equal: 0
+        [1 / 16, -1 / 48, -1 / 48, -1 / 48],  # rbar 1/16: (3/16, -1/16) / 3
+        [1 / 24, 1 / 24, -1 / 24, -1 / 24],   # rbar 1/8: (+-1/8) / 3
+        Z, Z,
+        [1 / 4, -1 / 12, -1 / 12, -1 / 12]]   # as prompt 0 (S leaves it out, not the coefficients)
+# dr_grpo: r_i - rbar
+DR_GRPO = [[3 / 4, -1 / 4, -1 / 4, -1 / 4], [3 / 8, 3 / 8, -3 / 8, -3 / 8], Z,
+           [3 / 16, -1 / 16, -1 / 16, -1 / 16], [1 / 8, 1 / 8, -1 / 8, -1 / 8], Z, Z,
+           [3 / 4, -1 / 4, -1 / 4, -1 / 4]]
+# grpo: (r_i - rbar) / std, std with Bessel's correction:
+#   prompt 0: var = (9/16 + 3/16) / 3 = 1/4, std 1/2        -> (3/4, -1/4) / (1/2) = (3/2, -1/2)
+#   prompt 1: var = 4 (3/8)^2 / 3 = 3/16, std sqrt(3)/4     -> (3/8) / (sqrt(3)/4) = sqrt(3)/2
+#   prompt 3: var = (9/256 + 3/256) / 3 = 1/64, std 1/8     -> (3/16, -1/16) * 8 = (3/2, -1/2)
+#   prompt 4: var = 4 (1/8)^2 / 3 = 1/48, std 1/(4 sqrt(3)) -> (1/8) 4 sqrt(3) = sqrt(3)/2
+S3 = 3 ** 0.5 / 2
+GRPO = [[3 / 2, -1 / 2, -1 / 2, -1 / 2], [S3, S3, -S3, -S3], Z, [3 / 2, -1 / 2, -1 / 2, -1 / 2],
+        [S3, S3, -S3, -S3], Z, Z, [3 / 2, -1 / 2, -1 / 2, -1 / 2]]
+# da_grpo with lambda = 1/2: (r_i - rbar) - 1/2 (c_i - cbar), c_i = 1 for a help call
+DA_GRPO = [[3 / 4, -1 / 4, -1 / 4, -1 / 4],     # no help call: as dr_grpo
+           [5 / 8, 5 / 8, -5 / 8, -5 / 8],      # c - cbar = (-1/2, -1/2, 1/2, 1/2): 3/8 + 1/4
+           Z,                                   # no help call, equal rewards
+           [-3 / 16, 1 / 16, 1 / 16, 1 / 16],   # c - cbar = (3/4, -1/4): 3/16 - 3/8, -1/16 + 1/8
+           [-1 / 8, -1 / 8, 1 / 8, 1 / 8],      # c - cbar = (+-1/2): 1/8 - 1/4
+           [-3 / 8, 1 / 8, 1 / 8, 1 / 8],       # rewards equal; c - cbar = (3/4, -1/4) times -1/2
+           Z,
+           [7 / 8, -5 / 8, -1 / 8, -1 / 8]]     # c - cbar = (-1/4, 3/4, -1/4, -1/4): 3/4 + 1/8, ...
+
+
+@pytest.fixture(scope="module")
+def wiring_warm(tmp_path_factory):
+    """One warm start, cached, that the wiring tests' Trainers reuse (rl settings are not in its
+    cache key)."""
+    root = tmp_path_factory.mktemp("wiring")
+    train.Trainer(train.load_config(tiny_args(root, "name=warm")))
+    return root / "warm"
+
+
+def scripted_trainer(tmp_path, warm, monkeypatch, *overrides):
+    """A Trainer of 8 prompts x G = 4 whose rollouts carry SCRIPT's verdicts and rewards, and a
+    spy on algo.update_policy (as train.py calls it) recording coef, selected and the gradient
+    it left, then the list of those records."""
+    trainer = train.Trainer(train.load_config(tiny_args(
+        tmp_path, "name=wiring", "rl.prompts_per_step=8", "rl.group_size=4",
+        f"warm_start.cache_dir={warm}", *overrides)))
+    real_rollout, real_update, seen = algo.rollout, algo.update_policy, []
+
+    def scripted(*args, **kwargs):
+        ro = real_rollout(*args, **kwargs)
+        assert ro.help.shape == (8, 4)
+        local_ok, help, cloud_ok, failed, rewards = zip(*SCRIPT)
+        help = torch.tensor(help)
+        return dataclasses.replace(
+            ro, local_ok=torch.tensor(local_ok), help=help, cloud_ok=torch.tensor(cloud_ok),
+            cloud_asked=help.any(dim=1), cloud_failed=torch.tensor(failed),
+            rewards=torch.tensor(rewards, dtype=torch.float32), components={})
+
+    def spy(model, ro, coef, selected, *args, **kwargs):
+        loss = real_update(model, ro, coef, selected, *args, **kwargs)
+        seen.append({"coef": coef.detach().cpu().clone(), "selected": selected.tolist(),
+                     "grad": {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                              if p.grad is not None}})
+        return loss
+
+    monkeypatch.setattr(algo, "rollout", scripted)
+    monkeypatch.setattr(algo, "update_policy", spy)
+    return trainer, seen
+
+
+@pytest.mark.parametrize("algo_kind, rule, rho, extra, selected, coef", [
+    # any_correct: D1 = {0, 1, 2}; D2 candidates {3, 4}
+    ("gapg", "any_correct", "1/4", [], [0, 1, 2], GAPG),              # cap floor(3/4) = 0
+    ("gapg", "any_correct", "1", [], [0, 1, 2, 3, 4], GAPG),          # cap 3 >= 2: both kept
+    ("dr_grpo", "any_correct", "1", [], [0, 1, 2, 3, 4], DR_GRPO),
+    ("da_grpo", "any_correct", "1", ["rl.dual_init=0.5"], [0, 1, 2, 3, 4], DA_GRPO),
+    # mixed: D1 = {0, 1} (the all-correct group 2 drops out)
+    ("grpo", "mixed", "1", [], [0, 1, 3, 4], GRPO),                   # cap 2 >= 2: both kept
+    ("dr_grpo", "mixed", "1/4", [], [0, 1], DR_GRPO),                 # cap floor(2/4) = 0
+])
+def test_rl_step_uses_the_configured_algo_rho_and_filter(tmp_path, wiring_warm, monkeypatch,
+                                                         algo_kind, rule, rho, extra, selected,
+                                                         coef):
+    """SPEC 5-6 as configured, not as defaulted: the update gets rl.algo's coefficients (worked
+    by hand above) and S = D1 u D2 of rl.filter under rl.rho's cap floor(rho |D1|). Each rho
+    makes the cap forced (0, or at least the 2 candidates), and the default 3/7 would give
+    another S (cap floor(9/7) = 1 for any_correct). Prompts 5 and 6 (cloud did not fail) and
+    7 (failed, excluded) are never in S."""
+    trainer, seen = scripted_trainer(tmp_path, wiring_warm, monkeypatch, f"rl.algo={algo_kind}",
+                                     f"rl.filter={rule}", f"rl.rho={rho}", *extra)
+    row = trainer.rl_step()
+    assert len(seen) == 1 and seen[0]["selected"] == selected
+    assert torch.allclose(seen[0]["coef"], torch.tensor(coef, dtype=torch.float32),
+                          rtol=1e-4, atol=1e-6)
+    n_d1 = 3 if rule == "any_correct" else 2
+    assert row["filter/d1"] == n_d1 and row["filter/d2_candidates"] == 2
+    assert row["filter/d2"] == len(selected) - n_d1
+    assert row["filter/selected"] == len(selected) and row["filter/cloud_failed"] == 1
+    assert row["train/skipped"] == ""
+
+
+def test_rl_step_steps_the_optimizer_once_on_the_update_gradient(tmp_path, wiring_warm,
+                                                                  monkeypatch):
+    """SPEC 5: one optimizer step per freshly sampled batch. With plain SGD (no weight decay, no
+    clipping) the weights move by exactly -lr * the gradient update_policy accumulated; lr = 1/2,
+    a power of two, so lr * grad is exact and the check is torch.equal."""
+    trainer, seen = scripted_trainer(tmp_path, wiring_warm, monkeypatch, "rl.optimizer=sgd",
+                                     "rl.lr=0.5", "rl.rho=1")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    row = trainer.rl_step()
+    assert row["train/skipped"] == "" and len(seen) == 1
+    grad = seen[0]["grad"]
+    assert grad and max(float(g.abs().max()) for g in grad.values()) > 1e-3  # a real step
+    for n, p in trainer.model.named_parameters():
+        expected = before[n] - 0.5 * grad[n] if n in grad else before[n]
+        assert torch.equal(p.detach(), expected), n
