@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 import algo
-import train
 from cloud import CloudError, NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write, atomic_write_text, check_writable,
                    load_pretrained, load_tokenizer, resolve_device)
@@ -408,13 +408,13 @@ class Run:
 
     @property
     def from_scratch(self):
-        return not self.cfg["model"]["path"]
+        return not (self.cfg.get("model") or {}).get("path")
 
     @property
     def label(self):
-        rl = self.cfg["rl"]
-        extra = ", no filter" if rl["filter"] == "none" else ""
-        return f"{self.name} ({rl['algo']}{extra})"
+        rl = self.cfg.get("rl") or {}
+        extra = ", no filter" if rl.get("filter") == "none" else ""
+        return f"{self.name} ({rl.get('algo', '?')}{extra})"
 
     def model(self):
         if self._model is None:
@@ -449,11 +449,26 @@ def load_run(path, device) -> Run:
         if not os.path.isfile(os.path.join(checkpoint_dir(path), name)):
             raise FileNotFoundError(f"{path}: no checkpoint/{name} (train.py writes the checkpoint "
                                     "every save_every steps and at the end; is the run finished?)")
-    try:  # read as train.py reads it: the same defaults for keys a hand-written file leaves out
-        cfg = train.config_dict(train.load_config([config]))
-    except train.ConfigError as e:
-        message = str(e)
-        raise ValueError(message if config in message else f"{config}: {message}") from None
+    try:
+        with open(config) as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or e
+        raise ValueError(f"{config} is not valid YAML: {problem}{where}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config} is not a train.py config (a mapping of sections)")
+    for key in ("model", "task", "cloud", "sampling", "eval"):
+        if not isinstance(cfg.get(key), dict):
+            raise ValueError(f"{config}: section {key!r} is missing")
+    if not isinstance(cfg["task"].get("name"), str):
+        raise ValueError(f"{config}: task.name is missing (the task's name, e.g. countdown)")
+    for section, key, default in (("sampling", "max_new_tokens", None),
+                                  ("eval", "batch_size", 256)):
+        v = cfg[section].get(key, default)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"{config}: {section}.{key}={v!r} is not allowed: an integer >= 1")
     task = make_task(**cfg["task"])
     cloud = make_cloud(dict(cfg["cloud"]), cache_path=os.path.join(path, "cloud_cache.jsonl"))
     cloud.failed = {}  # a prompt whose call failed keeps that verdict for the whole report
@@ -504,7 +519,7 @@ def _training_note(run) -> str | None:
                 step = json.loads(line).get("train/step", step)
     except (OSError, ValueError):
         pass
-    steps = run.cfg["rl"]["steps"]
+    steps = (run.cfg.get("rl") or {}).get("steps", "?")
     if not os.path.isfile(os.path.join(run.path, "final_eval.json")):
         return (f"{run.path} has not finished training (logged up to step {step} of {steps}); "
                 "its last checkpoint is evaluated")
@@ -554,13 +569,23 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
             raise ValueError(f"{r.path} and {first.path} use different tasks ({_task_key(r.cfg)} vs "
                              f"{_task_key(first.cfg)}); runs in one table must share the task")
     config = os.path.join(first.path, "config.yaml")   # where budget and n come from by default
-    if budget is None:  # checked by train.py's rules, and a null one resolved to rho / (1 + rho)
-        budget = first.cfg["eval"]["budget"]
+    if budget is None:
+        budget = first.cfg["eval"].get("budget")
+        if budget is None:  # absent or null: rho / (1 + rho), as train.py resolves it
+            rho = (first.cfg.get("rl") or {}).get("rho", algo.DEFAULT_RHO)
+            if not (isinstance(rho, (int, float)) and not isinstance(rho, bool)
+                    and 0 <= rho < float("inf")):
+                raise ValueError(f"{config}: rl.rho={rho!r} is not allowed: a finite number >= 0 "
+                                 "(eval.budget is unset, so the budget is rho / (1 + rho))")
+            budget = algo.cloud_share(rho)
+        _check_budget(budget, f"{config}: eval.budget")
     budget = float(budget)
     all_examples = first.task.examples(split)
     n_name = "--n" if n is not None else f"{config}: eval.n"
     if n is None:
-        n = first.cfg["eval"]["n"]
+        n = first.cfg["eval"].get("n", 0)
+        if not (isinstance(n, int) and not isinstance(n, bool)):
+            raise ValueError(f"{n_name}={n!r} is not allowed: a count of prompts >= 0")
     if n < 0 or n > len(all_examples):
         raise ValueError(f"{n_name}={n} is not allowed: the {split} split has "
                          f"{len(all_examples)} examples (0 = all of them)")
@@ -639,7 +664,7 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
     the router (labels from the base model's greedy answers on the train split), the oracle."""
     n, cap = len(examples), algo.cloud_cap(len(examples), budget)
     model, tok = base.model(), base.tokenizer()
-    max_new, batch = base.cfg["sampling"]["max_new_tokens"], base.cfg["eval"]["batch_size"]
+    max_new, batch = base.cfg["sampling"]["max_new_tokens"], base.cfg["eval"].get("batch_size", 256)
     res.settings["models"][base.path] = _describe(base, model)
     m, out = algo.evaluate_policy(model, tok, base.task, examples, NoCloud(), budget, max_new,
                                   batch, lambda d, t: progress(f"{base.name}: greedy", d, t))
@@ -716,7 +741,7 @@ def evaluate_policy_run(res, run, examples, budget, progress):
     max_new = run.cfg["sampling"]["max_new_tokens"]
     calls_before = run.cloud.calls_made
     m, out = algo.evaluate_policy(model, tok, run.task, examples, run.cloud, budget, max_new,
-                                  run.cfg["eval"]["batch_size"],
+                                  run.cfg["eval"].get("batch_size", 256),
                                   lambda d, t: progress(f"{run.name}: greedy", d, t))
     help = out["help"].numpy()
     local = out["local_ok"].numpy() & ~help
@@ -743,7 +768,7 @@ def evaluate_policy_run(res, run, examples, budget, progress):
 
 
 def _describe(run, model):
-    source = run.cfg["model"]["path"] or "trained from scratch"
+    source = run.cfg["model"].get("path") or "trained from scratch"
     return f"{source}, {model.num_params() / 1e6:.2f}M parameters, {run.checkpoint}"
 
 
