@@ -616,7 +616,8 @@ def main(argv=None) -> int:
                    help="which split (default %(default)s)")
     p.add_argument("--backend", default="oracle", choices=sorted(BACKENDS),
                    help="as cloud.backend (default %(default)s)")
-    p.add_argument("--cache", default="runs/cloud_cache.jsonl", help="cache file (JSONL) (default %(default)s)")
+    p.add_argument("--cache", default="runs/cloud_cache.jsonl",
+                   help="cache file (JSONL) (default %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--chunk", type=int, default=64,
                    help="prompts per backend call, cached after each (http: each answer is cached as it "
@@ -638,9 +639,11 @@ def main(argv=None) -> int:
                    help="http: NAME of the env var holding the key (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="http (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=2048, help="http (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=60, help="http: seconds per request (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=60,
+                   help="http: seconds per request (default %(default)s)")
     p.add_argument("--retries", type=int, default=5, help="http (default %(default)s)")
-    p.add_argument("--concurrency", type=int, default=8, help="http: requests at a time (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="http: requests at a time (default %(default)s)")
     p.add_argument("--path", help="local: checkpoint directory")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="local (default %(default)s)")
     args = p.parse_args(argv)
