@@ -98,11 +98,17 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
         raise ValueError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
     if check_every < 1:
         raise ValueError(f"check_every={check_every} must be >= 1 (steps between finished checks)")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 (got {temperature}), top_k >= 0 (got {top_k}), "
-                         f"0 < top_p <= 1 (got {top_p})")
+    # a temperature below 1e-6 (or nan / inf) would overflow logits / T into NaN: use 0, greedy
+    if not (temperature == 0 or 1e-6 <= temperature < float("inf")) or top_k < 0 \
+            or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature 0 (greedy) or a finite number >= 1e-6 (got "
+                         f"{temperature}), top_k >= 0 (got {top_k}), 0 < top_p <= 1 (got {top_p})")
     V = model.config.vocab_size
-    if set(banned_ids).issuperset(range(V)):
+    stop_ids, banned_ids = {int(i) for i in stop_ids}, {int(i) for i in banned_ids}
+    outside = sorted(i for i in banned_ids if not 0 <= i < V)
+    if outside:
+        raise ValueError(f"banned_ids {outside} are not token ids of this model (0..{V - 1})")
+    if len(banned_ids) == V:
         raise ValueError(f"banned_ids cover the whole vocabulary (vocab_size={V}): nothing is left "
                          f"to sample; ban at most {V - 1} of the ids 0..{V - 1}")
     param = next(model.parameters())
@@ -114,8 +120,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
         raise ValueError(f"longest prompt ({Lp}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     generator = torch.Generator(device).manual_seed(seed)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long, device=device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    banned = torch.tensor(sorted(banned_ids), dtype=torch.long, device=device)
 
     # prefill each distinct prompt once; its n samples then share that cache (the last sampled
     # token is never fed back, so the per-row cache needs max_new_tokens - 1 columns)

@@ -309,6 +309,11 @@ def test_a_uniform_of_exactly_zero_never_picks_a_token_of_probability_zero(monke
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, r"top_k >= 0 \(got -1\)"),
     ({"temperature": -0.5}, "temperature"),
+    ({"temperature": float("nan")}, r"temperature 0 \(greedy\) or a finite number >= 1e-6 \(got nan\)"),
+    ({"temperature": float("inf")}, r"\(got inf\)"),
+    ({"temperature": 1e-38}, r"\(got 1e-38\)"),      # logits / T would overflow into NaN
+    ({"banned_ids": [-1]}, r"banned_ids \[-1\] are not token ids of this model \(0..60\)"),
+    ({"banned_ids": [61]}, r"banned_ids \[61\] are not"),
     ({"n": 0}, "n=0"),
     ({"max_new_tokens": 0}, "max_new_tokens=0"),
 ])
@@ -330,6 +335,8 @@ def test_banning_the_whole_vocabulary_is_an_error():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"whole vocabulary \(vocab_size=61\)"):
         generate(model, [[1, 2]], max_new_tokens=4, banned_ids=range(61))
+    with pytest.raises(ValueError, match="whole vocabulary"):  # a tensor's ids are ids too
+        generate(model, [[1, 2]], max_new_tokens=4, banned_ids=torch.arange(61))
     # one token left: it is the only one drawn, with probability 1 (log-prob 0)
     for temperature in (1.0, 0):
         out = generate(model, [[1, 2]], n=3, max_new_tokens=4, temperature=temperature,
