@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -782,7 +783,11 @@ class Trainer:
         self.time_limited = False  # stopped by rl.time_limit_min: finished (README)
         self.stopped_by = signal.SIGINT  # the signal that stops train(): SIGINT or SIGTERM
         if cfg.resume:
-            state = torch.load(os.path.join(source, "trainer_state.pt"), weights_only=False)
+            try:  # weights_only: tensors, numbers and containers; a pickled object is refused
+                state = torch.load(os.path.join(source, "trainer_state.pt"), weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+                raise ConfigError(f"cannot resume from {source}/trainer_state.pt: "
+                                  f"{' '.join(str(e).split())[:300]}") from None
             self.opt.load_state_dict(state["optimizer"])
             self.step, self.dual = state["step"], state["dual"]
             # finished by the time limit only under the settings it stopped with: raising rl.steps

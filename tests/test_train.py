@@ -337,10 +337,35 @@ def test_resume_is_exact(tmp_path, straight, monkeypatch):
     assert exc.value.code == 130
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # train() restored it
     run = tmp_path / "runs" / "crashed"
-    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(train.Trainer, "rl_step", real_step)
     train.main([f"resume={run}"])
     assert_continued_exactly(run, straight)
+
+
+class _TouchOnLoad:
+    """Unpickling this would create `path`: stands in for code hidden in a shared run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_resume_refuses_a_trainer_state_that_carries_code(tmp_path, straight):
+    """trainer_state.pt is read with weights_only: tensors, numbers and containers. A run
+    directory from elsewhere cannot run code through it; the resume stops with one line."""
+    run = tmp_path / "shared"
+    shutil.copytree(straight / "runs" / "straight", run)
+    marker = tmp_path / "code_ran"
+    state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)
+    torch.save({**state, "step": _TouchOnLoad(str(marker))}, run / "checkpoint" / "trainer_state.pt")
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"resume={run}"])
+    assert str(exc.value.code).startswith(f"config error: cannot resume from {run / 'checkpoint'}")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
@@ -360,7 +385,7 @@ def test_ctrl_c_saves_after_the_current_step(tmp_path, straight, monkeypatch, ca
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
     run = tmp_path / "runs" / "ctrl_c"
     assert f"stopped by {name}: checkpoint saved at step 3" in capsys.readouterr().out
-    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 3
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 3
     assert [r["train/step"] for r in read_rows(run)] == [1, 2, 3]
     monkeypatch.setattr(train.Trainer, "rl_step", real_step)
     train.main([f"resume={run}"])
@@ -394,7 +419,7 @@ def test_a_crash_mid_save_never_loses_the_checkpoint(tmp_path, straight, monkeyp
     crash_on_swap(1)  # the same save crashes again: the step-2 checkpoint is still there
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.train()
-    state = torch.load(run / "checkpoint.old" / "trainer_state.pt", weights_only=False)
+    state = torch.load(run / "checkpoint.old" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2
     monkeypatch.setattr(os, "replace", real_replace)
     train.main([f"resume={run}"])
@@ -404,7 +429,7 @@ def test_a_crash_mid_save_never_loses_the_checkpoint(tmp_path, straight, monkeyp
     crash_on_swap(1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.save()
-    state = torch.load(run / "checkpoint.old" / "trainer_state.pt", weights_only=False)
+    state = torch.load(run / "checkpoint.old" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 4 and (run / "checkpoint.old" / "model.safetensors").exists()
 
 
