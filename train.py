@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -255,7 +256,8 @@ def validate(cfg: Config):
         ("rl.dual_eta", non_negative, "a finite number >= 0"),
         ("sampling.max_new_tokens", positive, "an integer > 0"),
         ("sampling.max_prompt_tokens", non_negative, "an integer >= 0 (0 = no limit)"),
-        ("sampling.temperature", positive, "a finite number > 0 (training samples need T > 0)"),
+        ("sampling.temperature", lambda v: positive(v) and v >= 1e-6,
+         "a finite number >= 1e-6 (training samples need T > 0; a smaller T overflows logits / T)"),
         # the update's log-probs are those of the whole tempered softmax: sampling from a
         # top-k / top-p restriction of it would make the step not the policy's gradient
         ("sampling.top_k", lambda v: v == 0, "0 in training (top-k sampling is not supported)"),
@@ -783,11 +785,17 @@ class Trainer:
         self.time_limited = False  # stopped by rl.time_limit_min: finished (README)
         self.stopped_by = signal.SIGINT  # the signal that stops train(): SIGINT or SIGTERM
         if cfg.resume:
+            path = os.path.join(source, "trainer_state.pt")
             try:  # weights_only: tensors, numbers and containers; a pickled object is refused
-                state = torch.load(os.path.join(source, "trainer_state.pt"), weights_only=True)
-            except (pickle.UnpicklingError, RuntimeError, OSError) as e:
-                raise ConfigError(f"cannot resume from {source}/trainer_state.pt: "
-                                  f"{' '.join(str(e).split())[:300]}") from None
+                state = torch.load(path, weights_only=True)
+            except pickle.UnpicklingError as e:
+                found = re.search(r"Unsupported global: GLOBAL \S+", str(e))
+                raise ConfigError(f"cannot resume from {path}: it holds objects other than tensors, "
+                                  f"numbers and containers ({found.group(0) if found else 'refused'});"
+                                  f" resume only run directories you trust") from None
+            except (EOFError, RuntimeError, OSError) as e:  # empty, truncated or unreadable
+                raise ConfigError(f"cannot resume from {path}: not a readable trainer state "
+                                  f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
             self.opt.load_state_dict(state["optimizer"])
             self.step, self.dual = state["step"], state["dual"]
             # finished by the time limit only under the settings it stopped with: raising rl.steps

@@ -163,6 +163,7 @@ def test_seeds_are_what_torch_accepts():
     ("warm_start.p_help=1.5", "warm_start.p_help=1.5: must be a number in [0, 1]"),
     ("sampling.top_p=0.9", "sampling.top_p=0.9: must be 1 in training"),
     ("sampling.top_k=5", "sampling.top_k=5: must be 0 in training"),
+    ("sampling.temperature=1e-7", "sampling.temperature=1e-07: must be a finite number >= 1e-6"),
     ("rl.micro_batch_size=-1", "rl.micro_batch_size=-1: must be an integer >= 0"),
     ("rl.betas=abc", "rl.betas='abc': must be a list of two numbers in [0, 1)"),
     ("rl.betas=[0.9]", "rl.betas=[0.9]: must be a list of two numbers"),
@@ -364,8 +365,15 @@ def test_resume_refuses_a_trainer_state_that_carries_code(tmp_path, straight):
     torch.save({**state, "step": _TouchOnLoad(str(marker))}, run / "checkpoint" / "trainer_state.pt")
     with pytest.raises(SystemExit) as exc:
         train.main([f"resume={run}"])
-    assert str(exc.value.code).startswith(f"config error: cannot resume from {run / 'checkpoint'}")
+    assert str(exc.value.code) == (
+        f"config error: cannot resume from {run / 'checkpoint' / 'trainer_state.pt'}: it holds "
+        "objects other than tensors, numbers and containers (Unsupported global: GLOBAL getattr); "
+        "resume only run directories you trust")
     assert not marker.exists()
+    (run / "checkpoint" / "trainer_state.pt").write_bytes(b"")  # e.g. a full disk
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"resume={run}"])
+    assert "trainer_state.pt: not a readable trainer state (EOFError" in str(exc.value.code)
 
 
 @pytest.mark.parametrize("signum, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
@@ -993,15 +1001,15 @@ def scripted_trainer(tmp_path, warm, monkeypatch, *overrides):
     ("da_grpo", "any_correct", "1", ["rl.dual_init=0.5"], [0, 1, 2, 3, 4], DA_GRPO),
     # mixed: D1 = {0, 1} (the all-correct group 2 drops out)
     ("grpo", "mixed", "1", [], [0, 1, 3, 4], GRPO),                   # cap 2 >= 2: both kept
-    ("dr_grpo", "mixed", "1/4", [], [0, 1], DR_GRPO),                 # cap floor(2/4) = 0
+    ("dr_grpo", "mixed", "1/4", [], [0, 1], DR_GRPO),                 # cap floor(2/4) = 0 (as 3/7)
 ])
 def test_rl_step_uses_the_configured_algo_rho_and_filter(tmp_path, wiring_warm, monkeypatch,
                                                          algo_kind, rule, rho, extra, selected,
                                                          coef):
     """SPEC 5-6 as configured, not as defaulted: the update gets rl.algo's coefficients (worked
     by hand above) and S = D1 u D2 of rl.filter under rl.rho's cap floor(rho |D1|). Each rho
-    makes the cap forced (0, or at least the 2 candidates), and the default 3/7 would give
-    another S (cap floor(9/7) = 1 for any_correct). Prompts 5 and 6 (cloud did not fail) and
+    makes the cap forced (0, or at least the 2 candidates). The default 3/7 would give another S
+    in every row but the last (cap floor(9/7) = 1 for any_correct, floor(6/7) = 0 for mixed). Prompts 5 and 6 (cloud did not fail) and
     7 (failed, excluded) are never in S."""
     trainer, seen = scripted_trainer(tmp_path, wiring_warm, monkeypatch, f"rl.algo={algo_kind}",
                                      f"rl.filter={rule}", f"rl.rho={rho}", *extra)
