@@ -51,7 +51,8 @@ def monotone_cdf(cdf, shifted):
 
 def sample_next(logits, temperature: float, top_k: int, top_p: float, generator, scratch=None):
     """Draw one token per row from softmax(logits / T) restricted to the top-k / top-p
-    support; return (token, its log-prob under that restricted distribution). T = 0: greedy,
+    support (top-k keeps every token tied with the k-th largest logit, as transformers' top-k
+    does); return (token, its log-prob under that restricted distribution). T = 0: greedy,
     with the log-prob of the untempered softmax. logits [R, V] (fp32) is overwritten; scratch,
     when given, is a tensor of its shape that receives the cumulative distribution (the
     sampler's static buffers: fresh [R, V] temporaries every step are cold memory on CPU)."""
