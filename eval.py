@@ -417,8 +417,11 @@ class Run:
         return f"{self.name} ({rl.get('algo', '?')}{extra})"
 
     def model(self):
+        """In the dtype train.py sampled and evaluated it in: fp32 for an fp32 run (also on CUDA,
+        where the loader's default is bf16), bf16 for bf16-mixed (its bf16 sampler copy) and bf16."""
         if self._model is None:
-            self._model = load_pretrained(self.checkpoint, device=self.device).eval()
+            dtype = torch.float32 if self.cfg.get("precision", "fp32") == "fp32" else torch.bfloat16
+            self._model = load_pretrained(self.checkpoint, dtype=dtype, device=self.device).eval()
         return self._model
 
     def tokenizer(self):
@@ -464,6 +467,9 @@ def load_run(path, device) -> Run:
             raise ValueError(f"{config}: section {key!r} is missing")
     if not isinstance(cfg["task"].get("name"), str):
         raise ValueError(f"{config}: task.name is missing (the task's name, e.g. countdown)")
+    if cfg.get("precision", "fp32") not in ("fp32", "bf16-mixed", "bf16"):
+        raise ValueError(f"{config}: precision={cfg['precision']!r} is not allowed: fp32, "
+                         "bf16-mixed or bf16")
     for section, key, default in (("sampling", "max_new_tokens", None),
                                   ("eval", "batch_size", 256)):
         v = cfg[section].get(key, default)

@@ -787,7 +787,8 @@ class Trainer:
         if cfg.resume:
             path = os.path.join(source, "trainer_state.pt")
             try:  # weights_only: tensors, numbers and containers; a pickled object is refused
-                state = torch.load(path, weights_only=True)
+                state = torch.load(path, weights_only=True, map_location="cpu")  # AdamW's
+                # load_state_dict moves its state to the parameters' device
             except pickle.UnpicklingError as e:
                 found = re.search(r"Unsupported global: GLOBAL \S+", str(e))
                 raise ConfigError(f"cannot resume from {path}: it holds objects other than tensors, "

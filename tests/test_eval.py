@@ -14,6 +14,7 @@ import cloud as cloud_module
 import eval as ev
 import model
 from algo import capped_metrics, cloud_cap, cloud_share
+from devices import DEVICES
 from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
 from tasks import HELP_MARKER, make_task
 
@@ -806,3 +807,17 @@ def test_the_router_learns_which_prompts_the_device_gets_right(tmp_path, monkeyp
     share_right = sum(ex.data["numbers"][0] < 10 for ex in train_examples) / 60
     assert res.router["train_positive_rate"] == pytest.approx(share_right)
     assert res.router["auroc_test"] > 0.8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_is_evaluated_in_the_dtype_it_was_trained_and_sampled_in(tmp_path, device):
+    """fp32 runs in fp32 (on CUDA too, where the loader alone would pick bf16); bf16-mixed runs
+    in bf16, as train.py's bf16 sampler copy evaluated them."""
+    for precision, dtype in (("fp32", torch.float32), ("bf16-mixed", torch.bfloat16),
+                             ("bf16", torch.bfloat16)):
+        run = run_with_config(tmp_path, precision, lambda t: f"precision: {precision}\n" + t)
+        model = ev.load_run(run, device).model()
+        assert next(model.parameters()).dtype == dtype, precision
+    bad = run_with_config(tmp_path, "fp16", lambda t: "precision: fp16\n" + t)
+    with pytest.raises(ValueError, match=r"precision='fp16' is not allowed: fp32, bf16-mixed"):
+        ev.load_run(bad, "cpu")

@@ -504,10 +504,14 @@ def test_step_whose_coefficients_are_all_zero_says_so(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", ["countdown-qwen2.5-3b.yaml", "math-qwen2.5-1.5b.yaml"])
-def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, device, tmp_path):
+def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, device, tmp_path,
+                                                            monkeypatch):
     """The GPU recipes exactly as written, except: a tiny random Qwen2 model with a
     character-level ChatML tokenizer (so no prompt-length limit), a few prompts, and the oracle
-    cloud; on the CPU, and on CUDA where there is one."""
+    cloud; on the CPU, and on CUDA where there is one. Random weights never answer right, so
+    every reward is 0 and no prompt would be selected: rl.filter=none and fixed +-1 coefficients
+    make both steps update, so the recipe's backward (autocast, gradient checkpointing, micro-
+    batches), AdamW step and bf16 sampler sync all run."""
     import string
 
     from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
@@ -535,9 +539,21 @@ def test_gpu_recipes_run_on_a_tiny_model_of_the_same_family(config, device, tmp_
                         path_test=str(tmp_path / "test.jsonl"))
     else:
         cfg.task.update(n_train=20, n_test=4)
+    cfg.rl.filter = "none"
+
+    def alternating(rewards, *args, **kwargs):  # centred, as GAPG's coefficients are
+        coef = torch.ones(rewards.shape)
+        coef[:, 1::2] = -1.0
+        return coef
+
+    monkeypatch.setattr(algo, "group_advantages", alternating)
     trainer = train.Trainer(cfg)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     final = trainer.train()
     assert trainer.step == 2 and final["n"] == 2
+    rows = [r for r in read_rows(tmp_path / "runs" / cfg.name) if "train/skipped" in r]
+    assert [r["train/skipped"] for r in rows] == ["", ""]  # both steps updated
+    assert any(not torch.equal(start[k], v) for k, v in trainer.model.state_dict().items())
     assert trainer.sampler_model is not trainer.model  # bf16 sampler copy, fp32 master weights
     assert next(trainer.sampler_model.parameters()).dtype == torch.bfloat16
     assert next(trainer.model.parameters()).dtype == torch.float32
