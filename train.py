@@ -492,6 +492,17 @@ def check_context(examples: list, lengths: dict, max_new_tokens: int, limit: int
                           f"sampling.max_new_tokens={max_new_tokens}; must be at least {need}")
 
 
+def fit_prompts(cfg: Config, train: list, test: list, tokenizer, limit: int, what: str) -> list:
+    """The training prompts that sampling.max_prompt_tokens keeps, after checking that they and
+    the test prompts fit the context `what`=`limit` with sampling.max_new_tokens; each prompt is
+    tokenized once."""
+    lengths = prompt_lengths(train + test, tokenizer)
+    train = drop_long_prompts(train, lengths, cfg.sampling.max_prompt_tokens,
+                              cfg.rl.prompts_per_step)
+    check_context(train + test, lengths, cfg.sampling.max_new_tokens, limit, what)
+    return train
+
+
 def step_prompts(examples: list, seed: int, step: int, k: int) -> list:
     """The step's prompts: epochs of seeded shuffles of the training split, k per step."""
     n = len(examples)
@@ -714,13 +725,10 @@ class Trainer:
                 raise ConfigError(f"task {self.task.name!r}: its prompts, stop/banned texts or "
                                   f"warm-start traces use {''.join(unknown)!r}, which are not in "
                                   f"its alphabet {self.task.alphabet!r}")
-            lengths = prompt_lengths(self.train_examples + test,
-                                     build_char_tokenizer(self.task.alphabet))
-            self.train_examples = drop_long_prompts(self.train_examples, lengths,
-                                                    cfg.sampling.max_prompt_tokens,
-                                                    cfg.rl.prompts_per_step)
-            check_context(self.train_examples + test, lengths, cfg.sampling.max_new_tokens,
-                          cfg.model.max_position_embeddings, "model.max_position_embeddings")
+            self.train_examples = fit_prompts(cfg, self.train_examples, test,
+                                              build_char_tokenizer(self.task.alphabet),
+                                              cfg.model.max_position_embeddings,
+                                              "model.max_position_embeddings")
         elif not cfg.resume and not os.path.isdir(cfg.model.path):
             hint = (" (python scripts/get_smollm2.py makes it)"
                     if os.path.normpath(cfg.model.path) == os.path.join(".cache", "smollm2") else "")
@@ -760,14 +768,9 @@ class Trainer:
         self.banned_ids = self.tokenizer.single_token_ids(self.task.banned_texts)
         if cfg.model.path:  # (from scratch: done above, before the warm start)
             try:  # a chat task needs a chat format: a raw-text tokenizer fails here, not in step 1
-                lengths = prompt_lengths(self.train_examples + test, self.tokenizer)
-                self.train_examples = drop_long_prompts(self.train_examples, lengths,
-                                                        cfg.sampling.max_prompt_tokens,
-                                                        cfg.rl.prompts_per_step)
-                check_context(self.train_examples + test, lengths,
-                              cfg.sampling.max_new_tokens,
-                              self.model.config.max_position_embeddings,
-                              f"max_position_embeddings of {source}")
+                self.train_examples = fit_prompts(cfg, self.train_examples, test, self.tokenizer,
+                                                  self.model.config.max_position_embeddings,
+                                                  f"max_position_embeddings of {source}")
             except ConfigError:  # already names the setting at fault
                 raise
             except ValueError as e:  # the tokenizer's, e.g. no chat format for chat prompts
