@@ -93,7 +93,8 @@ class ModelConfig:
                              "attention); set it to false")
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"pretraining_tp={hf['pretraining_tp']} is not supported; allowed: 1")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        # with both keys, transformers reads rope_scaling and ignores rope_parameters: so do we
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
         theta = hf.get("rope_theta") or rope.pop("rope_theta", None) or 10000.0
         rope.pop("rope_theta", None)
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
@@ -455,6 +456,11 @@ def _hf_name(ours: str) -> str:
     return ours if ours.startswith("lm_head.") else "model." + ours
 
 
+# tensor names that only quantised checkpoints have (FP8 scales, GPTQ/AWQ, bitsandbytes)
+QUANTISED_TENSOR = re.compile(r"(weight_scale|weight_scale_inv|input_scale|qweight|qzeros|scales"
+                              r"|g_idx|absmax|quant_map|quant_state\S*)$")
+
+
 def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
     """Load an HF Llama/Qwen2 directory (config.json + model*.safetensors, sharded or not),
     strictly: a missing or unexpected tensor is an error that names it. dtype defaults to fp32
@@ -496,10 +502,12 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
                         tied_head = f.get_tensor(name)  # stored anyway: must be the embedding
                         continue
                     if name not in expected:
+                        hint = ("; quantised checkpoints are not supported, use an unquantised one"
+                                if QUANTISED_TENSOR.search(name) else "")
                         raise ValueError(f"unexpected tensor {name!r} in "
-                                         f"{os.path.join(path, shard)}")
+                                         f"{os.path.join(path, shard)}{hint}")
                     t = f.get_tensor(name)
-                    if not t.is_floating_point():
+                    if not t.is_floating_point() or t.element_size() == 1:  # ints, float8
                         raise ValueError(f"tensor {name!r} in {shard} has dtype {t.dtype}: "
                                          "quantised checkpoints are not supported; dequantise "
                                          "to float first")

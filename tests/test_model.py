@@ -143,13 +143,17 @@ def test_strict_loading_names_the_tensor(tmp_path):
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
         load_pretrained(str(tmp_path))
     save_file({**state, "model.layers.0.self_attn.q_proj.qweight": torch.zeros(2)}, path)
-    with pytest.raises(ValueError, match="q_proj.qweight"):
+    with pytest.raises(ValueError, match="q_proj.qweight'.*quantised checkpoints"):
         load_pretrained(str(tmp_path))
-    quant = dict(state)
-    quant["model.layers.0.mlp.down_proj.weight"] = torch.zeros(384, 128, dtype=torch.int8)
-    save_file(quant, path)
-    with pytest.raises(ValueError, match="quantised"):
+    save_file({**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match=r"q_proj.bias' in \S+$"):  # not a quantisation name
         load_pretrained(str(tmp_path))
+    for dtype in (torch.int8, torch.float8_e4m3fn):  # float8 is floating point, but quantised
+        quant = dict(state)
+        quant["model.layers.0.mlp.down_proj.weight"] = torch.zeros(384, 128).to(dtype)
+        save_file(quant, path)
+        with pytest.raises(ValueError, match=f"down_proj.weight' .* {dtype}: quantised"):
+            load_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -176,6 +180,22 @@ def test_config_styles_agree():
                  rope_parameters=dict(classic["rope_scaling"], rope_theta=500000.0))
     a, b = ModelConfig.from_hf(classic), ModelConfig.from_hf(newer)
     assert a == b and a.rope_theta == 500000.0 and a.rope_scaling["factor"] == 32.0
+
+
+def test_rope_scaling_wins_over_rope_parameters_as_in_transformers(tmp_path):
+    """A config.json carrying both keys (one written by each transformers generation): the
+    scaling and theta we read are the ones transformers' AutoConfig reads from the same file."""
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    hf = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+          "intermediate_size": 100, "num_hidden_layers": 2, "vocab_size": 10,
+          "max_position_embeddings": 256, "rope_scaling": scaling,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 20000.0}}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    ref = transformers.AutoConfig.from_pretrained(str(tmp_path)).rope_parameters
+    ours = ModelConfig.from_hf(hf)
+    assert ours.rope_scaling == {k: v for k, v in ref.items() if k != "rope_theta"}
+    assert ours.rope_theta == ref["rope_theta"]
 
 
 def _tokenizer(chat_format, default_system=None):
