@@ -679,33 +679,46 @@ class TinyCountdownTask(Task):
 
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (or \\fbox{...}) with nested braces matched; also the
-    "\\boxed 5" form. None if there is none or the last one is unbalanced."""
+    "\\boxed 5" / "\\boxed5" form. A mention is no answer and is passed over: an empty
+    \\boxed{}, or \\boxed followed by a word ("in \\boxed as asked"). None if there is no
+    answer or the last box is unbalanced (a response cut off inside its answer)."""
     found = _last_boxed_at(text)
     return found[1] if found else None
 
 
+# \boxed or \fbox as a command (not \fboxrule); the unbraced form's argument starts with a
+# digit, a sign, a command or a lone letter (\boxed 5, \boxed -2, \boxed \pi, \boxed A) and
+# runs to a space or dollar sign
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_UNBRACED_ARGUMENT_RE = re.compile(r"[ \t]*((?:[-+]?[0-9.]|\\[a-zA-Z]|[a-zA-Z](?![a-zA-Z]))[^\s$]*)")
+
+
 def _last_boxed_at(text: str) -> tuple[int, str] | None:
     """(start, content) of the answer last_boxed reads, or None."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = start + (6 if text.startswith("\\boxed", start) else 5)
-    j = i
-    while j < len(text) and text[j] in " \t":
-        j += 1
-    if j < len(text) and text[j] == "{":
-        depth = 0
-        for k in range(j, len(text)):
-            if text[k] == "{":
-                depth += 1
-            elif text[k] == "}":
-                depth -= 1
-                if depth == 0:
-                    return start, text[j + 1:k]
-        return None
-    if j > i:  # "\boxed 5$": up to the next dollar sign or whitespace
-        m = re.match(r"[^\s$]+", text[j:])
-        return (start, m.group(0)) if m else None
+    for box in reversed(list(_BOX_RE.finditer(text))):
+        j = box.end()
+        while j < len(text) and text[j].isspace():
+            j += 1
+        if j < len(text) and text[j] == "{":
+            depth, k = 0, j
+            while k < len(text):
+                if text[k] == "\\":  # \{ and \} are characters, not grouping
+                    k += 1
+                elif text[k] == "{":
+                    depth += 1
+                elif text[k] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                k += 1
+            else:
+                return None  # the last box never closes
+            if text[j + 1:k].strip():
+                return box.start(), text[j + 1:k]
+            continue  # \boxed{}: a mention of the format
+        m = _UNBRACED_ARGUMENT_RE.match(text, box.end())
+        if m:
+            return box.start(), m.group(1)
     return None
 
 
@@ -746,24 +759,39 @@ def _fix_fracs(s: str) -> str:
         i = denominator[1]
 
 
-_TEXT_COMMAND = r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)"
-# A unit after a value: the text command that ends the answer (its braces hold no brace, so at
-# most one start can match: a left-to-right search is linear, no backtracking over the value).
-_TRAILING_UNIT_RE = re.compile(_TEXT_COMMAND + r"\{[^{}]*\}(?:\^\{?[0-9]\}?)?\s*\Z")
+_TEXT_COMMAND = r"\\(?:text|textbf|textrm|textnormal|mbox|mathrm|mathbf)"
+# A unit after a value: the text command that ends the answer, holding no digit ("3\text{ or 4}"
+# is no unit) and no brace (so at most one start can match: a left-to-right search is linear,
+# no backtracking over the value).
+_TRAILING_UNIT_RE = re.compile(_TEXT_COMMAND + r"\{[^{}0-9]*\}(?:\^\{?[0-9]\}?)?\s*\Z")
 _TEXT_RE = re.compile(_TEXT_COMMAND + r"\{([^{}]*)\}")
+# spacing commands, read left to right so that a row break \\ stays whole (its second
+# backslash does not start a "\ " or "\," command)
+_SPACING_RE = re.compile(r"\\\\|\\[,;:! ]|\\q?quad(?![a-zA-Z])|~")
+
+
+def _spacing(m: re.Match) -> str:
+    """A row break stays; \\! and a space command between digits (thousands: 10\\,000) go;
+    any other space command is a space."""
+    command, s = m.group(0), m.string
+    if command == "\\\\":
+        return command
+    between_digits = 0 < m.start() and m.end() < len(s) and s[m.start() - 1].isdigit() \
+        and s[m.end()].isdigit()
+    return "" if command == "\\!" or between_digits else " "
 
 
 def normalize_math_answer(s: str) -> str:
     """Canonical text of a math answer (MATH-style normalisation, our own rules):
     drops $ signs, spacing commands, \\left/\\right, degree signs, percent signs, \\text{} units
-    after a value, a leading "x =", spaces and a final period; \\dfrac/\\tfrac -> \\frac;
-    \\frac12 -> \\frac{1}{2}; \\sqrt2 -> \\sqrt{2}; a/b -> \\frac{a}{b}; 1,000 -> 1000;
-    1{,}000 -> 1000; .5 -> 0.5; 2.50 -> 2.5; (C) -> C."""
+    after a value, a leading "x =", a leading "+", spaces (but digits separated by spaces stay
+    apart: "3 1/2" is not 31/2) and a final period; \\dfrac/\\tfrac -> \\frac; bmatrix ->
+    pmatrix; \\frac12 -> \\frac{1}{2}; \\sqrt2 -> \\sqrt{2}; \\sqrt[3]2 -> \\sqrt[3]{2};
+    x^{2} -> x^2; a/b -> \\frac{a}{b}; 1,000, 1{,}000, 1\\,000 and 1 000 -> 1000; .5 -> 0.5;
+    2.50 -> 2.5; (C) -> C."""
     s = str(s).strip()
-    s = s.replace("\n", " ").replace("\\!", "").replace("\\displaystyle", "")
-    for space in ("\\,", "\\;", "\\:", "\\quad", "\\qquad", "~"):
-        s = s.replace(space, " ")
-    s = s.replace("\\ ", " ")
+    s = s.replace("\n", " ").replace("\\displaystyle", "")
+    s = _SPACING_RE.sub(_spacing, s)
     s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)  # but not \\leftarrow, \\rightarrow
     s = s.replace("{,}", ",")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -779,8 +807,14 @@ def normalize_math_answer(s: str) -> str:
     m = re.match(r"\s*[a-zA-Z]\s*=", s)
     if m and "=" not in s[m.end():]:
         s = s[m.end():]
-    s = s.replace(" ", "").rstrip(".")
-    s = re.sub(r"\\sqrt([0-9a-zA-Z])", r"\\sqrt{\1}", s)
+    s = s.strip()
+    if re.fullmatch(r"-?[0-9]{1,3}( [0-9]{3})+(\.[0-9]+)?", s):  # thousands grouped by spaces
+        s = s.replace(" ", "")
+    s = re.sub(r"(?<![0-9]) +| +(?![0-9])", "", s).rstrip(".")  # one space between digits stays
+    s = re.sub(r"^\+(?=[0-9.])", "", s)
+    s = re.sub(r"\\(begin|end)\{bmatrix\}", r"\\\1{pmatrix}", s)
+    s = re.sub(r"\\sqrt(\[[^\[\]]*\])?([0-9a-zA-Z])", r"\\sqrt\1{\2}", s)
+    s = re.sub(r"([_^])\{([^{}\\])\}", r"\1\2", s)
     s = _fix_fracs(s)
     m = re.fullmatch(r"(-?)([0-9]+)/([0-9]+)", s)
     if m:
@@ -849,11 +883,14 @@ def math_answers_equal(a: str | None, b: str | None) -> bool:
     return x == y or _rounded_decimal_of(na, y) or _rounded_decimal_of(nb, x)
 
 
-_NUMBER_RE = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?|-?\.[0-9]+")
+# a number: commas only as thousands separators (so "5,6" is 5 then 6, not 56)
+_UNSIGNED = r"(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+"
+_NUMBER_RE = re.compile(r"-?(?:" + _UNSIGNED + ")")
+_DECLARED_RE = re.compile(r"(?:-\s*)?(?:" + _UNSIGNED + ")")  # after ####: "#### - 5" is -5
 
 
 def _clean_number(token: str) -> str | None:
-    token = token.replace(",", "")
+    token = token.replace(",", "").replace(" ", "")
     try:
         Fraction(token)
     except (ValueError, ZeroDivisionError):
@@ -864,9 +901,10 @@ def _clean_number(token: str) -> str | None:
 def _gsm8k_declared(text: str) -> tuple[int, str | None] | None:
     """The declared GSM8K answer: (start, first number after it, commas stripped) of the last
     "####", else of the last boxed answer (last_boxed); None if there is neither."""
+    text = text.replace("\u2212", "-")  # the Unicode minus sign (one character for one)
     if "####" in text:
         start = text.rfind("####")
-        found = _NUMBER_RE.search(text, start + 4)
+        found = _DECLARED_RE.search(text, start + 4)
     else:
         boxed = _last_boxed_at(text)
         if boxed is None:
@@ -881,7 +919,7 @@ def gsm8k_final_number(text: str) -> str | None:
     declared = _gsm8k_declared(text)
     if declared is not None:
         return declared[1]
-    found = _NUMBER_RE.findall(text)
+    found = _NUMBER_RE.findall(text.replace("\u2212", "-"))
     return _clean_number(found[-1]) if found else None
 
 

@@ -458,6 +458,21 @@ MATH_CASES = [
     ("", "0", False),
     (None, "0", False),
     ("-0", "0", True),
+    # a matrix's row break \\ is not the space command "\ ", however it is spaced
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}12\\end{pmatrix}", False),
+    ("\\begin{bmatrix} 1 \\\\ 2 \\end{bmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
+    ("x^{2}+1", "x^2+1", True),
+    ("x^{10}", "x^10", False),  # only a single-character exponent loses its braces
+    ("\\sqrt[3]2", "\\sqrt[3]{2}", True),
+    ("+5", "5", True),
+    ("3\\textnormal{ cm}", "3", True),
+    ("10\\,000", "10000", True),  # a thin space groups thousands
+    ("1 000 000", "1000000", True),
+    ("3 1/2", "\\frac{31}{2}", False),  # spaces never join digits: a mixed number is not 31/2
+    ("1 2", "12", False),
+    ("3\\text{ or 4}", "3", False),  # a text with a digit is no unit: the hedge stays
+    ("3\\text{ or 4}", "3or4", True),
 ]
 
 
@@ -478,6 +493,19 @@ def test_math_answers_equal(a, b, expected):
     ("\\boxed{1} then \\boxed{2", None),  # the last one is unbalanced
     ("no box", None),
     ("\\boxed", None),
+    # mentions of the format after the answer are no answer
+    ("\\boxed{5}. (I put it in \\boxed as asked.)", "5"),
+    ("\\boxed{5}. Note: \\boxed{} is required.", "5"),
+    ("\\boxed{5} \\fboxrule=1pt", "5"),
+    ("\\boxed{}", None),
+    # other ways to write a box
+    ("\\boxed5", "5"),
+    ("\\boxed -2", "-2"),
+    ("\\boxed \\pi", "\\pi"),
+    ("\\boxed A", "A"),
+    ("\\boxed\n{5}", "5"),
+    ("\\boxed{a \\} b}", "a \\} b"),  # an escaped brace does not close the box
+    ("\\boxed{\\{1\\}", None),
 ])
 def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
@@ -490,6 +518,12 @@ def test_last_boxed(text, expected):
     ("The answer is \\boxed{\\$1,200}.", "1200"),
     ("So she has 5 apples and 12 pears, total 17.", "17"),
     ("nothing here", None),
+    ("#### \u22125", "-5"),  # the Unicode minus sign
+    ("#### - 5", "-5"),
+    ("#### 5,6", "5"),  # a comma groups three digits or it is no part of the number
+    ("#### 1,2345", "1"),
+    ("so 10 - 5", "5"),  # a spaced sign only right after ####
+    ("#### 1,234,567.5", "1234567.5"),
 ])
 def test_gsm8k_final_number(text, expected):
     assert gsm8k_final_number(text) == expected
@@ -573,6 +607,9 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
     no_box = _write(tmp_path / "nobox.jsonl", [json.dumps({"problem": "p", "solution": "it is 3"})])
     with pytest.raises(ValueError, match=r"nobox\.jsonl:1: field 'solution' has no \\boxed"):
         MathTask(path_train=no_box).examples("train")
+    empty_box = _write(tmp_path / "empty.jsonl", [json.dumps({"problem": "p", "solution": "\\boxed{}"})])
+    with pytest.raises(ValueError, match=r"empty\.jsonl:1: field 'solution' has no \\boxed"):
+        MathTask(path_train=empty_box).examples("train")  # a gold no answer could ever equal
     not_gsm = _write(tmp_path / "gsm.jsonl", [json.dumps({"question": "q", "answer": "12"})])
     with pytest.raises(ValueError, match=r"gsm\.jsonl:1: field 'answer'"):
         MathTask(path_train=not_gsm, kind="gsm8k").examples("train")
