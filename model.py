@@ -587,8 +587,12 @@ class Tokenizer:
         return self.tk.token_to_id(text)
 
     def prompt_ids(self, prompt) -> list[int]:
-        """Token ids of a task prompt: raw text as is, chat messages through the chat format."""
-        return self.encode(prompt if isinstance(prompt, str) else self.apply_chat(prompt))
+        """Token ids of a task prompt. Chat messages go through the chat format, which writes any
+        BOS itself; raw text is encoded as transformers' tokenizer(text) encodes it, so a family
+        whose tokenizer adds a BOS (Llama-3) gets it and one that adds none (Qwen2) does not."""
+        if isinstance(prompt, str):
+            return self.tk.encode(prompt, add_special_tokens=True).ids
+        return self.encode(self.apply_chat(prompt))
 
     def single_token_ids(self, texts) -> list[int]:
         """The id of each text, which must be exactly one token (stop / banned texts)."""

@@ -242,6 +242,26 @@ def test_llama_template_version_is_recognised(tmp_path):
         assert load_tokenizer(str(tmp_path)).chat_format == fmt
 
 
+def test_raw_text_prompts_get_the_bos_the_tokenizer_adds(tmp_path):
+    """A raw-text prompt is encoded as transformers' tokenizer(text) encodes it: a tokenizer
+    whose post-processor adds <|begin_of_text|> (Llama-3's) starts the prompt with it; a chat
+    prompt carries it once, from the chat format, not twice."""
+    from tokenizers import processors
+    tk = build_char_tokenizer("abc").tk
+    tk.add_special_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                           "<|eot_id|>"])
+    bos = tk.token_to_id("<|begin_of_text|>")
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    tok = Tokenizer(tk, [1], 0, bos_id=bos, chat_format="llama3")
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_object=tk)
+    assert tok.prompt_ids("abca") == ref("abca").input_ids == [bos] + tok.encode("abca")
+    chat = tok.prompt_ids([{"role": "user", "content": "ab"}])
+    assert chat[0] == bos and chat.count(bos) == 1
+    plain = _tokenizer(None)  # no post-processor (the from-scratch tokenizer): nothing added
+    assert plain.prompt_ids("abca") == plain.encode("abca")
+
+
 def test_raw_tokenizer_refuses_chat():
     with pytest.raises(ValueError, match="no chat format"):
         _tokenizer(None).apply_chat([{"role": "user", "content": "a"}])
