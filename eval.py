@@ -413,7 +413,8 @@ class Run:
     @property
     def label(self):
         rl = self.cfg.get("rl") or {}
-        extra = ", no filter" if rl.get("filter") == "none" else ""
+        rule = rl.get("filter", "any_correct")
+        extra = {"any_correct": "", "none": ", no filter"}.get(rule, f", filter {rule}")
         return f"{self.name} ({rl.get('algo', '?')}{extra})"
 
     def model(self):

@@ -556,6 +556,10 @@ def warm_start(cfg: Config, task, device) -> str:
     if os.path.exists(os.path.join(out, "warm_start.json")):
         print(f"warm start: reusing {out}")
         return out
+    others = glob.glob(os.path.join(glob.escape(cfg.warm_start.cache_dir), "*", "warm_start.json"))
+    if others:  # say why minutes of training start although warm starts are cached
+        print(f"warm start: none of the {len(others)} cached in {cfg.warm_start.cache_dir} has "
+              f"these settings (model, warm_start and task sections, seed, the task's traces)")
     for partial in glob.glob(glob.escape(out) + ".tmp*"):  # a killed process's unfinished save
         pid = partial[len(out) + 4:]
         if pid.isdigit() and not process_alive(int(pid)):

@@ -821,3 +821,15 @@ def test_a_run_is_evaluated_in_the_dtype_it_was_trained_and_sampled_in(tmp_path,
     bad = run_with_config(tmp_path, "fp16", lambda t: "precision: fp16\n" + t)
     with pytest.raises(ValueError, match=r"precision='fp16' is not allowed: fp32, bf16-mixed"):
         ev.load_run(bad, "cpu")
+
+
+@pytest.mark.parametrize("rl, label", [
+    ({"algo": "gapg", "filter": "any_correct"}, "r1 (gapg)"),
+    ({"algo": "gapg"}, "r1 (gapg)"),                         # the default rule
+    ({"algo": "dr_grpo", "filter": "none"}, "r1 (dr_grpo, no filter)"),
+    ({"algo": "gapg", "filter": "mixed"}, "r1 (gapg, filter mixed)"),
+])
+def test_run_labels_name_the_rules(rl, label):
+    """Two runs differing only in their filter rule get different labels in the report."""
+    run = ev.Run("runs/r1", {"rl": rl}, task=None, cloud=None, device=torch.device("cpu"))
+    assert run.label == label

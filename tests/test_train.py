@@ -82,7 +82,7 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     ("rl.nonsense=1", "unknown config key 'rl.nonsense'"),
     ("bogus=1", "allowed here: name, seed"),
     ("rl.steps=ten", "rl.steps='ten': expected an integer"),
-    ("rl.algo=ppo", "allowed: ['gapg', 'grpo', 'dr_grpo', 'da_grpo']"),
+    ("rl.algo=ppo", f"allowed: {list(algo.ADVANTAGE_KINDS)}"),  # the registry, whatever it holds
     ("rl.filter=some", "rl.filter='some'"),
     ("model.gradient_checkpointing=maybe", "expected a boolean"),
     ("rl.group_size=1", "rl.group_size=1"),
@@ -817,6 +817,20 @@ def test_a_killed_warm_starts_partial_save_is_removed(tmp_path):
     train.warm_start(cfg, train.load_task(cfg)[0], torch.device("cpu"))
     assert not os.path.exists(dead) and os.path.isdir(alive)
     assert os.path.exists(os.path.join(out, "warm_start.json"))
+
+
+def test_a_warm_start_cache_miss_says_why(tmp_path, capsys):
+    """A new warm start while others are cached says that none has these settings; the first
+    one, with nothing cached, and a cache hit say nothing of the kind."""
+    def run(*extra):
+        cfg = train.load_config(tiny_args(tmp_path, "name=w", *extra))
+        train.warm_start(cfg, train.load_task(cfg)[0], torch.device("cpu"))
+        return capsys.readouterr().out
+    first = run()
+    assert "none of the" not in first and "from scratch" in first
+    assert "none of the 1 cached in " in run("warm_start.steps=14")
+    again = run()
+    assert "warm start: reusing" in again and "none of the" not in again
 
 
 def pretrained_char_model(path, chat_format, max_positions):
