@@ -690,7 +690,8 @@ def last_boxed(text: str) -> str | None:
 # digit, a sign, a command or a lone letter (\boxed 5, \boxed -2, \boxed \pi, \boxed A) and
 # runs to a space or dollar sign
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
-_UNBRACED_ARGUMENT_RE = re.compile(r"[ \t]*((?:[-+]?[0-9.]|\\[a-zA-Z]|[a-zA-Z](?![a-zA-Z]))[^\s$]*)")
+_UNBRACED_ARGUMENT_RE = re.compile(r"[ \t]*((?:[-+]?[0-9.]|\\[a-zA-Z]|[a-zA-Z](?![a-zA-Z]))"
+                                   r"[^\s$]*)")
 
 
 def _last_boxed_at(text: str) -> tuple[int, str] | None:

@@ -607,7 +607,8 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
     no_box = _write(tmp_path / "nobox.jsonl", [json.dumps({"problem": "p", "solution": "it is 3"})])
     with pytest.raises(ValueError, match=r"nobox\.jsonl:1: field 'solution' has no \\boxed"):
         MathTask(path_train=no_box).examples("train")
-    empty_box = _write(tmp_path / "empty.jsonl", [json.dumps({"problem": "p", "solution": "\\boxed{}"})])
+    empty_box = _write(tmp_path / "empty.jsonl",
+                       [json.dumps({"problem": "p", "solution": "\\boxed{}"})])
     with pytest.raises(ValueError, match=r"empty\.jsonl:1: field 'solution' has no \\boxed"):
         MathTask(path_train=empty_box).examples("train")  # a gold no answer could ever equal
     not_gsm = _write(tmp_path / "gsm.jsonl", [json.dumps({"question": "q", "answer": "12"})])
