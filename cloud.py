@@ -48,7 +48,8 @@ class CloudError(RuntimeError):
 
 
 class CloudAuthError(CloudError):
-    """401/403: no request can succeed until the key is fixed, so the whole batch stops.
+    """401/403 (the key refused) or 402 / 429 insufficient_quota (the account cannot pay): no
+    request can succeed until that is fixed, so the whole batch stops.
     answers: set by HttpBackend.complete to what did arrive, one entry per prompt (a text, a
     CloudError, or None where no answer came), so that Cloud.ask can still cache those texts."""
     answers: list | None = None
@@ -265,6 +266,17 @@ def chat_completions_url(base_url: str) -> str:
     return base + "/chat/completions"
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: urllib would send the Authorization header on to the new
+    address (and turn the POST into a GET). The 3xx comes back as an HTTPError instead."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 def _retry_after_seconds(value) -> float | None:
     """Retry-After as seconds (the HTTP-date form is ignored: plain backoff is used instead)."""
     try:
@@ -279,9 +291,14 @@ class HttpBackend:
 
     The API key is read from the environment variable `api_key_env` at each request (no header
     when unset, e.g. a local vLLM server); it is never logged, stored or put in an error message.
-    Timeouts, connection errors, 429 (honouring Retry-After seconds) and 5xx are retried up to
-    `retries` times with exponential backoff and jitter; 401/403 stop the batch (naming the
-    variable); other 4xx, malformed JSON and missing/empty choices fail that prompt at once.
+    Timeouts (`timeout` is the seconds one read may wait, not a limit on the whole request),
+    connection errors, bodies cut off, 408, 429 and 5xx are retried up to `retries` times with
+    exponential backoff and jitter (429 and 503 wait the Retry-After seconds they give);
+    401/403 (the key) and 402 or 429 insufficient_quota (the account) stop the batch; a
+    redirect, other 4xx, malformed JSON and missing/empty choices fail that prompt at once.
+    An answer cut at max_tokens (finish_reason "length", even with no content left, as a
+    reasoning model gives when its reasoning used every token) is an answer: cached and scored
+    as it stands, so it is not paid for again; `truncated` counts them and the first is noted.
     Up to `concurrency` requests run in parallel threads; results keep the input order."""
     name = "http"
 
@@ -309,14 +326,19 @@ class HttpBackend:
         self.temperature, self.max_tokens = float(temperature), int(max_tokens)
         self.timeout, self.retries, self.concurrency = float(timeout), int(retries), int(concurrency)
         self.backoff, self.max_wait = float(backoff), float(max_wait)
-        self.sleep = time.sleep  # replaceable in tests
+        # set by Ctrl-C in complete_each: no new request, no retry; also ends a backoff wait
+        self._stop = threading.Event()
+        self.sleep = self._stop.wait  # replaceable in tests
+        self.truncated, self._lock = 0, threading.Lock()
         if not os.environ.get(api_key_env):  # fine for a local server; a forgotten key shows now
             print(f"note: http cloud: the environment variable {api_key_env} is not set, so "
                   f"requests to {self.url} carry no API key", file=sys.stderr)
 
-    def _scrub(self, text: str, key: str | None) -> str:
-        """text for an error message: the key hidden, on one line."""
-        return " ".join((text.replace(key, "***") if key else text).split())
+    def _scrub(self, raw: bytes, key: str | None, limit: int) -> str:
+        """A response body for an error message: the key hidden (before cutting to `limit`
+        characters, so no part of it is left), on one line."""
+        text = raw.decode("utf-8", "replace")
+        return " ".join((text.replace(key, "***") if key else text).split())[:limit]
 
     def chat(self, messages: list[dict]) -> str:
         """One request with retries; returns the answer text or raises CloudError."""
@@ -328,28 +350,41 @@ class HttpBackend:
             headers["Authorization"] = f"Bearer {key}"
         last_error = ""
         for attempt in range(self.retries + 1):
+            if self._stop.is_set():
+                raise CloudError(f"interrupted: not sent to {self.url}")
             wait = None
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _OPENER.open(request, timeout=self.timeout) as response:
                     raw = response.read()
                 return self._parse(raw, key)
             except urllib.error.HTTPError as e:
                 try:
-                    detail = self._scrub(e.read()[:300].decode("utf-8", "replace"), key)
-                except OSError:
-                    detail = "(no body)"
+                    full = self._scrub(e.read(1 << 16), key, 1 << 16)
+                except (OSError, http.client.HTTPException):  # the error body itself cut off
+                    full = "(the error body was cut off)"
+                detail = full[:300]
                 if e.code in (401, 403):
                     state = "is set" if key else "is NOT set"
                     raise CloudAuthError(f"HTTP {e.code} from {self.url}: the API key was refused; check the "
                                          f"environment variable {self.api_key_env} (it {state}). Server said: {detail}") from None
-                if e.code != 429 and e.code < 500:
+                if e.code == 402 or (e.code == 429 and "insufficient_quota" in full):
+                    raise CloudAuthError(f"HTTP {e.code} from {self.url}: the account cannot pay for "
+                                         f"requests (balance or quota); no request can succeed until "
+                                         f"that is fixed. Server said: {detail}") from None
+                if 300 <= e.code < 400:
+                    raise CloudError(f"HTTP {e.code} from {self.url}: redirected to "
+                                     f"{e.headers.get('Location')}; redirects are not followed (the "
+                                     f"API key would go along): set base_url to the address that "
+                                     f"answers") from None
+                if e.code not in (408, 429) and e.code < 500:
                     raise CloudError(f"HTTP {e.code} from {self.url} (not retried): {detail}") from None
                 last_error = f"HTTP {e.code}: {detail}"
-                if e.code == 429:
+                if e.code in (429, 503):  # a little jitter, so parallel requests do not retry as one
                     wait = _retry_after_seconds(e.headers.get("Retry-After"))
+                    wait = None if wait is None else wait * (1 + 0.25 * random.random())
             except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
-                last_error = self._scrub(f"{type(e).__name__}: {e}", key)
+                last_error = self._scrub(f"{type(e).__name__}: {e}".encode(), key, 300)
             if attempt < self.retries:
                 if wait is None:
                     wait = self.backoff * 2 ** attempt * (0.5 + random.random())
@@ -357,7 +392,7 @@ class HttpBackend:
         raise CloudError(f"{self.url}: gave up after {self.retries + 1} attempts; last error: {last_error}")
 
     def _parse(self, raw: bytes, key: str | None) -> str:
-        snippet = self._scrub(raw[:200].decode("utf-8", "replace"), key)
+        snippet = self._scrub(raw, key, 200)
         try:
             payload = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -365,17 +400,28 @@ class HttpBackend:
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list) or not choices:
             raise CloudError(f"response from {self.url} has no choices: {snippet!r}")
-        message = choices[0].get("message") if isinstance(choices[0], dict) else None
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        message = choice.get("message")
         content = message.get("content") if isinstance(message, dict) else None
+        if choice.get("finish_reason") == "length":  # cut at max_tokens: the answer it gave
+            with self._lock:
+                self.truncated += 1
+                first = self.truncated == 1
+            if first:
+                print(f"note: http cloud: an answer was cut at max_tokens={self.max_tokens} "
+                      f"(finish_reason length); cut answers are cached and scored as they stand; "
+                      f"a larger max_tokens serves prompts not yet cached", file=sys.stderr)
+            return content if isinstance(content, str) else ""
         if not isinstance(content, str) or not content.strip():
             raise CloudError(f"response from {self.url} has an empty choices[0].message.content: {snippet!r}")
         return content
 
     def complete_each(self, task, examples):
         """Yield (index, answer text or its CloudError) as each answer arrives, `concurrency`
-        requests at a time (Cloud.ask caches each at once). A refused key (401/403) stops the
-        batch: what the requests already under way bring is still yielded, then the
-        CloudAuthError is raised."""
+        requests at a time (Cloud.ask caches each at once). A CloudAuthError (the key or the
+        account) stops the batch: what the requests already under way bring is still yielded,
+        then it is raised. So does Ctrl-C: the answers of the requests under way are yielded
+        before the KeyboardInterrupt goes on (a second Ctrl-C gives them up)."""
         def one(messages):
             try:
                 return self.chat(messages)
@@ -385,23 +431,41 @@ class HttpBackend:
                 return e
         if not examples:
             return
-        refused = None
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(examples))) as pool:
-            futures = {pool.submit(one, task.cloud_messages(ex)): i for i, ex in enumerate(examples)}
-            try:
-                for f in as_completed(futures):
-                    if f.cancelled():
-                        continue
-                    if isinstance(f.exception(), CloudAuthError):
-                        if refused is None:
-                            refused = f.exception()
-                            for other in futures:
-                                other.cancel()
-                        continue
-                    yield futures[f], f.result()
-            finally:  # the caller stopped early (e.g. Ctrl-C): requests not yet sent never are
-                for other in futures:
-                    other.cancel()
+        refused, yielded = None, set()
+        try:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(examples))) as pool:
+                futures = {pool.submit(one, task.cloud_messages(ex)): i
+                           for i, ex in enumerate(examples)}
+                try:
+                    for f in as_completed(futures):
+                        if f.cancelled():
+                            continue
+                        if isinstance(f.exception(), CloudAuthError):
+                            if refused is None:
+                                refused = f.exception()
+                                for other in futures:
+                                    other.cancel()
+                            continue
+                        yielded.add(f)
+                        yield futures[f], f.result()
+                except KeyboardInterrupt:
+                    # Ctrl-C: nothing new is sent or retried, but the requests under way are
+                    # paid for: wait for them and hand their answers on to be cached, then stop
+                    self._stop.set()
+                    left = [f for f in futures if f not in yielded and not f.cancel()]
+                    print(f"\ninterrupted: waiting for the "
+                          f"{sum(not f.done() for f in left)} requests under way so that their "
+                          f"answers are cached (Ctrl-C again to give them up)", file=sys.stderr)
+                    for f in as_completed(left):
+                        if f.exception() is None and isinstance(f.result(), str):
+                            yield futures[f], f.result()
+                    raise
+                finally:  # the caller stopped early: nothing more is sent, nothing retried
+                    self._stop.set()
+                    for other in futures:
+                        other.cancel()
+        finally:  # the pool has waited for every request under way: the backend is reusable
+            self._stop.clear()
         if refused is not None:
             raise refused
 
@@ -640,7 +704,8 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="http (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=2048, help="http (default %(default)s)")
     p.add_argument("--timeout", type=float, default=60,
-                   help="http: seconds per request (default %(default)s)")
+                   help="http: seconds one read may wait, not a limit on the whole request "
+                        "(default %(default)s)")
     p.add_argument("--retries", type=int, default=5, help="http (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=8,
                    help="http: requests at a time (default %(default)s)")
@@ -692,11 +757,18 @@ def prefill(args) -> int:
                 f"failures {cloud.failures}  elapsed {elapsed:.0f}s  "
                 f"eta {elapsed / done * (total - done):.0f}s")
         print("\r" + line.ljust(79), end="", file=sys.stderr, flush=True)
-    correct = sum(a.correct for a in cloud.ask(task, examples, progress, chunk=args.chunk))
+    try:
+        correct = sum(a.correct for a in cloud.ask(task, examples, progress, chunk=args.chunk))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {cloud.calls_made - cloud.failures} new answers are cached in "
+              f"{args.cache}; the same command asks the rest", file=sys.stderr)
+        return 130
     print(file=sys.stderr)
+    cut = getattr(cloud.backend, "truncated", 0)
     print(f"task {task.name} split {args.split}: {len(examples)} prompts, calls made {cloud.calls_made}, "
           f"served from cache {cloud.served_from_cache}, failures {cloud.failures}, "
-          f"cloud correct {correct}/{len(examples)}; cache {args.cache}")
+          + (f"cut at max_tokens {cut}, " if cut else "")
+          + f"cloud correct {correct}/{len(examples)}; cache {args.cache}")
     return 1 if cloud.failures else 0
 
 

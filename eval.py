@@ -1011,6 +1011,11 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, CloudError) as e:  # CloudError: e.g. a refused API key
         progress.close()
         sys.exit(f"eval error: {e}")
+    except KeyboardInterrupt:  # nothing written yet; the cloud answers that arrived are cached
+        progress.close()
+        print("\neval.py: interrupted, nothing written; the cloud answers that arrived are cached, "
+              "so running the same command again does not pay for them twice", file=sys.stderr)
+        sys.exit(130)
     progress.close()
     written = write_outputs(res, args.out or args.runs[0], command)
     s = res.settings

@@ -309,7 +309,9 @@ class FakeEndpoint:
     response (status, body, headers, delay seconds); when the script is empty it answers 200
     with the reversed user message, after delay_for[that message] seconds (default 0.02).
     hold: an optional threading.Barrier every request waits at (counted as in flight) before it
-    is answered; if it breaks (times out), the request gets a 500 "barrier broken"."""
+    is answered; if it breaks (times out), the request gets a 500 "barrier broken".
+    A scripted header X-Declared-Length replaces the Content-Length sent: larger than the body,
+    it makes a response cut off (the connection closes after the body)."""
 
     def __init__(self):
         self.script, self.requests, self.lock = [], [], threading.Lock()
@@ -341,10 +343,12 @@ class FakeEndpoint:
                     status, payload, headers, delay = step
                     time.sleep(delay)
                     data = payload.encode("utf-8")
+                    headers = dict(headers)
+                    length = headers.pop("X-Declared-Length", len(data))
                     self.send_response(status)
                     for k, v in headers.items():
                         self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
+                    self.send_header("Content-Length", str(length))
                     self.end_headers()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
@@ -428,11 +432,130 @@ def test_http_500_then_success(endpoint):
     assert 0.25 <= backend.slept[0] <= 0.75 and 0.5 <= backend.slept[1] <= 1.5  # 0.5 * 2^k, jittered
 
 
-def test_http_429_honours_retry_after(endpoint):
-    endpoint.script = [(429, "slow down", {"Retry-After": "2"}, 0), ok("done")]
+@pytest.mark.parametrize("status", [429, 503])
+def test_http_429_and_503_honour_retry_after(endpoint, status):
+    """The seconds the server asks for, plus up to a quarter more (so parallel requests told
+    the same do not all come back at once)."""
+    endpoint.script = [(status, "slow down", {"Retry-After": "2"}, 0), ok("done")]
     backend = make_backend(endpoint.url)
     assert backend.chat(MESSAGES) == "done"
-    assert backend.slept == [2.0]
+    assert len(backend.slept) == 1 and 2.0 <= backend.slept[0] <= 2.5
+
+
+@pytest.mark.parametrize("step", [
+    (408, "request timeout", {}, 0),
+    (500, "an error body the connection cuts short", {"X-Declared-Length": "4096"}, 0),
+    (200, '{"choices": [{"message": {"content": "cut sh', {"X-Declared-Length": "4096"}, 0),
+], ids=["408", "5xx-body-cut-off", "200-body-cut-off"])
+def test_http_transient_failures_are_retried(endpoint, step):
+    endpoint.script = [step, ok("fine")]
+    backend = make_backend(endpoint.url)
+    assert backend.chat(MESSAGES) == "fine"
+    assert len(endpoint.requests) == 2 and len(backend.slept) == 1
+
+
+@pytest.mark.parametrize("status, body, needle", [
+    (402, '{"error": {"message": "Insufficient Balance"}}', "HTTP 402 .*cannot pay"),
+    (429, '{"error": {"message": "You exceeded your current quota", "type": "insufficient_quota"}}',
+     "HTTP 429 .*cannot pay"),
+])
+def test_http_an_account_that_cannot_pay_stops_the_batch(endpoint, task, status, body, needle):
+    endpoint.script = [(status, body, {}, 0)] * 3
+    with pytest.raises(CloudAuthError, match=needle):
+        make_backend(endpoint.url).chat(MESSAGES)
+    assert len(endpoint.requests) == 1  # not retried
+    with pytest.raises(CloudAuthError):
+        make_backend(endpoint.url, concurrency=1).complete(task, task.examples("test")[:6])
+    # the batch stopped at its first prompt (the one worker may have taken the next already)
+    assert len(endpoint.requests) <= 1 + 2
+
+
+def test_http_no_part_of_the_key_reaches_an_error_message(endpoint, monkeypatch):
+    """The key in a long body straddling the point where error text is cut: hidden first."""
+    secret = "sk-SECRETKEY-0123456789"
+    monkeypatch.setenv("TEST_CLOUD_KEY", secret)
+    long_body = "x" * 290 + secret
+    for step in [(400, long_body, {}, 0), (500, long_body, {}, 0),
+                 (200, "y" * 190 + secret, {}, 0)]:
+        endpoint.script = [step] * 4
+        with pytest.raises(CloudError) as e:
+            make_backend(endpoint.url).chat(MESSAGES)
+        assert secret[:6] not in str(e.value), str(e.value)
+
+
+def test_http_redirects_are_not_followed(endpoint, monkeypatch):
+    """urllib would follow a 302 to another host as a GET, with the Authorization header."""
+    other = FakeEndpoint()
+    try:
+        monkeypatch.setenv("TEST_CLOUD_KEY", "sk-test-123")
+        where = other.url + "/v1/chat/completions"
+        endpoint.script = [(302, "", {"Location": where}, 0), ok("never")]
+        with pytest.raises(CloudError, match=f"HTTP 302 .*redirected to {where}.*base_url"):
+            make_backend(endpoint.url).chat(MESSAGES)
+        assert len(endpoint.requests) == 1 and other.requests == []
+    finally:
+        other.close()
+
+
+def test_http_an_answer_cut_at_max_tokens_is_cached_as_given(endpoint, task, tmp_path, capsys):
+    """finish_reason "length": the text the cloud gave, or "" when its reasoning used every
+    token (content null), is its answer: cached and scored (wrong here), not asked again."""
+    def cut(content):
+        return (200, json.dumps({"choices": [{"message": {"content": content},
+                                              "finish_reason": "length"}]}), {}, 0)
+    examples = task.examples("test")[:2]
+    endpoint.script = [cut("[007*003=02"), cut(None)]
+    backend = make_backend(endpoint.url, concurrency=1)
+    cloud = Cloud(backend, CloudCache(tmp_path / "c.jsonl"), "http", "cloud-model")
+    answers = cloud.ask(task, examples)
+    assert [a.text for a in answers] == ["[007*003=02", ""] and not any(a.correct for a in answers)
+    assert [a.error for a in answers] == [None, None] and len(cloud.cache) == 2
+    assert backend.truncated == 2 and capsys.readouterr().err.count("cut at max_tokens") == 1
+    assert [a.cached for a in cloud.ask(task, examples)] == [True, True]
+    assert len(endpoint.requests) == 2
+
+
+def _ctrl_c_after(seconds):
+    """Send SIGINT to the main thread after `seconds` (as Ctrl-C would)."""
+    import signal
+    timer = threading.Timer(seconds, signal.pthread_kill,
+                            (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_http_ctrl_c_keeps_the_answers_under_way(endpoint, task, tmp_path, capsys):
+    """Ctrl-C with 2 requests under way and 4 queued: the 4 are never sent, the 2 answers are
+    cached when they arrive, then the KeyboardInterrupt goes on; asking again sends the 4."""
+    examples = task.examples("test")[:6]
+    endpoint.delay_for = {ex.prompt: 0.6 for ex in examples}
+    path = tmp_path / "c.jsonl"
+    cloud = Cloud(make_backend(endpoint.url, concurrency=2, retries=0), CloudCache(path), "http",
+                  "cloud-model")
+    _ctrl_c_after(0.3)
+    with pytest.raises(KeyboardInterrupt):
+        cloud.ask(task, examples)
+    assert "waiting for the 2 requests under way" in capsys.readouterr().err
+    assert len(endpoint.requests) == 2
+    assert sorted(r["key"] for r in map(json.loads, _lines(path))) == \
+        sorted(ex.key for ex in examples[:2])
+    endpoint.delay_for = {}
+    assert [a.cached for a in cloud.ask(task, examples)] == [True] * 2 + [False] * 4
+    assert len(endpoint.requests) == 6
+
+
+def test_prefill_cli_ctrl_c_says_what_is_cached(endpoint, task, tmp_path, capsys):
+    import cloud
+    examples = TinyCountdownTask(n_train=20).examples("train")[:4]
+    endpoint.delay_for = {ex.prompt: 1.0 for ex in examples}
+    cache = tmp_path / "c.jsonl"
+    _ctrl_c_after(0.5)
+    code = cloud.main(["--task", "tiny_countdown", "--n-train", "20", "--limit", "4",
+                       "--backend", "http",
+                       "--base-url", endpoint.url, "--model", "m", "--api-key-env",
+                       "TEST_CLOUD_KEY", "--concurrency", "2", "--cache", str(cache)])
+    assert code == 130 and len(_lines(cache)) == 2
+    assert "interrupted: 2 new answers are cached" in capsys.readouterr().err
 
 
 def test_http_timeout_is_retried(endpoint):

@@ -788,6 +788,18 @@ def test_a_refused_api_key_is_a_one_line_error(tmp_path, monkeypatch):
         "(it is NOT set)")
 
 
+def test_ctrl_c_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    def interrupted(self, task, examples):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cloud_module.OracleBackend, "complete", interrupted)
+    run = write_run(tmp_path, "policy", True, seed=1)
+    before = sorted(os.listdir(run))
+    with pytest.raises(SystemExit) as e:
+        ev.main([run, "--n", "4", "--router-n", "0"])
+    assert e.value.code == 130 and "interrupted, nothing written" in capsys.readouterr().err
+    assert sorted(os.listdir(run)) == before
+
+
 def test_the_router_learns_which_prompts_the_device_gets_right(tmp_path, monkeypatch, one_thread):
     """SPEC 8.4: the router's label is "the base model answers this prompt right by itself".
     A stand-in base model gets exactly the prompts whose first number is below 10 right; the
