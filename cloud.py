@@ -7,8 +7,9 @@ also to other processes sharing the file (CloudCache).
 
 Backends share one small interface, `complete(task, examples) -> list[str]`; a backend may put
 an exception in place of a text to report that this one prompt failed (never cached, retried on
-the next run); one may also offer `complete_each(task, examples)`, yielding (index, text) as
-each answer arrives, so that Cloud.ask caches it at once (HttpBackend does). Backends:
+the next run); one may also offer `complete_each(task, examples, receive)`, calling
+receive(index, text) in the calling thread as each answer arrives, so that Cloud.ask caches it
+at once (HttpBackend does). Backends:
 OracleBackend (a simulation, for synthetic tasks), HttpBackend (OpenAI-compatible
 /v1/chat/completions on urllib), LocalBackend (a larger local checkpoint).
 A new backend: a class with that method, registered in BACKENDS; its `name` (default: the
@@ -24,13 +25,13 @@ import hashlib
 import http.client
 import json
 import os
+import queue
 import random
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,9 +327,7 @@ class HttpBackend:
         self.temperature, self.max_tokens = float(temperature), int(max_tokens)
         self.timeout, self.retries, self.concurrency = float(timeout), int(retries), int(concurrency)
         self.backoff, self.max_wait = float(backoff), float(max_wait)
-        # set by Ctrl-C in complete_each: no new request, no retry; also ends a backoff wait
-        self._stop = threading.Event()
-        self.sleep = self._stop.wait  # replaceable in tests
+        self.sleep = None  # the backoff wait; None: the batch's stop event's wait (tests replace it)
         self.truncated, self._lock = 0, threading.Lock()
         if not os.environ.get(api_key_env):  # fine for a local server; a forgotten key shows now
             print(f"note: http cloud: the environment variable {api_key_env} is not set, so "
@@ -340,8 +339,10 @@ class HttpBackend:
         text = raw.decode("utf-8", "replace")
         return " ".join((text.replace(key, "***") if key else text).split())[:limit]
 
-    def chat(self, messages: list[dict]) -> str:
-        """One request with retries; returns the answer text or raises CloudError."""
+    def chat(self, messages: list[dict], stop: threading.Event | None = None) -> str:
+        """One request with retries; returns the answer text or raises CloudError. Once `stop` is
+        set, no attempt is made and a backoff wait ends."""
+        stop = stop or threading.Event()
         key = os.environ.get(self.api_key_env) or None
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")
@@ -350,7 +351,7 @@ class HttpBackend:
             headers["Authorization"] = f"Bearer {key}"
         last_error = ""
         for attempt in range(self.retries + 1):
-            if self._stop.is_set():
+            if stop.is_set():
                 raise CloudError(f"interrupted: not sent to {self.url}")
             wait = None
             try:
@@ -388,7 +389,7 @@ class HttpBackend:
             if attempt < self.retries:
                 if wait is None:
                     wait = self.backoff * 2 ** attempt * (0.5 + random.random())
-                self.sleep(min(wait, self.max_wait))
+                (self.sleep or stop.wait)(min(wait, self.max_wait))
         raise CloudError(f"{self.url}: gave up after {self.retries + 1} attempts; last error: {last_error}")
 
     def _parse(self, raw: bytes, key: str | None) -> str:
@@ -416,65 +417,66 @@ class HttpBackend:
             raise CloudError(f"response from {self.url} has an empty choices[0].message.content: {snippet!r}")
         return content
 
-    def complete_each(self, task, examples):
-        """Yield (index, answer text or its CloudError) as each answer arrives, `concurrency`
-        requests at a time (Cloud.ask caches each at once). A CloudAuthError (the key or the
-        account) stops the batch: what the requests already under way bring is still yielded,
-        then it is raised. So does Ctrl-C: the answers of the requests under way are yielded
-        before the KeyboardInterrupt goes on (a second Ctrl-C gives them up)."""
-        def one(messages):
-            try:
-                return self.chat(messages)
-            except CloudAuthError:
-                raise
-            except CloudError as e:
-                return e
-        if not examples:
-            return
-        refused, yielded = None, set()
-        try:
-            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(examples))) as pool:
-                futures = {pool.submit(one, task.cloud_messages(ex)): i
-                           for i, ex in enumerate(examples)}
+    def complete_each(self, task, examples, receive):
+        """Send the prompts, `concurrency` at a time, and call receive(index, answer text or its
+        CloudError) in this thread as each answer arrives (Cloud.ask caches it there and then).
+        A CloudAuthError (the key or the account) stops the batch: nothing more is sent or
+        retried, the requests under way are still received, then it is raised. Ctrl-C (here or
+        in receive) likewise: those requests are paid for, so their answers are received before
+        the KeyboardInterrupt goes on; a second Ctrl-C stops waiting for them."""
+        stop = threading.Event()  # this batch's: no new request, no retry
+        todo, arrived = queue.SimpleQueue(), queue.SimpleQueue()
+        for i, example in enumerate(examples):
+            todo.put((i, task.cloud_messages(example)))
+
+        def work():
+            while not stop.is_set():
                 try:
-                    for f in as_completed(futures):
-                        if f.cancelled():
-                            continue
-                        if isinstance(f.exception(), CloudAuthError):
-                            if refused is None:
-                                refused = f.exception()
-                                for other in futures:
-                                    other.cancel()
-                            continue
-                        yielded.add(f)
-                        yield futures[f], f.result()
-                except KeyboardInterrupt:
-                    # Ctrl-C: nothing new is sent or retried, but the requests under way are
-                    # paid for: wait for them and hand their answers on to be cached, then stop
-                    self._stop.set()
-                    left = [f for f in futures if f not in yielded and not f.cancel()]
-                    print(f"\ninterrupted: waiting for the "
-                          f"{sum(not f.done() for f in left)} requests under way so that their "
-                          f"answers are cached (Ctrl-C again to give them up)", file=sys.stderr)
-                    for f in as_completed(left):
-                        if f.exception() is None and isinstance(f.result(), str):
-                            yield futures[f], f.result()
-                    raise
-                finally:  # the caller stopped early: nothing more is sent, nothing retried
-                    self._stop.set()
-                    for other in futures:
-                        other.cancel()
-        finally:  # the pool has waited for every request under way: the backend is reusable
-            self._stop.clear()
-        if refused is not None:
-            raise refused
+                    i, messages = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    arrived.put((i, self.chat(messages, stop)))
+                except CloudError as e:
+                    arrived.put((i, e))
+
+        # daemon threads: a second Ctrl-C need not wait for their connections to close
+        workers = [threading.Thread(target=work, daemon=True)
+                   for _ in range(min(self.concurrency, len(examples)))]
+        for w in workers:
+            w.start()
+        refused = []
+
+        def receive_all():
+            while any(w.is_alive() for w in workers) or not arrived.empty():
+                try:
+                    i, answer = arrived.get(timeout=0.05)  # a short wait: Ctrl-C lands between
+                except queue.Empty:
+                    continue
+                if isinstance(answer, CloudAuthError):
+                    stop.set()
+                    refused.append(answer)
+                else:
+                    receive(i, answer)
+        try:
+            receive_all()
+        except KeyboardInterrupt:
+            stop.set()
+            print(f"\ninterrupted: waiting for the {sum(w.is_alive() for w in workers)} requests "
+                  f"under way so that their answers are cached (Ctrl-C again to stop waiting)",
+                  file=sys.stderr)
+            receive_all()
+            raise
+        finally:
+            stop.set()  # whatever ended the wait: nothing more is sent, nothing retried
+        if refused:
+            raise refused[0]
 
     def complete(self, task, examples) -> list:
         """Answer texts in input order; a prompt that failed gets its CloudError instead."""
         texts = [None] * len(examples)
         try:
-            for i, text in self.complete_each(task, examples):
-                texts[i] = text
+            self.complete_each(task, examples, texts.__setitem__)
         except CloudAuthError as error:
             error.answers = texts  # None where no answer came
             raise
@@ -508,11 +510,8 @@ class LocalBackend:
         if self.model is None:
             self._load()
         tok = self.tokenizer
-        prompts = []
-        for ex in examples:
-            text = ex.prompt if isinstance(ex.prompt, str) else tok.apply_chat(task.cloud_messages(ex),
-                                                                               add_generation_prompt=True)
-            prompts.append(tok.encode(text))
+        prompts = [tok.prompt_ids(ex.prompt if isinstance(ex.prompt, str) else task.cloud_messages(ex))
+                   for ex in examples]
         eos = set(tok.eos_ids)
         stop_ids = list(tok.eos_ids)
         for stop in task.stop_texts:
@@ -600,10 +599,15 @@ class Cloud:
         items = list(pending.items())
         each = getattr(self.backend, "complete_each", None)
         if each is not None and items:
-            for done, (i, text) in enumerate(each(task, [ex for ex, _, _ in pending.values()])):
+            done = 0
+
+            def receive(i, text):
+                nonlocal done
                 self._record(task, dict([items[i]]), [text], answers)
+                done += 1
                 if progress:
-                    progress(done + 1, len(items))
+                    progress(done, len(items))
+            each(task, [ex for ex, _, _ in pending.values()], receive)
             return answers
         for start in range(0, len(items), chunk):
             part = dict(items[start:start + chunk])

@@ -724,8 +724,10 @@ def _last_boxed_at(text: str) -> tuple[int, str] | None:
 
 
 def _braced_argument(s: str, i: int):
-    """The LaTeX argument starting at s[i]: {group}, a \\command, or one character.
-    Returns (content, index after it) or None."""
+    """The LaTeX argument starting at s[i] (spaces before it skipped, as TeX does): {group},
+    a \\command, or one character. Returns (content, index after it) or None."""
+    while i < len(s) and s[i] == " ":
+        i += 1
     if i >= len(s):
         return None
     if s[i] == "{":
@@ -891,7 +893,7 @@ _DECLARED_RE = re.compile(r"(?:-\s*)?(?:" + _UNSIGNED + ")")  # after ####: "###
 
 
 def _clean_number(token: str) -> str | None:
-    token = token.replace(",", "").replace(" ", "")
+    token = re.sub(r"[,\s]", "", token)
     try:
         Fraction(token)
     except (ValueError, ZeroDivisionError):

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import socket
 import sys
 import threading
@@ -311,12 +312,13 @@ class FakeEndpoint:
     hold: an optional threading.Barrier every request waits at (counted as in flight) before it
     is answered; if it breaks (times out), the request gets a 500 "barrier broken".
     A scripted header X-Declared-Length replaces the Content-Length sent: larger than the body,
-    it makes a response cut off (the connection closes after the body)."""
+    it makes a response cut off (the connection closes after the body). interrupt_at: when that
+    many requests have arrived, SIGINT goes to the main thread (Ctrl-C with them under way)."""
 
     def __init__(self):
         self.script, self.requests, self.lock = [], [], threading.Lock()
         self.in_flight = self.max_in_flight = 0
-        self.hold, self.delay_for = None, {}
+        self.hold, self.delay_for, self.interrupt_at = None, {}, None
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -330,6 +332,8 @@ class FakeEndpoint:
                     step = endpoint.script.pop(0) if endpoint.script else None
                     endpoint.in_flight += 1
                     endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
+                    if len(endpoint.requests) == endpoint.interrupt_at:
+                        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 try:
                     if endpoint.hold is not None:
                         try:
@@ -466,7 +470,8 @@ def test_http_an_account_that_cannot_pay_stops_the_batch(endpoint, task, status,
     assert len(endpoint.requests) == 1  # not retried
     with pytest.raises(CloudAuthError):
         make_backend(endpoint.url, concurrency=1).complete(task, task.examples("test")[:6])
-    # the batch stopped at its first prompt (the one worker may have taken the next already)
+    # the batch stopped at its first prompt: at most the next, which the one worker may have
+    # taken before the refusal was read, went out too (not the other 4)
     assert len(endpoint.requests) <= 1 + 2
 
 
@@ -515,45 +520,83 @@ def test_http_an_answer_cut_at_max_tokens_is_cached_as_given(endpoint, task, tmp
     assert len(endpoint.requests) == 2
 
 
-def _ctrl_c_after(seconds):
-    """Send SIGINT to the main thread after `seconds` (as Ctrl-C would)."""
-    import signal
-    timer = threading.Timer(seconds, signal.pthread_kill,
-                            (threading.main_thread().ident, signal.SIGINT))
-    timer.start()
-    return timer
-
-
 def test_http_ctrl_c_keeps_the_answers_under_way(endpoint, task, tmp_path, capsys):
     """Ctrl-C with 2 requests under way and 4 queued: the 4 are never sent, the 2 answers are
     cached when they arrive, then the KeyboardInterrupt goes on; asking again sends the 4."""
     examples = task.examples("test")[:6]
-    endpoint.delay_for = {ex.prompt: 0.6 for ex in examples}
+    endpoint.delay_for = {ex.prompt: 0.5 for ex in examples}
+    endpoint.interrupt_at = 2
     path = tmp_path / "c.jsonl"
     cloud = Cloud(make_backend(endpoint.url, concurrency=2, retries=0), CloudCache(path), "http",
                   "cloud-model")
-    _ctrl_c_after(0.3)
     with pytest.raises(KeyboardInterrupt):
         cloud.ask(task, examples)
     assert "waiting for the 2 requests under way" in capsys.readouterr().err
     assert len(endpoint.requests) == 2
     assert sorted(r["key"] for r in map(json.loads, _lines(path))) == \
         sorted(ex.key for ex in examples[:2])
-    endpoint.delay_for = {}
+    endpoint.delay_for, endpoint.interrupt_at = {}, None
     assert [a.cached for a in cloud.ask(task, examples)] == [True] * 2 + [False] * 4
     assert len(endpoint.requests) == 6
+
+
+def test_http_ctrl_c_while_an_answer_is_cached_keeps_the_others(endpoint, task, tmp_path):
+    """Ctrl-C landing in Cloud.ask's own work (here: the progress report of the first answer)
+    winds down the same way: the other request under way is still cached."""
+    examples = task.examples("test")[:6]
+    endpoint.delay_for = {ex.prompt: 0.5 for ex in examples}
+    endpoint.delay_for[examples[0].prompt] = 0.05
+
+    def progress(done, total):
+        if done == 1:
+            raise KeyboardInterrupt
+    path = tmp_path / "c.jsonl"
+    cloud = Cloud(make_backend(endpoint.url, concurrency=2, retries=0), CloudCache(path), "http",
+                  "cloud-model")
+    with pytest.raises(KeyboardInterrupt):
+        cloud.ask(task, examples, progress)
+    # cached: every request sent, i.e. the first, the one under way and, when its worker took
+    # it before the interrupt was read, the next; the other 3 or 4 were never sent
+    sent = {q["body"]["messages"][-1]["content"] for q in endpoint.requests}
+    assert len(sent) in (2, 3)
+    assert sorted(json.loads(line)["key"] for line in _lines(path)) == \
+        sorted(ex.key for ex in examples if ex.prompt in sent)
+
+
+def test_http_a_second_ctrl_c_stops_waiting_and_nothing_is_retried(endpoint, task, tmp_path):
+    """The second Ctrl-C ends the wait for the requests under way at once; they fail (500) and
+    are not retried after it, and the backend serves a later batch normally."""
+    examples = task.examples("test")[:4]
+    endpoint.script = [(500, "down", {}, 1.0)] * 2
+    endpoint.interrupt_at = 2
+    backend = make_backend(endpoint.url, concurrency=2, retries=3)
+    backend.sleep = None  # the real, interruptible backoff wait
+    cloud = Cloud(backend, CloudCache(tmp_path / "c.jsonl"), "http", "cloud-model")
+    second = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    start = time.time()
+    second.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cloud.ask(task, examples)
+    finally:
+        second.cancel()
+    assert time.time() - start < 0.9 and len(cloud.cache) == 0
+    time.sleep(1.5)  # the two 500s arrive meanwhile: no retry follows them
+    assert len(endpoint.requests) == 2
+    endpoint.interrupt_at = None
+    assert [a.text for a in cloud.ask(task, examples[:1])] == [examples[0].prompt[::-1]]
 
 
 def test_prefill_cli_ctrl_c_says_what_is_cached(endpoint, task, tmp_path, capsys):
     import cloud
     examples = TinyCountdownTask(n_train=20).examples("train")[:4]
-    endpoint.delay_for = {ex.prompt: 1.0 for ex in examples}
+    endpoint.delay_for = {ex.prompt: 0.5 for ex in examples}
+    endpoint.interrupt_at = 2
     cache = tmp_path / "c.jsonl"
-    _ctrl_c_after(0.5)
     code = cloud.main(["--task", "tiny_countdown", "--n-train", "20", "--limit", "4",
-                       "--backend", "http",
-                       "--base-url", endpoint.url, "--model", "m", "--api-key-env",
-                       "TEST_CLOUD_KEY", "--concurrency", "2", "--cache", str(cache)])
+                       "--backend", "http", "--base-url", endpoint.url, "--model", "m",
+                       "--api-key-env", "TEST_CLOUD_KEY", "--concurrency", "2",
+                       "--cache", str(cache)])
     assert code == 130 and len(_lines(cache)) == 2
     assert "interrupted: 2 new answers are cached" in capsys.readouterr().err
 
@@ -662,6 +705,9 @@ def fake_local_model(monkeypatch, answer, eos=True):
         def apply_chat(self, messages, add_generation_prompt=True):
             assert add_generation_prompt
             return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+        def prompt_ids(self, prompt):  # as model.Tokenizer's: raw text as is, messages as chat
+            return self.encode(prompt if isinstance(prompt, str) else self.apply_chat(prompt))
 
     calls = {}
 

@@ -470,6 +470,8 @@ MATH_CASES = [
     ("10\\,000", "10000", True),  # a thin space groups thousands
     ("1 000 000", "1000000", True),
     ("3 1/2", "\\frac{31}{2}", False),  # spaces never join digits: a mixed number is not 31/2
+    ("\\frac 1 2", "1/2", True),  # TeX skips spaces before an argument
+    ("\\dfrac 3 4", "0.75", True),
     ("1 2", "12", False),
     ("3\\text{ or 4}", "3", False),  # a text with a digit is no unit: the hedge stays
     ("3\\text{ or 4}", "3or4", True),
@@ -524,6 +526,7 @@ def test_last_boxed(text, expected):
     ("#### 1,2345", "1"),
     ("so 10 - 5", "5"),  # a spaced sign only right after ####
     ("#### 1,234,567.5", "1234567.5"),
+    ("#### -\n5", "-5"),
 ])
 def test_gsm8k_final_number(text, expected):
     assert gsm8k_final_number(text) == expected
