@@ -545,6 +545,16 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def remove_if_dead(path: str, pid: str) -> None:
+    """Remove a temporary file or directory that process `pid` was writing when it was killed
+    (its name ends in the pid); one a live process is still writing stays."""
+    if pid.isdigit() and not process_alive(int(pid)):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+
+
 def warm_start_seed(cfg: Config) -> int:
     return cfg.seed if cfg.warm_start.seed < 0 else cfg.warm_start.seed
 
@@ -561,9 +571,7 @@ def warm_start(cfg: Config, task, device) -> str:
         print(f"warm start: none of the {len(others)} cached in {cfg.warm_start.cache_dir} has "
               f"these settings (model, warm_start and task sections, seed, the task's traces)")
     for partial in glob.glob(glob.escape(out) + ".tmp*"):  # a killed process's unfinished save
-        pid = partial[len(out) + 4:]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
+        remove_if_dead(partial, partial[len(out) + 4:])
     ws, m = cfg.warm_start, cfg.model
     tokenizer = build_char_tokenizer(task.alphabet)
     model_cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,
@@ -747,6 +755,8 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         os.makedirs(self.run_dir, exist_ok=True)
+        for partial in glob.glob(os.path.join(glob.escape(self.run_dir), "*.tmp.*")):
+            remove_if_dead(partial, partial.rsplit(".tmp.", 1)[1])  # atomic writes cut short
         if not cfg.resume:
             for stale in ("final_eval.json", "metrics.jsonl", "samples.jsonl"):
                 if os.path.exists(os.path.join(self.run_dir, stale)):
@@ -758,6 +768,8 @@ class Trainer:
             # that the next save() keeps it as .old until the new one is in place.
             if not os.path.exists(ckpt):
                 os.replace(ckpt + ".old", ckpt)
+            else:  # save() was killed while deleting .old, after the new checkpoint was in place
+                shutil.rmtree(ckpt + ".old", ignore_errors=True)
             source = ckpt
         else:
             source = cfg.model.path or warm_start(cfg, self.task, self.device)
@@ -1050,9 +1062,11 @@ def main(argv=None):
         trainer = Trainer(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except KeyboardInterrupt:  # in setup, i.e. the warm start: there is nothing to resume yet
-        print("\ninterrupted before RL started; nothing to resume (a warm start is cached only "
-              "once complete): run the same command again", file=sys.stderr)
+    except KeyboardInterrupt:  # in setup (the warm start, or loading the checkpoint to resume)
+        kept = ("the run's checkpoint is unchanged" if any(a.startswith("resume=") for a in argv)
+                else "nothing to resume (a warm start is cached only once complete)")
+        print(f"\ninterrupted before RL started; {kept}: run the same command again",
+              file=sys.stderr)
         sys.exit(130)
     start = time.time()
     try:

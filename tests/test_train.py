@@ -432,6 +432,16 @@ def test_a_crash_mid_save_never_loses_the_checkpoint(tmp_path, straight, monkeyp
     monkeypatch.setattr(os, "replace", real_replace)
     train.main([f"resume={run}"])
     assert_continued_exactly(run, straight)
+    # a kill at the end of a save (deleting checkpoint.old) or in an atomic write leaves
+    # leftovers: the next start removes them, but not the file of a process still writing it
+    shutil.copytree(run / "checkpoint", run / "checkpoint.old")
+    (run / "checkpoint.old" / "model.safetensors").unlink()  # half deleted
+    dead, alive = run / "metrics.jsonl.tmp.4194399", run / f"config.yaml.tmp.{os.getppid()}"
+    dead.write_text('{"train/st')
+    alive.write_text("name: ")
+    train.Trainer(train.load_config([f"resume={run}"]))
+    assert not (run / "checkpoint.old").exists() and not dead.exists() and alive.exists()
+    alive.unlink()
     # save() itself deletes checkpoint.old only once a new checkpoint has taken its place
     real_replace(run / "checkpoint", run / "checkpoint.old")
     crash_on_swap(1)
@@ -595,10 +605,19 @@ def test_ctrl_c_during_the_warm_start_exits_cleanly_and_the_run_can_start_again(
     monkeypatch.setattr(train, "warm_start", interrupted)
     with pytest.raises(SystemExit) as exc:
         train.main(tiny_args(tmp_path, "name=early", "rl.steps=1"))
-    assert exc.value.code == 130 and "run the same command again" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and "nothing to resume" in err and "run the same command again" in err
     monkeypatch.setattr(train, "warm_start", real_warm_start)
     train.main(tiny_args(tmp_path, "name=early", "rl.steps=1"))  # not "already holds a run"
-    assert [r["train/step"] for r in read_rows(tmp_path / "runs" / "early")] == [1, 1]
+    run = tmp_path / "runs" / "early"
+    assert [r["train/step"] for r in read_rows(run)] == [1, 1]
+    # Ctrl-C while a resume loads its checkpoint: the checkpoint is there, and says so
+    monkeypatch.setattr(train, "load_pretrained", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"resume={run}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and "the run's checkpoint is unchanged" in err
+    assert "nothing to resume" not in err
 
 
 def test_step_prompts_cover_each_epoch_once():
