@@ -344,6 +344,9 @@ class HttpBackend:
         set, no attempt is made and a backoff wait ends."""
         stop = stop or threading.Event()
         key = os.environ.get(self.api_key_env) or None
+        if key and not key.isascii():  # http.client would fail on it in every request
+            raise CloudAuthError(f"the API key in {self.api_key_env} holds a character that is "
+                                 f"not ASCII (a bad paste?)")
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
@@ -437,14 +440,12 @@ class HttpBackend:
                     return
                 try:
                     arrived.put((i, self.chat(messages, stop)))
-                except CloudError as e:
+                except BaseException as e:  # a CloudError, or a bug: raised in the caller
                     arrived.put((i, e))
 
         # daemon threads: a second Ctrl-C need not wait for their connections to close
         workers = [threading.Thread(target=work, daemon=True)
                    for _ in range(min(self.concurrency, len(examples)))]
-        for w in workers:
-            w.start()
         refused = []
 
         def receive_all():
@@ -456,9 +457,17 @@ class HttpBackend:
                 if isinstance(answer, CloudAuthError):
                     stop.set()
                     refused.append(answer)
-                else:
-                    receive(i, answer)
+                elif isinstance(answer, BaseException) and not isinstance(answer, CloudError):
+                    raise answer
+                elif isinstance(answer, str) or not stop.is_set():  # not: "stopped, not sent"
+                    try:
+                        receive(i, answer)
+                    except KeyboardInterrupt:  # before it was cached, maybe: receive it again
+                        arrived.put((i, answer))
+                        raise
         try:
+            for w in workers:
+                w.start()
             receive_all()
         except KeyboardInterrupt:
             stop.set()
@@ -603,6 +612,8 @@ class Cloud:
 
             def receive(i, text):
                 nonlocal done
+                if answers[items[i][1][2][0]] is not None:  # handed on again after a Ctrl-C
+                    return
                 self._record(task, dict([items[i]]), [text], answers)
                 done += 1
                 if progress:

@@ -359,6 +359,9 @@ def config_dict(cfg) -> dict:
 # ----------------------------------------------------------------------------- run directory
 
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "final_eval.json")  # train.py's own
+
+
 class RunLog:
     """metrics.jsonl / samples.jsonl (appended, flushed) and the one-line progress display."""
 
@@ -552,7 +555,8 @@ def remove_if_dead(path: str, pid: str) -> None:
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
-            os.remove(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def warm_start_seed(cfg: Config) -> int:
@@ -755,8 +759,9 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         os.makedirs(self.run_dir, exist_ok=True)
-        for partial in glob.glob(os.path.join(glob.escape(self.run_dir), "*.tmp.*")):
-            remove_if_dead(partial, partial.rsplit(".tmp.", 1)[1])  # atomic writes cut short
+        for name in RUN_FILES:  # their atomic writes cut short: NAME.tmp.PID of a dead process
+            for partial in glob.glob(os.path.join(glob.escape(self.run_dir), name + ".tmp.*")):
+                remove_if_dead(partial, partial.rsplit(".tmp.", 1)[1])
         if not cfg.resume:
             for stale in ("final_eval.json", "metrics.jsonl", "samples.jsonl"):
                 if os.path.exists(os.path.join(self.run_dir, stale)):
@@ -768,8 +773,6 @@ class Trainer:
             # that the next save() keeps it as .old until the new one is in place.
             if not os.path.exists(ckpt):
                 os.replace(ckpt + ".old", ckpt)
-            else:  # save() was killed while deleting .old, after the new checkpoint was in place
-                shutil.rmtree(ckpt + ".old", ignore_errors=True)
             source = ckpt
         else:
             source = cfg.model.path or warm_start(cfg, self.task, self.device)
@@ -779,6 +782,8 @@ class Trainer:
             self.tokenizer = load_tokenizer(source)
         except (ValueError, OSError) as e:  # a missing, truncated or foreign file: one line
             raise ConfigError(f"cannot load the model from {source}: {e}") from e
+        if cfg.resume:  # the checkpoint loaded: a .old that save() was killed deleting can go
+            shutil.rmtree(ckpt + ".old", ignore_errors=True)
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
         # never sampled, so left out of the update's log-probs too (help disabled: "H")
         self.banned_ids = self.tokenizer.single_token_ids(self.task.banned_texts)

@@ -540,16 +540,29 @@ def test_http_ctrl_c_keeps_the_answers_under_way(endpoint, task, tmp_path, capsy
     assert len(endpoint.requests) == 6
 
 
-def test_http_ctrl_c_while_an_answer_is_cached_keeps_the_others(endpoint, task, tmp_path):
-    """Ctrl-C landing in Cloud.ask's own work (here: the progress report of the first answer)
-    winds down the same way: the other request under way is still cached."""
+@pytest.mark.parametrize("where", ["progress", "cache write"])
+def test_http_ctrl_c_while_an_answer_is_cached_keeps_the_others(endpoint, task, tmp_path,
+                                                               monkeypatch, where):
+    """Ctrl-C landing in Cloud.ask's own work, after the first answer is written (in the
+    progress report) or before (in the cache write), winds down the same way: that answer and
+    the other request under way are both cached."""
     examples = task.examples("test")[:6]
     endpoint.delay_for = {ex.prompt: 0.5 for ex in examples}
     endpoint.delay_for[examples[0].prompt] = 0.05
+    interrupts = [1]
 
-    def progress(done, total):
-        if done == 1:
+    def interrupt_once():
+        if interrupts:
+            interrupts.pop()
             raise KeyboardInterrupt
+    real_put_many = CloudCache.put_many
+
+    def put_many(self, records):
+        if where == "cache write":
+            interrupt_once()
+        real_put_many(self, records)
+    monkeypatch.setattr(CloudCache, "put_many", put_many)
+    progress = (lambda done, total: interrupt_once()) if where == "progress" else None
     path = tmp_path / "c.jsonl"
     cloud = Cloud(make_backend(endpoint.url, concurrency=2, retries=0), CloudCache(path), "http",
                   "cloud-model")
@@ -558,9 +571,25 @@ def test_http_ctrl_c_while_an_answer_is_cached_keeps_the_others(endpoint, task, 
     # cached: every request sent, i.e. the first, the one under way and, when its worker took
     # it before the interrupt was read, the next; the other 3 or 4 were never sent
     sent = {q["body"]["messages"][-1]["content"] for q in endpoint.requests}
-    assert len(sent) in (2, 3)
+    assert len(sent) in (2, 3) and cloud.calls_made == len(sent)  # each answer recorded once
     assert sorted(json.loads(line)["key"] for line in _lines(path)) == \
         sorted(ex.key for ex in examples if ex.prompt in sent)
+
+
+def test_http_a_bug_in_a_request_is_raised_not_a_missing_answer(endpoint, task, monkeypatch):
+    """An exception that is no CloudError (a bug, a MemoryError) reaches the caller, as it
+    would without threads; an API key that cannot go into a header is a CloudAuthError."""
+    backend = make_backend(endpoint.url, concurrency=2)
+
+    def broken(raw, key):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(backend, "_parse", broken)
+    cloud = Cloud(backend, CloudCache(None), "http", "cloud-model")
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        cloud.ask(task, task.examples("test")[:5])
+    monkeypatch.setenv("TEST_CLOUD_KEY", "sk-abc\u2026")  # a pasted ellipsis
+    with pytest.raises(CloudAuthError, match="TEST_CLOUD_KEY holds a character that is not ASCII"):
+        make_backend(endpoint.url).complete(task, task.examples("test")[:3])
 
 
 def test_http_a_second_ctrl_c_stops_waiting_and_nothing_is_retried(endpoint, task, tmp_path):

@@ -437,11 +437,14 @@ def test_a_crash_mid_save_never_loses_the_checkpoint(tmp_path, straight, monkeyp
     shutil.copytree(run / "checkpoint", run / "checkpoint.old")
     (run / "checkpoint.old" / "model.safetensors").unlink()  # half deleted
     dead, alive = run / "metrics.jsonl.tmp.4194399", run / f"config.yaml.tmp.{os.getppid()}"
-    dead.write_text('{"train/st')
-    alive.write_text("name: ")
+    users = run / "notes.tmp.4194399"  # named like one, but no file train.py writes: kept
+    for path, text in [(dead, '{"train/st'), (alive, "name: "), (users, "mine")]:
+        path.write_text(text)
     train.Trainer(train.load_config([f"resume={run}"]))
-    assert not (run / "checkpoint.old").exists() and not dead.exists() and alive.exists()
+    assert not (run / "checkpoint.old").exists() and not dead.exists()
+    assert alive.exists() and users.exists()
     alive.unlink()
+    users.unlink()
     # save() itself deletes checkpoint.old only once a new checkpoint has taken its place
     real_replace(run / "checkpoint", run / "checkpoint.old")
     crash_on_swap(1)
