@@ -8,8 +8,8 @@ also to other processes sharing the file (CloudCache).
 Backends share one small interface, `complete(task, examples) -> list[str]`; a backend may put
 an exception in place of a text to report that this one prompt failed (never cached, retried on
 the next run); one may also offer `complete_each(task, examples, receive)`, calling
-receive(index, text) in the calling thread as each answer arrives, so that Cloud.ask caches it
-at once (HttpBackend does). Backends:
+receive(index, text or its CloudError) in the calling thread as each answer arrives, so that
+Cloud.ask caches it at once (HttpBackend does). Backends:
 OracleBackend (a simulation, for synthetic tasks), HttpBackend (OpenAI-compatible
 /v1/chat/completions on urllib), LocalBackend (a larger local checkpoint).
 A new backend: a class with that method, registered in BACKENDS; its `name` (default: the
