@@ -117,10 +117,13 @@ def router_order(p_correct):
     return np.argsort(np.asarray(p_correct, dtype=np.float64), kind="stable")
 
 
-def oracle_order(local_ok):
-    """Oracle router: every prompt the device model gets wrong (dataset order), then the rest."""
-    local = np.asarray(local_ok, dtype=bool)
-    return np.concatenate([np.nonzero(~local)[0], np.nonzero(local)[0]])
+def oracle_order(local_ok, cloud_ok):
+    """Oracle router, an upper bound for any router: first the prompts the device model gets
+    wrong and the cloud right (the only calls that gain), then those both get wrong, then the
+    rest, each group in dataset order."""
+    local, cloud = np.asarray(local_ok, dtype=bool), np.asarray(cloud_ok, dtype=bool)
+    return np.concatenate([np.nonzero(~local & cloud)[0], np.nonzero(~local & ~cloud)[0],
+                           np.nonzero(local)[0]])
 
 
 def policy_order(help_preference):
@@ -734,8 +737,8 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
         res.notes.append(f"no router: it needs at least 2 train prompts and has {len(train)} "
                          f"(--router-n={router_n})")
 
-    routed("oracle", "oracle router (upper bound)", oracle_order(local),
-           min(cap, int((~local).sum())))
+    routed("oracle", "oracle router (upper bound)", oracle_order(local, cloud),
+           min(cap, int((~local & cloud).sum())))
     base.release()
 
 
@@ -921,7 +924,7 @@ def report_markdown(res: Results, policy_paths, png, command) -> str:
         "cap (SPEC 7).",
         "- naive / router / oracle route the baseline device model's greedy answers: naive sends a "
         "seeded random share = budget, the router the prompts it scores least likely right, the "
-        "oracle exactly the prompts that model gets wrong (up to the budget).",
+        "oracle exactly the prompts that model gets wrong and the cloud right (up to the budget).",
         "- curves: for k = 0..N the first k prompts of an ordering go to the cloud, the rest keep "
         "their local answer. A policy's ordering is its help preference: log p(help) - log p(answer) "
         "teacher-forced at the decision point of its own greedy response; kept local, a prompt on "

@@ -116,17 +116,23 @@ CLOUD = [1, 1, 0, 1, 1, 1, 0, 0]
 
 
 def test_oracle_routing_by_hand():
-    # wrong prompts: 1, 3, 4, 7. Budget 0.25 -> cap 2: send 1 and 3 (both right in the cloud)
-    order = ev.oracle_order(LOCAL)
+    # wrong prompts: 1, 3, 4, 7, of which the cloud gets 1, 3, 4 right. Budget 0.25 -> cap 2:
+    # send 1 and 3
+    order = ev.oracle_order(LOCAL, CLOUD)
     assert order.tolist() == [1, 3, 4, 7, 0, 2, 5, 6]
-    m = ev.routed_metrics(order, min(cloud_cap(8, 0.25), 4), LOCAL, CLOUD, 0.25)
+    m = ev.routed_metrics(order, min(cloud_cap(8, 0.25), 3), LOCAL, CLOUD, 0.25)
     assert m["help_calls"] == 2 and m["call_ratio"] == pytest.approx(0.25)
     assert m["local_acc"] == pytest.approx(4 / 8)
     assert m["cond_local_acc"] == pytest.approx(4 / 6)
     assert m["acc_capped"] == pytest.approx(6 / 8) and m["acc_uncapped"] == pytest.approx(6 / 8)
-    # budget 0.75 -> cap 6, but only the 4 wrong prompts go: 1, 3, 4 right, 7 wrong in the cloud
-    m = ev.routed_metrics(order, min(cloud_cap(8, 0.75), 4), LOCAL, CLOUD, 0.75)
-    assert m["call_ratio"] == pytest.approx(0.5) and m["acc_capped"] == pytest.approx(7 / 8)
+    # budget 0.75 -> cap 6, but only the 3 calls that gain go: 1, 3, 4 (7 is wrong in the cloud)
+    m = ev.routed_metrics(order, min(cloud_cap(8, 0.75), 3), LOCAL, CLOUD, 0.75)
+    assert m["call_ratio"] == pytest.approx(3 / 8) and m["acc_capped"] == pytest.approx(7 / 8)
+    # a prompt the cloud also gets wrong comes after one it gets right, whatever their order
+    local, cloud = [1, 0, 1, 0, 0], [1, 0, 1, 1, 1]
+    order = ev.oracle_order(local, cloud)
+    assert order.tolist() == [3, 4, 1, 0, 2]
+    assert ev.routed_metrics(order, 1, local, cloud, 0.2)["acc_capped"] == pytest.approx(3 / 5)
 
 
 def test_naive_routing_sends_a_seeded_random_share():
