@@ -612,7 +612,8 @@ class Cloud:
 
             def receive(i, text):
                 nonlocal done
-                if answers[items[i][1][2][0]] is not None:  # handed on again after a Ctrl-C
+                _, (_, _, positions) = items[i]
+                if answers[positions[0]] is not None:  # handed on again after a Ctrl-C
                     return
                 self._record(task, dict([items[i]]), [text], answers)
                 done += 1
