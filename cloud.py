@@ -327,7 +327,7 @@ class HttpBackend:
         self.temperature, self.max_tokens = float(temperature), int(max_tokens)
         self.timeout, self.retries, self.concurrency = float(timeout), int(retries), int(concurrency)
         self.backoff, self.max_wait = float(backoff), float(max_wait)
-        self.sleep = None  # the backoff wait; None: the batch's stop event's wait (tests replace it)
+        self.sleep = None  # the backoff wait (tests replace it); None: the batch's stop.wait
         self.truncated, self._lock = 0, threading.Lock()
         if not os.environ.get(api_key_env):  # fine for a local server; a forgotten key shows now
             print(f"note: http cloud: the environment variable {api_key_env} is not set, so "
@@ -384,7 +384,7 @@ class HttpBackend:
                 if e.code not in (408, 429) and e.code < 500:
                     raise CloudError(f"HTTP {e.code} from {self.url} (not retried): {detail}") from None
                 last_error = f"HTTP {e.code}: {detail}"
-                if e.code in (429, 503):  # a little jitter, so parallel requests do not retry as one
+                if e.code in (429, 503):  # jittered, so parallel requests do not retry as one
                     wait = _retry_after_seconds(e.headers.get("Retry-After"))
                     wait = None if wait is None else wait * (1 + 0.25 * random.random())
             except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
@@ -519,8 +519,8 @@ class LocalBackend:
         if self.model is None:
             self._load()
         tok = self.tokenizer
-        prompts = [tok.prompt_ids(ex.prompt if isinstance(ex.prompt, str) else task.cloud_messages(ex))
-                   for ex in examples]
+        prompts = [tok.prompt_ids(ex.prompt if isinstance(ex.prompt, str)
+                                  else task.cloud_messages(ex)) for ex in examples]
         eos = set(tok.eos_ids)
         stop_ids = list(tok.eos_ids)
         for stop in task.stop_texts:

@@ -601,7 +601,8 @@ def test_http_a_second_ctrl_c_stops_waiting_and_nothing_is_retried(endpoint, tas
     backend = make_backend(endpoint.url, concurrency=2, retries=3)
     backend.sleep = None  # the real, interruptible backoff wait
     cloud = Cloud(backend, CloudCache(tmp_path / "c.jsonl"), "http", "cloud-model")
-    second = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    second = threading.Timer(0.2, signal.pthread_kill,
+                             (threading.main_thread().ident, signal.SIGINT))
     start = time.time()
     second.start()
     try:

@@ -609,7 +609,8 @@ def test_ctrl_c_during_the_warm_start_exits_cleanly_and_the_run_can_start_again(
     with pytest.raises(SystemExit) as exc:
         train.main(tiny_args(tmp_path, "name=early", "rl.steps=1"))
     err = capsys.readouterr().err
-    assert exc.value.code == 130 and "nothing to resume" in err and "run the same command again" in err
+    assert exc.value.code == 130
+    assert "nothing to resume" in err and "run the same command again" in err
     monkeypatch.setattr(train, "warm_start", real_warm_start)
     train.main(tiny_args(tmp_path, "name=early", "rl.steps=1"))  # not "already holds a run"
     run = tmp_path / "runs" / "early"
