@@ -904,7 +904,6 @@ def _clean_number(token: str) -> str | None:
 def _gsm8k_declared(text: str) -> tuple[int, str | None] | None:
     """The declared GSM8K answer: (start, first number after it, commas stripped) of the last
     "####", else of the last boxed answer (last_boxed); None if there is neither."""
-    text = text.replace("\u2212", "-")  # the Unicode minus sign (one character for one)
     if "####" in text:
         start = text.rfind("####")
         found = _DECLARED_RE.search(text, start + 4)
@@ -919,10 +918,11 @@ def _gsm8k_declared(text: str) -> tuple[int, str | None] | None:
 def gsm8k_final_number(text: str) -> str | None:
     """GSM8K verdict input: the number after the last "####", else in the last \\boxed{}, else the
     last number of the text; commas stripped."""
+    text = text.replace("\u2212", "-")  # the Unicode minus sign, for both readings
     declared = _gsm8k_declared(text)
     if declared is not None:
         return declared[1]
-    found = _NUMBER_RE.findall(text.replace("\u2212", "-"))
+    found = _NUMBER_RE.findall(text)
     return _clean_number(found[-1]) if found else None
 
 
