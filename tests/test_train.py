@@ -82,7 +82,7 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     ("rl.nonsense=1", "unknown config key 'rl.nonsense'"),
     ("bogus=1", "allowed here: name, seed"),
     ("rl.steps=ten", "rl.steps='ten': expected an integer"),
-    ("rl.algo=ppo", f"allowed: {list(algo.ADVANTAGE_KINDS)}"),  # the registry, whatever it holds
+    ("rl.algo=ppo", "allowed: ['gapg', 'grpo', 'dr_grpo', 'da_grpo'"),  # a fork may add more
     ("rl.filter=some", "rl.filter='some'"),
     ("model.gradient_checkpointing=maybe", "expected a boolean"),
     ("rl.group_size=1", "rl.group_size=1"),
