@@ -22,6 +22,7 @@ Shapes: P prompts, G responses per prompt, N = rows of a flattened [P*G] batch, 
 T = L - targets_start response tokens per row, V vocabulary size.
 """
 import math
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -48,6 +49,8 @@ def group_advantages(rewards, kind, help=None, dual=0.0, eps=1e-6):
              which). Biased and scale-free: it erases the reward hierarchy.
     dr_grpo: r_i - rbar (Dr. GRPO: no std, no length normalisation).
     da_grpo: (r_i - rbar) - dual * (c_i - cbar), c_i = 1.0 for a help call (arXiv 2602.00166).
+    Every rule feeds the same loss (policy_gradient_loss: summed token log-probs, 1/|S|): grpo
+    is GRPO's advantage without its 1/|o_i| length normalisation or ratio clipping.
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [P, G], got shape {tuple(rewards.shape)}")
@@ -73,6 +76,9 @@ def group_advantages(rewards, kind, help=None, dual=0.0, eps=1e-6):
     if kind == "da_grpo":
         if help is None:
             raise ValueError("da_grpo needs the help-call flags `help` [P, G]")
+        if not (math.isfinite(dual) and dual >= 0):
+            raise ValueError(f"da_grpo needs a finite dual >= 0 (the help-call price), got {dual}")
+        help = torch.as_tensor(help)
         if help.shape != rewards.shape:
             raise ValueError(f"help shape {tuple(help.shape)} != rewards shape {tuple(rewards.shape)}")
         calls = help.to(rewards.dtype)
@@ -85,6 +91,9 @@ def update_dual(dual, help_rate, tau, eta):
     if not all(math.isfinite(v) for v in (dual, help_rate, tau, eta)):
         raise ValueError(f"update_dual needs finite numbers, got dual={dual}, help_rate={help_rate}, "
                          f"tau={tau}, eta={eta}")
+    if not (0 <= tau <= 1 and eta >= 0):
+        raise ValueError(f"update_dual needs a target rate 0 <= tau <= 1 (got {tau}) and a step "
+                         f"eta >= 0 (got {eta})")
     return max(0.0, dual + eta * (help_rate - tau))
 
 # -----------------------------------------------------------------------------
@@ -97,7 +106,7 @@ class FilterResult:
     n_d2: int                       # unsolvable-but-cloud-correct prompts kept
     n_d2_candidates: int            # D2 candidates before the floor(rho * |D1|) cap
     n_d2_dropped: int               # candidates the cap removed
-    n_zero_variance: int            # groups of the whole batch whose G rewards are all equal
+    n_zero_variance: int            # groups not excluded whose G rewards are all equal
     n_zero_variance_selected: int   # of those, how many are in S (they count in |S|; their
                                     # coefficients are 0 except da_grpo's help-rate term)
 
@@ -105,7 +114,8 @@ class FilterResult:
 def floor_share(n: int, share: float) -> int:
     """floor(n * share), exact in rationals: the share is read as the nearest fraction of
     denominator <= 10^6, so 100 x 0.29 (28.999999999999996 in floats) gives 29, and 1/3 rounded
-    to 12 decimals gives floor(n/3) for every n, however large."""
+    to 12 decimals gives floor(n/3) for every n, however large. A share with more than six
+    significant decimals can read one off either way (0.4999999 reads as 1/2)."""
     return math.floor(n * Fraction(share).limit_denominator(10 ** 6))
 
 
@@ -132,20 +142,25 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
     """
     if rule not in FILTER_RULES:
         raise ValueError(f"unknown filter rule {rule!r}; allowed: {', '.join(FILTER_RULES)}")
-    if not (rho >= 0 and math.isfinite(rho)):
-        raise ValueError(f"rho must be a finite number >= 0, got {rho}")
-    local_ok, help, cloud_ok = local_ok.bool().cpu(), help.bool().cpu(), cloud_ok.bool().cpu()
-    rewards = rewards.cpu()
-    P = local_ok.shape[0]
+    if not isinstance(rho, numbers.Real) or not (rho >= 0 and math.isfinite(rho)):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    local_ok, help, cloud_ok, rewards = (torch.as_tensor(t).cpu()
+                                         for t in (local_ok, help, cloud_ok, rewards))
+    local_ok, help, cloud_ok = local_ok.bool(), help.bool(), cloud_ok.bool()
+    P = local_ok.shape[0] if local_ok.dim() else 0
     if local_ok.dim() != 2 or help.shape != local_ok.shape or cloud_ok.shape != (P,) \
             or rewards.shape != local_ok.shape:
         raise ValueError(f"need local_ok, help, rewards [P, G] and cloud_ok [P]; got "
                          f"{tuple(local_ok.shape)}, {tuple(help.shape)}, {tuple(rewards.shape)}, "
                          f"{tuple(cloud_ok.shape)}")
 
-    if exclude is not None and exclude.shape != (P,):
-        raise ValueError(f"exclude must be [P] = [{P}], got {tuple(exclude.shape)}")
-    usable = torch.ones(P, dtype=torch.bool) if exclude is None else ~exclude.bool().cpu()
+    if not torch.isfinite(rewards.float()).all():
+        raise ValueError(f"rewards must be finite, got {rewards[~torch.isfinite(rewards.float())][:4].tolist()}")
+    if exclude is not None:
+        exclude = torch.as_tensor(exclude).bool().cpu()
+        if exclude.shape != (P,):
+            raise ValueError(f"exclude must be [P] = [{P}], got {tuple(exclude.shape)}")
+    usable = torch.ones(P, dtype=torch.bool) if exclude is None else ~exclude
     local_ok = local_ok & ~help  # a help call is never a local answer (SPEC 2)
     any_ok = local_ok.any(dim=1)
     d1 = (any_ok & ~local_ok.all(dim=1) if rule == "mixed" else any_ok) & usable
@@ -378,12 +393,14 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
     calls are scored wrong [ours]. Uncapped figures serve every help call. A ratio over no
     prompts (conditional local accuracy when every prompt asked for help) is None.
     """
-    help, local_ok, cloud_ok = (torch.as_tensor(t, dtype=torch.bool).reshape(-1)
+    help, local_ok, cloud_ok = (torch.as_tensor(t, dtype=torch.bool)
                                 for t in (help, local_ok, cloud_ok))
-    N = len(help)
+    N = len(help) if help.dim() == 1 else 0
     if N == 0 or local_ok.shape != (N,) or cloud_ok.shape != (N,):
-        raise ValueError(f"need help, local_ok, cloud_ok of one length N >= 1; got {N}, "
-                         f"{len(local_ok)}, {len(cloud_ok)}")
+        raise ValueError(f"need help, local_ok, cloud_ok of one shape [N], N >= 1; got shapes "
+                         f"{tuple(help.shape)}, {tuple(local_ok.shape)}, {tuple(cloud_ok.shape)}")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not 0 <= budget <= 1:
+        raise ValueError(f"budget must be a share of prompts in [0, 1], got {budget!r}")
     local_ok = local_ok & ~help  # a help call is never a local answer (SPEC 2)
     cap = cloud_cap(N, budget)
     served = help & (help.long().cumsum(0) <= cap)
@@ -400,7 +417,9 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
         "acc_uncapped": float((local_ok | (help & cloud_ok)).double().mean()),
     }
     if len_tokens is not None:
-        lens = torch.as_tensor(len_tokens, dtype=torch.float64).reshape(-1)
+        lens = torch.as_tensor(len_tokens, dtype=torch.float64)
+        if lens.shape != (N,):
+            raise ValueError(f"len_tokens must be [N] = [{N}], got shape {tuple(lens.shape)}")
         m["len_help"] = float(lens[help].mean()) if help.any() else None
         m["len_local"] = float(lens[~help].mean()) if (~help).any() else None
     return m
@@ -410,8 +429,11 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
 def evaluate_policy(model, tokenizer, task, examples, cloud, budget, max_new_tokens,
                     batch_size=256, progress=None):
     """Greedy decoding of every example, cloud verdicts for its help calls, SPEC 7 metrics.
+    A help call whose cloud call failed is scored wrong; metrics["cloud_failed"] counts them.
     Returns (metrics, per-example outcomes as a dict of lists)."""
     from reward import RewardConfig
+    if not examples:
+        raise ValueError("evaluate_policy needs at least one example, got none")
     greedy = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
     parts = []
     for i in range(0, len(examples), batch_size):
@@ -423,6 +445,7 @@ def evaluate_policy(model, tokenizer, task, examples, cloud, budget, max_new_tok
         "help": torch.cat([p.help[:, 0] for p in parts]),
         "local_ok": torch.cat([p.local_ok[:, 0] for p in parts]),
         "cloud_ok": torch.cat([p.cloud_ok & p.help[:, 0] for p in parts]),
+        "cloud_failed": torch.cat([p.cloud_failed & p.help[:, 0] for p in parts]),
         "length": torch.cat([p.lengths for p in parts]),
         "finished": torch.cat([p.finished for p in parts]),
         "text": sum((p.texts for p in parts), []),
@@ -431,6 +454,7 @@ def evaluate_policy(model, tokenizer, task, examples, cloud, budget, max_new_tok
     outcome["formatted"] = torch.cat([p.formatted[:, 0] for p in parts])
     metrics = capped_metrics(outcome["help"], outcome["local_ok"], outcome["cloud_ok"], budget,
                              outcome["length"])
+    metrics["cloud_failed"] = int(outcome["cloud_failed"].sum())      # help calls left unanswered
     metrics["clipped_ratio"] = float((~outcome["finished"]).float().mean())
     metrics["answer_rate"] = float(outcome["answered"].float().mean())    # a final answer given
     metrics["format_rate"] = float(outcome["formatted"].float().mean())   # the task's full format

@@ -678,6 +678,7 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
     res.settings["models"][base.path] = _describe(base, model)
     m, out = algo.evaluate_policy(model, tok, base.task, examples, NoCloud(), budget, max_new,
                                   batch, lambda d, t: progress(f"{base.name}: greedy", d, t))
+    del m["cloud_failed"]  # NoCloud: this row sent no cloud calls to fail
     m = table_row({**m, "help_calls": int(out["help"].sum())})
     local = out["local_ok"].numpy() & ~out["help"].numpy()
     answers = base.cloud.ask(base.task, examples,

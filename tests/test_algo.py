@@ -126,6 +126,14 @@ def test_advantage_errors():
         group_advantages(torch.tensor([[1.0, float("nan")]]), "gapg")
     with pytest.raises(ValueError, match="help_rate=nan"):
         update_dual(0.5, float("nan"), tau=0.3, eta=0.5)
+    for dual in (float("nan"), -1.0):   # a negative price would reward help calls
+        with pytest.raises(ValueError, match=f"finite dual >= 0.*got {dual}"):
+            group_advantages(torch.ones(1, 2), "da_grpo", help=torch.tensor([[True, False]]),
+                             dual=dual)
+    with pytest.raises(ValueError, match=r"0 <= tau <= 1 \(got 7.0\)"):
+        update_dual(0.0, 0.5, tau=7.0, eta=0.5)
+    with pytest.raises(ValueError, match=r"eta >= 0 \(got -3.0\)"):
+        update_dual(0.0, 0.5, tau=0.3, eta=-3.0)
 
 # -----------------------------------------------------------------------------
 # filtering (SPEC 6). A group is a string: L = locally correct, W = wrong, H = help call.
@@ -259,6 +267,13 @@ def test_filter_errors():
     local_ok, cloud_ok, help, rewards = batch(["LW", "WW"], [True, True])
     with pytest.raises(ValueError, match=r"exclude must be \[P\] = \[2\], got \(1,\)"):
         filter_prompts(local_ok, cloud_ok, help, 3 / 7, rewards=rewards, exclude=torch.tensor([True]))
+    with pytest.raises(ValueError, match=r"rewards must be finite, got \[nan, nan, nan, nan\]"):
+        filter_prompts(local_ok, cloud_ok, help, 3 / 7, rewards=torch.full((2, 2), float("nan")))
+    for rho in ("0.3", None):
+        with pytest.raises(ValueError, match=f"rho must be a finite number >= 0, got {rho!r}"):
+            filter_prompts(local_ok, cloud_ok, help, rho, rewards=rewards)
+    with pytest.raises(ValueError, match=r"need local_ok.*got \(\), \(2, 2\)"):
+        filter_prompts(torch.tensor(True), cloud_ok, help, 3 / 7, rewards=rewards)
 
 
 def test_a_help_call_flagged_correct_is_not_a_local_solve():

@@ -69,10 +69,19 @@ def test_capped_metrics_over_no_prompts_are_none_not_zero():
                        torch.ones(4).bool(), 0.5, torch.tensor([5, 6, 7, 8]))
     assert m["len_help"] is None and m["cond_local_acc"] == 0.5 and m["len_local"] == 6.5
     # an evaluation of no prompts has no metrics at all; flags of different lengths are a bug
-    with pytest.raises(ValueError, match="N >= 1; got 0"):
+    with pytest.raises(ValueError, match=r"N >= 1; got shapes \(0,\), \(0,\), \(0,\)"):
         capped_metrics(torch.zeros(0).bool(), torch.zeros(0).bool(), torch.zeros(0).bool(), 0.3)
-    with pytest.raises(ValueError, match="got 3, 2, 3"):
+    with pytest.raises(ValueError, match=r"got shapes \(3,\), \(2,\), \(3,\)"):
         capped_metrics(torch.zeros(3).bool(), torch.zeros(2).bool(), torch.zeros(3).bool(), 0.3)
+    # [2, 2] flags are not 4 prompts, even beside flags of length 4
+    with pytest.raises(ValueError, match=r"got shapes \(2, 2\), \(4,\), \(4,\)"):
+        capped_metrics(torch.eye(2).bool(), torch.zeros(4).bool(), torch.zeros(4).bool(), 0.3)
+    for budget in (float("nan"), -0.5, 2, "0.3", None):
+        with pytest.raises(ValueError, match=f"budget must be a share of prompts in \\[0, 1\\], "
+                                             f"got {budget!r}"):
+            capped_metrics(torch.zeros(3).bool(), torch.zeros(3).bool(), torch.zeros(3).bool(), budget)
+    with pytest.raises(ValueError, match=r"len_tokens must be \[N\] = \[2\], got shape \(1,\)"):
+        capped_metrics(torch.zeros(2).bool(), torch.zeros(2).bool(), torch.zeros(2).bool(), 0.5, [3])
 
 def test_routing_curve_by_hand():
     local, cloud, order = [1, 0, 1, 0], [1, 1, 0, 1], [3, 0, 2, 1]
@@ -360,7 +369,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     for key in documented:
         assert key in m
     # every baseline row has the keys of a policy's metrics, null where it has no such value
-    policy_only = {"cloud_requests", "decision_agreement"}
+    policy_only = {"cloud_requests", "cloud_failed", "decision_agreement"}
     extras = {"capped", "auroc_train", "auroc_test"}     # cloud_only's and router's own keys
     for key, b in d["baselines"].items():
         assert set(b) - extras == set(m) - policy_only, key
@@ -766,7 +775,8 @@ def test_oracle_sends_only_the_wrong_prompts_when_the_cap_allows_more(tmp_path, 
         local = torch.ones(len(examples), dtype=torch.bool)
         local[0] = False
         help = torch.zeros(len(examples), dtype=torch.bool)
-        return capped_metrics(help, local, help, budget), {"help": help, "local_ok": local}
+        metrics = {**capped_metrics(help, local, help, budget), "cloud_failed": 0}
+        return metrics, {"help": help, "local_ok": local}
 
     monkeypatch.setattr(ev.algo, "evaluate_policy", fake_evaluate_policy)
     res = ev.evaluate_runs([run], n=10, budget=0.3, router_n=0)
@@ -816,7 +826,8 @@ def test_the_router_learns_which_prompts_the_device_gets_right(tmp_path, monkeyp
     def fake_evaluate_policy(model, tok, task, examples, cloud, budget, *a, **k):
         local = torch.tensor([ex.data["numbers"][0] < 10 for ex in examples])
         help = torch.zeros(len(examples), dtype=torch.bool)
-        return capped_metrics(help, local, help, budget), {"help": help, "local_ok": local}
+        metrics = {**capped_metrics(help, local, help, budget), "cloud_failed": 0}
+        return metrics, {"help": help, "local_ok": local}
 
     monkeypatch.setattr(ev.algo, "evaluate_policy", fake_evaluate_policy)
     res = ev.evaluate_runs([run], n=30, budget=0.3, router_n=60, router_steps=150)

@@ -37,17 +37,22 @@ class CountingCloud:
                 for ex in examples]
 
 
-@pytest.fixture
-def scripted(monkeypatch):
-    ids = [TOK.encode(r) for r in RESPONSES]
+def script(monkeypatch, responses):
+    """sample.generate returns these responses (prompt-major rows), whatever it is asked."""
+    ids = [TOK.encode(r) for r in responses]
     T = max(map(len, ids))
     tokens = torch.zeros(len(ids), T, dtype=torch.long)
     mask = torch.zeros(len(ids), T, dtype=torch.bool)
     for i, r in enumerate(ids):
         tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
-    finished = torch.tensor([r[-1] in "AH" for r in RESPONSES])
+    finished = torch.tensor([r[-1] in "AH" for r in responses])
     out = sample.Generation(tokens, torch.zeros(len(ids), T), mask, mask.sum(1), finished)
     monkeypatch.setattr(sample, "generate", lambda *a, **k: out)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    script(monkeypatch, RESPONSES)
 
 
 @pytest.mark.parametrize("cloud_right", [True, False])
@@ -94,3 +99,14 @@ def test_update_inputs_align_prompt_and_response(scripted):
     assert TOK.decode(ids[0, start:start + len(RESPONSES[1])].tolist()) == RESPONSES[1]
     assert real[1].sum() == 13 + len(RESPONSES[3]) and pos[0, :5].tolist() == [0, 1, 2, 3, 4]
     assert torch.equal(mask, ro.device_mask[[1, 3], :mask.shape[1]])
+
+
+def test_evaluation_counts_help_calls_whose_cloud_call_failed(monkeypatch):
+    # one greedy response per prompt, both help calls; the cloud fails on "a", answers "b" right
+    script(monkeypatch, [RESPONSES[1], CHAIN + "11=22=00=H"])
+    m, out = algo.evaluate_policy(None, TOK, TASK, [SOLVED, UNSOLVED],
+                                  CountingCloud({"a": None, "b": True}), 1.0, 40)
+    assert out["cloud_failed"].tolist() == [True, False] and m["cloud_failed"] == 1
+    assert m["calls_served"] == 2 and m["acc_capped"] == 0.5  # the failed call is scored wrong
+    with pytest.raises(ValueError, match="at least one example"):
+        algo.evaluate_policy(None, TOK, TASK, [], CountingCloud({}), 1.0, 40)
