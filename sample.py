@@ -8,6 +8,7 @@ loop is an "all finished?" check every `check_every` steps.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +26,20 @@ class Generation:
     finished: torch.Tensor  # [R] bool; the row ended on a stop id (False: hit max_new_tokens)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device=None):
+def left_pad(prompts: list[list[int]], pad_id: int, device=None, vocab_size=None):
     """Ragged prompts -> (ids [P, L], real-token mask [P, L], positions [P, L]), right-aligned
-    so that every row's next token goes in the same column."""
+    so that every row's next token goes in the same column. With vocab_size, a prompt holding
+    anything but token ids 0..vocab_size-1 is an error naming it."""
     L = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), L, dtype=torch.bool)
     for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        row = torch.tensor(p)
+        if vocab_size is not None and (row.is_floating_point() or row.is_complex()
+                                       or row.dtype == torch.bool or row.min() < 0 or row.max() >= vocab_size):
+            raise ValueError(f"prompt {i} holds {p[:8]}{' ...' if len(p) > 8 else ''}; prompts "
+                             f"must be non-empty lists of token ids 0..{vocab_size - 1}")
+        ids[i, L - len(p):] = row
         mask[i, L - len(p):] = True
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
@@ -95,6 +102,10 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     stop_ids end their row (and are part of it); tokens in banned_ids are never produced."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    for name, value in (("n", n), ("max_new_tokens", max_new_tokens), ("top_k", top_k),
+                        ("check_every", check_every), ("pad_id", pad_id)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name}={value!r} must be an integer")
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
     if check_every < 1:
@@ -105,17 +116,23 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
         raise ValueError(f"need temperature 0 (greedy) or a finite number >= 1e-6 (got "
                          f"{temperature}), top_k >= 0 (got {top_k}), 0 < top_p <= 1 (got {top_p})")
     V = model.config.vocab_size
+    if not 0 <= pad_id < V:
+        raise ValueError(f"pad_id={pad_id} is not a token id of this model (0..{V - 1})")
+    stop_ids, banned_ids = (ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+                            for ids in (stop_ids, banned_ids))
+    for name, ids in (("stop_ids", stop_ids), ("banned_ids", banned_ids)):
+        outside = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral)
+                   or not 0 <= i < V]
+        if outside:
+            raise ValueError(f"{name} {outside} are not token ids of this model (0..{V - 1})")
     stop_ids, banned_ids = {int(i) for i in stop_ids}, {int(i) for i in banned_ids}
-    outside = sorted(i for i in banned_ids if not 0 <= i < V)
-    if outside:
-        raise ValueError(f"banned_ids {outside} are not token ids of this model (0..{V - 1})")
     if len(banned_ids) == V:
         raise ValueError(f"banned_ids cover the whole vocabulary (vocab_size={V}): nothing is left "
                          f"to sample; ban at most {V - 1} of the ids 0..{V - 1}")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     P, R = len(prompts), len(prompts) * n
-    ids, real, positions = left_pad(prompts, pad_id, device)
+    ids, real, positions = left_pad(prompts, pad_id, device, vocab_size=V)
     Lp = ids.shape[1]
     if Lp + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"longest prompt ({Lp}) + max_new_tokens ({max_new_tokens}) exceeds "

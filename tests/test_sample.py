@@ -272,6 +272,13 @@ def test_bad_arguments():
         generate(model, [[1]], max_new_tokens=4, temperature=-1)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, [[1] * 10], max_new_tokens=5000)
+    # ids outside the vocabulary, or not integers (1.7 would be read as token 1)
+    for prompts, shown in (([[1, 2], [3, 61]], r"prompt 1 holds \[3, 61\]"),
+                           ([[-1, 2]], r"prompt 0 holds \[-1, 2\]"),
+                           ([[1.7, 2]], r"prompt 0 holds \[1.7, 2\]")):
+        with pytest.raises(ValueError, match=shown + "; prompts must be non-empty lists of token "
+                                                     r"ids 0..60"):
+            generate(model, prompts, max_new_tokens=4)
 
 
 def test_banned_ids_are_never_sampled():
@@ -316,6 +323,14 @@ def test_a_uniform_of_exactly_zero_never_picks_a_token_of_probability_zero(monke
     ({"banned_ids": [61]}, r"banned_ids \[61\] are not"),
     ({"n": 0}, "n=0"),
     ({"max_new_tokens": 0}, "max_new_tokens=0"),
+    ({"stop_ids": [61]}, r"stop_ids \[61\] are not token ids of this model \(0..60\)"),  # never met
+    ({"banned_ids": [1.7]}, r"banned_ids \[1.7\] are not"),           # not token 1
+    ({"pad_id": -1}, r"pad_id=-1 is not a token id of this model \(0..60\)"),
+    ({"pad_id": 61}, r"pad_id=61 is not"),
+    ({"n": 2.0}, r"n=2.0 must be an integer"),
+    ({"max_new_tokens": 3.5}, r"max_new_tokens=3.5 must be an integer"),
+    ({"top_k": 2.5}, r"top_k=2.5 must be an integer"),
+    ({"check_every": True}, r"check_every=True must be an integer"),
 ])
 def test_bad_sampler_options_raise(kwargs, needle):
     model = tiny_model()
