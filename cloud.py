@@ -494,7 +494,11 @@ class HttpBackend:
 
 class LocalBackend:
     """A larger local checkpoint (model.py / sample.py), greedy decoding. Chat tasks are
-    formatted with the tokenizer's chat format; raw-text tasks send their prompt as is."""
+    formatted with the tokenizer's chat format; raw-text tasks send their prompt as is. A prompt
+    that does not fit the model's context with max_new_tokens fails alone (a CloudError in its
+    place); check_fits() finds such prompts before a run starts. The weights at `path` are taken
+    to be fixed: model_name (the cache's identity) names the path and the settings that change
+    the answers, max_new_tokens and dtype."""
     name = "local"
 
     def __init__(self, path: str, max_new_tokens: int = 1024, device=None, dtype=None, batch_size: int = 16):
@@ -503,42 +507,66 @@ class LocalBackend:
         for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
             if not _number(value, int) >= 1:
                 raise ValueError(f"local cloud backend: {name}={value!r} is not allowed; an integer >= 1")
-        self.path, self.model_name = str(path), str(path)
+        self.path = str(path)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.device, self.dtype = device, dtype
-        self.model = self.tokenizer = None
+        self.model_name = (f"{os.path.abspath(self.path)} (greedy, max_new_tokens={self.max_new_tokens}"
+                           f"{f', dtype={dtype}' if dtype is not None else ''})")
+        self.model = self.tokenizer = self.context = None
 
-    def _load(self):
-        from model import load_pretrained, load_tokenizer  # lazy: only this backend needs them
-        self.model = load_pretrained(self.path, dtype=self.dtype, device=self.device)
-        self.tokenizer = load_tokenizer(self.path)
+    def prompt_ids(self, task, examples) -> list[list[int]]:
+        """The prompts as the cloud model reads them. Loads the tokenizer and reads the context
+        length from config.json; the weights load on the first request."""
+        from model import ModelConfig, load_tokenizer, read_json  # lazy: only this backend needs them
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.path)
+            config = ModelConfig.from_hf(read_json(os.path.join(self.path, "config.json")))
+            self.context = config.max_position_embeddings
+        return [self.tokenizer.prompt_ids(ex.prompt if isinstance(ex.prompt, str)
+                                          else task.cloud_messages(ex)) for ex in examples]
 
-    def complete(self, task, examples) -> list[str]:
+    def _too_long(self, ids) -> str | None:
+        if len(ids) + self.max_new_tokens <= self.context:
+            return None
+        return (f"a prompt of {len(ids)} tokens plus the local cloud's max_new_tokens="
+                f"{self.max_new_tokens} exceeds its context (max_position_embeddings={self.context} "
+                f"in {self.path})")
+
+    def check_fits(self, task, examples) -> None:
+        """A ValueError, naming the longest prompt, when a prompt will not fit (see _too_long)."""
+        longest = max(self.prompt_ids(task, examples), key=len, default=[])
+        why = self._too_long(longest)
+        if why:
+            raise ValueError(f"{why}; lower max_new_tokens to at most {self.context - len(longest)}")
+
+    def complete(self, task, examples) -> list:
         import torch
+        from model import load_pretrained
         from sample import generate
+        prompts = self.prompt_ids(task, examples)
         if self.model is None:
-            self._load()
+            self.model = load_pretrained(self.path, dtype=self.dtype, device=self.device)
         tok = self.tokenizer
-        prompts = [tok.prompt_ids(ex.prompt if isinstance(ex.prompt, str)
-                                  else task.cloud_messages(ex)) for ex in examples]
         eos = set(tok.eos_ids)
         stop_ids = list(tok.eos_ids)
         for stop in task.stop_texts:
             ids = tok.encode(stop)
             if len(ids) == 1 and ids[0] not in stop_ids:
                 stop_ids.append(ids[0])
-        texts = []
+        answers = [None if (why := self._too_long(p)) is None else CloudError(why) for p in prompts]
+        fitting = [i for i, answer in enumerate(answers) if answer is None]
         with torch.no_grad():
-            for i in range(0, len(prompts), self.batch_size):
-                batch = prompts[i:i + self.batch_size]
-                out = generate(self.model, batch, n=1, max_new_tokens=self.max_new_tokens, temperature=0.0,
+            for start in range(0, len(fitting), self.batch_size):
+                rows = fitting[start:start + self.batch_size]
+                out = generate(self.model, [prompts[i] for i in rows], n=1,
+                               max_new_tokens=self.max_new_tokens, temperature=0.0,
                                stop_ids=stop_ids, seed=0)
-                for row in range(len(batch)):
+                for row, i in enumerate(rows):
                     ids = out.tokens[row, :int(out.lengths[row])].tolist()
                     if ids and ids[-1] in eos:
                         ids = ids[:-1]
-                    texts.append(tok.decode(ids))
-        return texts
+                    answers[i] = tok.decode(ids)
+        return answers
 
 
 BACKENDS = {"oracle": OracleBackend, "http": HttpBackend, "local": LocalBackend}

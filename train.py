@@ -37,7 +37,7 @@ import yaml
 
 import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
-from cloud import CloudError, NoCloud, make_cloud
+from cloud import CloudError, LocalBackend, NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
                    check_writable, load_pretrained, load_tokenizer, save_pretrained)
 from reward import RewardConfig
@@ -745,6 +745,7 @@ class Trainer:
                                               build_char_tokenizer(self.task.alphabet),
                                               cfg.model.max_position_embeddings,
                                               "model.max_position_embeddings")
+            self.check_local_cloud(test)
         elif not cfg.resume and not os.path.isdir(cfg.model.path):
             hint = (" (python scripts/get_smollm2.py makes it)"
                     if os.path.normpath(cfg.model.path) == os.path.join(".cache", "smollm2") else "")
@@ -796,6 +797,7 @@ class Trainer:
                 raise
             except ValueError as e:  # the tokenizer's, e.g. no chat format for chat prompts
                 raise ConfigError(f"model.path={cfg.model.path!r}: {e}") from None
+            self.check_local_cloud(test)
         self.sampler_model = self.model
         if cfg.precision == "bf16-mixed":  # a bf16 copy samples; fp32 master weights train
             self.sampler_model = load_pretrained(source, dtype=torch.bfloat16, device=self.device)
@@ -931,6 +933,16 @@ class Trainer:
         if self.cfg.precision == "bf16-mixed":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
+
+    def check_local_cloud(self, test):
+        """The local cloud backend must fit every prompt the run may send it with its
+        max_new_tokens: an error now, not at the first help call."""
+        backend = self.cloud.backend
+        if isinstance(backend, LocalBackend):
+            try:
+                backend.check_fits(self.task, self.train_examples + test)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"cloud.path={backend.path!r}: {e}") from None
 
     def sync_sampler(self):
         if self.sampler_model is not self.model:

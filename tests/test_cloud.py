@@ -3,6 +3,7 @@ against a fake endpoint on 127.0.0.1, and the local backend with a fake model.""
 import hashlib
 import json
 import os
+import shutil
 import random
 import signal
 import socket
@@ -17,7 +18,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cloud import (Cloud, CloudAuthError, CloudCache, CloudError, HttpBackend, LocalBackend,  # noqa: E402
                    OracleBackend, chat_completions_url, make_cloud)
-from tasks import CountdownTask, TinyCountdownTask  # noqa: E402
+from tasks import CountdownTask, Example, TinyCountdownTask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -761,18 +762,22 @@ def fake_local_model(monkeypatch, answer, eos=True):
             lengths[row] = len(ids)
         return types.SimpleNamespace(tokens=tokens, lengths=lengths)
 
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(load_pretrained=load_pretrained,
-                                                                     load_tokenizer=lambda path: CharTokenizer()))
+    import model
+    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(
+        load_pretrained=load_pretrained, load_tokenizer=lambda path: CharTokenizer(),
+        ModelConfig=model.ModelConfig, read_json=model.read_json))
     monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate))
     return calls
 
 
 @pytest.fixture
 def ckpt(tmp_path):
-    """A directory that passes LocalBackend's check (it has a config.json); the fake model
-    stands in for what would be loaded from it."""
+    """A directory that passes LocalBackend's check (it has a config.json, a context of 4096
+    tokens); the fake model stands in for what would be loaded from it."""
+    from model import ModelConfig
     (tmp_path / "big").mkdir()
-    (tmp_path / "big" / "config.json").write_text("{}")
+    (tmp_path / "big" / "config.json").write_text(
+        json.dumps(ModelConfig(max_position_embeddings=4096).to_hf()))
     return str(tmp_path / "big")
 
 
@@ -874,6 +879,39 @@ def test_backend_answer_count_must_match_the_prompts(task):
     with pytest.raises(RuntimeError, match="2 answers for 1 prompts"):
         cloud.ask(task, task.examples("train")[:1])
     assert len(cloud.cache) == 0
+
+
+def test_local_backend_fails_only_the_prompts_that_do_not_fit_its_context(tmp_path):
+    """A real checkpoint of a 24-token context: with max_new_tokens=10, the 13-token tiny
+    prompts fit (13 + 10 <= 24) and a 15-token one does not; it fails alone, uncached, and
+    check_fits names it before any request."""
+    from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
+    tiny = TinyCountdownTask(n_train=1, n_test=2)
+    tok = build_char_tokenizer(tiny.alphabet)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                    max_position_embeddings=24, eos_token_id=1)).init_weights(0)
+    save_pretrained(model, str(tmp_path / "cloud"), tok)
+    ok = tiny.examples("test")
+    long = Example("long", ok[0].prompt + "00", ok[0].data)  # 15 characters, 15 tokens
+    cloud = make_cloud({"backend": "local", "path": str(tmp_path / "cloud"), "max_new_tokens": 10})
+    answers = cloud.ask(tiny, [ok[0], long, ok[1]])
+    assert [a.error is None for a in answers] == [True, False, True]
+    assert answers[1].error == (f"CloudError: a prompt of 15 tokens plus the local cloud's max_new_tokens=10 "
+                                f"exceeds its context (max_position_embeddings=24 in {tmp_path / 'cloud'})")
+    assert len(cloud.cache) == 2 and cloud.failures == 1
+    cloud.backend.check_fits(tiny, ok)
+    with pytest.raises(ValueError, match="a prompt of 15 tokens .* lower max_new_tokens to at most 9$"):
+        cloud.backend.check_fits(tiny, ok + [long])
+
+
+def test_local_backend_cache_identity_names_the_settings_that_change_its_answers(ckpt):
+    a = LocalBackend(ckpt, max_new_tokens=16)
+    assert a.model_name == f"{os.path.abspath(ckpt)} (greedy, max_new_tokens=16)"
+    assert LocalBackend(os.path.relpath(ckpt), max_new_tokens=16).model_name == a.model_name
+    assert LocalBackend(ckpt, max_new_tokens=32).model_name != a.model_name
+    assert LocalBackend(ckpt, max_new_tokens=16, dtype="bfloat16").model_name.endswith(
+        "max_new_tokens=16, dtype=bfloat16)")
 
 
 def test_local_backend_keeps_the_last_token_when_no_eos(monkeypatch, task, ckpt):
@@ -1117,16 +1155,16 @@ def test_prefill_cli_auth_error_is_one_line(endpoint, monkeypatch, tmp_path):
     assert [json.loads(line)["answer"] for line in _lines(cache)] == ["first answer"]
 
 
-def test_a_local_backend_run_is_served_from_its_cache_without_the_model(tmp_path, monkeypatch):
-    """The checkpoint is loaded only when a prompt is not cached: a finished run whose answers
-    are all cached can be evaluated after its cloud checkpoint has moved."""
+def test_a_local_backend_run_is_served_from_its_cache_without_the_model(tmp_path, monkeypatch, ckpt):
+    """The checkpoint is read only when a prompt is not cached: a finished run whose answers
+    are all cached can be evaluated after its cloud checkpoint has moved away."""
     calls = fake_local_model(monkeypatch, lambda prompt: "[007*003=021,021+012=033]")
     tiny = TinyCountdownTask(n_train=3, n_test=3)
     path = tmp_path / "c.jsonl"
-    make_cloud({"backend": "local", "path": "/moved/away"}, cache_path=path).ask(
-        tiny, tiny.examples("test"))
+    make_cloud({"backend": "local", "path": ckpt}, cache_path=path).ask(tiny, tiny.examples("test"))
     calls.clear()
-    cloud = make_cloud({"backend": "local", "path": "/moved/away"}, cache_path=path)
+    shutil.rmtree(ckpt)
+    cloud = make_cloud({"backend": "local", "path": ckpt}, cache_path=path)
     assert len(cloud.ask(tiny, tiny.examples("test"))) == 3
     assert cloud.served_from_cache == 3 and calls == {}
 

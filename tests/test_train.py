@@ -217,6 +217,24 @@ def test_bad_settings_are_one_line_errors_before_the_warm_start(override, messag
     assert not (tmp_path / "warm").exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_local_cloud_too_short_for_its_max_new_tokens_is_an_error_before_the_warm_start(tmp_path):
+    from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
+    from tasks import TinyCountdownTask
+    tok = build_char_tokenizer(TinyCountdownTask(n_train=1, n_test=1).alphabet)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                    max_position_embeddings=40, eos_token_id=1)).init_weights(0)
+    save_pretrained(model, str(tmp_path / "cloud"), tok)
+    with pytest.raises(SystemExit) as exc:  # tiny prompts are 13 tokens: 13 + 30 > 40
+        train.main(tiny_args(tmp_path, "name=bad", f"cloud={{backend: local, path: {tmp_path / 'cloud'}, "
+                                                   f"max_new_tokens: 30}}"))
+    assert str(exc.value.code) == (
+        f"config error: cloud.path='{tmp_path / 'cloud'}': a prompt of 13 tokens plus the local "
+        f"cloud's max_new_tokens=30 exceeds its context (max_position_embeddings=40 in "
+        f"{tmp_path / 'cloud'}); lower max_new_tokens to at most 27")
+    assert not (tmp_path / "warm").exists()
+
+
 def test_setup_errors_are_one_line_errors(tmp_path, monkeypatch):
     for leftover in ("checkpoint", "checkpoint.old"):  # a run, or one that crashed mid-save
         os.makedirs(tmp_path / "runs" / "taken" / leftover)
