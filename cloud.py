@@ -510,8 +510,10 @@ class LocalBackend:
         self.path = str(path)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.device, self.dtype = device, dtype
-        self.model_name = (f"{os.path.abspath(self.path)} (greedy, max_new_tokens={self.max_new_tokens}"
-                           f"{f', dtype={dtype}' if dtype is not None else ''})")
+        # load_pretrained's default dtype: bf16 on CUDA, fp32 elsewhere
+        weights = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+        self.model_name = (f"{os.path.abspath(self.path)} (greedy, max_new_tokens="
+                           f"{self.max_new_tokens}, {str(weights).removeprefix('torch.')})")
         self.model = self.tokenizer = self.context = None
 
     def prompt_ids(self, task, examples) -> list[list[int]]:

@@ -906,12 +906,14 @@ def test_local_backend_fails_only_the_prompts_that_do_not_fit_its_context(tmp_pa
 
 
 def test_local_backend_cache_identity_names_the_settings_that_change_its_answers(ckpt):
+    import torch
     a = LocalBackend(ckpt, max_new_tokens=16)
-    assert a.model_name == f"{os.path.abspath(ckpt)} (greedy, max_new_tokens=16)"
+    assert a.model_name == f"{os.path.abspath(ckpt)} (greedy, max_new_tokens=16, float32)"
     assert LocalBackend(os.path.relpath(ckpt), max_new_tokens=16).model_name == a.model_name
     assert LocalBackend(ckpt, max_new_tokens=32).model_name != a.model_name
-    assert LocalBackend(ckpt, max_new_tokens=16, dtype="bfloat16").model_name.endswith(
-        "max_new_tokens=16, dtype=bfloat16)")
+    for kwargs in ({"dtype": "bfloat16"}, {"dtype": torch.bfloat16}, {"device": "cuda:0"}):
+        assert LocalBackend(ckpt, max_new_tokens=16, **kwargs).model_name.endswith(
+            "max_new_tokens=16, bfloat16)")
 
 
 def test_local_backend_keeps_the_last_token_when_no_eos(monkeypatch, task, ckpt):
