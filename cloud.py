@@ -601,6 +601,17 @@ class Cloud:
         # and served again for the rest of the process (eval.py: one verdict per prompt per report)
         self.failed: dict | None = None
 
+    def check_cache(self) -> None:
+        """A ValueError when the cache file already holds answers of another backend or model
+        (a reused run directory, an edited cloud section): said at once, not at the first
+        prompt that meets one."""
+        mine = (self.backend_name, self.model_name)
+        for record in self.cache.records.values():
+            if (record["backend"], record["model"]) != mine:
+                raise ValueError(f"cloud cache {self.cache.path} holds answers of backend "
+                                 f"{record['backend']!r}, model {record['model']!r}; this cloud is "
+                                 f"backend {mine[0]!r}, model {mine[1]!r}")
+
     def _cached(self, task, example, digest: str) -> dict | None:
         record = self.cache.get(task.name, example.key)
         if record is None:

@@ -1,7 +1,8 @@
 """Train the on-device model: config, supervised warm start (from-scratch models), the GAPG loop.
 
     python train.py                                  # configs/default.yaml: the tiny CPU demo
-    python train.py configs/x.yaml rl.steps=50       # a config file plus dotted overrides
+    python train.py configs/x.yaml rl.steps=50       # a config file (over the code defaults,
+                                                     # not default.yaml) plus dotted overrides
     python train.py resume=runs/NAME                 # continue a run exactly where it stopped
 
 Config keys and their defaults: the dataclasses in train.py (Config and its sections); task and
@@ -175,6 +176,12 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
             setattr(obj, name, None)
             return
         current = 0.0  # else a number, read as every float key reads one (3/10)
+        if isinstance(value, str):
+            try:
+                setattr(obj, name, _cast(value, current, key))
+            except ConfigError as e:
+                raise ConfigError(f"{e}, or null for rho / (1 + rho)") from None
+            return
     if isinstance(current, dict) and len(path) == 1:  # task / cloud: replaced as a whole
         value = _parse_yaml(value, key) if from_cli else value
         if not isinstance(value, dict):
@@ -200,7 +207,10 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
     elif isinstance(current, int) and not isinstance(current, bool) and isinstance(value, bool):
         raise ConfigError(f"{key}={value!r}: expected an integer")
     elif current is not None and not isinstance(value, type(current)):
-        raise ConfigError(f"{key}={value!r}: expected {type(current).__name__}")
+        kinds = {int: "an integer", str: "a string", bool: "a boolean (true/false)", list: "a list"}
+        raise ConfigError(f"{key}={value!r}: expected {kinds.get(type(current), type(current).__name__)}")
+    if isinstance(current, list) and isinstance(value, list):  # rl.betas: [0.9, 1e-3] too
+        value = [_cast(v, 0.0, key) if isinstance(v, str) else v for v in value]
     setattr(obj, name, value)
 
 
@@ -495,6 +505,16 @@ def check_context(examples: list, lengths: dict, max_new_tokens: int, limit: int
                           f"sampling.max_new_tokens={max_new_tokens}; must be at least {need}")
 
 
+def check_answer_room(task, max_new_tokens: int):
+    """Training from scratch: the task's answers (its warm-start traces, one token a character)
+    must fit sampling.max_new_tokens, or no response ever ends and no step updates."""
+    longest = max(len(trace) - len(ex.prompt)
+                  for ex, trace in zip(task.examples("train"), sample_traces(task)))
+    if longest > max_new_tokens:
+        raise ConfigError(f"sampling.max_new_tokens={max_new_tokens}: the task's answers take up "
+                          f"to {longest} tokens (its warm-start traces); must be at least {longest}")
+
+
 def fit_prompts(cfg: Config, train: list, test: list, tokenizer, limit: int, what: str) -> list:
     """The training prompts that sampling.max_prompt_tokens keeps, after checking that they and
     the test prompts fit the context `what`=`limit` with sampling.max_new_tokens; each prompt is
@@ -726,6 +746,11 @@ class Trainer:
                                     cache_path=os.path.join(self.run_dir, "cloud_cache.jsonl"))
         except ValueError as e:
             raise ConfigError(str(e) + _whole_section_hint(e, "cloud", "backend")) from None
+        try:
+            self.cloud.check_cache()
+        except ValueError as e:
+            raise ConfigError(f"{e}: set the cloud section back to what this run used, or start "
+                              f"a new run (name=...)") from None
         local = cfg.cloud.get("path") if cfg.cloud.get("backend") == "local" else None
         if local and not cfg.resume and not os.path.isfile(os.path.join(local, "config.json")):
             # the backend loads its model when first asked: after the warm start, too late
@@ -741,6 +766,7 @@ class Trainer:
                 raise ConfigError(f"task {self.task.name!r}: its prompts, stop/banned texts or "
                                   f"warm-start traces use {''.join(unknown)!r}, which are not in "
                                   f"its alphabet {self.task.alphabet!r}")
+            check_answer_room(self.task, cfg.sampling.max_new_tokens)
             self.train_examples = fit_prompts(cfg, self.train_examples, test,
                                               build_char_tokenizer(self.task.alphabet),
                                               cfg.model.max_position_embeddings,
@@ -823,7 +849,7 @@ class Trainer:
             except (EOFError, RuntimeError, OSError) as e:  # empty, truncated or unreadable
                 raise ConfigError(f"cannot resume from {path}: not a readable trainer state "
                                   f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-            self.opt.load_state_dict(state["optimizer"])
+            self.resume_optimizer(state["optimizer"])
             self.step, self.dual = state["step"], state["dual"]
             # finished by the time limit only under the settings it stopped with: raising rl.steps
             # or changing rl.time_limit_min in the run's config.yaml trains on
@@ -837,6 +863,27 @@ class Trainer:
             for name in ("metrics.jsonl", "samples.jsonl"):  # drop rows logged after the checkpoint
                 truncate_log(os.path.join(self.run_dir, name), self.step,
                              drop_final=not self.finished())
+
+    def resume_optimizer(self, saved: dict):
+        """Load the checkpoint's optimizer state, then apply config.yaml's rl.lr, rl.weight_decay
+        and rl.betas, which load_state_dict would silently replace with the checkpoint's; a
+        changed value is reported. A different rl.optimizer cannot take over the state: error."""
+        rl = self.cfg.rl
+        kind = "adamw" if "betas" in saved["param_groups"][0] else "sgd"
+        if kind != rl.optimizer:
+            raise ConfigError(f"rl.optimizer={rl.optimizer!r}: the checkpoint in {self.run_dir} "
+                              f"was trained with {kind!r}, whose state cannot carry over; set it "
+                              f"back, or start a new run (name=...)")
+        self.opt.load_state_dict(saved)
+        wanted = {"lr": rl.lr, "weight_decay": rl.weight_decay}
+        if kind == "adamw":
+            wanted["betas"] = tuple(rl.betas)
+        for key, value in wanted.items():
+            if self.opt.param_groups[0][key] != value:
+                print(f"resume: rl.{key}={value} from config.yaml (the checkpoint was saved with "
+                      f"{self.opt.param_groups[0][key]})")
+            for group in self.opt.param_groups:
+                group[key] = value
 
     def time_limit_settings(self) -> tuple:
         """What a stop by rl.time_limit_min is saved with, and compared against on resume."""
@@ -922,9 +969,9 @@ class Trainer:
             "route/help_ratio": float(help.float().mean()),
             "route/local_acc": float(ro.local_ok.float().mean()),
             "route/cloud_acc": float(ro.cloud_ok[ro.cloud_asked].float().mean())
-            if ro.cloud_asked.any() else 0.0,
-            "route/len_help": float(lengths[help].mean()) if help.any() else 0.0,
-            "route/len_answer": float(lengths[~help].mean()) if (~help).any() else 0.0,
+            if ro.cloud_asked.any() else None,  # None: nothing to average (nothing asked)
+            "route/len_help": float(lengths[help].mean()) if help.any() else None,
+            "route/len_answer": float(lengths[~help].mean()) if (~help).any() else None,
             "route/clipped_ratio": float((~ro.finished).float().mean()),
         })
         return row

@@ -139,10 +139,18 @@ def test_the_evaluation_budget_reads_numbers_as_other_float_keys_do(tmp_path):
     assert train.load_config([str(tmp_path / "b.yaml")]).eval.budget == 0.3
     # null on the command line restores the default over a file's number: rho / (1 + rho)
     assert train.load_config([str(tmp_path / "b.yaml"), "eval.budget=null"]).eval.budget == 0.5
-    for value in ("abc", "[0.3]", "1/0"):
+    for value in ("abc", "[0.3]", "1/0", "none"):
         with pytest.raises(train.ConfigError, match=f"eval.budget='{re.escape(value)}': expected "
-                                                    f"a number"):
+                                                    r"a number \(or a fraction like 3/7\), or null "
+                                                    r"for rho / \(1 \+ rho\)$"):
             train.load_config([f"eval.budget={value}"])
+    # a YAML list reads its numbers as the float keys do ('1e-3' is a string to PyYAML)
+    (tmp_path / "c.yaml").write_text("rl: {betas: [0.9, 1e-3]}\n")
+    assert train.load_config([str(tmp_path / "c.yaml")]).rl.betas == [0.9, 0.001]
+    assert train.load_config(["rl.betas=[0.8, 1e-3]"]).rl.betas == [0.8, 0.001]
+    (tmp_path / "d.yaml").write_text("rl: {steps: many}\n")
+    with pytest.raises(train.ConfigError, match="^rl.steps='many': expected an integer$"):
+        train.load_config([str(tmp_path / "d.yaml")])
 
 
 def test_seeds_are_what_torch_accepts():
@@ -191,6 +199,10 @@ def test_seeds_are_what_torch_accepts():
                                       "longer"),
     ("task.n_test=0", "needs a non-empty train and test split"),
     ("model.max_position_embeddings=30", "model.max_position_embeddings=30: prompts take up to"),
+    # a tiny answer is 35 tokens ("[006+006=012,012*011=132]" + a 9-character check + "A")
+    ("sampling.max_new_tokens=34", "sampling.max_new_tokens=34: the task's answers take up to 35 "
+                                   "tokens (its warm-start traces); must be at least 35"),
+    ("task.n_numbers=4", "sampling.max_new_tokens=40: the task's answers take up to 47 tokens"),
     ("task.colour=red", "task 'tiny_countdown' has no argument(s) ['colour']"),
     ("task.name=foo", "task.name='foo': allowed: tiny_countdown, countdown, math"),
     ("cloud.backend=nope", "cloud backend='nope' is not allowed"),
@@ -232,6 +244,26 @@ def test_a_local_cloud_too_short_for_its_max_new_tokens_is_an_error_before_the_w
         f"config error: cloud.path='{tmp_path / 'cloud'}': a prompt of 13 tokens plus the local "
         f"cloud's max_new_tokens=30 exceeds its context (max_position_embeddings=40 in "
         f"{tmp_path / 'cloud'}); lower max_new_tokens to at most 27")
+    assert not (tmp_path / "warm").exists()
+
+
+def test_a_cloud_cache_of_another_cloud_is_an_error_before_the_warm_start(tmp_path):
+    """A run name reused (its first attempt stopped before a checkpoint) with another cloud: its
+    cloud_cache.jsonl holds the first cloud's answers."""
+    from cloud import make_cloud
+    from tasks import TinyCountdownTask
+    cache = tmp_path / "runs" / "cc" / "cloud_cache.jsonl"
+    os.makedirs(cache.parent)
+    tiny = TinyCountdownTask(n_train=300, n_test=20)
+    make_cloud({"backend": "oracle", "p_correct": 0.95}, cache_path=cache).ask(
+        tiny, tiny.examples("train")[:2])
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=cc", "cloud.p_correct=0.5"))
+    assert str(exc.value.code) == (
+        f"config error: cloud cache {cache} holds answers of backend 'oracle', model "
+        f"'oracle(p_correct=0.95,seed=0)'; this cloud is backend 'oracle', model "
+        f"'oracle(p_correct=0.5,seed=0)': set the cloud section back to what this run used, or "
+        f"start a new run (name=...)")
     assert not (tmp_path / "warm").exists()
 
 
@@ -360,6 +392,32 @@ def test_resume_is_exact(tmp_path, straight, monkeypatch):
     monkeypatch.setattr(train.Trainer, "rl_step", real_step)
     train.main([f"resume={run}"])
     assert_continued_exactly(run, straight)
+
+
+def test_resume_applies_an_edited_learning_rate_and_refuses_another_optimizer(tmp_path, straight,
+                                                                             capsys):
+    """config.yaml's rl.lr / betas / weight_decay hold after a resume (the optimizer state's own
+    would silently win); its state cannot become another optimizer's."""
+    run = tmp_path / "edited"
+    shutil.copytree(straight / "runs" / "straight", run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["rl"].update(steps=5, lr=0.05, betas=[0.8, 0.99])
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    train.main([f"resume={run}"])
+    out = capsys.readouterr().out
+    assert "resume: rl.lr=0.05 from config.yaml (the checkpoint was saved with 0.0001)" in out
+    assert "resume: rl.betas=(0.8, 0.99) from config.yaml" in out and "weight_decay" not in out
+    group = torch.load(run / "checkpoint" / "trainer_state.pt",
+                       weights_only=True)["optimizer"]["param_groups"][0]
+    assert group["lr"] == 0.05 and tuple(group["betas"]) == (0.8, 0.99)
+    cfg["rl"].update(steps=6, optimizer="sgd")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"resume={run}"])
+    assert str(exc.value.code) == (f"config error: rl.optimizer='sgd': the checkpoint in {run} was "
+                                   f"trained with 'adamw', whose state cannot carry over; set it "
+                                   f"back, or start a new run (name=...)")
 
 
 class _TouchOnLoad:
