@@ -35,8 +35,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None, vocab_size=None
     mask = torch.zeros(len(prompts), L, dtype=torch.bool)
     for i, p in enumerate(prompts):
         row = torch.tensor(p)
-        if vocab_size is not None and (row.is_floating_point() or row.is_complex()
-                                       or row.dtype == torch.bool or row.min() < 0 or row.max() >= vocab_size):
+        integer = not (row.is_floating_point() or row.is_complex() or row.dtype == torch.bool)
+        if vocab_size is not None and not (integer and 0 <= row.min() <= row.max() < vocab_size):
             raise ValueError(f"prompt {i} holds {p[:8]}{' ...' if len(p) > 8 else ''}; prompts "
                              f"must be non-empty lists of token ids 0..{vocab_size - 1}")
         ids[i, L - len(p):] = row
