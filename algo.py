@@ -154,8 +154,8 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
                          f"{tuple(local_ok.shape)}, {tuple(help.shape)}, {tuple(rewards.shape)}, "
                          f"{tuple(cloud_ok.shape)}")
 
-    if not torch.isfinite(rewards.float()).all():
-        raise ValueError(f"rewards must be finite, got {rewards[~torch.isfinite(rewards.float())][:4].tolist()}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"rewards must be finite, got {rewards[~torch.isfinite(rewards)][:4].tolist()}")
     if exclude is not None:
         exclude = torch.as_tensor(exclude).bool().cpu()
         if exclude.shape != (P,):

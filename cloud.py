@@ -498,7 +498,7 @@ class LocalBackend:
     that does not fit the model's context with max_new_tokens fails alone (a CloudError in its
     place); check_fits() finds such prompts before a run starts. The weights at `path` are taken
     to be fixed: model_name (the cache's identity) names the path and the settings that change
-    the answers, max_new_tokens and dtype."""
+    the answers, max_new_tokens and the weights' dtype."""
     name = "local"
 
     def __init__(self, path: str, max_new_tokens: int = 1024, device=None, dtype=None, batch_size: int = 16):
@@ -510,10 +510,10 @@ class LocalBackend:
         self.path = str(path)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.device, self.dtype = device, dtype
-        # load_pretrained's default dtype: bf16 on CUDA, fp32 elsewhere
-        weights = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
-        self.model_name = (f"{os.path.abspath(self.path)} (greedy, max_new_tokens="
-                           f"{self.max_new_tokens}, {str(weights).removeprefix('torch.')})")
+        from model import weights_dtype  # lazy: only this backend needs model.py
+        weights = str(weights_dtype(dtype, device)).removeprefix("torch.")
+        self.model_name = (f"{os.path.normpath(self.path)} (greedy, max_new_tokens="
+                           f"{self.max_new_tokens}, {weights})")
         self.model = self.tokenizer = self.context = None
 
     def prompt_ids(self, task, examples) -> list[list[int]]:
@@ -539,7 +539,9 @@ class LocalBackend:
         longest = max(self.prompt_ids(task, examples), key=len, default=[])
         why = self._too_long(longest)
         if why:
-            raise ValueError(f"{why}; lower max_new_tokens to at most {self.context - len(longest)}")
+            room = self.context - len(longest)
+            raise ValueError(why + (f"; lower its max_new_tokens to at most {room}" if room > 0
+                                    else ": the prompt alone fills the context"))
 
     def complete(self, task, examples) -> list:
         import torch
@@ -768,6 +770,10 @@ def main(argv=None) -> int:
                    help="http: requests at a time (default %(default)s)")
     p.add_argument("--path", help="local: checkpoint directory")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="local (default %(default)s)")
+    p.add_argument("--device", help="local: cpu or cuda, as the run's cloud.device (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="local: the weights' dtype, as the run's cloud.dtype (default float32 on "
+                        "CPU, bfloat16 on CUDA)")
     args = p.parse_args(argv)
     if args.chunk < 1:
         p.error(f"--chunk {args.chunk} is not allowed: an integer >= 1")
@@ -800,7 +806,8 @@ def prefill(args) -> int:
                     "temperature": args.temperature, "max_tokens": args.max_tokens, "timeout": args.timeout,
                     "retries": args.retries, "concurrency": args.concurrency}
     elif args.backend == "local":
-        settings = {"path": args.path, "max_new_tokens": args.max_new_tokens}
+        settings = {"path": args.path, "max_new_tokens": args.max_new_tokens,
+                    "device": args.device, "dtype": args.dtype}
     else:  # a backend added to BACKENDS: its settings have no options here
         settings = {}
     cloud = make_cloud({"backend": args.backend, **settings}, cache_path=args.cache)

@@ -461,6 +461,16 @@ QUANTISED_TENSOR = re.compile(r"(weight_scale|weight_scale_inv|input_scale|qweig
                               r"|g_idx|absmax|quant_map|quant_state\S*)$")
 
 
+def weights_dtype(dtype, device) -> torch.dtype:
+    """The dtype load_pretrained gives the weights: `dtype` (a torch.dtype or a name in DTYPES),
+    or by default bf16 on CUDA and fp32 elsewhere."""
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; allowed: {sorted(DTYPES)} "
+                         "or a torch.dtype")
+    default = torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+    return DTYPES.get(dtype, dtype) or default
+
+
 def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
     """Load an HF Llama/Qwen2 directory (config.json + model*.safetensors, sharded or not),
     strictly: a missing or unexpected tensor is an error that names it. dtype defaults to fp32
@@ -468,10 +478,7 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
     from safetensors import SafetensorError, safe_open
     cfg = ModelConfig.from_hf(read_json(os.path.join(path, "config.json")))
     device = torch.device(device or "cpu")
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; allowed: {sorted(DTYPES)} "
-                         "or a torch.dtype")
-    dtype = DTYPES.get(dtype, dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = weights_dtype(dtype, device)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index) and os.path.exists(os.path.join(path, "model.safetensors")):
         # we would read the index's shards, transformers model.safetensors: two different models

@@ -38,7 +38,7 @@ import yaml
 
 import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
-from cloud import CloudError, LocalBackend, NoCloud, make_cloud
+from cloud import CloudError, NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
                    check_writable, load_pretrained, load_tokenizer, save_pretrained)
 from reward import RewardConfig
@@ -176,12 +176,15 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
             setattr(obj, name, None)
             return
         current = 0.0  # else a number, read as every float key reads one (3/10)
-        if isinstance(value, str):
-            try:
-                setattr(obj, name, _cast(value, current, key))
-            except ConfigError as e:
-                raise ConfigError(f"{e}, or null for rho / (1 + rho)") from None
-            return
+        try:
+            if isinstance(value, str):
+                value = _cast(value, current, key)
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{key}={value!r}: expected a number (or a fraction like 3/7)")
+        except ConfigError as e:
+            raise ConfigError(f"{e}, or null for rho / (1 + rho)") from None
+        setattr(obj, name, float(value))
+        return
     if isinstance(current, dict) and len(path) == 1:  # task / cloud: replaced as a whole
         value = _parse_yaml(value, key) if from_cli else value
         if not isinstance(value, dict):
@@ -207,10 +210,11 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
     elif isinstance(current, int) and not isinstance(current, bool) and isinstance(value, bool):
         raise ConfigError(f"{key}={value!r}: expected an integer")
     elif current is not None and not isinstance(value, type(current)):
-        kinds = {int: "an integer", str: "a string", bool: "a boolean (true/false)", list: "a list"}
+        kinds = {int: "an integer", float: "a number (or a fraction like 3/7)", str: "a string",
+                 bool: "a boolean (true/false)", list: "a list"}
         raise ConfigError(f"{key}={value!r}: expected {kinds.get(type(current), type(current).__name__)}")
-    if isinstance(current, list) and isinstance(value, list):  # rl.betas: [0.9, 1e-3] too
-        value = [_cast(v, 0.0, key) if isinstance(v, str) else v for v in value]
+    if isinstance(value, list) and current and all(isinstance(c, float) for c in current):
+        value = [_cast(v, 0.0, key) if isinstance(v, str) else v for v in value]  # [0.9, 1e-3]
     setattr(obj, name, value)
 
 
@@ -505,14 +509,15 @@ def check_context(examples: list, lengths: dict, max_new_tokens: int, limit: int
                           f"sampling.max_new_tokens={max_new_tokens}; must be at least {need}")
 
 
-def check_answer_room(task, max_new_tokens: int):
-    """Training from scratch: the task's answers (its warm-start traces, one token a character)
-    must fit sampling.max_new_tokens, or no response ever ends and no step updates."""
-    longest = max(len(trace) - len(ex.prompt)
-                  for ex, trace in zip(task.examples("train"), sample_traces(task)))
+def check_answer_room(task, traces: list[str], max_new_tokens: int):
+    """Training from scratch: the task's answers (as in `traces`, sample_traces' warm-start
+    traces, one token a character) must fit sampling.max_new_tokens, or no response ever ends
+    and no step updates."""
+    longest = max(len(trace) - len(ex.prompt) for ex, trace in zip(task.examples("train"), traces))
     if longest > max_new_tokens:
         raise ConfigError(f"sampling.max_new_tokens={max_new_tokens}: the task's answers take up "
-                          f"to {longest} tokens (its warm-start traces); must be at least {longest}")
+                          f"to {longest} tokens (its sampled warm-start traces); must be at least "
+                          f"{longest}")
 
 
 def fit_prompts(cfg: Config, train: list, test: list, tokenizer, limit: int, what: str) -> list:
@@ -759,19 +764,20 @@ class Trainer:
         self.eval_examples = test[:cfg.eval.n] if cfg.eval.n else test
         if not cfg.model.path:  # from scratch: a too-short context fails here, not after warm start
             # the character tokenizer reads any character outside the alphabet as <pad>
+            traces = sample_traces(self.task)
             texts = [ex.prompt for ex in self.train_examples + test] + list(
-                self.task.stop_texts + self.task.banned_texts) + sample_traces(self.task)
+                self.task.stop_texts + self.task.banned_texts) + traces
             unknown = sorted(set("".join(texts)) - set(self.task.alphabet or ""))
             if unknown:
                 raise ConfigError(f"task {self.task.name!r}: its prompts, stop/banned texts or "
                                   f"warm-start traces use {''.join(unknown)!r}, which are not in "
                                   f"its alphabet {self.task.alphabet!r}")
-            check_answer_room(self.task, cfg.sampling.max_new_tokens)
+            check_answer_room(self.task, traces, cfg.sampling.max_new_tokens)
             self.train_examples = fit_prompts(cfg, self.train_examples, test,
                                               build_char_tokenizer(self.task.alphabet),
                                               cfg.model.max_position_embeddings,
                                               "model.max_position_embeddings")
-            self.check_local_cloud(test)
+            self.check_cloud_fits(test)
         elif not cfg.resume and not os.path.isdir(cfg.model.path):
             hint = (" (python scripts/get_smollm2.py makes it)"
                     if os.path.normpath(cfg.model.path) == os.path.join(".cache", "smollm2") else "")
@@ -823,7 +829,7 @@ class Trainer:
                 raise
             except ValueError as e:  # the tokenizer's, e.g. no chat format for chat prompts
                 raise ConfigError(f"model.path={cfg.model.path!r}: {e}") from None
-            self.check_local_cloud(test)
+            self.check_cloud_fits(test)
         self.sampler_model = self.model
         if cfg.precision == "bf16-mixed":  # a bf16 copy samples; fp32 master weights train
             self.sampler_model = load_pretrained(source, dtype=torch.bfloat16, device=self.device)
@@ -981,15 +987,16 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
-    def check_local_cloud(self, test):
-        """The local cloud backend must fit every prompt the run may send it with its
-        max_new_tokens: an error now, not at the first help call."""
-        backend = self.cloud.backend
-        if isinstance(backend, LocalBackend):
+    def check_cloud_fits(self, test):
+        """A backend with check_fits (the local one: its context) must take every prompt the run
+        may send it: an error at the start, not at the first help call. Checked when the run
+        starts, not on resume."""
+        check = getattr(self.cloud.backend, "check_fits", None)
+        if check is not None and not self.cfg.resume:
             try:
-                backend.check_fits(self.task, self.train_examples + test)
+                check(self.task, self.train_examples + test)
             except (ValueError, OSError) as e:
-                raise ConfigError(f"cloud.path={backend.path!r}: {e}") from None
+                raise ConfigError(f"cloud: {e}") from None
 
     def sync_sampler(self):
         if self.sampler_model is not self.model:

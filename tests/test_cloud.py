@@ -765,7 +765,7 @@ def fake_local_model(monkeypatch, answer, eos=True):
     import model
     monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(
         load_pretrained=load_pretrained, load_tokenizer=lambda path: CharTokenizer(),
-        ModelConfig=model.ModelConfig, read_json=model.read_json))
+        ModelConfig=model.ModelConfig, read_json=model.read_json, weights_dtype=model.weights_dtype))
     monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate))
     return calls
 
@@ -901,19 +901,34 @@ def test_local_backend_fails_only_the_prompts_that_do_not_fit_its_context(tmp_pa
                                 f"exceeds its context (max_position_embeddings=24 in {tmp_path / 'cloud'})")
     assert len(cloud.cache) == 2 and cloud.failures == 1
     cloud.backend.check_fits(tiny, ok)
-    with pytest.raises(ValueError, match="a prompt of 15 tokens .* lower max_new_tokens to at most 9$"):
+    with pytest.raises(ValueError, match="a prompt of 15 tokens .* lower its max_new_tokens to at most 9$"):
         cloud.backend.check_fits(tiny, ok + [long])
+    longer = Example("longer", ok[0].prompt + "0" * 11, ok[0].data)  # 24 tokens: no room at all
+    with pytest.raises(ValueError, match=r"a prompt of 24 tokens .*\): the prompt alone fills the context$"):
+        cloud.backend.check_fits(tiny, [longer])
 
 
 def test_local_backend_cache_identity_names_the_settings_that_change_its_answers(ckpt):
     import torch
     a = LocalBackend(ckpt, max_new_tokens=16)
-    assert a.model_name == f"{os.path.abspath(ckpt)} (greedy, max_new_tokens=16, float32)"
-    assert LocalBackend(os.path.relpath(ckpt), max_new_tokens=16).model_name == a.model_name
+    assert a.model_name == f"{ckpt} (greedy, max_new_tokens=16, float32)"
+    assert LocalBackend(os.path.join(ckpt, ".", ""), max_new_tokens=16).model_name == a.model_name
     assert LocalBackend(ckpt, max_new_tokens=32).model_name != a.model_name
     for kwargs in ({"dtype": "bfloat16"}, {"dtype": torch.bfloat16}, {"device": "cuda:0"}):
         assert LocalBackend(ckpt, max_new_tokens=16, **kwargs).model_name.endswith(
             "max_new_tokens=16, bfloat16)")
+
+
+def test_prefill_cli_fills_a_local_cloud_cache_a_cuda_run_can_read(tmp_path, monkeypatch, ckpt):
+    """--device / --dtype give the prefilled answers the identity of the run's cloud section."""
+    import cloud
+    fake_local_model(monkeypatch, lambda prompt: "[007*003=021,021+012=033]")
+    cache = tmp_path / "c.jsonl"
+    assert cloud.main(["--task", "tiny_countdown", "--backend", "local", "--path", ckpt,
+                       "--device", "cuda", "--limit", "2", "--cache", str(cache)]) == 0
+    run_cloud = make_cloud({"backend": "local", "path": ckpt, "device": "cuda"}, cache_path=cache)
+    run_cloud.check_cache()
+    assert len(run_cloud.cache) == 2 and run_cloud.model_name.endswith("bfloat16)")
 
 
 def test_local_backend_keeps_the_last_token_when_no_eos(monkeypatch, task, ckpt):

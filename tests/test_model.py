@@ -544,3 +544,14 @@ def test_an_unknown_dtype_name_is_an_error(tmp_path):
                                          r"'float16', 'float32'\]"):
         load_pretrained(str(tmp_path), dtype="fp16")
     assert load_pretrained(str(tmp_path), dtype="float16").norm.weight.dtype == torch.float16
+
+
+def test_weights_dtype_is_the_dtype_load_pretrained_gives(tmp_path):
+    """The local cloud backend names its answers by weights_dtype: it must be what loads."""
+    from model import weights_dtype
+    save_pretrained(Transformer(ModelConfig()).init_weights(0), str(tmp_path))
+    for dtype, expected in ((None, torch.float32), ("bfloat16", torch.bfloat16),
+                            (torch.float16, torch.float16)):
+        assert load_pretrained(str(tmp_path), dtype=dtype).norm.weight.dtype == \
+            weights_dtype(dtype, "cpu") == expected
+    assert weights_dtype(None, "cuda") == weights_dtype(None, torch.device("cuda:1")) == torch.bfloat16

@@ -148,9 +148,13 @@ def test_the_evaluation_budget_reads_numbers_as_other_float_keys_do(tmp_path):
     (tmp_path / "c.yaml").write_text("rl: {betas: [0.9, 1e-3]}\n")
     assert train.load_config([str(tmp_path / "c.yaml")]).rl.betas == [0.9, 0.001]
     assert train.load_config(["rl.betas=[0.8, 1e-3]"]).rl.betas == [0.8, 0.001]
-    (tmp_path / "d.yaml").write_text("rl: {steps: many}\n")
-    with pytest.raises(train.ConfigError, match="^rl.steps='many': expected an integer$"):
-        train.load_config([str(tmp_path / "d.yaml")])
+    for text, message in (("rl: {steps: many}", "rl.steps='many': expected an integer"),
+                          ("rl: {lr: true}", "rl.lr=True: expected a number (or a fraction like 3/7)"),
+                          ("eval: {budget: true}", "eval.budget=True: expected a number (or a "
+                                                   "fraction like 3/7), or null for rho / (1 + rho)")):
+        (tmp_path / "d.yaml").write_text(text + "\n")
+        with pytest.raises(train.ConfigError, match=f"^{re.escape(message)}$"):
+            train.load_config([str(tmp_path / "d.yaml")])
 
 
 def test_seeds_are_what_torch_accepts():
@@ -201,7 +205,7 @@ def test_seeds_are_what_torch_accepts():
     ("model.max_position_embeddings=30", "model.max_position_embeddings=30: prompts take up to"),
     # a tiny answer is 35 tokens ("[006+006=012,012*011=132]" + a 9-character check + "A")
     ("sampling.max_new_tokens=34", "sampling.max_new_tokens=34: the task's answers take up to 35 "
-                                   "tokens (its warm-start traces); must be at least 35"),
+                                   "tokens (its sampled warm-start traces); must be at least 35"),
     ("task.n_numbers=4", "sampling.max_new_tokens=40: the task's answers take up to 47 tokens"),
     ("task.colour=red", "task 'tiny_countdown' has no argument(s) ['colour']"),
     ("task.name=foo", "task.name='foo': allowed: tiny_countdown, countdown, math"),
@@ -241,9 +245,9 @@ def test_a_local_cloud_too_short_for_its_max_new_tokens_is_an_error_before_the_w
         train.main(tiny_args(tmp_path, "name=bad", f"cloud={{backend: local, path: {tmp_path / 'cloud'}, "
                                                    f"max_new_tokens: 30}}"))
     assert str(exc.value.code) == (
-        f"config error: cloud.path='{tmp_path / 'cloud'}': a prompt of 13 tokens plus the local "
-        f"cloud's max_new_tokens=30 exceeds its context (max_position_embeddings=40 in "
-        f"{tmp_path / 'cloud'}); lower max_new_tokens to at most 27")
+        f"config error: cloud: a prompt of 13 tokens plus the local cloud's max_new_tokens=30 "
+        f"exceeds its context (max_position_embeddings=40 in {tmp_path / 'cloud'}); lower its "
+        f"max_new_tokens to at most 27")
     assert not (tmp_path / "warm").exists()
 
 
@@ -726,6 +730,14 @@ def test_rollout_metrics_by_hand():
     assert m["route/len_answer"] == pytest.approx((6 + 8 + 10) / 3)
     assert m["route/clipped_ratio"] == pytest.approx(1 / 6)
     assert m["reward/mean"] == pytest.approx(1.4 / 6)
+    # nothing asked: no cloud accuracy and no help-call length to report (0.0 would read as
+    # "the cloud was always wrong"); every response a help call: no answer length
+    for help in (torch.zeros(3, 2, dtype=torch.bool), torch.ones(3, 2, dtype=torch.bool)):
+        ro.help, ro.cloud_asked = help, help.any(dim=1)
+        m = train.Trainer.rollout_metrics(None, ro)
+        asked = bool(help.any())
+        assert (m["route/cloud_acc"] is None) is not asked
+        assert (m["route/len_help"] is None) is not asked and (m["route/len_answer"] is None) is asked
 
 
 def test_bf16_mixed_sampler_follows_the_updated_weights(tmp_path):
