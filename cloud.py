@@ -16,7 +16,8 @@ A new backend: a class with that method, registered in BACKENDS; its `name` (def
 registry key) and `model_name` are stored with each cached answer, and a cache holding answers
 from another name or model_name is refused, so model_name must change whenever the answers would.
 
-CLI: python cloud.py --task tiny_countdown --split train --backend oracle --cache runs/cc.jsonl
+CLI: python cloud.py --task tiny_countdown --split train --backend oracle
+     --cache runs/NAME/cloud_cache.jsonl   (the file the run NAME reads)
 """
 from __future__ import annotations
 
@@ -598,6 +599,7 @@ class Cloud:
         self.backend_name = backend_name or getattr(backend, "name", type(backend).__name__)
         self.model_name = model_name or getattr(backend, "model_name", "")
         self.calls_made = self.served_from_cache = self.failures = 0
+        self.first_error: str | None = None  # what the first failed call said, for summaries
         # None: a failed prompt is asked again next time (training: it stays out of the update
         # and is retried when next sampled). A dict: its failure is kept, (task, key) -> answer,
         # and served again for the rest of the process (eval.py: one verdict per prompt per report)
@@ -696,6 +698,7 @@ class Cloud:
             if isinstance(text, BaseException):
                 self.failures += 1
                 answer = CloudAnswer("", False, cached=False, error=f"{type(text).__name__}: {text}")
+                self.first_error = self.first_error or answer.error
                 if self.failed is not None:
                     self.failed[(task.name, example.key)] = answer
             else:
@@ -833,6 +836,8 @@ def prefill(args) -> int:
           f"served from cache {cloud.served_from_cache}, failures {cloud.failures}, "
           + (f"cut at max_tokens {cut}, " if cut else "")
           + f"cloud correct {correct}/{len(examples)}; cache {args.cache}")
+    if cloud.first_error:
+        print(f"first failure: {cloud.first_error}", file=sys.stderr)
     return 1 if cloud.failures else 0
 
 

@@ -329,7 +329,9 @@ def load_config(argv: list[str]) -> Config:
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if resume:  # continue a run: its own saved config, nothing else may change
         if files or len(overrides) > 1:
-            raise ConfigError("resume=runs/NAME takes no config file or other overrides")
+            raise ConfigError("resume=runs/NAME takes no config file or other overrides; to change "
+                              "a setting (e.g. rl.steps, to train longer), edit "
+                              "runs/NAME/config.yaml, then resume")
         files = [os.path.join(resume[0], "config.yaml")]
         if not os.path.isfile(files[0]):
             raise ConfigError(f"resume={resume[0]}: no config.yaml there, so not a run directory")
@@ -1164,7 +1166,8 @@ def main(argv=None):
         print(f"note: {trainer.cloud.failures} cloud calls failed in this run (training leaves "
               f"their prompts out of the update, evaluation scores them wrong; "
               f"{sum(a.error is not None for a in answers)} of the {n} cloud-only answers); check "
-              f"the cloud settings, then python eval.py {trainer.run_dir} asks them again")
+              f"the cloud settings, then python eval.py {trainer.run_dir} asks them again; the "
+              f"first failure: {trainer.cloud.first_error}")
     print("baselines (task-tuning only, naive offloading, router, oracle, collaboration-aware): "
           "bash scripts/reproduce_tiny.sh, or python eval.py runs/A runs/B ...")
     return final

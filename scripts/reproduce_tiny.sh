@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the README's tiny results on a CPU (about 20 minutes on 2 otherwise idle cores, the
+# Reproduce the README's tiny results on a CPU (about 19 minutes on 2 otherwise idle cores, the
 # warm start included): one cached warm start, RL-tuned four ways, then one evaluation table with
 # the paper's baselines.
 #   gapg            GAPG (SPEC 5-6), the default config

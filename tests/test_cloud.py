@@ -1172,6 +1172,21 @@ def test_prefill_cli_auth_error_is_one_line(endpoint, monkeypatch, tmp_path):
     assert [json.loads(line)["answer"] for line in _lines(cache)] == ["first answer"]
 
 
+def test_prefill_cli_says_why_calls_failed(endpoint, monkeypatch, tmp_path, capsys):
+    """A 400 (a wrong --model, say) is no retry and no auth error: the summary counts it and
+    shows what the server said."""
+    import cloud
+    monkeypatch.setenv("TEST_CLOUD_KEY", "sk-x")
+    endpoint.script = [ok("an answer"), (400, '{"error": "model nope does not exist"}', {}, 0)]
+    code = cloud.main(["--task", "tiny_countdown", "--limit", "2", "--backend", "http",
+                       "--base-url", endpoint.url, "--model", "nope", "--api-key-env",
+                       "TEST_CLOUD_KEY", "--retries", "0", "--concurrency", "1",
+                       "--cache", str(tmp_path / "c.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 1 and "first failure: CloudError: " in err and "HTTP 400" in err
+    assert "model nope does not exist" in err
+
+
 def test_a_local_backend_run_is_served_from_its_cache_without_the_model(tmp_path, monkeypatch, ckpt):
     """The checkpoint is read only when a prompt is not cached: a finished run whose answers
     are all cached can be evaluated after its cloud checkpoint has moved away."""

@@ -880,6 +880,7 @@ def test_failed_cloud_calls_are_reported_on_the_console(tmp_path, capsys):
     out = capsys.readouterr().out
     failed = int(re.search(r"note: (\d+) cloud calls failed in this run", out).group(1))
     assert failed >= 10 and "10 of the 10 cloud-only answers" in out
+    assert "the first failure: CloudError: " in out and "Connection refused" in out  # and why
     assert "evaluation 10/10" in out        # the final evaluation's progress
 
 
