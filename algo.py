@@ -251,14 +251,15 @@ def accumulate_policy_gradient(model, input_ids, position_ids, attn_mask, target
     .grad accumulated over micro-batches equals the full batch's for any micro_batch_size.
     Zero the gradients before, step the optimizer after.
     """
-    total = 0.0
+    total = 0.0  # summed on the device: one host sync for the step, not one per micro-batch
+    banned_ids = torch.as_tensor(banned_ids, dtype=torch.long, device=input_ids.device)
     for rows in micro_batches(input_ids.shape[0], micro_batch_size):
         logp = sequence_token_logprobs(model, input_ids[rows], position_ids[rows],
                                        attn_mask[rows], targets_start, temperature, banned_ids)
         loss = policy_gradient_loss(logp, device_mask[rows], coef[rows], n_selected)
         loss.backward()
-        total += loss.item()
-    return total
+        total = total + loss.detach().double()
+    return float(total)
 
 # -----------------------------------------------------------------------------
 # rollout (SPEC 1-3): sample G responses per prompt, detect help calls, verify local answers,

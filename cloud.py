@@ -510,8 +510,14 @@ class LocalBackend:
                 raise ValueError(f"local cloud backend: {name}={value!r} is not allowed; an integer >= 1")
         self.path = str(path)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
+        import torch
+        from model import weights_dtype  # lazy: only this backend needs torch and model.py
+        try:  # a typo: an error now (a device this machine lacks: check_fits, when a run starts)
+            torch.device(device or "cpu")
+        except RuntimeError:
+            raise ValueError(f"local cloud backend: device={device!r} is not allowed; use cpu, "
+                             f"cuda or cuda:N") from None
         self.device, self.dtype = device, dtype
-        from model import weights_dtype  # lazy: only this backend needs model.py
         weights = str(weights_dtype(dtype, device)).removeprefix("torch.")
         self.model_name = (f"{os.path.normpath(self.path)} (greedy, max_new_tokens="
                            f"{self.max_new_tokens}, {weights})")
@@ -536,7 +542,14 @@ class LocalBackend:
                 f"in {self.path})")
 
     def check_fits(self, task, examples) -> None:
-        """A ValueError, naming the longest prompt, when a prompt will not fit (see _too_long)."""
+        """A ValueError when this machine lacks the device, or naming the longest prompt when a
+        prompt will not fit (see _too_long)."""
+        from model import resolve_device
+        if self.device is not None:
+            try:
+                resolve_device(self.device)
+            except ValueError as e:
+                raise ValueError(f"local cloud backend: {str(e).removeprefix('--')}") from None
         longest = max(self.prompt_ids(task, examples), key=len, default=[])
         why = self._too_long(longest)
         if why:
@@ -560,7 +573,8 @@ class LocalBackend:
                 stop_ids.append(ids[0])
         answers = [None if (why := self._too_long(p)) is None else CloudError(why) for p in prompts]
         fitting = [i for i, answer in enumerate(answers) if answer is None]
-        with torch.no_grad():
+        # a caller's autocast (train.py's bf16-mixed rollout) must not change the cloud's answers
+        with torch.no_grad(), torch.autocast(torch.device(self.device or "cpu").type, enabled=False):
             for start in range(0, len(fitting), self.batch_size):
                 rows = fitting[start:start + self.batch_size]
                 out = generate(self.model, [prompts[i] for i in rows], n=1,

@@ -737,6 +737,11 @@ class Trainer:
         # First every check that can fail on a bad setting (ConfigError), then the slow part.
         self.cfg = cfg
         self.device = resolve_device(cfg)
+        if self.device.type == "cuda":
+            # torch 2.13's cuDNN attention backward gives NaN query gradients on H100 / H200 for a
+            # masked sequence of length 64 mod 128 (pytorch#196678, fixed after 2.13.0): a bf16
+            # update would be skipped as non-finite. The other SDPA kernels are not affected.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.run_dir = cfg.resume or os.path.join(cfg.out_dir, cfg.name)
         ckpt = os.path.join(self.run_dir, "checkpoint")
         has_checkpoint = os.path.exists(ckpt) or os.path.exists(ckpt + ".old")

@@ -765,7 +765,8 @@ def fake_local_model(monkeypatch, answer, eos=True):
     import model
     monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(
         load_pretrained=load_pretrained, load_tokenizer=lambda path: CharTokenizer(),
-        ModelConfig=model.ModelConfig, read_json=model.read_json, weights_dtype=model.weights_dtype))
+        ModelConfig=model.ModelConfig, read_json=model.read_json, weights_dtype=model.weights_dtype,
+        resolve_device=model.resolve_device))
     monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate))
     return calls
 
@@ -885,13 +886,8 @@ def test_local_backend_fails_only_the_prompts_that_do_not_fit_its_context(tmp_pa
     """A real checkpoint of a 24-token context: with max_new_tokens=10, the 13-token tiny
     prompts fit (13 + 10 <= 24) and a 15-token one does not; it fails alone, uncached, and
     check_fits names it before any request."""
-    from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
     tiny = TinyCountdownTask(n_train=1, n_test=2)
-    tok = build_char_tokenizer(tiny.alphabet)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
-                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                    max_position_embeddings=24, eos_token_id=1)).init_weights(0)
-    save_pretrained(model, str(tmp_path / "cloud"), tok)
+    tiny_cloud_checkpoint(tmp_path / "cloud", context=24)
     ok = tiny.examples("test")
     long = Example("long", ok[0].prompt + "00", ok[0].data)  # 15 characters, 15 tokens
     cloud = make_cloud({"backend": "local", "path": str(tmp_path / "cloud"), "max_new_tokens": 10})
@@ -906,6 +902,44 @@ def test_local_backend_fails_only_the_prompts_that_do_not_fit_its_context(tmp_pa
     longer = Example("longer", ok[0].prompt + "0" * 11, ok[0].data)  # 24 tokens: no room at all
     with pytest.raises(ValueError, match=r"a prompt of 24 tokens .*\): the prompt alone fills the context$"):
         cloud.backend.check_fits(tiny, [longer])
+
+
+def tiny_cloud_checkpoint(path, context=24):
+    from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
+    tok = build_char_tokenizer(TinyCountdownTask(n_train=1, n_test=1).alphabet)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                    max_position_embeddings=context, eos_token_id=1)).init_weights(0)
+    save_pretrained(model, str(path), tok)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_local_backend_answers_the_same_under_a_callers_autocast(tmp_path, dtype):
+    """train.py samples under bf16 autocast in bf16-mixed runs and asks the cloud from there:
+    the cloud's answers must not change (float16 weights crashed, float32 ones were rounded)."""
+    import torch
+    path = tiny_cloud_checkpoint(tmp_path / "cloud", context=64)
+    tiny = TinyCountdownTask(n_train=1, n_test=8)
+    plain = LocalBackend(path, max_new_tokens=40, dtype=dtype).complete(tiny, tiny.examples("test"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = LocalBackend(path, max_new_tokens=40, dtype=dtype).complete(tiny, tiny.examples("test"))
+    assert inside == plain and all(len(text) > 5 for text in plain)
+
+
+def test_local_backend_checks_its_device_before_a_run(tmp_path, monkeypatch):
+    """A typo at once; a device this machine lacks when a run starts (check_fits), so that a
+    run's cached answers can still be read on a machine without it."""
+    import torch
+    with pytest.raises(ValueError, match=r"^local cloud backend: device='gpu' is not allowed; "
+                                         r"use cpu, cuda or cuda:N$"):
+        LocalBackend(tiny_cloud_checkpoint(tmp_path / "c"), device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    backend = LocalBackend(str(tmp_path / "c"), max_new_tokens=4, device="cuda:1")
+    tiny = TinyCountdownTask(n_train=1, n_test=1)
+    with pytest.raises(ValueError, match=r"^local cloud backend: device='cuda:1' is not allowed; "
+                                         r"use cpu \(no CUDA device is available here\)$"):
+        backend.check_fits(tiny, tiny.examples("test"))
 
 
 def test_local_backend_cache_identity_names_the_settings_that_change_its_answers(ckpt):

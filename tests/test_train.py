@@ -48,6 +48,8 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     # per step: at most one cloud call per prompt, evaluation calls not counted
     assert all(0 <= r["perf/cloud_calls"] + r["perf/cloud_cached"] <= 4 for r in rows[:3])
     assert ("perf/peak_mem_gb" in rows[0]) == (device == "cuda")
+    if device == "cuda":  # pytorch#196678: cuDNN attention's NaN query gradients in torch 2.13
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
     assert 0 <= final["acc_capped"] <= 1 and final["n"] == 10
     assert os.path.exists(run / "checkpoint" / "model.safetensors")
     assert os.path.exists(run / "checkpoint" / "trainer_state.pt")
