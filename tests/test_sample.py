@@ -392,4 +392,10 @@ def test_top_k_draws_on_cuda_never_leave_the_support(device):
     for _ in range(400):
         tok, lp = sample_next(logits.clone(), 1.0, 40, 1.0, g)
         bad += (~support.gather(-1, tok[:, None])[:, 0] | ~torch.isfinite(lp)).sum()
+    # one row of a Qwen-sized vocabulary: CUDA scans a single row with another kernel
+    one = torch.randn(1, 151936, generator=g, device=device) * 3
+    support = torch.zeros_like(one, dtype=torch.bool).scatter_(-1, one.topk(40).indices, True)
+    for _ in range(2000):
+        tok, lp = sample_next(one.clone(), 1.0, 40, 1.0, g)
+        bad += (~support[0, tok] | ~torch.isfinite(lp)).sum()
     assert bad.item() == 0
