@@ -243,25 +243,33 @@ def answered_locally(model, tokenizer, task, examples, splits, max_new_tokens):
     """The local verdict of each response had it answered at its decision point [ours]: the
     policy's own prefix + the answer continuation, then greedy decoding to the end unless that
     continuation already ends the response (tiny task: 'A' is a stop character, so the verdict
-    is simply on "<its chain and check>A"). Used for prompts where the policy asked for help,
-    whose local answer a curve needs when it keeps them local."""
+    is simply on "<its chain and check>A"). The response keeps the policy's budget: prefix,
+    continuation and decoded tokens together at most max_new_tokens. Used for prompts where the
+    policy asked for help, whose local answer a curve needs when it keeps them local."""
     if not examples:
         return []
     stop_ids = tokenizer.eos_ids + tokenizer.single_token_ids(task.stop_texts)
-    texts, todo = [], []
+    texts, rows = [], []  # rows: (index, prompt + prefix + continuation ids, tokens left)
     for i, (prefix, _, answer) in enumerate(splits):
         texts.append(prefix + answer)
-        if tokenizer.encode(answer)[-1] not in stop_ids:
-            todo.append(i)
-    if todo:
-        prompts = [tokenizer.prompt_ids(examples[i].prompt) + tokenizer.encode(splits[i][0])
-                   + tokenizer.encode(splits[i][2]) for i in todo]
-        out = generate(model, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                       stop_ids=stop_ids, banned_ids=tokenizer.single_token_ids(task.banned_texts),
-                       pad_id=tokenizer.pad_id)
-        for row, i in enumerate(todo):
-            ids = out.tokens[row, :out.lengths[row]].tolist()
-            texts[i] += tokenizer.decode([t for t in ids if t not in tokenizer.eos_ids])
+        said = tokenizer.encode(prefix) + tokenizer.encode(answer)
+        if said[-1] not in stop_ids and len(said) < max_new_tokens:
+            rows.append((i, tokenizer.prompt_ids(examples[i].prompt) + said,
+                         max_new_tokens - len(said)))
+    if rows:
+        # one batch when its longest row and largest budget fit the context together; else row
+        # by row (each fits alone: its prompt + max_new_tokens, as train.py checked)
+        together = max(len(ids) for _, ids, _ in rows) + max(left for *_, left in rows)
+        fits = together <= model.config.max_position_embeddings
+        for batch in [rows] if fits else [[row] for row in rows]:
+            out = generate(model, [ids for _, ids, _ in batch], n=1,
+                           max_new_tokens=max(left for *_, left in batch), temperature=0.0,
+                           stop_ids=stop_ids,
+                           banned_ids=tokenizer.single_token_ids(task.banned_texts),
+                           pad_id=tokenizer.pad_id)
+            for row, (i, _, left) in enumerate(batch):  # greedy: a longer run starts the same
+                ids = out.tokens[row, :min(int(out.lengths[row]), left)].tolist()
+                texts[i] += tokenizer.decode([t for t in ids if t not in tokenizer.eos_ids])
     return [bool(task.local_correct(ex, t)) for ex, t in zip(examples, texts)]
 
 # ----------------------------------------------------------------------------- 3. routers

@@ -608,24 +608,36 @@ def test_cli_template1_task_with_probe_router(tmp_path):
 
 
 def test_answered_locally_decodes_after_the_answer_opening(monkeypatch):
+    """The continuation keeps the policy's budget: prefix + answer opening + decoded tokens at
+    most max_new_tokens (here 17 + 9 characters before decoding)."""
+    import types
     task = make_task("countdown", n_numbers=3, number_range=[1, 20], ops="+-*", n_train=4, n_test=4)
     tok = chat_char_tokenizer()
     ex = task.examples("test")[:2]
     splits = [task.decision_split("<think>hm</think> " + HELP_MARKER)] * 2
-    seen = []
+    calls, first = [], tok.prompt_ids(ex[0].prompt)
 
-    def fake_generate(model, prompts, **kw):   # continues row 0 with the solution, row 1 badly
-        seen.extend(prompts)
-        texts = [ex[0].data["solution"] + "</answer>", "1 + 1</answer>"]
-        ids = [tok.encode(t) + [1] for t in texts]
+    def fake_generate(model, prompts, max_new_tokens, **kw):   # ex[0]: the solution, ex[1]: wrong
+        calls.append((prompts, max_new_tokens))
+        texts = [ex[0].data["solution"] if p[:len(first)] == first else "1 + 1" for p in prompts]
+        ids = [tok.encode(t + "</answer>") + [1] for t in texts]
         L = max(map(len, ids))
         tokens = torch.tensor([i + [0] * (L - len(i)) for i in ids])
-        return type("G", (), {"tokens": tokens, "lengths": torch.tensor([len(i) for i in ids])})
+        return types.SimpleNamespace(tokens=tokens, lengths=torch.tensor([len(i) for i in ids]))
 
     monkeypatch.setattr(ev, "generate", fake_generate)
-    assert ev.answered_locally(None, tok, task, ex, splits, 16) == [True, False]
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=4096))
+    assert ev.answered_locally(model, tok, task, ex, splits, 64) == [True, False]
     want = tok.prompt_ids(ex[0].prompt) + tok.encode("<think>hm</think>") + tok.encode(" <answer>")
-    assert seen[0] == want
+    assert calls[0][0][0] == want and calls[0][1] == 64 - 26
+    # a budget the solution does not fit in: cut where the policy's own response would end
+    assert ev.answered_locally(model, tok, task, ex, splits, 26 + 3) == [False, False]
+    # rows that do not fit the context together are decoded one by one
+    calls.clear()
+    longest = max(len(tok.prompt_ids(e.prompt)) for e in ex) + 26
+    model.config.max_position_embeddings = longest + 38 - 1
+    assert ev.answered_locally(model, tok, task, ex, splits, 64) == [True, False]
+    assert [len(prompts) for prompts, _ in calls] == [1, 1]
 
 
 def test_auroc_is_none_without_positives():
