@@ -547,9 +547,9 @@ class LocalBackend:
         from model import resolve_device
         if self.device is not None:
             try:
-                resolve_device(self.device)
+                resolve_device(self.device, name="device")
             except ValueError as e:
-                raise ValueError(f"local cloud backend: {str(e).removeprefix('--')}") from None
+                raise ValueError(f"local cloud backend: {e}") from None
         longest = max(self.prompt_ids(task, examples), key=len, default=[])
         why = self._too_long(longest)
         if why:
@@ -830,6 +830,9 @@ def prefill(args) -> int:
     cloud = make_cloud({"backend": args.backend, **settings}, cache_path=args.cache)
 
     examples = task.examples(args.split)[:args.limit]
+    check = getattr(cloud.backend, "check_fits", None)  # the local one: its device and context
+    if check is not None:
+        check(task, examples)
     start = time.time()
 
     def progress(done, total):  # over the prompts not yet cached

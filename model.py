@@ -434,10 +434,10 @@ def read_json(path: str):
             raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
-def resolve_device(device=None) -> torch.device:
-    """The --device option of eval.py and bench.py: cpu, cuda or cuda:N (N below the number of
-    visible GPUs); None: cuda when available, else cpu. Anything else is a ValueError naming what
-    this machine allows."""
+def resolve_device(device=None, name: str = "--device") -> torch.device:
+    """The --device option of eval.py and bench.py (or the setting `name`): cpu, cuda or cuda:N
+    (N below the number of visible GPUs); None: cuda when available, else cpu. Anything else is
+    a ValueError naming what this machine allows."""
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device is None:
         return torch.device("cuda" if n_gpu else "cpu")
@@ -449,7 +449,7 @@ def resolve_device(device=None) -> torch.device:
         return d
     allowed = (f"cpu, cuda or cuda:N with N in 0..{n_gpu - 1}" if n_gpu else
                "cpu (no CUDA device is available here)")
-    raise ValueError(f"--device={device!r} is not allowed; use {allowed}")
+    raise ValueError(f"{name}={device!r} is not allowed; use {allowed}")
 
 
 def _hf_name(ours: str) -> str:
@@ -464,7 +464,8 @@ QUANTISED_TENSOR = re.compile(r"(weight_scale|weight_scale_inv|input_scale|qweig
 def weights_dtype(dtype, device) -> torch.dtype:
     """The dtype load_pretrained gives the weights: `dtype` (a torch.dtype or a name in DTYPES),
     or by default bf16 on CUDA and fp32 elsewhere."""
-    if isinstance(dtype, str) and dtype not in DTYPES:
+    if not (dtype is None or isinstance(dtype, torch.dtype)
+            or (isinstance(dtype, str) and dtype in DTYPES)):
         raise ValueError(f"dtype {dtype!r} is not supported; allowed: {sorted(DTYPES)} "
                          "or a torch.dtype")
     default = torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32

@@ -213,7 +213,7 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
         kinds = {int: "an integer", float: "a number (or a fraction like 3/7)", str: "a string",
                  bool: "a boolean (true/false)", list: "a list"}
         raise ConfigError(f"{key}={value!r}: expected {kinds.get(type(current), type(current).__name__)}")
-    if isinstance(value, list) and current and all(isinstance(c, float) for c in current):
+    if isinstance(value, list) and current and all(_number(c) for c in current):
         value = [_cast(v, 0.0, key) if isinstance(v, str) else v for v in value]  # [0.9, 1e-3]
     setattr(obj, name, value)
 
@@ -740,7 +740,8 @@ class Trainer:
         if self.device.type == "cuda":
             # torch 2.13's cuDNN attention backward gives NaN query gradients on H100 / H200 for a
             # masked sequence of length 64 mod 128 (pytorch#196678, fixed after 2.13.0): a bf16
-            # update would be skipped as non-finite. The other SDPA kernels are not affected.
+            # update would be skipped as non-finite. The other SDPA kernels are not affected; drop
+            # this when the torch pin moves past the fix.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.run_dir = cfg.resume or os.path.join(cfg.out_dir, cfg.name)
         ckpt = os.path.join(self.run_dir, "checkpoint")

@@ -363,9 +363,14 @@ def test_micro_batches_give_the_same_gradient(size):
     model = TinyCausal()
     ids, pos, attn, mask, coef = loss_batch()
     hand = hand_gradient(model, ids, pos, attn, mask, coef, 3)
-    accumulate_policy_gradient(model, ids, pos, attn, START, TEMP, mask, coef, 3, size)
+    loss = accumulate_policy_gradient(model, ids, pos, attn, START, TEMP, mask, coef, 3, size)
     for p, h in zip(model.parameters(), hand):
         torch.testing.assert_close(p.grad, h, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # the returned value: -(1/3) sum_i coef_i log pi(y_i), by hand
+        logits = model(ids, pos, attn_mask=attn)[:, START - 1:-1] / TEMP
+        picked = torch.log_softmax(logits, -1).gather(-1, ids[:, START:, None])[..., 0]
+        want = -(coef * (picked * mask).sum(1)).sum() / 3
+    assert loss == pytest.approx(float(want), rel=1e-9, abs=1e-12)
 
 
 def test_micro_batch_slices():

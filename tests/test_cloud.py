@@ -915,16 +915,25 @@ def tiny_cloud_checkpoint(path, context=24):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_local_backend_answers_the_same_under_a_callers_autocast(tmp_path, dtype):
+def test_local_backend_answers_the_same_under_a_callers_autocast(tmp_path, monkeypatch, dtype):
     """train.py samples under bf16 autocast in bf16-mixed runs and asks the cloud from there:
     the cloud's answers must not change (float16 weights crashed, float32 ones were rounded)."""
     import torch
+    import sample
     path = tiny_cloud_checkpoint(tmp_path / "cloud", context=64)
     tiny = TinyCountdownTask(n_train=1, n_test=8)
+    real, autocast_on = sample.generate, []
+
+    def generate(*args, **kwargs):  # the tiny model's answers may survive bf16 rounding: look
+        autocast_on.append(torch.is_autocast_enabled("cpu"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", generate)
     plain = LocalBackend(path, max_new_tokens=40, dtype=dtype).complete(tiny, tiny.examples("test"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = LocalBackend(path, max_new_tokens=40, dtype=dtype).complete(tiny, tiny.examples("test"))
     assert inside == plain and all(len(text) > 5 for text in plain)
+    assert autocast_on == [False, False]
 
 
 def test_local_backend_checks_its_device_before_a_run(tmp_path, monkeypatch):
@@ -956,8 +965,15 @@ def test_local_backend_cache_identity_names_the_settings_that_change_its_answers
 def test_prefill_cli_fills_a_local_cloud_cache_a_cuda_run_can_read(tmp_path, monkeypatch, ckpt):
     """--device / --dtype give the prefilled answers the identity of the run's cloud section."""
     import cloud
+    import torch
     fake_local_model(monkeypatch, lambda prompt: "[007*003=021,021+012=033]")
     cache = tmp_path / "c.jsonl"
+    with pytest.raises(SystemExit) as e:  # no GPU here: one line, before anything is sent
+        cloud.main(["--task", "tiny_countdown", "--backend", "local", "--path", ckpt,
+                    "--device", "cuda", "--limit", "2", "--cache", str(cache)])
+    assert e.value.code.startswith("cloud.py: local cloud backend: device='cuda' is not allowed")
+    monkeypatch.setattr(sys.modules["model"], "resolve_device",  # as if there were one
+                        lambda device, name: torch.device(device))
     assert cloud.main(["--task", "tiny_countdown", "--backend", "local", "--path", ckpt,
                        "--device", "cuda", "--limit", "2", "--cache", str(cache)]) == 0
     run_cloud = make_cloud({"backend": "local", "path": ckpt, "device": "cuda"}, cache_path=cache)

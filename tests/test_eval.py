@@ -616,6 +616,7 @@ def test_answered_locally_decodes_after_the_answer_opening(monkeypatch):
     ex = task.examples("test")[:2]
     splits = [task.decision_split("<think>hm</think> " + HELP_MARKER)] * 2
     calls, first = [], tok.prompt_ids(ex[0].prompt)
+    lengths = [len(tok.prompt_ids(e.prompt)) for e in ex]
 
     def fake_generate(model, prompts, max_new_tokens, **kw):   # ex[0]: the solution, ex[1]: wrong
         calls.append((prompts, max_new_tokens))
@@ -632,12 +633,14 @@ def test_answered_locally_decodes_after_the_answer_opening(monkeypatch):
     assert calls[0][0][0] == want and calls[0][1] == 64 - 26
     # a budget the solution does not fit in: cut where the policy's own response would end
     assert ev.answered_locally(model, tok, task, ex, splits, 26 + 3) == [False, False]
-    # rows that do not fit the context together are decoded one by one
+    # rows that fit the context alone (prompt + 64) but not together, a longer prefix leaving
+    # row 1 fewer tokens: decoded one by one, each with its own budget
     calls.clear()
-    longest = max(len(tok.prompt_ids(e.prompt)) for e in ex) + 26
-    model.config.max_position_embeddings = longest + 38 - 1
+    splits[1] = task.decision_split("<think>hmmmmmmmmm</think> " + HELP_MARKER)  # 8 more
+    model.config.max_position_embeddings = max(lengths) + 64
+    assert max(lengths[0] + 26, lengths[1] + 34) + 38 > max(lengths) + 64   # not together
     assert ev.answered_locally(model, tok, task, ex, splits, 64) == [True, False]
-    assert [len(prompts) for prompts, _ in calls] == [1, 1]
+    assert [(len(prompts), budget) for prompts, budget in calls] == [(1, 38), (1, 30)]
 
 
 def test_auroc_is_none_without_positives():
