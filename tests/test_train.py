@@ -150,6 +150,8 @@ def test_the_evaluation_budget_reads_numbers_as_other_float_keys_do(tmp_path):
     (tmp_path / "c.yaml").write_text("rl: {betas: [0.9, 1e-3]}\n")
     assert train.load_config([str(tmp_path / "c.yaml")]).rl.betas == [0.9, 0.001]
     assert train.load_config(["rl.betas=[0.8, 1e-3]"]).rl.betas == [0.8, 0.001]
+    (tmp_path / "e.yaml").write_text("rl: {betas: [0.9, 0]}\n")   # ints before: still numbers
+    assert train.load_config([str(tmp_path / "e.yaml"), "rl.betas=[0.8, 1e-3]"]).rl.betas == [0.8, 0.001]
     for text, message in (("rl: {steps: many}", "rl.steps='many': expected an integer"),
                           ("rl: {lr: true}", "rl.lr=True: expected a number (or a fraction like 3/7)"),
                           ("eval: {budget: true}", "eval.budget=True: expected a number (or a "
