@@ -249,6 +249,7 @@ def answered_locally(model, tokenizer, task, examples, splits, max_new_tokens):
     if not examples:
         return []
     stop_ids = tokenizer.eos_ids + tokenizer.single_token_ids(task.stop_texts)
+    banned_ids = tokenizer.single_token_ids(task.banned_texts)
     texts, rows = [], []  # rows: (index, prompt + prefix + continuation ids, tokens left)
     for i, (prefix, _, answer) in enumerate(splits):
         texts.append(prefix + answer)
@@ -264,9 +265,7 @@ def answered_locally(model, tokenizer, task, examples, splits, max_new_tokens):
         for batch in [rows] if fits else [[row] for row in rows]:
             out = generate(model, [ids for _, ids, _ in batch], n=1,
                            max_new_tokens=max(left for *_, left in batch), temperature=0.0,
-                           stop_ids=stop_ids,
-                           banned_ids=tokenizer.single_token_ids(task.banned_texts),
-                           pad_id=tokenizer.pad_id)
+                           stop_ids=stop_ids, banned_ids=banned_ids, pad_id=tokenizer.pad_id)
             for row, (i, _, left) in enumerate(batch):  # greedy: a longer run starts the same
                 ids = out.tokens[row, :min(int(out.lengths[row]), left)].tolist()
                 texts[i] += tokenizer.decode([t for t in ids if t not in tokenizer.eos_ids])

@@ -26,6 +26,10 @@ class Generation:
     finished: torch.Tensor  # [R] bool; the row ended on a stop id (False: hit max_new_tokens)
 
 
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device=None, vocab_size=None):
     """Ragged prompts -> (ids [P, L], real-token mask [P, L], positions [P, L]), right-aligned
     so that every row's next token goes in the same column. With vocab_size, a prompt holding
@@ -104,7 +108,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
     for name, value in (("n", n), ("max_new_tokens", max_new_tokens), ("top_k", top_k),
                         ("check_every", check_every), ("pad_id", pad_id)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not _integer(value):
             raise ValueError(f"{name}={value!r} must be an integer")
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
@@ -121,8 +125,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     stop_ids, banned_ids = (ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
                             for ids in (stop_ids, banned_ids))
     for name, ids in (("stop_ids", stop_ids), ("banned_ids", banned_ids)):
-        outside = [i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral)
-                   or not 0 <= i < V]
+        outside = [i for i in ids if not (_integer(i) and 0 <= i < V)]
         if outside:
             raise ValueError(f"{name} {outside} are not token ids of this model (0..{V - 1})")
     stop_ids, banned_ids = {int(i) for i in stop_ids}, {int(i) for i in banned_ids}

@@ -803,8 +803,8 @@ class Trainer:
         for name in RUN_FILES:  # their atomic writes cut short: NAME.tmp.PID of a dead process
             for partial in glob.glob(os.path.join(glob.escape(self.run_dir), name + ".tmp.*")):
                 remove_if_dead(partial, partial.rsplit(".tmp.", 1)[1])
-        if not cfg.resume:
-            for stale in ("final_eval.json", "metrics.jsonl", "samples.jsonl"):
+        if not cfg.resume:  # a fresh start: the old run files go (config.yaml is rewritten)
+            for stale in (name for name in RUN_FILES if name != "config.yaml"):
                 if os.path.exists(os.path.join(self.run_dir, stale)):
                     os.remove(os.path.join(self.run_dir, stale))
             atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
