@@ -1080,6 +1080,15 @@ def make_task(name: str, **kwargs) -> Task:
     return construct(f"task {name!r}", TASKS[name], kwargs)
 
 
+def task_settings(name: str, **kwargs) -> dict:
+    """A task's full settings: its constructor's defaults with kwargs on top, so that a setting
+    written out at its default value and the same setting left out name one task (train.py's
+    warm-start cache key)."""
+    defaults = {p: v.default for p, v in inspect.signature(TASKS[name].__init__).parameters.items()
+                if p != "self" and v.default is not inspect.Parameter.empty}
+    return {"name": name, **defaults, **kwargs}
+
+
 def flag(value, name: str) -> bool:
     """A true/false setting; anything else (e.g. the string "no", which bool() reads as True)
     is an error."""

@@ -42,7 +42,7 @@ from cloud import CloudError, NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
                    check_writable, load_pretrained, load_tokenizer, save_pretrained)
 from reward import RewardConfig
-from tasks import TASKS, make_task
+from tasks import TASKS, make_task, task_settings
 
 # ----------------------------------------------------------------------------- config
 
@@ -552,14 +552,15 @@ def sample_traces(task, k: int = 8) -> list[str]:
 
 
 def warm_start_key(cfg: Config, task) -> str:
-    """The warm start's cache name: the settings that shape it, and the task's alphabet and a few
+    """The warm start's cache name: the settings that shape it (the task's with its defaults
+    filled in, so that writing a default out changes nothing), and the task's alphabet and a few
     of its traces, so that a task whose format changed gets a new warm start, not a stale one."""
-    spec = {"task": cfg.task, "model": config_dict(cfg.model), "warm": config_dict(cfg.warm_start),
+    task_key = {k: v for k, v in task_settings(**cfg.task).items() if k != "allow_help"}
+    spec = {"task": task_key, "model": config_dict(cfg.model), "warm": config_dict(cfg.warm_start),
             "seed": warm_start_seed(cfg), "alphabet": task.alphabet, "traces": sample_traces(task)}
     spec["warm"].pop("cache_dir")
     spec["warm"].pop("seed")
     spec["model"].pop("gradient_checkpointing")
-    spec["task"] = {k: v for k, v in cfg.task.items() if k != "allow_help"}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -1039,6 +1039,18 @@ def test_the_warm_start_cache_key_follows_the_tasks_traces(monkeypatch):
     assert train.warm_start_key(cfg, train.load_task(cfg)[0]) != key
 
 
+def test_a_task_setting_written_out_at_its_default_keeps_the_warm_start_key():
+    """default.yaml writes every tiny_countdown setting out at its default: leaving them out
+    builds the same warm start, so it must find the same cache entry, not train a second one."""
+    def key(*overrides):
+        cfg = train.load_config(list(overrides))
+        return train.warm_start_key(cfg, train.load_task(cfg)[0])
+    written_out = key()  # configs/default.yaml
+    assert key("task={name: tiny_countdown}") == written_out
+    assert key("task.n_train=19999") != written_out
+    assert key("task={name: tiny_countdown, seed: 1}") != written_out
+
+
 @pytest.mark.parametrize("override, section", [("task.name=math", "task={name: ..., ...}"),
                                                ("cloud.backend=local", "cloud={backend: ..., ...}")])
 def test_switching_task_or_backend_by_one_key_says_to_replace_the_section(override, section,
