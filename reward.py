@@ -15,12 +15,14 @@ _HELP_RE = re.compile(r"<unknown>|external\s+assist", re.IGNORECASE)
 # The same, plus the closing tag that ends a call (help_start).
 _HELP_OR_CLOSE_RE = re.compile(r"</?unknown>|external\s+assist", re.IGNORECASE)
 # Template I's final answer: a complete <answer>...</answer> block with no other <answer> opening
-# inside, so an unclosed "<answer>" cannot reach over a later help marker. The Countdown verifier
+# inside, so an unclosed "<answer>" cannot reach over a later help marker, and not blank (a model
+# that asks for help may still close with "<answer> </answer>": no answer). The Countdown verifier
 # (tasks.py) reads the content of the last such block.
-ANSWER_BLOCK_RE = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.IGNORECASE | re.DOTALL)
+ANSWER_BLOCK_RE = re.compile(r"<answer>(?!\s*</answer>)((?:(?!<answer>).)*?)</answer>",
+                             re.IGNORECASE | re.DOTALL)
 
 
-def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
+def last_match(pattern: re.Pattern, text: str) -> re.Match | None:
     """The last match of `pattern` in `text`, or None."""
     last = None
     for last in pattern.finditer(text):
@@ -30,13 +32,13 @@ def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
 
 def _last_start(pattern: re.Pattern, text: str) -> int:
     """Start index of the last match of `pattern` in `text`, or -1 if none."""
-    last = _last_match(pattern, text)
+    last = last_match(pattern, text)
     return last.start() if last else -1
 
 
 def last_answer_block(text: str) -> re.Match | None:
     """The LAST complete <answer>...</answer> block of `text` (group 1: its content), or None."""
-    return _last_match(ANSWER_BLOCK_RE, text)
+    return last_match(ANSWER_BLOCK_RE, text)
 
 
 def help_called(text: str, answer_at: int | None = None) -> bool:

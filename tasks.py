@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from reward import HELP_MARKER, help_start, last_answer_block, template1_formatted
+from reward import HELP_MARKER, help_start, last_answer_block, last_match, template1_formatted
 from reward import help_called as marker_help_called
 
 SPLITS = ("train", "test")
@@ -889,7 +889,9 @@ def math_answers_equal(a: str | None, b: str | None) -> bool:
 # a number: commas only as thousands separators (so "5,6" is 5 then 6, not 56)
 _UNSIGNED = r"(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+"
 _NUMBER_RE = re.compile(r"-?(?:" + _UNSIGNED + ")")
-_DECLARED_RE = re.compile(r"(?:-\s*)?(?:" + _UNSIGNED + ")")  # after ####: "#### - 5" is -5
+# GSM8K's declared answer: "####", then the number ("#### - 5" is -5; bold or a dollar sign may
+# come between). A markdown heading such as "#### Step 2" is no declared answer.
+_DECLARED_RE = re.compile(r"####[ \t]*(?:\*\*|\\?\$)?[ \t]*((?:-\s*)?(?:" + _UNSIGNED + "))")
 
 
 def _clean_number(token: str) -> str | None:
@@ -902,22 +904,22 @@ def _clean_number(token: str) -> str | None:
 
 
 def _gsm8k_declared(text: str) -> tuple[int, str | None] | None:
-    """The declared GSM8K answer: (start, first number after it, commas stripped) of the last
-    "####", else of the last boxed answer (last_boxed); None if there is neither."""
-    if "####" in text:
-        start = text.rfind("####")
-        found = _DECLARED_RE.search(text, start + 4)
-    else:
-        boxed = _last_boxed_at(text)
-        if boxed is None:
-            return None
-        start, found = boxed[0], _NUMBER_RE.search(boxed[1])
-    return start, (_clean_number(found.group(0)) if found else None)
+    """The declared GSM8K answer: (start, its number with commas stripped) of whichever starts
+    last of the last "#### <number>" and the last boxed answer (last_boxed; its first number, None
+    if it holds none); None if there is neither."""
+    hashes = last_match(_DECLARED_RE, text)
+    boxed = _last_boxed_at(text)
+    if hashes is not None and (boxed is None or hashes.start() > boxed[0]):
+        return hashes.start(), _clean_number(hashes.group(1))
+    if boxed is None:
+        return None
+    found = _NUMBER_RE.search(boxed[1])
+    return boxed[0], (_clean_number(found.group(0)) if found else None)
 
 
 def gsm8k_final_number(text: str) -> str | None:
-    """GSM8K verdict input: the number after the last "####", else in the last \\boxed{}, else the
-    last number of the text; commas stripped."""
+    """GSM8K verdict input: the declared answer (the later of the last "#### <number>" and the last
+    \\boxed{}), else the last number of the text; commas stripped."""
     text = text.replace("\u2212", "-")  # the Unicode minus sign, for both readings
     declared = _gsm8k_declared(text)
     if declared is not None:
@@ -1004,7 +1006,8 @@ class MathTask(Task):
                 if gold is None:
                     raise ValueError(f"{path}:{line_number}: field {answer_field!r} has no \\boxed{{...}} answer")
             else:
-                gold = gsm8k_final_number(solution) if "####" in solution else None
+                declared = last_match(_DECLARED_RE, solution.replace("\u2212", "-"))
+                gold = _clean_number(declared.group(1)) if declared else None
                 if gold is None:
                     raise ValueError(f"{path}:{line_number}: field {answer_field!r} does not end with '#### <number>'")
             digest = hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
@@ -1030,8 +1033,8 @@ class MathTask(Task):
 
     def answer_start(self, text: str) -> int:
         """Where the answer the verifier reads starts (-1: none): the last boxed answer
-        (last_boxed); GSM8K: the last "####" with a number, else the last boxed one holding a
-        number. GSM8K's fallback, the last number of the text, is no declared answer."""
+        (last_boxed); GSM8K: the later of the last "#### <number>" and the last box, if that one
+        holds a number. GSM8K's fallback, the last number of the text, is no declared answer."""
         if self.kind == "gsm8k":
             declared = _gsm8k_declared(text)
             return declared[0] if declared and declared[1] is not None else -1

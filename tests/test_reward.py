@@ -35,6 +35,10 @@ HELP_CASES = [
     ("<answer> 3+4 " + HELP_MARKER + " then <answer>7</answer>", False),
     ("<answer> 3+4 I need external assistance <answer>7", True),
     ("<answer><answer>7</answer>", False),
+    # a blank answer block closing a help call is no answer: the call stands
+    ("<think>stuck</think> " + HELP_MARKER + "\n<answer> </answer>", True),
+    (HELP_MARKER + " <ANSWER>\n</ANSWER>", True),
+    (HELP_MARKER + " <answer></answer> x </answer>", True),  # nor does it reach a later closing
 ]
 
 

@@ -617,6 +617,9 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
     not_gsm = _write(tmp_path / "gsm.jsonl", [json.dumps({"question": "q", "answer": "12"})])
     with pytest.raises(ValueError, match=r"gsm\.jsonl:1: field 'answer'"):
         MathTask(path_train=not_gsm, kind="gsm8k").examples("train")
+    worded = _write(tmp_path / "worded.jsonl", [json.dumps({"question": "q", "answer": "5+7=12\n#### twelve"})])
+    with pytest.raises(ValueError, match=r"worded\.jsonl:1: field 'answer' does not end with '#### <number>'"):
+        MathTask(path_train=worded, kind="gsm8k").examples("train")  # not the 12 before it
     not_object = _write(tmp_path / "list.jsonl", ["[1, 2]"])
     with pytest.raises(ValueError, match=r"list\.jsonl:1"):
         MathTask(path_train=not_object).examples("train")
@@ -715,6 +718,17 @@ def test_leading_variable_is_dropped_only_from_a_single_equation():
     assert not math_answers_equal("x=1, y=2", "1, y=2")  # the x is part of a list of equations
 
 
+def test_gsm8k_markdown_heading_is_no_declared_answer():
+    """A model asked to box its answer may write markdown headings ("#### Step 2"): only "####"
+    followed by a number declares an answer, and of that and the last box the later one counts."""
+    text = "#### Step 1: Eggs left\n16-3-4=9\n#### Step 2: Money\n9*2=18\n\\boxed{18}"
+    assert gsm8k_final_number(text) == "18"
+    assert MathTask(kind="gsm8k").local_correct(Example("k", "p", {"gold": "18"}), text)
+    assert gsm8k_final_number("#### 18\nno, I misread it\n\\boxed{20}") == "20"
+    assert gsm8k_final_number("\\boxed{20}, so\n#### 18") == "18"
+    assert gsm8k_final_number("#### **18**") == "18" and gsm8k_final_number("#### \\$1,200") == "1200"
+
+
 def test_gsm8k_takes_the_first_number_after_the_marker():
     assert gsm8k_final_number("#### 18 dollars, that is 3 * 6") == "18"
     assert gsm8k_final_number("#### 1,234 (not 1,243)") == "1234"
@@ -727,6 +741,15 @@ def test_countdown_answer_tags_in_any_case_are_read():
     assert task.local_correct(ex, "<think>x</think> <ANSWER>3*7+12</ANSWER>")
     assert task.local_correct(ex, "<Answer>1+1</Answer> <answer>12 + 3*7</answer>")
     assert not task.local_correct(ex, "<answer>3*7+12</answer> <ANSWER>1+1</ANSWER>")
+
+
+def test_countdown_blank_answer_block_is_no_answer():
+    task = CountdownTask(n_train=0, n_test=1, seed=0)
+    ex = Example("countdown:3,7,12->33", [], {"numbers": [3, 7, 12], "target": 33, "solution": "3 * 7 + 12"})
+    help_then_blank = "<think>stuck</think> " + HELP_MARKER + "\n<answer> </answer>"
+    assert task.help_called(help_then_blank) and not task.answered(help_then_blank)
+    # the verifier reads the last answer that holds something, as MathTask passes an empty box
+    assert task.local_correct(ex, "<answer>3*7+12</answer> <answer>\n</answer>")
 
 
 def test_countdown_target_range_is_inclusive():
@@ -767,7 +790,9 @@ EX_5 = Example("math:5", [], {"problem": "p", "solution": "\\boxed{5}", "gold": 
     ("gsm8k", "Step 1: need external assistance? No.\n#### 5", False, True),
     ("gsm8k", "Step 1: need external assistance? No. \\boxed{5}", False, True),
     ("gsm8k", HELP_MARKER + " so 5", True, False),  # the last number is no declared answer
-    ("gsm8k", "#### 5 " + HELP_MARKER + " \\boxed{5}", True, False),  # the verifier reads "####"
+    ("gsm8k", "#### 5 " + HELP_MARKER + " \\boxed{5}", False, True),  # the later answer: the box
+    ("gsm8k", "\\boxed{5} " + HELP_MARKER + " #### 5", False, True),
+    ("gsm8k", "#### 5 " + HELP_MARKER + " #### Step 3", True, False),  # a heading is no answer
 ])
 def test_math_help_call_sees_the_answer_forms_the_verifier_reads(kind, text, help, correct):
     task = MathTask(kind=kind)
