@@ -790,8 +790,8 @@ def normalize_math_answer(s: str) -> str:
     after a value, a leading "x =", a leading "+", spaces (but digits separated by spaces stay
     apart: "3 1/2" is not 31/2) and a final period; \\dfrac/\\tfrac -> \\frac; bmatrix ->
     pmatrix; \\frac12 -> \\frac{1}{2}; \\sqrt2 -> \\sqrt{2}; \\sqrt[3]2 -> \\sqrt[3]{2};
-    x^{2} -> x^2; a/b -> \\frac{a}{b}; 1,000, 1{,}000, 1\\,000 and 1 000 -> 1000; .5 -> 0.5;
-    2.50 -> 2.5; (C) -> C."""
+    x^{2} -> x^2; an answer that is a/b of two integers -> \\frac{a}{b} (\\pi/2 stays as it is);
+    1,000, 1{,}000, 1\\,000 and 1 000 -> 1000; .5 -> 0.5; 2.50 -> 2.5; (C) -> C."""
     s = str(s).strip()
     s = s.replace("\n", " ").replace("\\displaystyle", "")
     s = _SPACING_RE.sub(_spacing, s)
