@@ -189,36 +189,46 @@ def routed_metrics(order, k, local_ok, cloud_ok, budget):
 @torch.no_grad()
 def continuation_logprobs(model, prefixes, continuations, pad_id, max_elements=2 ** 27):
     """sum_t log p(c_t | prefix, c_<t) for each (prefix, continuation) pair of token-id lists:
-    right-padded rows [prefix | continuation], one teacher-forced forward per batch; batches
-    hold at most max_elements logits (rows * length * vocabulary)."""
+    right-padded rows [prefix | continuation], one teacher-forced forward per batch. Pairs are
+    batched in order of prefix length; a batch holds at most max_elements in the larger of its
+    projected logits (rows * positions from its shortest prefix on * vocabulary; none before)
+    and its MLP activations (rows * length * intermediate size), so long reasoning followed by
+    a short continuation does not cost a whole vocabulary per reasoning token."""
     device = next(model.parameters()).device
     rows = [p + c for p, c in zip(prefixes, continuations)]
     if any(len(p) == 0 or len(c) == 0 for p, c in zip(prefixes, continuations)):
         raise ValueError("every prefix and every continuation needs at least one token")
     out = torch.zeros(len(rows), dtype=torch.float64)
-    V, longest = model.config.vocab_size, max(len(r) for r in rows)
-    step = max(1, max_elements // (longest * V))
-    for b in range(0, len(rows), step):
-        chunk = rows[b:b + step]
-        L = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
-        real = torch.zeros(len(chunk), L, dtype=torch.bool)
-        target = torch.zeros(len(chunk), L, dtype=torch.bool)   # continuation tokens
-        for i, r in enumerate(chunk):
-            ids[i, :len(r)] = torch.tensor(r)
-            real[i, :len(r)] = True
-            target[i, len(prefixes[b + i]):len(r)] = True
+    V, width = model.config.vocab_size, model.config.intermediate_size
+    order = sorted(range(len(rows)), key=lambda i: len(prefixes[i]))
+    b = 0
+    while b < len(order):
+        start = len(prefixes[order[b]]) - 1    # the batch's shortest prefix: no logits before
+        e, L = b + 1, len(rows[order[b]])
+        while e < len(order):                  # grow the batch while it fits max_elements
+            longer = max(L, len(rows[order[e]]))
+            if (e + 1 - b) * max((longer - start) * V, longer * width) > max_elements:
+                break
+            e, L = e + 1, longer
+        batch = order[b:e]
+        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+        real = torch.zeros(len(batch), L, dtype=torch.bool)
+        target = torch.zeros(len(batch), L, dtype=torch.bool)   # continuation tokens
+        for i, r in enumerate(batch):
+            ids[i, :len(rows[r])] = torch.tensor(rows[r])
+            real[i, :len(rows[r])] = True
+            target[i, len(prefixes[r]):len(rows[r])] = True
         ids, real, target = ids.to(device), real.to(device), target.to(device)
-        positions = torch.arange(L, device=device).expand(len(chunk), L)
-        start = min(len(p) for p in prefixes[b:b + step]) - 1    # no projection before this
+        positions = torch.arange(L, device=device).expand(len(batch), L)
         # logits of positions start..L-2; position t-1 predicts token t
         logits = model(ids, positions, attn_mask=real, logits_from=start)[:, :-1]
         picked = target[:, start + 1:]
         logp = torch.log_softmax(logits[picked].float(), dim=-1)
         token_logp = logp.gather(-1, ids[:, start + 1:][picked][:, None])[:, 0]
         row_of = torch.nonzero(picked)[:, 0]
-        sums = torch.zeros(len(chunk), device=device, dtype=torch.float64)
-        out[b:b + len(chunk)] = sums.index_add_(0, row_of, token_logp.double()).cpu()
+        sums = torch.zeros(len(batch), device=device, dtype=torch.float64)
+        out[batch] = sums.index_add_(0, row_of, token_logp.double()).cpu()
+        b = e
     return out
 
 

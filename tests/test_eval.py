@@ -3,6 +3,7 @@ APGR / CPT, naive and oracle routing, the policy's decision score and curve, the
 end-to-end run of the command line on tiny random checkpoints."""
 import json
 import os
+import random
 import re
 
 import numpy as np
@@ -224,6 +225,34 @@ def test_continuation_logprobs_match_unpadded_forwards():
             logp = torch.log_softmax(model(ids, torch.arange(ids.shape[1])[None]).double(), -1)[0]
         want = sum(logp[len(p) + j - 1, t] for j, t in enumerate(c))
         assert float(g) == pytest.approx(float(want), abs=1e-4)
+
+
+@pytest.mark.parametrize("max_elements", [1, 3000, 2 ** 27])
+def test_continuation_logprobs_are_the_same_however_they_are_batched(max_elements):
+    model = tiny_model(12, seed=2)
+    rng = random.Random(0)
+    prefixes = [[rng.randrange(2, 12) for _ in range(rng.randint(1, 30))] for _ in range(12)]
+    conts = [[rng.randrange(2, 12) for _ in range(rng.randint(1, 4))] for _ in range(12)]
+    got = ev.continuation_logprobs(model, prefixes, conts, pad_id=0, max_elements=max_elements)
+    for p, c, g in zip(prefixes, conts, got):
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids, torch.arange(ids.shape[1])[None]).double(), -1)[0]
+        assert float(g) == pytest.approx(float(sum(logp[len(p) + j - 1, t] for j, t in enumerate(c))),
+                                         abs=1e-4)
+
+
+@pytest.mark.parametrize("max_elements, forwards", [(43008, 1), (43007, 2)])
+def test_continuation_batches_count_logits_only_where_they_are_projected(max_elements, forwards):
+    """16 rows of a 40-token prefix and a 2-token continuation, vocabulary 200, MLP width 64: a
+    row costs max(3 projected positions * 200, 42 positions * 64) = 2,688 elements, so 16 rows
+    fit 43,008 (counting all 42 positions' logits, 8,400 a row, would allow 5 a batch)."""
+    model = tiny_model(200)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    ev.continuation_logprobs(model, [[5] * 40] * 16, [[6, 7]] * 16, pad_id=0,
+                             max_elements=max_elements)
+    assert len(calls) == forwards
 
 
 def test_answered_locally_tiny_task_needs_no_decoding():
