@@ -318,10 +318,13 @@ def rollout(model, tokenizer, examples, G, sampling: Sampling, task, cloud, rewa
             device_mask[r, :len(ids)] &= ~torch.tensor(check, dtype=torch.bool)
     P = len(examples)
     ex_of = lambda r: examples[r // G]
-    help = torch.tensor([task.help_called(t) for t in texts]).view(P, G)
+    marker = torch.tensor([task.help_called(t) for t in texts]).view(P, G)
+    # help disabled (the task-tuning baseline): a help marker is no call, asks no cloud and counts
+    # as a local answer (local_correct reads none in it), outside the task's format
+    help = marker & task.allow_help
     local_ok = torch.tensor([task.local_correct(ex_of(r), t) for r, t in enumerate(texts)]).view(P, G)
-    formatted = torch.tensor([task.formatted(t) for t in texts]).view(P, G)
-    cloud_asked = help.any(dim=1) & task.allow_help
+    formatted = torch.tensor([task.formatted(t) for t in texts]).view(P, G) & (help | ~marker)
+    cloud_asked = help.any(dim=1)
     cloud_ok, cloud_failed = torch.zeros(P, dtype=torch.bool), torch.zeros(P, dtype=torch.bool)
     asked = torch.nonzero(cloud_asked).flatten().tolist()
     if asked:

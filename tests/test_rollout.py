@@ -88,6 +88,19 @@ def test_help_disabled_asks_no_cloud(scripted):
     ro = algo.rollout(None, TOK, [SOLVED, UNSOLVED], 2, algo.Sampling(40), task, cloud,
                       RewardConfig(alpha_c=0.4))
     assert cloud.asked == [] and ro.rewards[0, 1] == 0.0
+    assert not ro.help.any() and not ro.formatted[0, 1]  # an "H" is no call, and off-format
+
+
+def test_help_disabled_evaluation_counts_markers_as_wrong_local_answers(monkeypatch):
+    """The task-tuning baseline is 'everything local' (SPEC 8.2): a help decision its policy
+    writes anyway is a wrong local answer, not a cloud call served (by NoCloud)."""
+    from cloud import NoCloud
+    script(monkeypatch, [RESPONSES[0], RESPONSES[1]])   # a correct answer, a help decision
+    task = TinyCountdownTask(n_train=10, n_test=10, allow_help=False)
+    m, out = algo.evaluate_policy(None, TOK, task, [SOLVED, SOLVED], NoCloud(), 0.5, 40)
+    assert out["help"].tolist() == [False, False]
+    assert (m["call_ratio"], m["calls_served"], m["local_acc"]) == (0.0, 0, 0.5)
+    assert m["cond_local_acc"] == 0.5 and m["acc_capped"] == 0.5  # over both prompts
 
 
 def test_update_inputs_align_prompt_and_response(scripted):
