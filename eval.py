@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import pickle
 import platform
 import sys
 import time
@@ -548,18 +549,48 @@ def _training_note(run) -> str | None:
         pass
     steps = (run.cfg.get("rl") or {}).get("steps", "?")
     if not os.path.isfile(os.path.join(run.path, "final_eval.json")):
+        saved = _checkpoint_step(run)
         return (f"{run.path} has not finished training (logged up to step {step} of {steps}); "
-                "its last checkpoint is evaluated")
+                f"its last checkpoint{'' if saved is None else f', from step {saved},'} is "
+                "evaluated")
     if isinstance(step, int) and isinstance(steps, int) and step < steps:
         return (f"{run.path} stopped training at step {step} of {steps} (rl.time_limit_min); its "
                 "final checkpoint is evaluated")
     return None
 
 
+def _checkpoint_step(run) -> int | None:
+    """The RL step of the checkpoint that gets evaluated (its trainer_state.pt, memory-mapped:
+    the optimizer state is not read), or None when that file is missing or unreadable."""
+    try:
+        state = torch.load(os.path.join(run.checkpoint, "trainer_state.pt"), map_location="cpu",
+                           weights_only=True, mmap=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        return None  # the note then goes without the step
+    step = state.get("step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else None
+
+
 def _check_budget(budget, name):
     if not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 <= budget <= 1):
         raise ValueError(f"{name}={budget!r} is not allowed: give the share of prompts that may "
                          "go to the cloud, a number in [0, 1] (0.3 = at most 30%)")
+
+
+def _configured_budget(run) -> float:
+    """The evaluation budget a run's config.yaml sets: eval.budget, or when that is absent or
+    null rho / (1 + rho), as train.py resolves it."""
+    config = os.path.join(run.path, "config.yaml")
+    budget = run.cfg["eval"].get("budget")
+    if budget is None:
+        rho = (run.cfg.get("rl") or {}).get("rho", algo.DEFAULT_RHO)
+        if not (isinstance(rho, (int, float)) and not isinstance(rho, bool)
+                and 0 <= rho < float("inf")):
+            raise ValueError(f"{config}: rl.rho={rho!r} is not allowed: a finite number >= 0 "
+                             "(eval.budget is unset, so the budget is rho / (1 + rho))")
+        budget = algo.cloud_share(rho)
+    _check_budget(budget, f"{config}: eval.budget")
+    return float(budget)
 
 
 def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, router_n=2000,
@@ -595,24 +626,25 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
         if _task_key(r.cfg) != _task_key(first.cfg):
             raise ValueError(f"{r.path} and {first.path} use different tasks ({_task_key(r.cfg)} vs "
                              f"{_task_key(first.cfg)}); runs in one table must share the task")
-    config = os.path.join(first.path, "config.yaml")   # where budget and n come from by default
-    if budget is None:
-        budget = first.cfg["eval"].get("budget")
-        if budget is None:  # absent or null: rho / (1 + rho), as train.py resolves it
-            rho = (first.cfg.get("rl") or {}).get("rho", algo.DEFAULT_RHO)
-            if not (isinstance(rho, (int, float)) and not isinstance(rho, bool)
-                    and 0 <= rho < float("inf")):
-                raise ValueError(f"{config}: rl.rho={rho!r} is not allowed: a finite number >= 0 "
-                                 "(eval.budget is unset, so the budget is rho / (1 + rho))")
-            budget = algo.cloud_share(rho)
-        _check_budget(budget, f"{config}: eval.budget")
-    budget = float(budget)
     all_examples = first.task.examples(split)
-    n_name = "--n" if n is not None else f"{config}: eval.n"
+    notes = []
+    if budget is None:   # the first run's eval.budget; a run that sets another is noted
+        budget = _configured_budget(first)
+        differ = [r.path for r in runs[1:] if _configured_budget(r) != budget]
+        if differ:
+            notes.append(f"the budget {budget:g} is {first.path}'s eval.budget; "
+                         f"{', '.join(differ)} set(s) another (--budget sets one for all)")
+    budget = float(budget)
+    n_name = "--n" if n is not None else f"{os.path.join(first.path, 'config.yaml')}: eval.n"
     if n is None:
         n = first.cfg["eval"].get("n", 0)
         if not (isinstance(n, int) and not isinstance(n, bool)):
             raise ValueError(f"{n_name}={n!r} is not allowed: a count of prompts >= 0")
+        count = lambda r: r.cfg["eval"].get("n", 0) or len(all_examples)   # 0: all of them
+        differ = [r.path for r in runs[1:] if count(r) != count(first)]
+        if differ:
+            notes.append(f"the {count(first)} prompts are {first.path}'s eval.n; "
+                         f"{', '.join(differ)} set(s) another (--n sets one for all)")
     if n < 0 or n > len(all_examples):
         raise ValueError(f"{n_name}={n} is not allowed: the {split} split has "
                          f"{len(all_examples)} examples (0 = all of them)")
@@ -633,7 +665,7 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
                          f"baseline, so leave out {', '.join(others)}")
     policies = [r for r in runs if r.help_allowed]
     clouds = {json.dumps(r.cfg["cloud"], sort_keys=True) for r in runs}
-    notes = [note for r in runs if (note := _training_note(r))]
+    notes += [note for r in runs if (note := _training_note(r))]
     if len(clouds) > 1:
         notes.append("the runs use different cloud settings; each run's curve and metrics use its "
                      "own cloud, the baselines use the base model's run's cloud")

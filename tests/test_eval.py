@@ -353,8 +353,13 @@ def test_an_unfinished_run_is_evaluated_with_a_note(tmp_path, capsys):
         yaml.safe_dump(cfg, f)
     res = ev.main([policy, "--n", "4", "--router-n", "0"])
     note = f"{policy} has not finished training (logged up to step 7 of 240)"
-    assert any(n.startswith(note) for n in res.notes)
+    assert f"{note}; its last checkpoint is evaluated" in res.notes   # no trainer state to read
     assert f"note: {note}" in capsys.readouterr().out
+    # killed at step 7, its last checkpoint saved at step 5: the note names the step evaluated
+    torch.save({"step": 5, "dual": 0.0, "optimizer": {}},
+               os.path.join(policy, "checkpoint", "trainer_state.pt"))
+    res = ev.main([policy, "--n", "4", "--router-n", "0"])
+    assert f"{note}; its last checkpoint, from step 5, is evaluated" in res.notes
     # finished, but early: rl.time_limit_min stopped it at step 7 (train.py then evaluates it)
     with open(os.path.join(policy, "final_eval.json"), "w") as f:
         json.dump({"acc_capped": 0.5}, f)
@@ -364,6 +369,32 @@ def test_an_unfinished_run_is_evaluated_with_a_note(tmp_path, capsys):
     with open(os.path.join(policy, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg, f)
     assert not [n for n in ev.main([policy, "--n", "4", "--router-n", "0"]).notes if "training" in n]
+
+
+def test_runs_that_set_another_budget_or_n_are_noted(tmp_path):
+    """Without --budget / --n, the first run's eval settings apply to the whole table; a run
+    whose config.yaml sets others is named, not silently evaluated under the first's."""
+    first = write_run(tmp_path, "first", True, seed=1)
+    other = write_run(tmp_path, "other", True, seed=2)
+    with open(os.path.join(other, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["eval"].update(budget=None, n=12)   # null: rho / (1 + rho) = 0.3 at the default rho 3/7
+    with open(os.path.join(other, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    res = ev.main([first, other, "--router-n", "0"])
+    assert res.settings["budget"] == 0.3 and res.settings["n"] == 20
+    assert not [n for n in res.notes if "budget" in n]     # null resolves to the same 0.3
+    assert f"the 20 prompts are {first}'s eval.n; {other} set(s) another (--n sets one for all)" \
+        in res.notes
+    cfg["eval"]["budget"] = 0.2
+    with open(os.path.join(other, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    res = ev.main([first, other, "--router-n", "0", "--n", "4"])
+    assert f"the budget 0.3 is {first}'s eval.budget; {other} set(s) another (--budget sets one " \
+        "for all)" in res.notes
+    assert not [n for n in res.notes if "prompts are" in n]   # --n chose for all
+    assert not [n for n in ev.main([first, other, "--router-n", "0", "--n", "4", "--budget", "0.2"]).notes
+                if "budget" in n]
 
 
 def test_cli_end_to_end(tmp_path, capsys):
