@@ -748,7 +748,7 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
         row.update(gap_recovered(*res.curves[key]), **extra)
         res.rows.append((key, label, row))
 
-    routed("naive", f"naive offloading (random {budget:.0%})", naive_order(n, seed), cap)
+    routed("naive", f"naive offloading (random {budget * 100:g}%)", naive_order(n, seed), cap)
 
     train = base.task.examples("train")[:router_n]
     if len(train) >= 2:
@@ -901,7 +901,7 @@ def write_curves(res: Results, out_dir, labels):
         if label in res.points:
             x, y = res.points[label]
             ax.plot([x], [y], marker="*", ms=13, color=line.get_color(), ls="none", clip_on=False)
-    ax.axvline(res.settings["budget"], color="grey", ls="--", lw=1, label=f"budget {res.settings['budget']:.0%}")
+    ax.axvline(res.settings["budget"], color="grey", ls="--", lw=1, label=f"budget {res.settings['budget'] * 100:g}%")
     ax.set_xlabel("cloud call ratio")
     ax.set_ylabel("overall accuracy")
     ax.set_xlim(0, 1)
@@ -931,7 +931,7 @@ def report_markdown(res: Results, policy_paths, png, command) -> str:
         f"- command: `{command}`",
         f"- task: {task}; split `{s['split']}`, first N = {s['n']} prompts, greedy decoding",
         f"- cloud: {cloud}",
-        f"- budget: {s['budget']:.0%} of prompts, cap = {s['cap']} cloud calls served in dataset "
+        f"- budget: {s['budget'] * 100:g}% of prompts, cap = {s['cap']} cloud calls served in dataset "
         "order, later help calls scored wrong (SPEC 7)",
         f"- device model of the baselines: {s['base_model']}; "
         f"{s['models'].get(s['task_tuned_run'] or s['runs'][0], '')}",
@@ -1072,7 +1072,7 @@ def main(argv=None):
     progress.close()
     written = write_outputs(res, args.out or args.runs[0], command)
     s = res.settings
-    print(f"{s['split']} split, N={s['n']}, budget {s['budget']:.0%} (cap {s['cap']} calls); "
+    print(f"{s['split']} split, N={s['n']}, budget {s['budget'] * 100:g}% (cap {s['cap']} calls); "
           f"baselines over: {s['base_model']}")
     print_table(res)
     for note in res.notes:

@@ -1166,7 +1166,7 @@ def main(argv=None):
     cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": None, "answer_rate": 0.0}
     acc = sum(a.correct for a in answers) / n
     cloud_only.update(acc_uncapped=acc, acc_capped=acc)
-    print(f"\nheld-out evaluation: {n} test prompts, greedy, cloud cap {budget:.0%} "
+    print(f"\nheld-out evaluation: {n} test prompts, greedy, cloud cap {budget * 100:g}% "
           f"({final['cap']} calls), {time.time() - start:.0f} s of RL + evaluation")
     print_table([(f"{cfg.rl.algo} ({trainer.run_dir})", final), ("cloud only (no cap)", cloud_only)])
     if trainer.cloud.failures:

@@ -397,6 +397,14 @@ def test_runs_that_set_another_budget_or_n_are_noted(tmp_path):
                 if "budget" in n]
 
 
+def test_a_budget_prints_as_given_not_rounded_to_a_whole_percent(tmp_path, capsys):
+    policy = write_run(tmp_path, "policy", True, seed=1)
+    res = ev.main([policy, "--n", "16", "--budget", "0.125", "--router-n", "0"])
+    out = capsys.readouterr().out
+    assert "budget 12.5% (cap 2 calls)" in out and "naive offloading (random 12.5%)" in out
+    assert res.settings["cap"] == 2   # floor(16 * 0.125)
+
+
 def test_cli_end_to_end(tmp_path, capsys):
     policy = write_run(tmp_path, "policy", True, seed=1)
     tuned = write_run(tmp_path, "tuned", False, seed=2)
