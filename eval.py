@@ -465,8 +465,8 @@ def checkpoint_dir(path) -> str:
 def load_run(path, device) -> Run:
     """A train.py run directory; each missing piece is an error that names it."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such run directory (expected runs/NAME written by "
-                                "train.py)")
+        what = "a file, not a run directory" if os.path.exists(path) else "no such run directory"
+        raise FileNotFoundError(f"{path}: {what} (expected runs/NAME written by train.py)")
     config = os.path.join(path, "config.yaml")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"{path}: no config.yaml, so this is not a train.py run directory")
@@ -889,7 +889,9 @@ def write_curves(res: Results, out_dir, labels):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:   # no figure: one left by an earlier evaluation would be stale
+        if os.path.isfile(os.path.join(out_dir, "curve.png")):
+            os.remove(os.path.join(out_dir, "curve.png"))
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for label in labels:

@@ -494,6 +494,9 @@ def test_a_cloud_call_that_fails_once_keeps_its_verdict_in_the_report(tmp_path, 
 def test_cli_errors_name_the_problem(tmp_path, no_evaluation):
     with pytest.raises(SystemExit, match="no such run directory"):
         ev.main([str(tmp_path / "missing")])
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    with pytest.raises(SystemExit, match=r"config\.yaml: a file, not a run directory"):
+        ev.main([str(tmp_path / "config.yaml")])
     (tmp_path / "notrun").mkdir()
     with pytest.raises(SystemExit, match="no config.yaml, so this is not a train.py run"):
         ev.main([str(tmp_path / "notrun")])
@@ -631,8 +634,9 @@ def test_report_without_matplotlib_writes_csv_and_says_how_to_plot(tmp_path, mon
                 "base_model": "b", "models": {}, "task_tuned_run": None, "runs": ["r"]}
     res = ev.Results(settings, [("naive", "naive offloading", {"call_ratio": 0.5, "apgr": None})],
                      curves={"naive": (np.array([0, 0.5, 1]), np.array([0.0, 0.5, 1.0]))})
+    (tmp_path / "curve.png").write_bytes(b"an earlier evaluation's figure")
     assert ev.write_curves(res, tmp_path, ["naive"]) is None
-    assert not (tmp_path / "curve.png").exists()
+    assert not (tmp_path / "curve.png").exists()   # not left to contradict the report
     assert (tmp_path / "curve.csv").read_text().splitlines() == [
         "method,call_ratio,accuracy", '"naive",0.000000,0.000000', '"naive",0.500000,0.500000',
         '"naive",1.000000,1.000000']
