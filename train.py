@@ -1163,7 +1163,7 @@ def main(argv=None):
                  f"python train.py {os.path.join(trainer.run_dir, 'config.yaml')}")
         sys.exit(f"\ncloud error: {e}; once fixed, continue with: {again}")
     n, budget = final["n"], cfg.eval.budget
-    cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": None, "answer_rate": 0.0}
+    cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": None, "answer_rate": None}
     acc = sum(a.correct for a in answers) / n
     cloud_only.update(acc_uncapped=acc, acc_capped=acc)
     print(f"\nheld-out evaluation: {n} test prompts, greedy, cloud cap {budget * 100:g}% "

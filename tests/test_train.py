@@ -60,6 +60,10 @@ def test_three_step_end_to_end(device, tmp_path, capsys):
     assert saved.rl.steps == 3 and saved.model.hidden_size == 32
     out = capsys.readouterr().out
     assert "acc @cap" in out and "cloud only" in out
+    # the cloud-only row has no device responses: no local-answer statistics (as eval.py's row)
+    row = next(line for line in out.splitlines() if line.startswith("cloud only (no cap)"))
+    cells = row.split()[-6:]   # call ratio, local acc, cond. local, acc @cap, uncapped, answered
+    assert cells[:3] == ["1.000", "0.000", "–"] and cells[3] == cells[4] and cells[5] == "–"
     assert "warm start: greedy on 20 test prompts" in out  # the split's size, not a fixed 500
     # resuming the finished run does not evaluate (and log) it a second time
     assert train.main([f"resume={run}"]) == final
