@@ -8,7 +8,7 @@
 Config keys and their defaults: the dataclasses in train.py (Config and its sections); task and
 cloud take the arguments of tasks.make_task / cloud.make_cloud. A bad setting: a one-line error.
 Ctrl-C (or SIGTERM) during RL finishes the current step, saves a checkpoint and stops
-(resume= continues).
+(resume= continues); outside RL (the warm start, the final evaluation) it stops at once.
 
 The algorithm itself lives in algo.py; this file only wires it together (DESIGN.md).
 Run directory runs/<name>/: config.yaml, metrics.jsonl, samples.jsonl, cloud_cache.jsonl,
@@ -407,9 +407,11 @@ def is_final_row(row: dict) -> bool:
     return "train/loss" not in row and any(k.startswith("eval/") for k in row)
 
 
-def truncate_log(path: str, step: int, drop_final: bool = False):
+def truncate_log(path: str, step: int, drop_final: bool = False, eval_every: int = 0):
     """Keep the rows of steps <= step (a crash can log steps after the last checkpoint); with
-    drop_final, not the final evaluation's row either (training goes on past it)."""
+    drop_final, not the final evaluation's row either (training goes on past it): its eval/*
+    keys join its step's row when a longer run evaluates at that step (a multiple of
+    eval_every), as a run trained that long in one go logs them."""
     if not os.path.exists(path):
         return
     keep = []
@@ -418,7 +420,13 @@ def truncate_log(path: str, step: int, drop_final: bool = False):
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by the crash
-        if row.get("train/step", row.get("step", 0)) > step or (drop_final and is_final_row(row)):
+        at = row.get("train/step", row.get("step", 0))
+        if at > step:
+            continue
+        if drop_final and is_final_row(row):
+            last = json.loads(keep[-1]) if keep else {}
+            if eval_every and at % eval_every == 0 and last.get("train/step") == at:
+                keep[-1] = json.dumps({**last, **row}) + "\n"
             continue
         keep.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(path, "".join(keep))
@@ -438,7 +446,7 @@ def ctrl_c_flag():
     def on_ctrl_c(signum, frame):
         stop.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, previous[signal.SIGTERM] or signal.SIG_DFL)  # main()'s
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         print(f"\n{name}: stopping after this step with a checkpoint (Ctrl-C or SIGTERM again "
               "stops at once, losing the steps since the last checkpoint)", file=sys.stderr)
@@ -877,7 +885,7 @@ class Trainer:
                 os.remove(final_path)
             for name in ("metrics.jsonl", "samples.jsonl"):  # drop rows logged after the checkpoint
                 truncate_log(os.path.join(self.run_dir, name), self.step,
-                             drop_final=not self.finished())
+                             drop_final=not self.finished(), eval_every=cfg.eval.every)
 
     def resume_optimizer(self, saved: dict):
         """Load the checkpoint's optimizer state, then apply config.yaml's rl.lr, rl.weight_decay
@@ -1073,6 +1081,13 @@ class Trainer:
             print(f"note: eval.budget={cfg.eval.budget} caps evaluation at another share than "
                   f"rl.rho={cfg.rl.rho:.4g} trains for (SPEC 4: rho/(1+rho) = {matched:.4g}; "
                   f"eval.budget=null uses that)")
+        def stop_if_asked(stop):  # a Ctrl-C / SIGTERM came during the step or the save
+            if stop:
+                print(f"\nstopped by {'Ctrl-C' if stop[0] == signal.SIGINT else 'SIGTERM'}: "
+                      f"checkpoint saved at step {self.step}")
+                self.stopped_by = stop[0]
+                raise KeyboardInterrupt
+
         with ctrl_c_flag() as stop:
             while not self.finished():
                 if cfg.rl.time_limit_min and time.time() - log.start > 60 * cfg.rl.time_limit_min:
@@ -1080,6 +1095,7 @@ class Trainer:
                           f"{self.step}")
                     self.time_limited = True
                     self.save()
+                    stop_if_asked(stop)  # stop there: no final evaluation until resumed
                     break
                 row = self.rl_step()
                 self.step += 1
@@ -1098,11 +1114,7 @@ class Trainer:
                                 if self.cloud.failures else ""))
                 if self.step % cfg.save_every == 0 or self.step == cfg.rl.steps or stop:
                     self.save()
-                if stop:
-                    print(f"\nstopped by {'Ctrl-C' if stop[0] == signal.SIGINT else 'SIGTERM'}: "
-                          f"checkpoint saved at step {self.step}")
-                    self.stopped_by = stop[0]
-                    raise KeyboardInterrupt
+                stop_if_asked(stop)
         print()
         final = self.evaluate()
         # final_eval.json first: it marks the run complete, so a resume never logs the row twice
@@ -1131,37 +1143,67 @@ def print_table(rows: list[tuple[str, dict]]):
                                           for _, k in cols))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the RL loop (the warm start, the final evaluation): it stops the run as a
+    Ctrl-C does, with its message, and exits with 143."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def exit_code(e: KeyboardInterrupt, signum: int) -> int:
+    """128 + the signal: 143 for SIGTERM, 130 for Ctrl-C (signum: the one the RL loop saw)."""
+    return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signum)
+
+
+def continue_command(run_dir: str) -> str:
+    """How to go on with a run that stopped early: resume it from its checkpoint, or start it
+    afresh from its config.yaml if it stopped before its first checkpoint."""
+    if any(os.path.isdir(os.path.join(run_dir, c)) for c in ("checkpoint", "checkpoint.old")):
+        return f"python train.py resume={run_dir}"
+    return f"python train.py {os.path.join(run_dir, 'config.yaml')}"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(__doc__.strip())
         sys.exit(0)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    try:
+        return run(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def run(argv: list[str]):
     try:
         cfg = load_config(argv)
         torch.manual_seed(cfg.seed)
         trainer = Trainer(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except KeyboardInterrupt:  # in setup (the warm start, or loading the checkpoint to resume)
+    except KeyboardInterrupt as e:  # in setup (the warm start, or loading the checkpoint to resume)
         kept = ("the run's checkpoint is unchanged" if any(a.startswith("resume=") for a in argv)
                 else "nothing to resume (a warm start is cached only once complete)")
         print(f"\ninterrupted before RL started; {kept}: run the same command again",
               file=sys.stderr)
-        sys.exit(130)
+        sys.exit(exit_code(e, signal.SIGINT))
     start = time.time()
     try:
         final = trainer.train()
         answers = trainer.cloud.ask(trainer.task, trainer.eval_examples, progress=lambda done,
                                     total: status(f"cloud only: {done}/{total} prompts asked"))
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: python train.py resume={trainer.run_dir}",
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted; continue with: {continue_command(trainer.run_dir)}",
               file=sys.stderr)
-        sys.exit(128 + trainer.stopped_by)  # 130, or 143 for SIGTERM
+        sys.exit(exit_code(e, trainer.stopped_by))
     except CloudError as e:  # e.g. a refused API key: the run goes on from its last checkpoint
-        again = (f"python train.py resume={trainer.run_dir}"
-                 if os.path.exists(os.path.join(trainer.run_dir, "checkpoint")) else
-                 f"python train.py {os.path.join(trainer.run_dir, 'config.yaml')}")
-        sys.exit(f"\ncloud error: {e}; once fixed, continue with: {again}")
+        sys.exit(f"\ncloud error: {e}; once fixed, continue with: "
+                 f"{continue_command(trainer.run_dir)}")
     n, budget = final["n"], cfg.eval.budget
     cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": None, "answer_rate": None}
     acc = sum(a.correct for a in answers) / n

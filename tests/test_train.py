@@ -560,6 +560,86 @@ def test_resume_before_the_first_checkpoint(tmp_path, monkeypatch):
     assert [r["train/step"] for r in read_rows(run)] == [1, 1]
 
 
+def test_interrupted_before_the_first_checkpoint_suggests_starting_afresh(tmp_path, monkeypatch,
+                                                                        capsys):
+    def second_ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Trainer, "rl_step", second_ctrl_c)
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=early", "rl.steps=1", "save_every=100"))
+    run = tmp_path / "runs" / "early"
+    assert exc.value.code == 130
+    # resume=... would fail (no checkpoint yet); the config.yaml starts it again
+    assert f"interrupted; continue with: python train.py {run / 'config.yaml'}" \
+        in capsys.readouterr().err
+
+
+def test_sigterm_during_the_final_evaluation_stops_with_a_message(tmp_path, straight,
+                                                                  monkeypatch, capsys):
+    """Outside the RL loop (the warm start, the final evaluation) SIGTERM stops the run as a
+    Ctrl-C does: the message, and 143; before, the process died without a word."""
+    def terminated(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train.Trainer, "evaluate", terminated)   # eval.every=0: only the final
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc:
+        train.main(crash_args(tmp_path, straight, "term"))
+    run = tmp_path / "runs" / "term"
+    assert exc.value.code == 143
+    assert f"interrupted; continue with: python train.py resume={run}" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before   # main() restored it
+    assert not (run / "final_eval.json").exists()
+
+
+def test_ctrl_c_during_the_time_limit_save_stops_without_the_final_evaluation(
+        tmp_path, straight, monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock["now"]))
+    real_step, real_save = train.Trainer.rl_step, train.Trainer.save
+
+    def minute_step(self):
+        clock["now"] += 60.0
+        return real_step(self)
+
+    def save(self):
+        real_save(self)
+        if self.time_limited:  # the time limit's checkpoint is being written: Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train.Trainer, "rl_step", minute_step)
+    monkeypatch.setattr(train.Trainer, "save", save)
+    with pytest.raises(SystemExit) as exc:
+        train.main(crash_args(tmp_path, straight, "limit") + ["rl.time_limit_min=1.5"])
+    run = tmp_path / "runs" / "limit"
+    assert exc.value.code == 130 and not (run / "final_eval.json").exists()
+    assert [r["train/step"] for r in read_rows(run)] == [1, 2]   # no final evaluation row
+    monkeypatch.setattr(train.Trainer, "save", real_save)
+    final = train.main([f"resume={run}"])   # finished by the limit: resuming evaluates it
+    assert [r["train/step"] for r in read_rows(run)] == [1, 2, 2] and final
+
+
+def test_a_run_trained_longer_keeps_the_evaluation_at_its_old_last_step(tmp_path, straight):
+    """Raising rl.steps of a finished run: its final evaluation at step 2 was also the periodic
+    one a longer run logs at step 2 (eval.every=2); it stays, in step 2's row, as a run trained
+    4 steps in one go has it."""
+    args = crash_args(tmp_path, straight, "short") + ["eval.every=2"]
+    train.main([a if a != "rl.steps=4" else "rl.steps=2" for a in args])
+    run = tmp_path / "runs" / "short"
+    final_row = read_rows(run)[-1]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["rl"]["steps"] = 4
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    train.main([f"resume={run}"])
+    train.main(crash_args(tmp_path, straight, "long") + ["eval.every=2"])
+    rows, straight_rows = read_rows(run), read_rows(tmp_path / "runs" / "long")
+    assert [r["train/step"] for r in rows] == [1, 2, 3, 4, 4]
+    evals = lambda row: {k: v for k, v in row.items() if k.startswith("eval/")}
+    assert evals(rows[1]) == evals(final_row) == evals(straight_rows[1]) != {}
+    assert [sorted(evals(r)) == [] for r in rows[2:4]] == [True, True]
+
+
 @pytest.mark.parametrize("loss, grad", [
     (float("nan"), float("nan")),  # both poisoned
     (0.5, float("nan")),           # a finite loss, but a NaN gradient
