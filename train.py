@@ -159,13 +159,25 @@ def _parse_yaml(value: str, key: str):
                           f"{{name: x}})") from None
 
 
+def _free_value(value: str, current, key: str):
+    """A command-line value for a task / cloud entry, whose type the task or the backend judges
+    (cloud.timeout=90.5 where the file wrote 600): text for an entry the file gave as text, else
+    YAML, with 1e-3 and 3/7 read as numbers."""
+    if isinstance(current, str):
+        return value
+    parsed = _parse_yaml(value, key)
+    if isinstance(parsed, str):
+        with contextlib.suppress(ConfigError):
+            return _cast(parsed, 0.0, key)
+    return parsed
+
+
 def _set(obj, path: list, value, key: str, from_cli: bool):
     name = path[0]
     if isinstance(obj, dict):
         if len(path) > 1:
             raise ConfigError(f"{key}: {name!r} is a plain value, it has no sub-keys")
-        obj[name] = (_cast(value, obj[name], key) if name in obj else _parse_yaml(value, key)) \
-            if from_cli else value
+        obj[name] = _free_value(value, obj.get(name), key) if from_cli else value
         return
     names = [f.name for f in fields(obj)]
     if name not in names:

@@ -218,9 +218,9 @@ def test_seeds_are_what_torch_accepts():
     ("task.colour=red", "task 'tiny_countdown' has no argument(s) ['colour']"),
     ("task.name=foo", "task.name='foo': allowed: tiny_countdown, countdown, math"),
     ("cloud.backend=nope", "cloud backend='nope' is not allowed"),
-    ("cloud.p_correct=2", "oracle p_correct=2.0 must be a number in [0, 1]"),
+    ("cloud.p_correct=2", "oracle p_correct=2 must be a number in [0, 1]"),
     ("model.path=/no/such/dir", "model.path='/no/such/dir' is not a directory"),
-    ("task.allow_help=maybe", "task.allow_help='maybe': expected a boolean"),
+    ("task.allow_help=maybe", "allow_help='maybe' must be true or false"),
     ("task={name: tiny_countdown, allow_help: 'no'}", "allow_help='no' must be true or false"),
     ("task.ops=/", "'ops': '/'"),  # too few distinct problems: the task settings are named
     ("cloud={backend: http}", "cloud backend 'http' needs the argument(s) ['base_url', 'model']"),
@@ -239,6 +239,22 @@ def test_bad_settings_are_one_line_errors_before_the_warm_start(override, messag
     text = str(exc.value.code)
     assert text.startswith("config error: ") and message in text and "\n" not in text
     assert not (tmp_path / "warm").exists() and not (tmp_path / "runs").exists()
+
+
+def test_task_and_cloud_overrides_are_judged_by_the_task_or_backend_not_the_files_type(tmp_path):
+    """Task and cloud entries have no declared type: the value a file wrote (an integer 1) does
+    not make 0.9 an error; the backend or task checks what it gets."""
+    path = tmp_path / "c.yaml"
+    path.write_text("cloud: {backend: oracle, p_correct: 1, seed: 0}\n"
+                    "task: {name: tiny_countdown, n_train: 300, ops: '+-*'}\n")
+    read = lambda *o: train.load_config([str(path), *o])
+    assert read("cloud.p_correct=0.9").cloud["p_correct"] == 0.9
+    assert read("cloud.p_correct=9/10").cloud["p_correct"] == 0.9
+    assert read("cloud.p_correct=1e-1").cloud["p_correct"] == 0.1      # YAML would keep "1e-1"
+    assert read("task.n_train=2e3").task["n_train"] == 2000.0
+    assert read("task.ops=+-").task["ops"] == "+-"     # an entry the file gave as text stays text
+    assert read("task.number_range=[1, 9]").task["number_range"] == [1, 9]
+    assert read("cloud.extra=null").cloud["extra"] is None
 
 
 def test_a_local_cloud_too_short_for_its_max_new_tokens_is_an_error_before_the_warm_start(tmp_path):
