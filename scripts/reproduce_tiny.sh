@@ -7,12 +7,24 @@
 #   task-only       task-tuning only: RL with help disabled (the H decision is never sampled)
 #   collab          collaboration-aware baseline (SPEC 8.5): same rewards, no filtering, Dr. GRPO
 #                   advantages (the v3 reward's; SPEC 8.5 pairs GRPO with the v1 reward)
-# Extra arguments are passed to every new train.py run (e.g. rl.steps=100 for a quick look); a
-# finished run is kept, an interrupted one (Ctrl-C) resumed.
+# Extra arguments are passed to every new train.py run, before its own settings (e.g.
+# rl.steps=100 for a quick look); the keys the four runs differ by, and where they go, are not
+# allowed there. A finished run is kept, an interrupted one (Ctrl-C) resumed. OUT (default: the
+# project's runs/) is relative to the directory this is called from.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-runs}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$ROOT/runs}
+case $OUT in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+cd "$ROOT"
 EXTRA=("$@")
+for arg in ${EXTRA[@]+"${EXTRA[@]}"}; do
+  case ${arg%%=*} in
+    name|out_dir|seed|warm_start.seed|task.allow_help|rl.algo|rl.filter|resume)
+      echo "reproduce_tiny.sh: $arg is not allowed: the four runs are set apart by their name," \
+           "seed, task.allow_help, rl.algo and rl.filter (OUT=dir sets where they go)" >&2
+      exit 2 ;;
+  esac
+done
 for run in "gapg" "gapg-seed1 seed=1 warm_start.seed=0" "task-only task.allow_help=false" \
            "collab rl.algo=dr_grpo rl.filter=none"; do
   set -- $run
@@ -24,7 +36,7 @@ for run in "gapg" "gapg-seed1 seed=1 warm_start.seed=0" "task-only task.allow_he
     python train.py resume="$OUT/tiny-$name"
   else
     echo "== tiny-$name"
-    python train.py name="tiny-$name" out_dir="$OUT" "$@" ${EXTRA[@]+"${EXTRA[@]}"}
+    python train.py ${EXTRA[@]+"${EXTRA[@]}"} name="tiny-$name" out_dir="$OUT" "$@"
   fi
 done
 python eval.py "$OUT/tiny-gapg" "$OUT/tiny-gapg-seed1" "$OUT/tiny-collab" \
