@@ -341,9 +341,9 @@ def load_config(argv: list[str]) -> Config:
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if resume:  # continue a run: its own saved config, nothing else may change
         if files or len(overrides) > 1:
-            raise ConfigError("resume=runs/NAME takes no config file or other overrides; to change "
-                              "a setting (e.g. rl.steps, to train longer), edit "
-                              "runs/NAME/config.yaml, then resume")
+            raise ConfigError(f"resume={resume[0]} takes no config file or other overrides; to "
+                              f"change a setting (e.g. rl.steps, to train longer), edit "
+                              f"{os.path.join(resume[0], 'config.yaml')}, then resume")
         files = [os.path.join(resume[0], "config.yaml")]
         if not os.path.isfile(files[0]):
             raise ConfigError(f"resume={resume[0]}: no config.yaml there, so not a run directory")
@@ -1197,7 +1197,10 @@ def run(argv: list[str]):
         torch.manual_seed(cfg.seed)
         trainer = Trainer(cfg)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        resumed = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+        hint = (f" (a resumed run takes its settings from {os.path.join(resumed[0], 'config.yaml')}"
+                f": change them there)" if resumed and "resume" not in str(e) else "")
+        sys.exit(f"config error: {e}{hint}")
     except KeyboardInterrupt as e:  # in setup (the warm start, or loading the checkpoint to resume)
         kept = ("the run's checkpoint is unchanged" if any(a.startswith("resume=") for a in argv)
                 else "nothing to resume (a warm start is cached only once complete)")

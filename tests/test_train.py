@@ -422,6 +422,26 @@ def test_resume_is_exact(tmp_path, straight, monkeypatch):
     assert_continued_exactly(run, straight)
 
 
+def test_resume_errors_point_to_the_runs_config_yaml(tmp_path, straight):
+    """A resumed run takes no overrides: its errors name its own config.yaml, not the
+    placeholder runs/NAME, and a setting error says where to change it."""
+    run = tmp_path / "runs" / "edited"
+    shutil.copytree(straight / "runs" / "straight", run)
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"resume={run}", "rl.steps=8"])
+    assert exc.value.code == (f"config error: resume={run} takes no config file or other "
+                              f"overrides; to change a setting (e.g. rl.steps, to train longer), "
+                              f"edit {run / 'config.yaml'}, then resume")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["sampling"]["temperature"] = -1.0
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"resume={run}"])
+    assert "sampling.temperature=-1.0" in exc.value.code
+    assert exc.value.code.endswith(f"(a resumed run takes its settings from "
+                                   f"{run / 'config.yaml'}: change them there)")
+
+
 def test_resume_applies_an_edited_learning_rate_and_refuses_another_optimizer(tmp_path, straight,
                                                                              capsys):
     """config.yaml's rl.lr / betas / weight_decay hold after a resume (the optimizer state's own
