@@ -770,6 +770,9 @@ class Trainer:
         if not cfg.resume and has_checkpoint:
             raise ConfigError(f"{self.run_dir} already holds a run; resume it with "
                               f"resume={self.run_dir}, or choose another name=")
+        if os.path.realpath(self.run_dir) == os.path.realpath(cfg.warm_start.cache_dir):
+            raise ConfigError(f"name={cfg.name!r}: {self.run_dir} is warm_start.cache_dir, where "
+                              f"cached warm starts live; choose another name=")
         if cfg.resume and not has_checkpoint:
             raise ConfigError(f"resume={self.run_dir}: no checkpoint yet (the run stopped before "
                               f"its first save); start it afresh with: python train.py "

@@ -231,9 +231,11 @@ def test_seeds_are_what_torch_accepts():
     ("cloud={backend: http, base_url: 'http://127.0.0.1:9', model: m, concurrency: abc}",
      "concurrency='abc' (allowed: an integer >= 1)"),
     ("out_dir=/proc/no/such", "out_dir '/proc/no/such/bad' cannot be written"),
+    ("warm_start.cache_dir=RUN", "is warm_start.cache_dir, where cached warm starts live"),
     ("warm_start.cache_dir=/proc/no/such", "warm_start.cache_dir '/proc/no/such' cannot be"),
 ])
 def test_bad_settings_are_one_line_errors_before_the_warm_start(override, message, tmp_path):
+    override = override.replace("RUN", str(tmp_path / "runs" / "bad"))  # the run's own directory
     with pytest.raises(SystemExit) as exc:
         train.main(tiny_args(tmp_path, "name=bad", override))
     text = str(exc.value.code)
