@@ -118,8 +118,9 @@ def main():
                   f"({r['perf/tokens_per_s']:,.0f} generated tok/s, mean response "
                   f"{float(trainer.last_rollout.lengths.float().mean()):.0f} tokens), update "
                   f"{r['perf/update_s']:.1f} s ({r['filter/selected']} prompts, loss "
-                  f"{r['train/loss']:.3g}, skipped {r['train/skipped'] or 'no'}), peak GPU memory "
-                  f"{r.get('perf/peak_mem_gb', float('nan')):.1f} GiB", flush=True)
+                  f"{r['train/loss']:.3g}, skipped {r['train/skipped'] or 'no'})"
+                  + (f", peak GPU memory {r['perf/peak_mem_gb']:.1f} GiB"
+                     if "perf/peak_mem_gb" in r else ""), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
