@@ -328,6 +328,23 @@ def _fail(message):
     raise ConfigError(message)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error: YAML keeps the
+    last one silently (`rl: {steps: 2}` then `rl: {lr: 0.1}` would lose steps)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:  # the mark: where it is given the second time
+            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                    node.value[i][0].start_mark)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_config(argv: list[str]) -> Config:
     """[config.yaml] [key.sub=value ...]; a bare run uses configs/default.yaml."""
     options = [a for a in argv if a.startswith("-") and "=" not in a]
@@ -354,7 +371,7 @@ def load_config(argv: list[str]) -> Config:
     cfg = Config()
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:  # its message spans lines: made one
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") \
                 from None

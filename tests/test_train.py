@@ -363,9 +363,13 @@ def test_training_prompts_over_max_prompt_tokens_are_left_out(capsys):
 def test_bad_files_and_help(tmp_path, capsys):
     (tmp_path / "torn.yaml").write_text("rl: {steps: 3\n")
     (tmp_path / "list.yaml").write_text("- rl.steps=3\n")
+    (tmp_path / "twice.yaml").write_text("rl: {steps: 2}\nseed: 1\nrl: {lr: 0.1}\n")
+    (tmp_path / "twice_inside.yaml").write_text("rl:\n  steps: 2\n  steps: 3\n")
     for argv, message in [([str(tmp_path / "torn.yaml")], "torn.yaml is not valid YAML: "),
                           ([str(tmp_path / "list.yaml")], "must hold a mapping (name: ..., rl: "
                                                           "{...}, ...), not a list"),
+                          ([str(tmp_path / "twice.yaml")], "the key 'rl' is given twice"),
+                          ([str(tmp_path / "twice_inside.yaml")], "the key 'steps' is given twice"),
                           ([str(tmp_path)], "does not exist or is not a file"),
                           ([str(tmp_path / "none.yaml")], "does not exist or is not a file"),
                           ([f"resume={tmp_path}"], "no config.yaml there, so not a run directory")]:
