@@ -1102,7 +1102,9 @@ class Trainer:
         print(f"{cfg.rl.algo} on {self.task.name}: {cfg.rl.steps} steps x "
               f"{cfg.rl.prompts_per_step} prompts x G={cfg.rl.group_size}, filter={cfg.rl.filter}, "
               f"rho={cfg.rl.rho:.3f}, reward {cfg.reward.version} alpha_a={cfg.reward.alpha_a} "
-              f"alpha_c={cfg.reward.alpha_c}, help {'allowed' if self.task.allow_help else 'disabled'}"
+              f"alpha_c={cfg.reward.alpha_c}"
+              + (f" alpha_f={cfg.reward.alpha_f}" if cfg.reward.version == "v1" else "")
+              + f", help {'allowed' if self.task.allow_help else 'disabled'}"
               f", run dir {self.run_dir}")
         if cfg.reward.alpha_c == cfg.reward.alpha_a:
             print(f"note: reward.alpha_c = reward.alpha_a = {cfg.reward.alpha_a} is SPEC 10's "
