@@ -28,10 +28,12 @@ import json
 import os
 import queue
 import random
+import socket
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,12 +51,17 @@ class CloudError(RuntimeError):
     """A cloud request failed. Messages never contain the API key."""
 
 
-class CloudAuthError(CloudError):
-    """401/403 (the key refused) or 402 / 429 insufficient_quota (the account cannot pay): no
-    request can succeed until that is fixed, so the whole batch stops.
+class CloudBatchError(CloudError):
+    """No request can succeed until this is fixed, so the whole batch stops: the key or the
+    account (CloudAuthError), or a server never reached through every retry (refused, unknown
+    host: base_url or the server is wrong, not a passing glitch).
     answers: set by HttpBackend.complete to what did arrive, one entry per prompt (a text, a
     CloudError, or None where no answer came), so that Cloud.ask can still cache those texts."""
     answers: list | None = None
+
+
+class CloudAuthError(CloudBatchError):
+    """401/403 (the key refused) or 402 / 429 insufficient_quota (the account cannot pay)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,8 +268,15 @@ class OracleBackend:
 
 
 def chat_completions_url(base_url: str) -> str:
-    """{base}/v1/chat/completions, whether or not base_url already ends in /v1."""
+    """{base}/v1/chat/completions, whether base_url ends in /v1 or already is that endpoint; a
+    base_url that is no http(s)://host address is a ValueError."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"http cloud backend: base_url={base_url!r} (allowed: an http:// or "
+                         f"https:// address, e.g. https://api.deepseek.com)")
     base = base_url.rstrip("/")
+    if base.endswith("/chat/completions"):
+        return base
     if not base.endswith("/v1"):
         base += "/v1"
     return base + "/chat/completions"
@@ -296,7 +310,9 @@ class HttpBackend:
     Timeouts (`timeout` is the seconds one read may wait, not a limit on the whole request),
     connection errors, bodies cut off, 408, 429 and 5xx are retried up to `retries` times with
     exponential backoff and jitter (429 and 503 wait the Retry-After seconds they give);
-    401/403 (the key) and 402 or 429 insufficient_quota (the account) stop the batch; a
+    401/403 (the key), 402 or 429 insufficient_quota (the account), and refused connections or
+    an unknown host on every retry of a request before any request got an HTTP response (a wrong
+    base_url, no server) stop the batch (CloudBatchError); a
     redirect, other 4xx, malformed JSON and missing/empty choices fail that prompt at once.
     An answer cut at max_tokens (finish_reason "length", even with no content left, as a
     reasoning model gives when its reasoning used every token) is an answer: cached and scored
@@ -330,6 +346,7 @@ class HttpBackend:
         self.backoff, self.max_wait = float(backoff), float(max_wait)
         self.sleep = None  # the backoff wait (tests replace it); None: the batch's stop.wait
         self.truncated, self._lock = 0, threading.Lock()
+        self.reached = False  # some request got an HTTP response: the address is right
         if not os.environ.get(api_key_env):  # fine for a local server; a forgotten key shows now
             print(f"note: http cloud: the environment variable {api_key_env} is not set, so "
                   f"requests to {self.url} carry no API key", file=sys.stderr)
@@ -345,15 +362,16 @@ class HttpBackend:
         set, no attempt is made and a backoff wait ends."""
         stop = stop or threading.Event()
         key = os.environ.get(self.api_key_env) or None
-        if key and not key.isascii():  # http.client would fail on it in every request
+        if key and not (key.isascii() and key.isprintable()):  # http.client would refuse it,
+            # its error quoting the whole header, the key with it
             raise CloudAuthError(f"the API key in {self.api_key_env} holds a character that is "
-                                 f"not ASCII (a bad paste?)")
+                                 f"not printable ASCII (a line ending from a file, a bad paste?)")
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
                            "max_tokens": self.max_tokens}).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        last_error = ""
+        last_error, unreachable = "", 0
         for attempt in range(self.retries + 1):
             if stop.is_set():
                 raise CloudError(f"interrupted: not sent to {self.url}")
@@ -361,9 +379,11 @@ class HttpBackend:
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with _OPENER.open(request, timeout=self.timeout) as response:
+                    self.reached = True
                     raw = response.read()
                 return self._parse(raw, key)
             except urllib.error.HTTPError as e:
+                self.reached = True
                 try:
                     full = self._scrub(e.read(1 << 16), key, 1 << 16)
                 except (OSError, http.client.HTTPException):  # the error body itself cut off
@@ -390,10 +410,16 @@ class HttpBackend:
                     wait = None if wait is None else wait * (1 + 0.25 * random.random())
             except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
                 last_error = self._scrub(f"{type(e).__name__}: {e}".encode(), key, 300)
+                reason = getattr(e, "reason", e)
+                unreachable += isinstance(reason, (ConnectionRefusedError, socket.gaierror))
             if attempt < self.retries:
                 if wait is None:
                     wait = self.backoff * 2 ** attempt * (0.5 + random.random())
                 (self.sleep or stop.wait)(min(wait, self.max_wait))
+        if unreachable == self.retries + 1 and not self.reached:
+            raise CloudBatchError(f"{self.url}: not reached in {unreachable} attempts ({last_error}); "
+                                  f"no request can succeed until it is: is the server running, "
+                                  f"is base_url right?")
         raise CloudError(f"{self.url}: gave up after {self.retries + 1} attempts; last error: {last_error}")
 
     def _parse(self, raw: bytes, key: str | None) -> str:
@@ -424,7 +450,7 @@ class HttpBackend:
     def complete_each(self, task, examples, receive):
         """Send the prompts, `concurrency` at a time, and call receive(index, answer text or its
         CloudError) in this thread as each answer arrives (Cloud.ask caches it there and then).
-        A CloudAuthError (the key or the account) stops the batch: nothing more is sent or
+        A CloudBatchError (the key, the account, a server never reached) stops the batch: nothing more is sent or
         retried, the requests under way are still received, then it is raised. Ctrl-C (here or
         in receive) likewise: those requests are paid for, so their answers are received before
         the KeyboardInterrupt goes on; a second Ctrl-C stops waiting for them."""
@@ -455,7 +481,7 @@ class HttpBackend:
                     i, answer = arrived.get(timeout=0.05)  # a short wait: Ctrl-C lands between
                 except queue.Empty:
                     continue
-                if isinstance(answer, CloudAuthError):
+                if isinstance(answer, CloudBatchError):
                     stop.set()
                     refused.append(answer)
                 elif isinstance(answer, BaseException) and not isinstance(answer, CloudError):
@@ -487,7 +513,7 @@ class HttpBackend:
         texts = [None] * len(examples)
         try:
             self.complete_each(task, examples, texts.__setitem__)
-        except CloudAuthError as error:
+        except CloudBatchError as error:
             error.answers = texts  # None where no answer came
             raise
         return texts
@@ -685,7 +711,7 @@ class Cloud:
             batch = [example for example, _, _ in part.values()]
             try:
                 texts = self.backend.complete(task, batch)
-            except CloudAuthError as error:  # the batch stopped; still cache the answers that came
+            except CloudBatchError as error:  # the batch stopped; still cache the answers that came
                 if error.answers is not None and len(error.answers) == len(batch):
                     self._record(task, part, error.answers, answers)
                 raise

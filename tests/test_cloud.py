@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cloud import (Cloud, CloudAuthError, CloudCache, CloudError, HttpBackend, LocalBackend,  # noqa: E402
+from cloud import (Cloud, CloudAuthError, CloudBatchError, CloudCache, CloudError, HttpBackend, LocalBackend,  # noqa: E402
                    OracleBackend, chat_completions_url, make_cloud)
 from tasks import CountdownTask, Example, TinyCountdownTask  # noqa: E402
 
@@ -406,6 +406,39 @@ def test_urls():
     assert chat_completions_url("http://h:1/") == "http://h:1/v1/chat/completions"
     assert chat_completions_url("http://h:1/v1") == "http://h:1/v1/chat/completions"
     assert chat_completions_url("https://api.x.com/v1/") == "https://api.x.com/v1/chat/completions"
+    # the whole endpoint, as some providers document it, is not doubled
+    assert chat_completions_url("https://h/v1/chat/completions/") == "https://h/v1/chat/completions"
+    for bad in ("localhost:8000", "api.deepseek.com", "ftp://h", "http://"):
+        with pytest.raises(ValueError, match=f"base_url={bad!r} \\(allowed: an http:// or https://"):
+            HttpBackend(bad, "m")
+
+
+def test_http_an_api_key_with_a_line_ending_is_refused_without_showing_it(endpoint, task,
+                                                                          monkeypatch):
+    """KEY=$(cat key.txt) keeps a Windows file's \\r: http.client's error would quote the whole
+    Authorization header; the key is refused before, by name, never shown."""
+    monkeypatch.setenv("TEST_CLOUD_KEY", "sk-secret-777\r")
+    with pytest.raises(CloudAuthError) as err:
+        make_backend(endpoint.url).complete(task, task.examples("test")[:2])
+    assert "TEST_CLOUD_KEY holds a character that is not printable ASCII" in str(err.value)
+    assert "secret" not in str(err.value) and endpoint.requests == []
+
+
+def test_http_a_server_never_reached_stops_the_batch(endpoint, task):
+    """Refused connections on every retry before any request got through: base_url or the
+    server is wrong, so the batch stops after the first prompt instead of retrying each one.
+    Once the server has answered, such failures are passing: that prompt alone fails."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))    # a port nothing listens on
+    port = closed.getsockname()[1]
+    closed.close()
+    backend = make_backend(f"http://127.0.0.1:{port}", retries=2, concurrency=1)
+    with pytest.raises(CloudBatchError, match=r"not reached in 3 attempts .*is the server running"):
+        backend.complete(task, task.examples("test")[:4])
+    backend.reached = True     # it answered earlier in this process
+    answers = backend.complete(task, task.examples("test")[:2])
+    assert [type(a) for a in answers] == [CloudError, CloudError]
+    assert "gave up after 3 attempts" in str(answers[0])
 
 
 def test_http_success(endpoint, monkeypatch):
@@ -594,7 +627,7 @@ def test_http_a_bug_in_a_request_is_raised_not_a_missing_answer(endpoint, task, 
     with pytest.raises(ZeroDivisionError, match="a bug"):
         cloud.ask(task, task.examples("test")[:5])
     monkeypatch.setenv("TEST_CLOUD_KEY", "sk-abc\u2026")  # a pasted ellipsis
-    with pytest.raises(CloudAuthError, match="TEST_CLOUD_KEY holds a character that is not ASCII"):
+    with pytest.raises(CloudAuthError, match="TEST_CLOUD_KEY holds a character that is not printable ASCII"):
         make_backend(endpoint.url).complete(task, task.examples("test")[:3])
 
 
@@ -688,8 +721,8 @@ def test_http_connection_error_is_retried():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     backend = make_backend(f"http://127.0.0.1:{port}", retries=2)
-    with pytest.raises(CloudError, match="gave up after 3 attempts.*URLError"):
-        backend.chat(MESSAGES)
+    with pytest.raises(CloudBatchError, match="not reached in 3 attempts.*URLError"):
+        backend.chat(MESSAGES)     # never reached: it stops a batch (the test below)
     assert len(backend.slept) == 2
 
 
