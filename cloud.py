@@ -775,6 +775,24 @@ def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:
 # ----------------------------------------------------------------------------------------------
 # CLI: prefill the cache for a whole dataset
 
+# the prefill's backend options: name -> (default, type, help); each belongs to one backend
+PREFILL_OPTIONS = {
+    "oracle": {"p_correct": (0.95, float, "its p_correct"), "seed": (0, int, "its seed")},
+    "http": {"base_url": (None, str, "the server address"), "model": (None, str, "model name"),
+             "api_key_env": ("OPENAI_API_KEY", str, "NAME of the env var holding the key"),
+             "temperature": (0.0, float, "sampling temperature"),
+             "max_tokens": (2048, int, "tokens an answer may take"),
+             "timeout": (60.0, float, "seconds one read may wait, not a limit on the whole request"),
+             "retries": (5, int, "retries of a failed request"),
+             "concurrency": (8, int, "requests at a time")},
+    "local": {"path": (None, str, "checkpoint directory"),
+              "max_new_tokens": (1024, int, "tokens an answer may take"),
+              "device": (None, str, "cpu or cuda, as the run's cloud.device (default cpu)"),
+              "dtype": (None, str, "the weights' dtype, as the run's cloud.dtype: float32, "
+                                   "bfloat16 or float16 (default float32 on CPU, bfloat16 on CUDA)")},
+}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Prefill the cloud answer cache for a dataset split.")
     p.add_argument("--task", required=True, choices=sorted(TASKS), help="the task, as task.name")
@@ -796,28 +814,23 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, help="countdown tasks: task.n_train (default: the task's)")
     p.add_argument("--n-test", type=int, help="countdown tasks: task.n_test")
     p.add_argument("--task-seed", type=int, help="countdown tasks: task.seed")
-    # backend options (as the run's cloud section sets them)
-    p.add_argument("--p-correct", type=float, default=0.95, help="oracle (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="oracle (default %(default)s)")
-    p.add_argument("--base-url", help="http")
-    p.add_argument("--model", help="http: model name")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="http: NAME of the env var holding the key (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="http (default %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="http (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=60,
-                   help="http: seconds one read may wait, not a limit on the whole request "
-                        "(default %(default)s)")
-    p.add_argument("--retries", type=int, default=5, help="http (default %(default)s)")
-    p.add_argument("--concurrency", type=int, default=8,
-                   help="http: requests at a time (default %(default)s)")
-    p.add_argument("--path", help="local: checkpoint directory")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="local (default %(default)s)")
-    p.add_argument("--device", help="local: cpu or cuda, as the run's cloud.device (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="local: the weights' dtype, as the run's cloud.dtype (default float32 on "
-                        "CPU, bfloat16 on CUDA)")
+    # backend options (as the run's cloud section sets them); one of another backend is an error
+    for backend, options in PREFILL_OPTIONS.items():
+        for name, (default, kind, text) in options.items():
+            shown = "" if default is None else f" (default {default})"
+            p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                           help=f"{backend}: {text}{shown}")
     args = p.parse_args(argv)
+    for backend, options in PREFILL_OPTIONS.items():
+        given = [name for name in options if getattr(args, name) is not None]
+        if backend != args.backend and given:
+            p.error(f"--{given[0].replace('_', '-')} is an option of the {backend} backend, not "
+                    f"of --backend {args.backend}")
+        for name, (default, _, _) in options.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+    if args.dtype not in (None, "float32", "bfloat16", "float16"):
+        p.error(f"--dtype {args.dtype} is not allowed: float32, bfloat16 or float16")
     if args.chunk < 1:
         p.error(f"--chunk {args.chunk} is not allowed: an integer >= 1")
     if args.limit is not None and args.limit < 0:
@@ -854,6 +867,7 @@ def prefill(args) -> int:
     else:  # a backend added to BACKENDS: its settings have no options here
         settings = {}
     cloud = make_cloud({"backend": args.backend, **settings}, cache_path=args.cache)
+    cloud.check_cache()  # a cache holding another cloud's answers: no run could read it whole
 
     examples = task.examples(args.split)[:args.limit]
     check = getattr(cloud.backend, "check_fits", None)  # the local one: its device and context

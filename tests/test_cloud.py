@@ -866,6 +866,26 @@ def test_prefill_cli_fills_the_cache(tmp_path, capsys):
     assert cloud.main(["--task", "tiny_countdown", "--limit", "5", "--cache", str(cache)]) == 0
     assert len(cache.read_text().splitlines()) == 5
     assert "5 prompts, calls made 5" in capsys.readouterr().out
+    # another cloud's answers do not join them: no run could read the file then
+    with pytest.raises(SystemExit) as e:
+        cloud.main(["--task", "tiny_countdown", "--split", "test", "--limit", "5",
+                    "--p-correct", "0.5", "--cache", str(cache)])
+    assert "holds answers of backend 'oracle'" in e.value.code
+    assert len(cache.read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("args, owner", [(["--base-url", "http://h", "--model", "m"], "http"),
+                                         (["--backend", "http", "--path", "ckpt"], "local"),
+                                         (["--backend", "local", "--seed", "3"], "oracle")])
+def test_prefill_cli_refuses_an_option_of_another_backend(tmp_path, capsys, args, owner):
+    """--base-url without --backend http (the default is oracle) wrote simulated answers."""
+    import cloud
+    with pytest.raises(SystemExit) as e:
+        cloud.main(["--task", "tiny_countdown", "--limit", "5", "--cache", str(tmp_path / "c.jsonl"),
+                    *args])
+    assert e.value.code == 2 and not (tmp_path / "c.jsonl").exists()
+    backend = args[1] if args[0] == "--backend" else "oracle"
+    assert f"is an option of the {owner} backend, not of --backend {backend}" in capsys.readouterr().err
 
 
 def test_http_retry_after_is_capped_by_max_wait(endpoint):
