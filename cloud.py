@@ -664,7 +664,7 @@ class Cloud:
         theirs = (record["backend"], record["model"], record["prompt_sha256"])
         if mine != theirs:
             other_prompt = " for a different prompt" if digest != theirs[2] else ""
-            raise ValueError(f"cloud cache {self.cache.path} answered {task.name}:{example.key} with backend "
+            raise ValueError(f"cloud cache {self.cache.path} answered {example.key} with backend "
                              f"{theirs[0]!r}, model {theirs[1]!r}{other_prompt}; this run uses backend "
                              f"{mine[0]!r}, model {mine[1]!r}: use a separate cache file")
         return record
