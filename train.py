@@ -1115,6 +1115,7 @@ class Trainer:
             print(f"note: eval.budget={cfg.eval.budget} caps evaluation at another share than "
                   f"rl.rho={cfg.rl.rho:.4g} trains for (SPEC 4: rho/(1+rho) = {matched:.4g}; "
                   f"eval.budget=null uses that)")
+
         def stop_if_asked(stop):  # a Ctrl-C / SIGTERM came during the step or the save
             if stop:
                 print(f"\nstopped by {'Ctrl-C' if stop[0] == signal.SIGINT else 'SIGTERM'}: "
