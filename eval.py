@@ -43,7 +43,7 @@ from cloud import CloudError, NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write, atomic_write_text, check_writable,
                    load_pretrained, load_tokenizer, resolve_device)
 from sample import generate, left_pad
-from tasks import SPLITS, make_task
+from tasks import SPLITS, make_task, task_settings
 
 SCHEMA_VERSION = 1
 
@@ -521,7 +521,10 @@ class Progress:
 
 
 def _task_key(cfg):
-    return {k: v for k, v in cfg["task"].items() if k != "allow_help"}
+    """The task a run trained on, its defaults filled in (as train.py's warm-start key reads it;
+    through JSON, so a default (1, 20) equals a file's [1, 20]), whether help was allowed aside."""
+    settings = json.loads(json.dumps(task_settings(**cfg["task"])))
+    return {k: v for k, v in settings.items() if k != "allow_help"}
 
 
 @dataclass

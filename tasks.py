@@ -891,7 +891,9 @@ _UNSIGNED = r"(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+
 _NUMBER_RE = re.compile(r"-?(?:" + _UNSIGNED + ")")
 # GSM8K's declared answer: "####", then the number ("#### - 5" is -5; bold or a dollar sign may
 # come between). A markdown heading such as "#### Step 2" is no declared answer.
-_DECLARED_RE = re.compile(r"####[ \t]*(?:\*\*|\\?\$)?[ \t]*((?:-\s*)?(?:" + _UNSIGNED + "))")
+# A numbered heading ("#### 2. Money", "#### 3) Total") is none either.
+_DECLARED_RE = re.compile(r"####\s*(?:\*\*|\\?\$)?[ \t]*((?:-\s*)?(?>" + _UNSIGNED
+                          + r"))(?![.)][ \t]+[A-Za-z])")
 
 
 def _clean_number(token: str) -> str | None:
@@ -907,6 +909,7 @@ def _gsm8k_declared(text: str) -> tuple[int, str | None] | None:
     """The declared GSM8K answer: (start, its number with commas stripped) of whichever starts
     last of the last "#### <number>" and the last boxed answer (last_boxed; its first number, None
     if it holds none); None if there is neither."""
+    text = text.replace("\u2212", "-")  # the Unicode minus sign (one character for one)
     hashes = last_match(_DECLARED_RE, text)
     boxed = _last_boxed_at(text)
     if hashes is not None and (boxed is None or hashes.start() > boxed[0]):

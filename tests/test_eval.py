@@ -371,6 +371,27 @@ def test_an_unfinished_run_is_evaluated_with_a_note(tmp_path, capsys):
     assert not [n for n in ev.main([policy, "--n", "4", "--router-n", "0"]).notes if "training" in n]
 
 
+def test_runs_share_a_task_whether_its_defaults_are_written_out_or_not(tmp_path):
+    """train.py gives default.yaml's written-out task and task={name: tiny_countdown} one warm
+    start; eval.py likewise puts both in one table, and refuses runs of another task."""
+    written = write_run(tmp_path, "written", True, seed=1)
+    short = write_run(tmp_path, "short", True, seed=2)
+    other = write_run(tmp_path, "other", True, seed=3)
+    for path, task in ((short, {"name": "tiny_countdown", "n_train": 60, "n_test": 30}),
+                       (other, {"name": "tiny_countdown", "n_train": 60, "n_test": 30, "seed": 1})):
+        with open(os.path.join(path, "config.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        cfg["task"] = task
+        with open(os.path.join(path, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg, f)
+    res = ev.main([written, short, "--n", "4", "--router-n", "0"])
+    assert [key for key, _, _ in res.rows if key.startswith("policy:")] == [f"policy:{written}",
+                                                                             f"policy:{short}"]
+    with pytest.raises(SystemExit, match=f"{re.escape(other)} and {re.escape(written)} use "
+                                         f"different tasks"):
+        ev.main([written, other, "--n", "4", "--router-n", "0"])
+
+
 def test_runs_that_set_another_budget_or_n_are_noted(tmp_path):
     """Without --budget / --n, the first run's eval settings apply to the whole table; a run
     whose config.yaml sets others is named, not silently evaluated under the first's."""

@@ -727,6 +727,12 @@ def test_gsm8k_markdown_heading_is_no_declared_answer():
     assert gsm8k_final_number("#### 18\nno, I misread it\n\\boxed{20}") == "20"
     assert gsm8k_final_number("\\boxed{20}, so\n#### 18") == "18"
     assert gsm8k_final_number("#### **18**") == "18" and gsm8k_final_number("#### \\$1,200") == "1200"
+    gsm = MathTask(kind="gsm8k")
+    assert gsm8k_final_number("#### 2. Money\n9*2=18") == "18"     # a numbered heading neither
+    assert gsm.answer_start("#### 2. Money\n9*2=18") == -1 and gsm.answer_start("####\n18") == 0
+    # the Unicode minus: the verifier and the answer's start read it alike (an answer after help)
+    assert gsm.answer_start("#### \u22125") == 0
+    assert not gsm.help_called(HELP_MARKER + " wait, I see it\n#### \u22125")
 
 
 def test_gsm8k_takes_the_first_number_after_the_marker():
