@@ -274,12 +274,10 @@ def chat_completions_url(base_url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"http cloud backend: base_url={base_url!r} (allowed: an http:// or "
                          f"https:// address, e.g. https://api.deepseek.com)")
-    base = base_url.rstrip("/")
-    if base.endswith("/chat/completions"):
-        return base
-    if not base.endswith("/v1"):
-        base += "/v1"
-    return base + "/chat/completions"
+    path = parts.path.rstrip("/")   # a query (?api-version=...) stays after it
+    if not path.endswith("/chat/completions"):
+        path = (path if path.endswith("/v1") else path + "/v1") + "/chat/completions"
+    return urllib.parse.urlunsplit(parts._replace(path=path))
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):

@@ -408,6 +408,8 @@ def test_urls():
     assert chat_completions_url("https://api.x.com/v1/") == "https://api.x.com/v1/chat/completions"
     # the whole endpoint, as some providers document it, is not doubled
     assert chat_completions_url("https://h/v1/chat/completions/") == "https://h/v1/chat/completions"
+    assert chat_completions_url("https://h/openai?api-version=2") == \
+        "https://h/openai/v1/chat/completions?api-version=2"
     for bad in ("localhost:8000", "api.deepseek.com", "ftp://h", "http://"):
         with pytest.raises(ValueError, match=f"base_url={bad!r} \\(allowed: an http:// or https://"):
             HttpBackend(bad, "m")
@@ -424,21 +426,29 @@ def test_http_an_api_key_with_a_line_ending_is_refused_without_showing_it(endpoi
     assert "secret" not in str(err.value) and endpoint.requests == []
 
 
-def test_http_a_server_never_reached_stops_the_batch(endpoint, task):
+def test_http_a_server_never_reached_stops_the_batch(task, monkeypatch):
     """Refused connections on every retry before any request got through: base_url or the
-    server is wrong, so the batch stops after the first prompt instead of retrying each one.
-    Once the server has answered, such failures are passing: that prompt alone fails."""
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))    # a port nothing listens on
-    port = closed.getsockname()[1]
-    closed.close()
-    backend = make_backend(f"http://127.0.0.1:{port}", retries=2, concurrency=1)
-    with pytest.raises(CloudBatchError, match=r"not reached in 3 attempts .*is the server running"):
+    server is wrong, so the batch stops after the first prompt instead of retrying each one
+    (4 prompts x 2 attempts). Once the server has answered, such failures are passing: that
+    prompt alone fails."""
+    import cloud as cloud_module
+    attempts = []
+
+    def refused(request, timeout):
+        attempts.append(request.full_url)
+        raise cloud_module.urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(cloud_module._OPENER, "open", refused)
+    backend = make_backend("http://127.0.0.1:9", retries=1, concurrency=1, backoff=0.2)
+    backend.sleep = None    # the real backoff wait, which the batch's stop ends
+    with pytest.raises(CloudBatchError, match=r"not reached in 2 attempts .*is the server running"):
         backend.complete(task, task.examples("test")[:4])
+    assert 2 <= len(attempts) <= 3   # the first prompt's two, at most one of the next prompt's
     backend.reached = True     # it answered earlier in this process
+    backend.sleep = backend.slept.append
     answers = backend.complete(task, task.examples("test")[:2])
-    assert [type(a) for a in answers] == [CloudError, CloudError]
-    assert "gave up after 3 attempts" in str(answers[0])
+    assert [type(a) for a in answers] == [CloudError, CloudError] and len(attempts) <= 3 + 4
+    assert "gave up after 2 attempts" in str(answers[0])
 
 
 def test_http_success(endpoint, monkeypatch):
