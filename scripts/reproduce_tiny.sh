@@ -18,8 +18,14 @@ case $OUT in /*) ;; *) OUT="$PWD/$OUT" ;; esac
 cd "$ROOT"
 EXTRA=("$@")
 for arg in ${EXTRA[@]+"${EXTRA[@]}"}; do
-  case ${arg%%=*} in
-    name|out_dir|seed|warm_start.seed|task.allow_help|rl.algo|rl.filter|resume)
+  case $arg in
+    *=*) ;;
+    *) echo "reproduce_tiny.sh: $arg is not allowed: give key=value settings, not a config file" >&2
+       exit 2 ;;
+  esac
+  case $arg in
+    name=*|out_dir=*|seed=*|warm_start.seed=*|task.allow_help=*|task=*allow_help*|rl.algo=*|\
+    rl.filter=*|resume=*)
       echo "reproduce_tiny.sh: $arg is not allowed: the four runs are set apart by their name," \
            "seed, task.allow_help, rl.algo and rl.filter (OUT=dir sets where they go)" >&2
       exit 2 ;;
