@@ -126,6 +126,23 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error: YAML keeps the
+    last one silently (`rl: {steps: 2}` then `rl: {lr: 0.1}` would lose steps)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:  # the mark: where it is given the second time
+            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                    node.value[i][0].start_mark)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _cast(value: str, current, key: str):
     """A command-line string as the type of the field it overrides."""
     if isinstance(current, bool):
@@ -153,22 +170,28 @@ def _cast(value: str, current, key: str):
 
 def _parse_yaml(value: str, key: str):
     try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise ConfigError(f"{key}={value!r}: not a valid YAML value (e.g. [0.9, 0.999] or "
-                          f"{{name: x}})") from None
+        return yaml.load(value, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None)
+        raise ConfigError(f"{key}={value!r}: not a valid YAML value ("
+                          + (f"{problem}; " if problem else "") + "e.g. [0.9, 0.999] or {name: x})") \
+            from None
+
+
+_NUMBER_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(/(\d+\.?\d*|\.\d+))?")
 
 
 def _free_value(value: str, current, key: str):
     """A command-line value for a task / cloud entry, whose type the task or the backend judges
-    (cloud.timeout=90.5 where the file wrote 600): text for an entry the file gave as text, else
-    YAML, with 1e-3 and 3/7 read as numbers."""
+    (cloud.timeout=90.5 where the file wrote 600): for an entry the file gave as text, the text
+    (or null); else YAML, with 1e-3 and 3/7 read as numbers."""
+    if value.strip() in ("null", "~"):
+        return None
     if isinstance(current, str):
         return value
     parsed = _parse_yaml(value, key)
-    if isinstance(parsed, str):
-        with contextlib.suppress(ConfigError):
-            return _cast(parsed, 0.0, key)
+    if isinstance(parsed, str) and _NUMBER_TEXT.fullmatch(parsed):   # YAML reads 1e-3 as text
+        return _cast(parsed, 0.0, key)
     return parsed
 
 
@@ -326,23 +349,6 @@ def validate(cfg: Config):
 
 def _fail(message):
     raise ConfigError(message)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, but a key given twice in one mapping is an error: YAML keeps the
-    last one silently (`rl: {steps: 2}` then `rl: {lr: 0.1}` would lose steps)."""
-
-
-def _unique_mapping(loader, node, deep=False):
-    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
-    for i, key in enumerate(keys):
-        if key in keys[:i]:  # the mark: where it is given the second time
-            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                    node.value[i][0].start_mark)
-    return loader.construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def load_config(argv: list[str]) -> Config:

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import types
 
 import pytest
@@ -257,6 +258,10 @@ def test_task_and_cloud_overrides_are_judged_by_the_task_or_backend_not_the_file
     assert read("task.ops=+-").task["ops"] == "+-"     # an entry the file gave as text stays text
     assert read("task.number_range=[1, 9]").task["number_range"] == [1, 9]
     assert read("cloud.extra=null").cloud["extra"] is None
+    assert read("task.ops=null").task["ops"] is None         # a text entry can be unset too
+    assert read("cloud.extra=nan").cloud["extra"] == "nan"   # text, not Python's float("nan")
+    with pytest.raises(train.ConfigError, match="the key 'seed' is given twice"):
+        read("task={name: tiny_countdown, seed: 1, seed: 2}")
 
 
 def test_a_local_cloud_too_short_for_its_max_new_tokens_is_an_error_before_the_warm_start(tmp_path):
@@ -1003,15 +1008,49 @@ def test_peak_memory_is_each_steps_own(device, tmp_path, monkeypatch):
 
 
 def test_failed_cloud_calls_are_reported_on_the_console(tmp_path, capsys):
-    """A cloud that never answers (nothing listens on port 9): the run still finishes, and the
+    """A cloud that answers every request with HTTP 500: the run still finishes, and the
     console says how many calls failed instead of showing 0.000 as a real cloud accuracy."""
-    dead = "cloud={backend: http, base_url: 'http://127.0.0.1:9', model: m, retries: 0, timeout: 2}"
-    train.main(tiny_args(tmp_path, "name=down", "rl.steps=2", dead))
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Down(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(500)
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"down")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        down = (f"cloud={{backend: http, base_url: 'http://127.0.0.1:{server.server_port}', "
+                f"model: m, retries: 0, timeout: 2}}")
+        train.main(tiny_args(tmp_path, "name=down", "rl.steps=2", down))
+    finally:
+        server.shutdown()
+        server.server_close()
     out = capsys.readouterr().out
     failed = int(re.search(r"note: (\d+) cloud calls failed in this run", out).group(1))
     assert failed >= 10 and "10 of the 10 cloud-only answers" in out
-    assert "the first failure: CloudError: " in out and "Connection refused" in out  # and why
+    assert "the first failure: CloudError: " in out and "HTTP 500: down" in out  # and why
     assert "evaluation 10/10" in out        # the final evaluation's progress
+
+
+def test_a_cloud_never_reached_stops_the_run_with_one_line(tmp_path):
+    """Nothing listens on port 9: a wrong base_url or no server, not a passing failure; the run
+    stops at the first help call's batch, saying how to go on, instead of training without a
+    cloud."""
+    dead = "cloud={backend: http, base_url: 'http://127.0.0.1:9', model: m, retries: 0, timeout: 2}"
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=down", "rl.steps=2", dead))
+    run = tmp_path / "runs" / "down"
+    assert exc.value.code.startswith("\ncloud error: http://127.0.0.1:9/v1/chat/completions: not "
+                                     "reached in 1 attempts")
+    assert exc.value.code.endswith(f"once fixed, continue with: python train.py "
+                                   f"{run / 'config.yaml'}")
 
 
 @pytest.mark.parametrize("refuse_from_step, again", [(0, "{run}/config.yaml"),
