@@ -635,7 +635,7 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
         budget = _configured_budget(first)
         differ = [r.path for r in runs[1:] if _configured_budget(r) != budget]
         if differ:
-            notes.append(f"the budget {budget:g} is {first.path}'s eval.budget; "
+            notes.append(f"the budget {budget:g} comes from {first.path}'s config.yaml; "
                          f"{', '.join(differ)} set(s) another (--budget sets one for all)")
     budget = float(budget)
     n_name = "--n" if n is not None else f"{os.path.join(first.path, 'config.yaml')}: eval.n"

@@ -411,8 +411,8 @@ def test_runs_that_set_another_budget_or_n_are_noted(tmp_path):
     with open(os.path.join(other, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg, f)
     res = ev.main([first, other, "--router-n", "0", "--n", "4"])
-    assert f"the budget 0.3 is {first}'s eval.budget; {other} set(s) another (--budget sets one " \
-        "for all)" in res.notes
+    assert f"the budget 0.3 comes from {first}'s config.yaml; {other} set(s) another (--budget " \
+        "sets one for all)" in res.notes
     assert not [n for n in res.notes if "prompts are" in n]   # --n chose for all
     assert not [n for n in ev.main([first, other, "--router-n", "0", "--n", "4", "--budget", "0.2"]).notes
                 if "budget" in n]
