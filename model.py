@@ -95,8 +95,19 @@ class ModelConfig:
             raise ValueError(f"pretraining_tp={hf['pretraining_tp']} is not supported; allowed: 1")
         # with both keys, transformers reads rope_scaling and ignores rope_parameters: so do we
         rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-        theta = hf.get("rope_theta") or rope.pop("rope_theta", None) or 10000.0
-        rope.pop("rope_theta", None)
+        # a value given both at the top and in the rope section: transformers versions differ on
+        # which one they read, so two different values are an error, not a guess
+        top_theta, theta = hf.get("rope_theta"), rope.pop("rope_theta", None)
+        if top_theta is not None and theta is not None and top_theta != theta:
+            raise ValueError(f"config.json gives rope_theta={top_theta} at its top level and "
+                             f"{theta} in its rope section; they must agree")
+        theta = theta or top_theta or 10000.0
+        top_len, length = hf.get("original_max_position_embeddings"), rope.get(
+            "original_max_position_embeddings")
+        if top_len is not None and top_len != length and \
+                rope.get("rope_type", rope.get("type")) == "llama3":
+            raise ValueError(f"config.json gives original_max_position_embeddings={top_len} at its "
+                             f"top level and {length} in its llama3 rope section; they must agree")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported")
         rope.pop("partial_rotary_factor", None)

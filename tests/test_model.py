@@ -182,6 +182,27 @@ def test_config_styles_agree():
     assert a == b and a.rope_theta == 500000.0 and a.rope_scaling["factor"] == 32.0
 
 
+def test_rope_values_at_two_places_must_agree():
+    """rope_theta / original_max_position_embeddings both at the top of config.json and in its
+    rope section: transformers versions read different ones, so a disagreement is an error (a
+    silently different RoPE otherwise); agreeing values load."""
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "intermediate_size": 100, "num_hidden_layers": 2, "vocab_size": 10,
+            "max_position_embeddings": 256}
+    with pytest.raises(ValueError, match="rope_theta=500000.0 at its top level and 10000.0 in its "
+                                         "rope section; they must agree"):
+        ModelConfig.from_hf(dict(base, rope_theta=500000.0,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+    for inner in (llama3, {k: v for k, v in llama3.items() if k != "original_max_position_embeddings"}):
+        with pytest.raises(ValueError, match="original_max_position_embeddings=128 at its top level"):
+            ModelConfig.from_hf(dict(base, original_max_position_embeddings=128, rope_scaling=inner))
+    agree = ModelConfig.from_hf(dict(base, rope_theta=5e5, original_max_position_embeddings=64,
+                                     rope_parameters=dict(llama3, rope_theta=5e5)))
+    assert agree.rope_theta == 5e5 and agree.rope_scaling == llama3
+
+
 def test_rope_scaling_wins_over_rope_parameters_as_in_transformers(tmp_path):
     """A config.json carrying both keys (one written by each transformers generation): the
     scaling and theta we read are the ones transformers' AutoConfig reads from the same file."""
