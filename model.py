@@ -668,10 +668,14 @@ def _default_system_message(template: str) -> str | None:
     """The default system message a ChatML template inserts when none is given, read from the
     template's own text (e.g. Qwen2.5's "You are Qwen, ..."); None if it inserts none. The
     newline after "system" is a "\\n" escape (Qwen2.5) or a raw newline (SmolLM2); the message
-    must lie inside one string literal (no unescaped quote), so that Jinja code between two
-    literals ('<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>') never matches."""
-    m = re.search(r"<\|im_start\|>system(?:\\n|\n)((?:[^'\"\\]|\\.)*?)<\|im_end\|>", template)
-    return m.group(1).replace("\\n", "\n").replace("\\'", "'") if m else None
+    must lie inside one string literal, in single or double quotes (no unescaped quote of that
+    kind), so that Jinja code between two literals ('<|im_start|>system\\n' +
+    messages[0]['content'] + '<|im_end|>') never matches."""
+    m = re.search(r"(['\"])<\|im_start\|>system(?:\\n|\n)((?:(?!\1)[^\\]|\\.)*?)<\|im_end\|>",
+                  template)
+    # the literal's escapes as Jinja reads them: \n, \t, and \x for any other x (\\ \' \")
+    return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t"}.get(e.group(1), e.group(1)),
+                  m.group(2), flags=re.DOTALL) if m else None
 
 
 def load_tokenizer(path: str) -> Tokenizer:

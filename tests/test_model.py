@@ -462,6 +462,22 @@ def test_default_system_message_after_a_raw_newline(tmp_path):
     assert tok.default_system == "You are a helpful AI assistant named SmolLM"
 
 
+@pytest.mark.parametrize("literal", [
+    r"'<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n'",
+    "\"<|im_start|>system\\nYou're a careful assistant.<|im_end|>\\n\"",
+    r"'<|im_start|>system\nSay \'hi\' then\tgo.<|im_end|>\n'",
+])
+def test_default_system_message_reads_the_literal_as_jinja_renders_it(literal):
+    """Jinja's escapes (\\ for one backslash, \' in single quotes) and double-quoted literals
+    holding an apostrophe: the default system message is the text the template renders."""
+    from model import _default_system_message
+    jinja2 = pytest.importorskip("jinja2")
+    template = "{%- if messages[0]['role'] != 'system' %}{{- " + literal + " }}{%- endif %}"
+    rendered = jinja2.Environment().from_string(template).render(messages=[{"role": "user"}])
+    assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_end|>\n")
+    assert _default_system_message(template) == rendered[len("<|im_start|>system\n"):-len("<|im_end|>\n")]
+
+
 def test_tokenizer_save_keeps_a_chat_format_without_template(tmp_path):
     """A tokenizer whose chat format has no template text still loads with that format."""
     tok = build_char_tokenizer("abc")
