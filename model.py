@@ -485,8 +485,9 @@ def weights_dtype(dtype, device) -> torch.dtype:
 
 def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
     """Load an HF Llama/Qwen2 directory (config.json + model*.safetensors, sharded or not),
-    strictly: a missing or unexpected tensor is an error that names it. dtype defaults to fp32
-    on CPU and bf16 on CUDA."""
+    strictly: a missing or unexpected tensor is an error that names it (as transformers does,
+    an old save's rotary_emb.inv_freq buffers are passed over, and a tied embedding may be
+    stored as lm_head.weight alone). dtype defaults to fp32 on CPU and bf16 on CUDA."""
     from safetensors import SafetensorError, safe_open
     cfg = ModelConfig.from_hf(read_json(os.path.join(path, "config.json")))
     device = torch.device(device or "cpu")
@@ -517,6 +518,8 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
                         raise ValueError(f"tensor {name!r} is stored twice in {path}: in "
                                          f"{source[name]} and in {shard}; remove the stale file")
                     source[name] = shard
+                    if name.endswith(".rotary_emb.inv_freq"):  # an old save's buffer: RoPE is
+                        continue                                 # computed from config.json
                     if cfg.tie_word_embeddings and name == "lm_head.weight":
                         tied_head = f.get_tensor(name)  # stored anyway: must be the embedding
                         continue
@@ -534,6 +537,8 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
         except SafetensorError as e:
             raise ValueError(f"{os.path.join(path, shard)}: the weights cannot be read ({e}); "
                              "is the file complete?") from e
+    if tied_head is not None and "embed_tokens.weight" not in state:  # tied, stored as the head
+        state["embed_tokens.weight"] = tied_head.to(device=device, dtype=dtype)
     missing = [hf for hf, ours in expected.items() if ours not in state]
     if missing:
         raise ValueError(f"checkpoint {path} is missing tensors: {missing[:8]}"

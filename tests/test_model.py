@@ -132,6 +132,27 @@ def test_tied_config_with_a_different_stored_head_is_an_error(tmp_path):
         load_pretrained(str(tmp_path))
 
 
+def test_checkpoints_transformers_loads_with_extra_buffers_or_only_a_tied_head(tmp_path):
+    """An old save's rotary_emb.inv_freq buffers, and a tied embedding stored only as
+    lm_head.weight: transformers loads both; so do we, with its logits."""
+    hf = make_hf_model("llama_gqa_tied", seed=5)
+    hf.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    head_dim = hf.config.hidden_size // hf.config.num_attention_heads
+    buffers = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(head_dim // 2)
+               for i in range(hf.config.num_hidden_layers)}
+    ids = torch.randint(3, 97, (1, 30))
+    for stored in ({**state, **buffers},
+                   {**{k: v for k, v in state.items() if k != "model.embed_tokens.weight"},
+                    "lm_head.weight": state["model.embed_tokens.weight"]}):
+        save_file(stored, path, metadata={"format": "pt"})
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+        ours = load_pretrained(str(tmp_path))
+        with torch.no_grad():
+            assert (ref(ids).logits - ours(ids, torch.arange(30)[None])).abs().max().item() <= 1e-4
+
+
 def test_strict_loading_names_the_tensor(tmp_path):
     save_pretrained(Transformer(ModelConfig(tie_word_embeddings=False)).init_weights(0),
                     str(tmp_path))
