@@ -650,6 +650,10 @@ class Tokenizer:
                 for m in messages)
             return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n"
                            if add_generation_prompt else "")
+        if self.special_tokens.get("chat_template"):
+            raise ValueError("this tokenizer's chat template is neither ChatML (<|im_start|>) nor "
+                             "Llama-3 (<|start_header_id|>), the formats written here; give the "
+                             "prompt as a string, not as chat messages")
         raise ValueError("this tokenizer has no chat format (a raw-text model): give the prompt "
                          "as a string, not as chat messages")
 

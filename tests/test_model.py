@@ -499,6 +499,17 @@ def test_default_system_message_reads_the_literal_as_jinja_renders_it(literal):
     assert _default_system_message(template) == rendered[len("<|im_start|>system\n"):-len("<|im_end|>\n")]
 
 
+def test_an_unknown_chat_template_is_named_as_such(tmp_path):
+    """A template in another markup (DeepSeek-R1-Distill's) is not 'no chat format'."""
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    json.dump({"chat_template": "{{ bos_token }}{% for m in messages %}<｜User｜>{{ m['content'] }}"
+                                "{% endfor %}", "eos_token": "<eos>"},
+              open(tmp_path / "tokenizer_config.json", "w"))
+    tok = load_tokenizer(str(tmp_path))
+    with pytest.raises(ValueError, match="chat template is neither ChatML .* nor Llama-3"):
+        tok.apply_chat([{"role": "user", "content": "a"}])
+
+
 def test_tokenizer_save_keeps_a_chat_format_without_template(tmp_path):
     """A tokenizer whose chat format has no template text still loads with that format."""
     tok = build_char_tokenizer("abc")
