@@ -475,10 +475,11 @@ QUANTISED_TENSOR = re.compile(r"(weight_scale|weight_scale_inv|input_scale|qweig
 def weights_dtype(dtype, device) -> torch.dtype:
     """The dtype load_pretrained gives the weights: `dtype` (a torch.dtype or a name in DTYPES),
     or by default bf16 on CUDA and fp32 elsewhere."""
-    if not (dtype is None or isinstance(dtype, torch.dtype)
+    if not (dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point
+                              and dtype.itemsize >= 2)
             or (isinstance(dtype, str) and dtype in DTYPES)):
         raise ValueError(f"dtype {dtype!r} is not supported; allowed: {sorted(DTYPES)} "
-                         "or a torch.dtype")
+                         "or a floating-point torch.dtype of 16 bits or more")
     default = torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
     return DTYPES.get(dtype, dtype) or default
 

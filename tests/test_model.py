@@ -1,5 +1,6 @@
 """model.py against transformers' own Llama / Qwen2 implementations (random small configs)."""
 import json
+import re
 import os
 
 import pytest
@@ -624,3 +625,6 @@ def test_weights_dtype_is_the_dtype_load_pretrained_gives(tmp_path):
         assert load_pretrained(str(tmp_path), dtype=dtype).norm.weight.dtype == \
             weights_dtype(dtype, "cpu") == expected
     assert weights_dtype(None, "cuda") == weights_dtype(None, torch.device("cuda:1")) == torch.bfloat16
+    for bad in (torch.int8, torch.float8_e4m3fn, "fp32"):   # int8 failed inside load_state_dict
+        with pytest.raises(ValueError, match=f"dtype {re.escape(repr(bad))} is not supported"):
+            load_pretrained(str(tmp_path), dtype=bad)
