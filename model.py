@@ -593,7 +593,8 @@ class Tokenizer:
                  special_tokens=None):
         self.tk, self.eos_ids, self.pad_id, self.bos_id = tk, list(eos_ids), pad_id, bos_id
         self.chat_format, self.default_system = chat_format, default_system
-        # tokenizer_config.json entries written back on save: special token strings and the
+        # tokenizer_config.json entries written back on save: the loaded file's (unk token,
+        # tokenizer class, model_max_length, ...) with the special token strings and the
         # original chat template (so a saved checkpoint keeps e.g. SmolLM2's default system message)
         self.special_tokens = special_tokens or {}
 
@@ -728,8 +729,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     pad_tok = _token_str(tc.get("pad_token"))
     pad_id = tk.token_to_id(pad_tok) if pad_tok else None
     bos_tok = _token_str(tc.get("bos_token"))
-    specials = {k: _token_str(tc[k]) for k in ("eos_token", "pad_token", "bos_token")
-                if tc.get(k) is not None}
+    specials = {**tc, **{k: _token_str(tc[k]) for k in ("eos_token", "pad_token", "bos_token")
+                         if tc.get(k) is not None}}
     if template:
         specials["chat_template"] = template
     return Tokenizer(tk, eos_ids, eos_ids[0] if pad_id is None else pad_id,

@@ -500,6 +500,19 @@ def test_default_system_message_reads_the_literal_as_jinja_renders_it(literal):
     assert _default_system_message(template) == rendered[len("<|im_start|>system\n"):-len("<|im_end|>\n")]
 
 
+def test_tokenizer_save_keeps_the_loaded_config_entries(tmp_path):
+    """unk_token, tokenizer_class, model_max_length...: a checkpoint saved after RL keeps what
+    transformers reads from tokenizer_config.json (they were dropped)."""
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    conf = {"eos_token": {"content": "<eos>", "special": True}, "unk_token": "<pad>",
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192}
+    json.dump(conf, open(tmp_path / "tokenizer_config.json", "w"))
+    (tmp_path / "saved").mkdir()
+    load_tokenizer(str(tmp_path)).save(str(tmp_path / "saved"))
+    saved = json.load(open(tmp_path / "saved" / "tokenizer_config.json"))
+    assert saved == {**conf, "eos_token": "<eos>"}
+
+
 def test_an_unknown_chat_template_is_named_as_such(tmp_path):
     """A template in another markup (DeepSeek-R1-Distill's) is not 'no chat format'."""
     build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
