@@ -590,13 +590,15 @@ class Tokenizer:
     for raw-text models), written by hand."""
 
     def __init__(self, tk, eos_ids, pad_id, bos_id=None, chat_format=None, default_system=None,
-                 special_tokens=None):
+                 special_tokens=None, generation=None):
         self.tk, self.eos_ids, self.pad_id, self.bos_id = tk, list(eos_ids), pad_id, bos_id
         self.chat_format, self.default_system = chat_format, default_system
         # tokenizer_config.json entries written back on save: the loaded file's (unk token,
         # tokenizer class, model_max_length, ...) with the special token strings and the
         # original chat template (so a saved checkpoint keeps e.g. SmolLM2's default system message)
         self.special_tokens = special_tokens or {}
+        # generation_config.json's other entries (bos, the model's sampling defaults), kept too
+        self.generation = generation or {}
 
     @property
     def vocab_size(self) -> int:
@@ -667,8 +669,8 @@ class Tokenizer:
         atomic_write_text(os.path.join(path, "tokenizer_config.json"), json.dumps(conf, indent=2))
         # every eos id, not only the first (Llama-3 instruct stops on several)
         atomic_write_text(os.path.join(path, "generation_config.json"),
-                          json.dumps({"eos_token_id": self.eos_ids, "pad_token_id": self.pad_id},
-                                     indent=2))
+                          json.dumps({**self.generation, "eos_token_id": self.eos_ids,
+                                      "pad_token_id": self.pad_id}, indent=2))
 
 
 def _token_str(v):
@@ -735,7 +737,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         specials["chat_template"] = template
     return Tokenizer(tk, eos_ids, eos_ids[0] if pad_id is None else pad_id,
                      tk.token_to_id(bos_tok) if bos_tok else None, fmt,
-                     _default_system_message(template) if fmt == "chatml" else None, specials)
+                     _default_system_message(template) if fmt == "chatml" else None, specials, gc)
 
 
 def build_char_tokenizer(alphabet: str) -> Tokenizer:

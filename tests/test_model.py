@@ -501,16 +501,21 @@ def test_default_system_message_reads_the_literal_as_jinja_renders_it(literal):
 
 
 def test_tokenizer_save_keeps_the_loaded_config_entries(tmp_path):
-    """unk_token, tokenizer_class, model_max_length...: a checkpoint saved after RL keeps what
-    transformers reads from tokenizer_config.json (they were dropped)."""
+    """unk_token, tokenizer_class, model_max_length, the model's sampling defaults...: a
+    checkpoint saved after RL keeps what transformers reads from tokenizer_config.json and
+    generation_config.json (they were dropped)."""
     build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
     conf = {"eos_token": {"content": "<eos>", "special": True}, "unk_token": "<pad>",
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192}
     json.dump(conf, open(tmp_path / "tokenizer_config.json", "w"))
     (tmp_path / "saved").mkdir()
+    json.dump({"bos_token_id": 2, "eos_token_id": 1, "temperature": 0.6, "top_p": 0.9},
+              open(tmp_path / "generation_config.json", "w"))
     load_tokenizer(str(tmp_path)).save(str(tmp_path / "saved"))
     saved = json.load(open(tmp_path / "saved" / "tokenizer_config.json"))
     assert saved == {**conf, "eos_token": "<eos>"}
+    assert json.load(open(tmp_path / "saved" / "generation_config.json")) == {
+        "bos_token_id": 2, "eos_token_id": [1], "temperature": 0.6, "top_p": 0.9, "pad_token_id": 1}
 
 
 def test_an_unknown_chat_template_is_named_as_such(tmp_path):
