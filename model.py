@@ -13,6 +13,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -679,16 +680,20 @@ def _token_str(v):
 
 def _default_system_message(template: str) -> str | None:
     """The default system message a ChatML template inserts when none is given, read from the
-    template's own text (e.g. Qwen2.5's "You are Qwen, ..."); None if it inserts none. The
-    newline after "system" is a "\\n" escape (Qwen2.5) or a raw newline (SmolLM2); the message
-    must lie inside one string literal, in single or double quotes (no unescaped quote of that
-    kind), so that Jinja code between two literals ('<|im_start|>system\\n' +
-    messages[0]['content'] + '<|im_end|>') never matches."""
-    m = re.search(r"(['\"])<\|im_start\|>system(?:\\n|\n)((?:(?!\1)[^\\]|\\.)*?)<\|im_end\|>",
-                  template)
-    # the literal's escapes as Jinja reads them: \n, \t, and \x for any other x (\\ \' \")
-    return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t"}.get(e.group(1), e.group(1)),
-                  m.group(2), flags=re.DOTALL) if m else None
+    template's own text (e.g. Qwen2.5's "You are Qwen, ..."); None if it inserts none. It lies
+    inside one string literal, in single or double quotes (no unescaped quote of that kind, so
+    that Jinja code between two literals, '<|im_start|>system\\n' + messages[0]['content'] +
+    '<|im_end|>', never matches), read with Jinja's own escapes; or in plain template text
+    between two tags (Qwen2-VL). The newline after "system" is a "\\n" escape (Qwen2.5) or a raw
+    one (SmolLM2)."""
+    m = re.search(r"(['\"])<\|im_start\|>system(?:\\n|\r?\n)((?:(?!\1)[^\\]|\\.)*?)<\|im_end\|>",
+                  template, flags=re.DOTALL)
+    if m:  # decoded as Jinja's lexer decodes a string literal (an unknown escape such as \{
+        with warnings.catch_warnings():  # keeps its backslash; Python warns of it)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return m.group(2).encode("ascii", "backslashreplace").decode("unicode-escape")
+    m = re.search(r"(?:%}|}}|^)<\|im_start\|>system\r?\n([^{}]*?)<\|im_end\|>", template)
+    return m.group(1) if m else None
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -891,9 +891,12 @@ _UNSIGNED = r"(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+
 _NUMBER_RE = re.compile(r"-?(?:" + _UNSIGNED + ")")
 # GSM8K's declared answer: "####", then the number ("#### - 5" is -5; bold or a dollar sign may
 # come between). A markdown heading such as "#### Step 2" is no declared answer.
-# A numbered heading ("#### 2. Money", "#### 3) Total") is none either.
-_DECLARED_RE = re.compile(r"####\s*(?:\*\*|\\?\$)?[ \t]*((?:-\s*)?(?>" + _UNSIGNED
-                          + r"))(?![.)][ \t]+[A-Za-z])")
+# A numbered heading ("#### 2. Money", "#### 3) Total") is none either (nor, by the same rule, an
+# answer followed by a sentence, "#### 72. She sold ...": the verifier still reads 72 as the
+# text's last number). The number is matched whole before that check ((?=(...))\2: an atomic
+# group, which Python's re has only from 3.11), so "1,234. Total" is not read as "1".
+_DECLARED_RE = re.compile(r"####\s*(?:\*\*|\\?\$)?[ \t]*((?:-\s*)?(?=(" + _UNSIGNED
+                          + r"))\2)(?![.)][ \t]+[A-Za-z])")
 
 
 def _clean_number(token: str) -> str | None:

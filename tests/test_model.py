@@ -484,10 +484,13 @@ def test_default_system_message_after_a_raw_newline(tmp_path):
     assert tok.default_system == "You are a helpful AI assistant named SmolLM"
 
 
+@pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning")  # jinja2's, on \{
 @pytest.mark.parametrize("literal", [
     r"'<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n'",
     "\"<|im_start|>system\\nYou're a careful assistant.<|im_end|>\\n\"",
     r"'<|im_start|>system\nSay \'hi\' then\tgo.<|im_end|>\n'",
+    r"'<|im_start|>system\nUse \{braces\} and \d, caf\u00e9 \x41.<|im_end|>\n'",  # kept, decoded
+    "'<|im_start|>system\nCafé: raw text.<|im_end|>\n'",
 ])
 def test_default_system_message_reads_the_literal_as_jinja_renders_it(literal):
     """Jinja's escapes (\\ for one backslash, \' in single quotes) and double-quoted literals
@@ -527,6 +530,19 @@ def test_an_unknown_chat_template_is_named_as_such(tmp_path):
     tok = load_tokenizer(str(tmp_path))
     with pytest.raises(ValueError, match="chat template is neither ChatML .* nor Llama-3"):
         tok.apply_chat([{"role": "user", "content": "a"}])
+
+
+def test_default_system_message_in_plain_template_text():
+    """Qwen2-VL writes it as template text between two tags, not in a string literal."""
+    from model import _default_system_message
+    jinja2 = pytest.importorskip("jinja2")
+    template = ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+                "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+                "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}")
+    rendered = jinja2.Environment().from_string(template).render(
+        messages=[{"role": "user", "content": "hi"}])
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert _default_system_message(template) == "You are a helpful assistant."
 
 
 def test_tokenizer_save_keeps_a_chat_format_without_template(tmp_path):
