@@ -270,8 +270,8 @@ class OracleBackend:
 def chat_completions_url(base_url: str) -> str:
     """{base}/v1/chat/completions, whether base_url ends in /v1 or already is that endpoint; a
     base_url that is no http(s)://host address is a ValueError."""
-    parts = urllib.parse.urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    parts = urllib.parse.urlsplit(base_url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"http cloud backend: base_url={base_url!r} (allowed: an http:// or "
                          f"https:// address, e.g. https://api.deepseek.com)")
     path = parts.path.rstrip("/")   # a query (?api-version=...) stays after it

@@ -108,7 +108,9 @@ class ModelConfig:
         if top_len is not None and top_len != length and \
                 rope.get("rope_type", rope.get("type")) == "llama3":
             raise ValueError(f"config.json gives original_max_position_embeddings={top_len} at its "
-                             f"top level and {length} in its llama3 rope section; they must agree")
+                             f"top level and {'none' if length is None else length} in its llama3 "
+                             f"rope section; transformers versions read one or the other: give "
+                             f"the same value in both")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported")
         rope.pop("partial_rotary_factor", None)

@@ -132,11 +132,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _unique_mapping(loader, node, deep=False):
-    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    named = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]  # not "<<: *base"
+    keys = [loader.construct_object(k, deep=True) for k in named]
     for i, key in enumerate(keys):
         if key in keys[:i]:  # the mark: where it is given the second time
             raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                    node.value[i][0].start_mark)
+                                                    named[i].start_mark)
     return loader.construct_mapping(node, deep)
 
 
@@ -793,9 +794,12 @@ class Trainer:
         if not cfg.resume and has_checkpoint:
             raise ConfigError(f"{self.run_dir} already holds a run; resume it with "
                               f"resume={self.run_dir}, or choose another name=")
-        if os.path.realpath(self.run_dir) == os.path.realpath(cfg.warm_start.cache_dir):
-            raise ConfigError(f"name={cfg.name!r}: {self.run_dir} is warm_start.cache_dir, where "
-                              f"cached warm starts live; choose another name=")
+        cache = os.path.realpath(cfg.warm_start.cache_dir)
+        if not cfg.model.path and not cfg.resume and \
+                os.path.commonpath([os.path.realpath(self.run_dir), cache]) == cache:
+            raise ConfigError(f"{self.run_dir} lies in warm_start.cache_dir "
+                              f"{cfg.warm_start.cache_dir}, where cached warm starts live; choose "
+                              f"another name= or out_dir=")
         if cfg.resume and not has_checkpoint:
             raise ConfigError(f"resume={self.run_dir}: no checkpoint yet (the run stopped before "
                               f"its first save); start it afresh with: python train.py "

@@ -410,7 +410,8 @@ def test_urls():
     assert chat_completions_url("https://h/v1/chat/completions/") == "https://h/v1/chat/completions"
     assert chat_completions_url("https://h/openai?api-version=2") == \
         "https://h/openai/v1/chat/completions?api-version=2"
-    for bad in ("localhost:8000", "api.deepseek.com", "ftp://h", "http://"):
+    assert chat_completions_url(" http://h/v1 ") == "http://h/v1/chat/completions"
+    for bad in ("localhost:8000", "api.deepseek.com", "ftp://h", "http://", "http://:8000"):
         with pytest.raises(ValueError, match=f"base_url={bad!r} \\(allowed: an http:// or https://"):
             HttpBackend(bad, "m")
 

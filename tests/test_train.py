@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import threading
 import types
 
@@ -232,7 +233,8 @@ def test_seeds_are_what_torch_accepts():
     ("cloud={backend: http, base_url: 'http://127.0.0.1:9', model: m, concurrency: abc}",
      "concurrency='abc' (allowed: an integer >= 1)"),
     ("out_dir=/proc/no/such", "out_dir '/proc/no/such/bad' cannot be written"),
-    ("warm_start.cache_dir=RUN", "is warm_start.cache_dir, where cached warm starts live"),
+    ("warm_start.cache_dir=RUN", "lies in warm_start.cache_dir"),
+    ("warm_start.cache_dir=RUN/..", "lies in warm_start.cache_dir"),   # out_dir inside the cache
     ("warm_start.cache_dir=/proc/no/such", "warm_start.cache_dir '/proc/no/such' cannot be"),
 ])
 def test_bad_settings_are_one_line_errors_before_the_warm_start(override, message, tmp_path):
@@ -370,6 +372,9 @@ def test_bad_files_and_help(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- rl.steps=3\n")
     (tmp_path / "twice.yaml").write_text("rl: {steps: 2}\nseed: 1\nrl: {lr: 0.1}\n")
     (tmp_path / "twice_inside.yaml").write_text("rl:\n  steps: 2\n  steps: 3\n")
+    (tmp_path / "merged.yaml").write_text("base: &b {steps: 2, lr: 0.1}\nrl:\n  <<: *b\n  steps: 3\n")
+    with pytest.raises(train.ConfigError, match="unknown config key 'base'"):  # the merge reads
+        train.load_config([str(tmp_path / "merged.yaml")])   # (no "<<" given twice); base is no key
     for argv, message in [([str(tmp_path / "torn.yaml")], "torn.yaml is not valid YAML: "),
                           ([str(tmp_path / "list.yaml")], "must hold a mapping (name: ..., rl: "
                                                           "{...}, ...), not a list"),
@@ -1040,15 +1045,18 @@ def test_failed_cloud_calls_are_reported_on_the_console(tmp_path, capsys):
 
 
 def test_a_cloud_never_reached_stops_the_run_with_one_line(tmp_path):
-    """Nothing listens on port 9: a wrong base_url or no server, not a passing failure; the run
+    """Nothing listens on the port: a wrong base_url or no server, not a passing failure; the run
     stops at the first help call's batch, saying how to go on, instead of training without a
     cloud."""
-    dead = "cloud={backend: http, base_url: 'http://127.0.0.1:9', model: m, retries: 0, timeout: 2}"
+    with socket.socket() as s:  # a port nobody listens on once this closes: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = f"cloud={{backend: http, base_url: 'http://127.0.0.1:{port}', model: m, retries: 0}}"
     with pytest.raises(SystemExit) as exc:
         train.main(tiny_args(tmp_path, "name=down", "rl.steps=2", dead))
     run = tmp_path / "runs" / "down"
-    assert exc.value.code.startswith("\ncloud error: http://127.0.0.1:9/v1/chat/completions: not "
-                                     "reached in 1 attempts")
+    assert exc.value.code.startswith(f"\ncloud error: http://127.0.0.1:{port}/v1/chat/completions: "
+                                     f"not reached in 1 attempts")
     assert exc.value.code.endswith(f"once fixed, continue with: python train.py "
                                    f"{run / 'config.yaml'}")
 
