@@ -853,17 +853,9 @@ def prefill(args) -> int:
     else:
         options = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.task_seed}
         task = make_task(args.task, **{k: v for k, v in options.items() if v is not None})
-    if args.backend == "oracle":
-        settings = {"p_correct": args.p_correct, "seed": args.seed}
-    elif args.backend == "http":
-        settings = {"base_url": args.base_url, "model": args.model, "api_key_env": args.api_key_env,
-                    "temperature": args.temperature, "max_tokens": args.max_tokens, "timeout": args.timeout,
-                    "retries": args.retries, "concurrency": args.concurrency}
-    elif args.backend == "local":
-        settings = {"path": args.path, "max_new_tokens": args.max_new_tokens,
-                    "device": args.device, "dtype": args.dtype}
-    else:  # a backend added to BACKENDS: its settings have no options here
-        settings = {}
+    # the chosen backend's options (main() filled in their defaults); a backend added to
+    # BACKENDS without options here gets none
+    settings = {name: getattr(args, name) for name in PREFILL_OPTIONS.get(args.backend, {})}
     cloud = make_cloud({"backend": args.backend, **settings}, cache_path=args.cache)
     cloud.check_cache()  # a cache holding another cloud's answers: no run could read it whole
 
