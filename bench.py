@@ -215,8 +215,10 @@ def bench_sample(args):
     peak = matmul_peak_flops(device, dtype)
     print(f"{args.dtype} matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     stop, pad = stops(args.model, path)
-    run_ours(ours, prompts, n, 8, device, stop)  # warm-up
-    run_hf(hf, prompts, n, 8, device, pad, stop or None)
+    # warm-up at the timed runs' own size: on CUDA transformers' first full-length generate
+    # was 9x slower than its later ones, which a shorter warm-up left inside the timed runs
+    run_ours(ours, prompts, n, new, device, stop)
+    run_hf(hf, prompts, n, new, device, pad, stop or None)
     rates = {"ours": [], "transformers": []}
     for rep in range(args.reps):
         for name in ("ours", "transformers"):
@@ -265,7 +267,7 @@ def main(argv=None):
         device = resolve_device(args.device)
     except ValueError as e:
         ap.error(str(e))
-    if device.type == "cuda":  # cuda:N: the synchronize and memory calls then act on that GPU
+    if device.type == "cuda" and device.index is not None:  # cuda:N: synchronize and memory act there
         torch.cuda.set_device(device)
     if args.what == "_memory":
         memory_child(args.which, args.model, args.device, args.dtype)
