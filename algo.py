@@ -116,7 +116,7 @@ def floor_share(n: int, share: float) -> int:
     denominator <= 10^6, so 100 x 0.29 (28.999999999999996 in floats) gives 29, and 1/3 rounded
     to 12 decimals gives floor(n/3) for every n, however large. A share with more than six
     significant decimals can read one off either way (0.4999999 reads as 1/2)."""
-    return math.floor(n * Fraction(share).limit_denominator(10 ** 6))
+    return math.floor(n * Fraction(float(share)).limit_denominator(10 ** 6))  # float: numpy's too
 
 
 def d2_cap(rho, n_d1):
@@ -142,7 +142,8 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
     """
     if rule not in FILTER_RULES:
         raise ValueError(f"unknown filter rule {rule!r}; allowed: {', '.join(FILTER_RULES)}")
-    if not isinstance(rho, numbers.Real) or not (rho >= 0 and math.isfinite(rho)):
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not (
+            rho >= 0 and math.isfinite(rho)):
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
     local_ok, help, cloud_ok, rewards = (torch.as_tensor(t).cpu()
                                          for t in (local_ok, help, cloud_ok, rewards))
@@ -382,6 +383,9 @@ DEFAULT_RHO = 3 / 7  # the paper's budget: P(cloud) <= 3/7 P(local), i.e. 30% of
 def cloud_share(rho: float) -> float:
     """rho / (1 + rho): the share of queries the cloud may take when P(cloud) <= rho P(local)
     (SPEC 4), the default evaluation budget. Rounded to 12 decimals, so rho = 3/7 gives 0.3."""
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not (
+            rho >= 0 and math.isfinite(rho)):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
     return round(rho / (1 + rho), 12)
 
 

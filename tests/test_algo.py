@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from algo import (Rollout, accumulate_policy_gradient, filter_prompts,
-                  group_advantages, micro_batches, policy_gradient_loss, sequence_token_logprobs,
-                  update_dual, update_policy)
+from algo import (Rollout, accumulate_policy_gradient, capped_metrics, cloud_share,
+                  filter_prompts, group_advantages, micro_batches, policy_gradient_loss,
+                  sequence_token_logprobs, update_dual, update_policy)
 
 # -----------------------------------------------------------------------------
 # unbiasedness on a toy policy: softmax over K responses, fixed rewards
@@ -485,3 +485,22 @@ def test_evaluation_decodes_greedily():
             assert int(logits[len(prompt) + j - 1].argmax()) == token
             checked += 1
     assert checked >= 5 * len(examples)  # responses long enough for the check to bite
+
+
+def test_numpy_budgets_and_rhos_work_like_floats():
+    """A NumPy scalar (say, read from an array of budgets) is a real number: it passed the
+    checks and then crashed in Fraction. The caps are those of the same plain floats:
+    floor(7 * 3/7) = 3 (float32(3/7) is 0.42857143), floor(10 * 0.3) = 3."""
+    import numpy as np
+    res = run_filter(["LW"] * 7 + ["HW"] * 5, [True] * 12, rho=np.float32(3 / 7))
+    assert res.n_d2 == 3
+    m = capped_metrics([True] * 5 + [False] * 5, [False] * 10, [True] * 10, np.float32(0.3))
+    assert m["cap"] == 3 and m["calls_served"] == 3
+
+
+@pytest.mark.parametrize("rho", [-0.5, -1.0, float("nan"), float("inf"), True, "0.4"])
+def test_cloud_share_refuses_what_is_no_rho(rho):
+    with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0, got "):
+        cloud_share(rho)
+    with pytest.raises(ValueError, match=r"^rho must be a finite number >= 0, got "):
+        run_filter(["LW", "HW"], [True, True], rho=rho)
