@@ -261,30 +261,76 @@ class SharedPrefixCache:
             raise ValueError("SharedPrefixCache decodes one token per row per step, no padding")
         return None
 
+    def store(self, layer: int, k, v):
+        """This step's keys/values [P, Hkv, n, D] into column pos of each sample's buffer."""
+        self.k[layer, :, :, :, self.pos] = k
+        self.v[layer, :, :, :, self.pos] = v
+
+    def columns(self):
+        """-> (generated columns the step attends to, additive bias on their scores or None)."""
+        return self.pos + 1, None
+
     def attend(self, layer: int, q, k, v, mask):
         R, H, _, D = q.shape
-        P, Hkv, n, t, Lp = self.k.shape[1], self.k.shape[2], self.n, self.pos, self.prefix.pos
+        P, Hkv, n, Lp = self.k.shape[1], self.k.shape[2], self.n, self.prefix.pos
         r = H // Hkv
         # rows are (prompt, sample) and heads are (kv head, group member): regroup the queries
-        # to [P, Hkv, n, r, D] and store this step's keys/values at column t
+        # to [P, Hkv, n, r, D] and store this step's keys/values
         # (the 1/sqrt(D) scale goes on the queries, as SDPA applies it, not on the scores)
         q = (q * D ** -0.5).view(P, n, Hkv, r, D).transpose(1, 2)
-        self.k[layer, :, :, :, t] = k.view(P, n, Hkv, D).transpose(1, 2)
-        self.v[layer, :, :, :, t] = v.view(P, n, Hkv, D).transpose(1, 2)
+        self.store(layer, k.view(P, n, Hkv, D).transpose(1, 2), v.view(P, n, Hkv, D).transpose(1, 2))
         # the prefix as one batch of P*Hkv matrices [Lp, D] (a view when the prefill's cache is
         # exactly Lp long, as generate() makes it)
         kp, vp = (c[layer, :, :, :Lp].reshape(P * Hkv, Lp, D) for c in (self.prefix.k, self.prefix.v))
-        ks, vs = self.k[layer, :, :, :, :t + 1], self.v[layer, :, :, :, :t + 1]
+        t1, gen_bias = self.columns()
+        ks, vs = self.k[layer, :, :, :, :t1], self.v[layer, :, :, :, :t1]
         qg = q.reshape(P * Hkv, n * r, D)
         s_pre = torch.baddbmm(self.prefix_bias, qg, kp.transpose(1, 2))  # [P*Hkv, n*r, Lp]
-        s_gen = (q @ ks.transpose(-1, -2)).view(P * Hkv, n * r, t + 1)
-        p = torch.softmax(torch.cat([s_pre, s_gen], dim=-1).float(), dim=-1).to(q.dtype)
-        y_gen = (p[..., Lp:].view(P, Hkv, n, r, t + 1) @ vs).view(P * Hkv, n * r, D)
+        s_gen = q @ ks.transpose(-1, -2)
+        if gen_bias is not None:
+            s_gen += gen_bias
+        p = torch.cat([s_pre, s_gen.view(P * Hkv, n * r, t1)], dim=-1)
+        p = torch.softmax(p.float(), dim=-1).to(q.dtype)
+        y_gen = (p[..., Lp:].view(P, Hkv, n, r, t1) @ vs).view(P * Hkv, n * r, D)
         y = torch.baddbmm(y_gen, p[..., :Lp], vp)   # + the prefix's share, in the same call
         return y.view(P, Hkv, n, r, D).transpose(1, 2).reshape(R, H, 1, D)
 
     def advance(self, T: int):
         self.pos += T
+
+
+class StaticPrefixCache(SharedPrefixCache):
+    """A SharedPrefixCache whose decode step has the same shapes and tensor addresses at every
+    step, so that one recorded CUDA graph can replay it (sample.DecodeGraphs). The step's column
+    is the device tensor `col`, set by the caller before each step (advance() leaves it), and
+    the step attends to a fixed `span` of generated columns, those after `col` hidden by an
+    additive -inf bias. The buffers start zeroed: a hidden column is then 0, never stale memory
+    that could hold NaN (0 * NaN in the value product is NaN)."""
+
+    def __init__(self, prefix: KVCache, n: int, max_new: int):
+        super().__init__(prefix, n, max_new)
+        self.k.zero_()
+        self.v.zero_()
+        self.col = torch.zeros((), dtype=torch.long, device=self.k.device)
+        self.span = max_new  # columns attended; the caller may set fewer (at least col + 1)
+
+    def begin(self, T: int, attn_mask):
+        super().begin(T, attn_mask)
+        hidden = torch.arange(self.span, device=self.col.device) > self.col
+        self.gen_bias = self.k.new_zeros(self.span).masked_fill_(hidden, float("-inf"))
+        return None
+
+    def store(self, layer: int, k, v):
+        index = self.col.view(1)
+        # (cast as slice assignment would: under autocast an fp32 model's k, v are bf16)
+        self.k[layer].index_copy_(3, index, k[:, :, :, None].to(self.k.dtype))
+        self.v[layer].index_copy_(3, index, v[:, :, :, None].to(self.v.dtype))
+
+    def columns(self):
+        return self.span, self.gen_bias
+
+    def advance(self, T: int):
+        pass
 
 
 class Attention(nn.Module):

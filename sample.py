@@ -1,10 +1,13 @@
 """Batched generation with a static KV cache: the rollout engine (DESIGN.md: sample.py).
 
-generate() left-pads the ragged prompts and prefills each distinct prompt once; its n sample
-rows then share that prompt cache (model.SharedPrefixCache) and decode together, one token per
-step, each row writing its own keys/values into one column of a static buffer allocated once at
-exactly max_new_tokens - 1 columns. Rows stop independently on a stop id; the only host sync in the
-loop is an "all finished?" check every `check_every` steps.
+generate() left-pads the ragged prompts and prefills each prompt once (not once per sample; a
+prompt listed twice is prefilled twice); its n sample rows then share that prompt cache
+(model.SharedPrefixCache) and decode together, one token per step, each row writing its own
+keys/values into one column of a static buffer allocated once at exactly max_new_tokens - 1
+columns. Rows stop independently on a stop id; the only host sync in the loop is an "all
+finished?" check every `check_every` steps. On a GPU the decode step is replayed from recorded
+CUDA graphs (DecodeGraphs), since launching its many small kernels one by one from Python, not
+the GPU's work, is what bounds eager decoding there.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import KVCache, SharedPrefixCache, Transformer
+from model import KVCache, SharedPrefixCache, StaticPrefixCache, Transformer
 
 
 @dataclass
@@ -98,12 +101,67 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator,
     return token[:, 0], (shifted.gather(-1, token) - total.log())[:, 0]
 
 
+class DecodeGraphs:
+    """The decode step replayed from recorded CUDA graphs (GPU only). Eager decoding on a GPU is
+    bound by launching the step's hundreds of small kernels from Python, not by the GPU's work;
+    a graph launches them all at once. A graph fixes every shape and address, so the step reads
+    its token from a static buffer and its column from cache.col, and attends to a fixed span of
+    generated columns (model.StaticPrefixCache): one graph per `bucket` columns, recorded when
+    decoding first reaches them (graphs of short spans keep early steps cheap)."""
+
+    def __init__(self, model: Transformer, cache: StaticPrefixCache, next_pos, out,
+                 bucket: int = 128):
+        self.model, self.cache, self.next_pos, self.out, self.bucket = (model, cache, next_pos,
+                                                                        out, bucket)
+        self.token = torch.zeros_like(next_pos)
+        self.graphs, self.pool = {}, None
+
+    def forward(self):
+        return self.model(self.token, self.next_pos + self.cache.col, cache=self.cache,
+                          out=self.out)
+
+    def __call__(self, token, t: int):
+        """Logits [R, 1, V] (the static `out` buffer) after feeding `token` [R] at step t."""
+        self.token.copy_(token[:, None])
+        self.cache.col.fill_(t)
+        span = min((t // self.bucket + 1) * self.bucket, self.cache.k.shape[4])
+        if span not in self.graphs:
+            self.graphs[span] = self.record(span)
+        self.graphs[span].replay()
+        return self.out
+
+    streams: dict = {}  # one side stream per device for every recording (see record)
+
+    def record(self, span: int):
+        self.cache.span = span
+        # one eager run on a side stream first, as CUDA graph capture requires (it lets the
+        # libraries set up their workspaces); it writes the same column the replay rewrites.
+        # Always the same stream: cuBLAS keeps a 32 MiB workspace for each stream it meets,
+        # so a new stream per recording held on to another 32 MiB every time.
+        device = self.out.device
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        side = self.streams[device]
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # graphs of one call share a memory pool: each is replayed only until the next is recorded
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
+            self.forward()
+        self.pool = graph.pool()
+        return graph
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids=(),
-             banned_ids=(), seed: int = 0, pad_id: int = 0, check_every: int = 8) -> Generation:
+             banned_ids=(), seed: int = 0, pad_id: int = 0, check_every: int = 8,
+             cuda_graphs: bool | None = None) -> Generation:
     """Sample n continuations of each prompt (lists of token ids, any lengths). Tokens in
-    stop_ids end their row (and are part of it); tokens in banned_ids are never produced."""
+    stop_ids end their row (and are part of it); tokens in banned_ids are never produced.
+    cuda_graphs: decode through recorded CUDA graphs (DecodeGraphs); None: on a CUDA device."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
     for name, value in (("n", n), ("max_new_tokens", max_new_tokens), ("top_k", top_k),
@@ -134,6 +192,12 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
                          f"to sample; ban at most {V - 1} of the ids 0..{V - 1}")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    elif cuda_graphs not in (True, False):
+        raise ValueError(f"cuda_graphs={cuda_graphs!r} must be True, False or None (on CUDA)")
+    elif cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
     P, R = len(prompts), len(prompts) * n
     ids, real, positions = left_pad(prompts, pad_id, device, vocab_size=V)
     Lp = ids.shape[1]
@@ -144,16 +208,18 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     banned = torch.tensor(sorted(banned_ids), dtype=torch.long, device=device)
 
-    # prefill each distinct prompt once; its n samples then share that cache (the last sampled
-    # token is never fed back, so the per-row cache needs max_new_tokens - 1 columns)
+    # prefill each prompt once (not each sample); its n samples then share that cache (the last
+    # sampled token is never fed back, so the per-row cache needs max_new_tokens - 1 columns)
     prefix = KVCache(model.config, P, Lp, device, dtype)
     logits = model(ids, positions, attn_mask=real, cache=prefix, logits_from=-1)
-    cache = SharedPrefixCache(prefix, n, max(max_new_tokens - 1, 1))
+    cache = (StaticPrefixCache if cuda_graphs else SharedPrefixCache)(prefix, n,
+                                                                       max(max_new_tokens - 1, 1))
     logits = logits[:, -1].float().repeat_interleave(n, dim=0)
     next_pos = (positions[:, -1] + 1).repeat_interleave(n)[:, None]
     # static per-step buffers: the model's logits and the sampler's cumulative distribution
     out = torch.empty(R, 1, V, device=device, dtype=dtype)
     scratch = torch.empty_like(logits)
+    graphs = DecodeGraphs(model, cache, next_pos, out) if cuda_graphs else None
 
     tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(R, max_new_tokens, device=device)
@@ -168,5 +234,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
         done = done | torch.isin(token, stop)
         if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
-        logits = model(token[:, None], next_pos + t, cache=cache, out=out)[:, -1].float()
+        if graphs is not None:
+            logits = graphs(token, t)[:, -1].float()
+        else:
+            logits = model(token[:, None], next_pos + t, cache=cache, out=out)[:, -1].float()
     return Generation(tokens, logprobs, mask, mask.sum(1), done)

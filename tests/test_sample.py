@@ -399,3 +399,92 @@ def test_top_k_draws_on_cuda_never_leave_the_support(device):
         tok, lp = sample_next(one.clone(), 1.0, 40, 1.0, g)
         bad += (~support[0, tok] | ~torch.isfinite(lp)).sum()
     assert bad.item() == 0
+
+
+def test_static_decode_cache_equals_the_growing_one():
+    """StaticPrefixCache (what a CUDA graph replays: the column a device tensor, attention over
+    a fixed span with the later columns hidden) gives the logits of SharedPrefixCache, which
+    attends to exactly the columns written so far: here on the CPU, eagerly, with ragged prompts
+    (left padding), n=2 samples sharing each prefix, and spans from exactly t + 1 to the whole
+    buffer."""
+    from model import KVCache, SharedPrefixCache, StaticPrefixCache
+    from sample import left_pad
+    model = tiny_model(seed=2)
+    prompts, n, steps = PROMPTS[:3], 2, 9
+    ids, real, positions = left_pad(prompts, 0)
+    next_pos = (positions[:, -1] + 1).repeat_interleave(n)[:, None]
+    tokens = torch.randint(0, 61, (len(prompts) * n, steps), generator=torch.Generator().manual_seed(1))
+    caches = []
+    for cls in (SharedPrefixCache, StaticPrefixCache):
+        prefix = KVCache(model.config, len(prompts), ids.shape[1])
+        with torch.no_grad():
+            model(ids, positions, attn_mask=real, cache=prefix, logits_from=-1)
+        caches.append(cls(prefix, n, steps))
+    grow, static = caches
+    for t in range(steps):
+        with torch.no_grad():
+            ref = model(tokens[:, t:t + 1], next_pos + t, cache=grow)
+            static.col.fill_(t)
+            static.span = [t + 1, steps, min(t + 3, steps)][t % 3]
+            got = model(tokens[:, t:t + 1], next_pos + static.col, cache=static)
+        assert static.pos == 0 and grow.pos == t + 1
+        assert torch.allclose(got, ref, atol=1e-5), t
+    assert torch.allclose(static.k, grow.k, atol=1e-5)
+
+
+def test_cuda_graphs_is_checked():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"^cuda_graphs=True needs the model on a CUDA device; "
+                                         r"it is on cpu$"):
+        generate(model, [[1]], max_new_tokens=4, cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"^cuda_graphs='yes' must be True, False or None"):
+        generate(model, [[1]], max_new_tokens=4, cuda_graphs="yes")
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_cuda_graph_decoding_equals_eager_decoding(device):
+    """On CUDA, generate() replays recorded graphs by default; decoding eagerly (cuda_graphs=
+    False) must give the same tokens. 300 new tokens cross the 128-column graph spans twice;
+    ragged prompts, n=3 samples, and a stop id that ends rows at different steps."""
+    model = on(device, tiny_model(seed=3))
+    for temperature in (0, 1.0):
+        kw = dict(n=3, max_new_tokens=300, temperature=temperature, seed=5, stop_ids=[7])
+        graphed = generate(model, PROMPTS, **kw)
+        eager = generate(model, PROMPTS, cuda_graphs=False, **kw)
+        assert torch.equal(graphed.tokens, eager.tokens), temperature
+        assert torch.equal(graphed.mask, eager.mask)
+        assert torch.allclose(graphed.logprobs, eager.logprobs, atol=1e-4)
+        assert int(graphed.lengths.max()) > 128  # the rows really reached the second graph
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_cuda_graph_decoding_holds_no_memory_after_the_call(device):
+    """Every graph, its memory pool and the static buffers go with the call: the memory held
+    after each further call is what it was after the first. A fresh side stream per recording
+    left cuBLAS a new 32 MiB workspace each time (a training run's rollouts grew by that)."""
+    model = on(device, tiny_model(seed=3))
+    generate(model, PROMPTS, n=2, max_new_tokens=140, seed=1)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    for seed in range(3):
+        generate(model, PROMPTS, n=2, max_new_tokens=140, seed=seed)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == held, seed
+
+
+def test_static_decode_cache_takes_autocast_keys():
+    """Under autocast (training's bf16-mixed), an fp32 model's keys/values come out in bf16;
+    the static cache stores them in its own dtype, as the growing cache's slice assignment
+    does (index_copy_ refuses a dtype mismatch; seen on CUDA)."""
+    from model import KVCache, SharedPrefixCache, StaticPrefixCache
+    model = tiny_model(seed=2)
+    ids, positions = torch.tensor([[5, 9, 11]]), torch.arange(3)[None]
+    logits = []
+    for cls in (SharedPrefixCache, StaticPrefixCache):
+        prefix = KVCache(model.config, 1, 3)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, positions, cache=prefix, logits_from=-1)
+            cache = cls(prefix, 2, 4)
+            logits.append(model(torch.tensor([[3], [4]]), torch.tensor([[3], [3]]), cache=cache))
+        assert cache.k.dtype == torch.float32
+    assert torch.allclose(logits[0], logits[1], atol=1e-2)
