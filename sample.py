@@ -12,6 +12,7 @@ the GPU's work, is what bounds eager decoding there.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -33,21 +34,36 @@ def _integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device=None, vocab_size=None):
     """Ragged prompts -> (ids [P, L], real-token mask [P, L], positions [P, L]), right-aligned
     so that every row's next token goes in the same column. With vocab_size, a prompt holding
     anything but token ids 0..vocab_size-1 is an error naming it."""
-    L = max(len(p) for p in prompts)
+    rows = []
+    for i, p in enumerate(prompts):
+        try:
+            row = torch.as_tensor(p)
+        except (TypeError, ValueError, RuntimeError, OverflowError):  # None, text, 2**70, ...
+            row = None
+        token_ids = row is not None and row.dim() == 1 and len(row) > 0 and not (
+            row.is_floating_point() or row.is_complex() or row.dtype == torch.bool)
+        if not token_ids or (vocab_size is not None
+                             and not 0 <= row.min() <= row.max() < vocab_size):
+            shown = (f"{p[:8]}{' ...' if len(p) > 8 else ''}" if isinstance(p, (list, tuple))
+                     else repr(p))
+            allowed = "" if vocab_size is None else f" 0..{vocab_size - 1}"
+            raise ValueError(f"prompt {i} holds {shown}; prompts must be non-empty lists of "
+                             f"token ids{allowed}")
+        rows.append(row)
+    L = max(len(row) for row in rows)
     ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), L, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        row = torch.tensor(p)
-        integer = not (row.is_floating_point() or row.is_complex() or row.dtype == torch.bool)
-        if vocab_size is not None and not (integer and 0 <= row.min() <= row.max() < vocab_size):
-            raise ValueError(f"prompt {i} holds {p[:8]}{' ...' if len(p) > 8 else ''}; prompts "
-                             f"must be non-empty lists of token ids 0..{vocab_size - 1}")
-        ids[i, L - len(p):] = row
-        mask[i, L - len(p):] = True
+    for i, row in enumerate(rows):
+        ids[i, L - len(row):] = row
+        mask[i, L - len(row):] = True
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
 
@@ -162,26 +178,35 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     """Sample n continuations of each prompt (lists of token ids, any lengths). Tokens in
     stop_ids end their row (and are part of it); tokens in banned_ids are never produced.
     cuda_graphs: decode through recorded CUDA graphs (DecodeGraphs); None: on a CUDA device."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of non-empty token-id lists, got "
+                         f"{type(prompts).__name__} {str(prompts)[:60]}")
     for name, value in (("n", n), ("max_new_tokens", max_new_tokens), ("top_k", top_k),
-                        ("check_every", check_every), ("pad_id", pad_id)):
+                        ("check_every", check_every), ("pad_id", pad_id), ("seed", seed)):
         if not _integer(value):
             raise ValueError(f"{name}={value!r} must be an integer")
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
     if check_every < 1:
         raise ValueError(f"check_every={check_every} must be >= 1 (steps between finished checks)")
+    if not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed={seed} is not allowed: use an integer 0..2**64-1")
     # a temperature below 1e-6 (or nan / inf) would overflow logits / T into NaN: use 0, greedy
-    if not (temperature == 0 or 1e-6 <= temperature < float("inf")) or top_k < 0 \
-            or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature 0 (greedy) or a finite number >= 1e-6 (got "
-                         f"{temperature}), top_k >= 0 (got {top_k}), 0 < top_p <= 1 (got {top_p})")
+    if not _real(temperature) or not (temperature == 0 or 1e-6 <= temperature < float("inf")):
+        raise ValueError(f"temperature={temperature!r} is not allowed: use 0 (greedy) or a "
+                         f"finite number >= 1e-6")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} is not allowed: use 0 (off) or a positive integer")
+    if not _real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} is not allowed: use a number in (0, 1] (1: off)")
     V = model.config.vocab_size
     if not 0 <= pad_id < V:
         raise ValueError(f"pad_id={pad_id} is not a token id of this model (0..{V - 1})")
-    stop_ids, banned_ids = (ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-                            for ids in (stop_ids, banned_ids))
+    for name, ids in (("stop_ids", stop_ids), ("banned_ids", banned_ids)):
+        if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):
+            raise ValueError(f"{name}={ids!r} must be a list of token ids")
+    stop_ids, banned_ids = (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor)
+                            else list(ids) for ids in (stop_ids, banned_ids))
     for name, ids in (("stop_ids", stop_ids), ("banned_ids", banned_ids)):
         outside = [i for i in ids if not (_integer(i) and 0 <= i < V)]
         if outside:

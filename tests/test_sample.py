@@ -264,10 +264,10 @@ def test_top_k_top_p_supports_and_frequencies(device):
 
 def test_bad_arguments():
     model = tiny_model()
-    with pytest.raises(ValueError):
-        generate(model, [], max_new_tokens=4)
-    with pytest.raises(ValueError):
-        generate(model, [[1], []], max_new_tokens=4)
+    for prompts in ([], torch.tensor([[5, 6]]), "ab"):
+        with pytest.raises(ValueError, match="^prompts must be a non-empty list of non-empty "
+                                             "token-id lists, got "):
+            generate(model, prompts, max_new_tokens=4)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, [[1]], max_new_tokens=4, temperature=-1)
     with pytest.raises(ValueError, match="max_position_embeddings"):
@@ -275,7 +275,13 @@ def test_bad_arguments():
     # ids outside the vocabulary, or not integers (1.7 would be read as token 1)
     for prompts, shown in (([[1, 2], [3, 61]], r"prompt 1 holds \[3, 61\]"),
                            ([[-1, 2]], r"prompt 0 holds \[-1, 2\]"),
-                           ([[1.7, 2]], r"prompt 0 holds \[1.7, 2\]")):
+                           ([[1.7, 2]], r"prompt 0 holds \[1.7, 2\]"),
+                           ([[1], []], r"prompt 1 holds \[\]"),
+                           ([5, 6], r"prompt 0 holds 5"),
+                           (["ab"], r"prompt 0 holds 'ab'"),
+                           ([[[5], [6]]], r"prompt 0 holds \[\[5\], \[6\]\]"),
+                           ([[5, None]], r"prompt 0 holds \[5, None\]"),
+                           ([[2 ** 70]], r"prompt 0 holds \[1180591620717411303424\]")):
         with pytest.raises(ValueError, match=shown + "; prompts must be non-empty lists of token "
                                                      r"ids 0..60"):
             generate(model, prompts, max_new_tokens=4)
@@ -314,11 +320,22 @@ def test_a_uniform_of_exactly_zero_never_picks_a_token_of_probability_zero(monke
 @pytest.mark.parametrize("kwargs,needle", [
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -1}, r"top_k >= 0 \(got -1\)"),
+    ({"top_k": -1}, r"^top_k=-1 is not allowed: use 0 \(off\) or a positive integer$"),
     ({"temperature": -0.5}, "temperature"),
-    ({"temperature": float("nan")}, r"temperature 0 \(greedy\) or a finite number >= 1e-6 \(got nan\)"),
-    ({"temperature": float("inf")}, r"\(got inf\)"),
-    ({"temperature": 1e-38}, r"\(got 1e-38\)"),      # logits / T would overflow into NaN
+    ({"temperature": float("nan")}, r"^temperature=nan is not allowed: use 0 \(greedy\) or a "
+                                    r"finite number >= 1e-6$"),
+    ({"temperature": float("inf")}, r"^temperature=inf is not allowed"),
+    ({"temperature": 1e-38}, r"^temperature=1e-38 is not allowed"),  # logits / T -> NaN
+    ({"temperature": "1.0"}, r"^temperature='1.0' is not allowed"),
+    ({"temperature": True}, r"^temperature=True is not allowed"),
+    ({"top_p": None}, r"^top_p=None is not allowed: use a number in \(0, 1\] \(1: off\)$"),
+    ({"seed": None}, r"^seed=None must be an integer$"),
+    ({"seed": 1.5}, r"^seed=1.5 must be an integer$"),
+    ({"seed": 2 ** 70}, r"^seed=1180591620717411303424 is not allowed: use an integer "
+                        r"0..2\*\*64-1$"),
+    ({"stop_ids": 2}, r"^stop_ids=2 must be a list of token ids$"),
+    ({"stop_ids": None}, r"^stop_ids=None must be a list of token ids$"),
+    ({"banned_ids": torch.tensor(61)}, r"^banned_ids \[61\] are not token ids"),
     ({"banned_ids": [-1]}, r"banned_ids \[-1\] are not token ids of this model \(0..60\)"),
     ({"banned_ids": [61]}, r"banned_ids \[61\] are not"),
     ({"n": 0}, "n=0"),
