@@ -12,7 +12,8 @@ Ctrl-C (or SIGTERM) during RL finishes the current step, saves a checkpoint and 
 
 The algorithm itself lives in algo.py; this file only wires it together (DESIGN.md).
 Run directory runs/<name>/: config.yaml, metrics.jsonl, samples.jsonl, cloud_cache.jsonl,
-checkpoint/ (model.safetensors + config.json + tokenizer files + trainer_state.pt).
+final_eval.json, checkpoint/ (model.safetensors + config.json + tokenizer files +
+trainer_state.pt).
 """
 from __future__ import annotations
 
