@@ -23,6 +23,9 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- config
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# ModelConfig's integer fields; config.json must give the first five
+POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                     "original_max_position_embeddings")
 
@@ -53,6 +56,24 @@ class ModelConfig:
         if self.model_type not in ARCHITECTURES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; allowed: "
                              f"{sorted(ARCHITECTURES)}")
+        # a config.json's value of the wrong kind is an error here, not a silently other model
+        # (the string "false" would tie the embeddings; 0 heads would divide by zero below)
+        for name in POSITIVE_INTS + ("head_dim",):
+            value, least = getattr(self, name), 0 if name == "head_dim" else 1
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+                raise ValueError(f"{name}={value!r} is not allowed: an integer >= {least}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value < math.inf:
+                raise ValueError(f"{name}={value!r} is not allowed: a finite number > 0")
+            setattr(self, name, float(value))
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: true or false")
+        if self.model_type == "qwen2" and self.mlp_bias:
+            raise ValueError("mlp_bias=true is not allowed for model_type 'qwen2' (Qwen2's MLP "
+                             "has no bias)")
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -102,7 +123,7 @@ class ModelConfig:
         if top_theta is not None and theta is not None and top_theta != theta:
             raise ValueError(f"config.json gives rope_theta={top_theta} at its top level and "
                              f"{theta} in its rope section; they must agree")
-        theta = theta or top_theta or 10000.0
+        theta = theta if theta is not None else top_theta if top_theta is not None else 10000.0
         top_len, length = hf.get("original_max_position_embeddings"), rope.get(
             "original_max_position_embeddings")
         if top_len is not None and top_len != length and \
@@ -116,13 +137,16 @@ class ModelConfig:
         rope.pop("partial_rotary_factor", None)
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
+        missing = [k for k in POSITIVE_INTS[:5] if hf.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json lacks {missing}: a {model_type} config needs them")
         kw = {f.name: hf[f.name] for f in fields(cls)
               if f.name in hf and f.name not in ("rope_theta", "rope_scaling", "head_dim")}
         if kw.get("num_key_value_heads") is None:  # absent or null: no GQA, as in transformers
             kw["num_key_value_heads"] = hf["num_attention_heads"]
         kw.setdefault("tie_word_embeddings", False)  # transformers' default for both families
         kw["torch_dtype"] = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
-        return cls(**kw, head_dim=hf.get("head_dim") or 0, rope_theta=float(theta),
+        return cls(**kw, head_dim=hf.get("head_dim") or 0, rope_theta=theta,
                    rope_scaling=rope if rope.get("rope_type", "default") != "default" else None)
 
     def to_hf(self) -> dict:

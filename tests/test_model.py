@@ -192,6 +192,25 @@ def test_unsupported_config_is_an_error(change, message):
         ModelConfig.from_hf(hf)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"tie_word_embeddings": "false"}, r"^tie_word_embeddings='false' is not allowed: true or "
+                                       r"false$"),  # a truthy string would tie the embeddings
+    ({"rope_theta": 0}, r"^rope_theta=0 is not allowed: a finite number > 0$"),  # not 10000
+    ({"rms_norm_eps": "1e-5"}, r"^rms_norm_eps='1e-5' is not allowed"),  # YAML's 1e-5 is text
+    ({"vocab_size": "97"}, r"^vocab_size='97' is not allowed: an integer >= 1$"),
+    ({"num_key_value_heads": 0}, r"^num_key_value_heads=0 is not allowed: an integer >= 1$"),
+    ({"head_dim": -8}, r"^head_dim=-8 is not allowed: an integer >= 0$"),
+    ({"num_attention_heads": None}, r"^config.json lacks \['num_attention_heads'\]"),
+    ({"model_type": "qwen2", "mlp_bias": True}, r"^mlp_bias=true is not allowed for model_type "
+                                                r"'qwen2'"),
+])
+def test_config_values_of_the_wrong_kind_are_errors(change, message):
+    hf = ModelConfig().to_hf()
+    hf.update(change)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(hf)
+
+
 def test_config_styles_agree():
     classic = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
                "intermediate_size": 100, "num_hidden_layers": 2, "vocab_size": 10,
