@@ -111,6 +111,13 @@ class FilterResult:
                                     # coefficients are 0 except da_grpo's help-rate term)
 
 
+def check_rho(rho):
+    """rho (the budget P(cloud) <= rho P(local), SPEC 4) must be a finite real number >= 0."""
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not (
+            rho >= 0 and math.isfinite(rho)):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+
+
 def floor_share(n: int, share: float) -> int:
     """floor(n * share), exact in rationals: the share is read as the nearest fraction of
     denominator <= 10^6, so 100 x 0.29 (28.999999999999996 in floats) gives 29, and 1/3 rounded
@@ -142,9 +149,7 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
     """
     if rule not in FILTER_RULES:
         raise ValueError(f"unknown filter rule {rule!r}; allowed: {', '.join(FILTER_RULES)}")
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not (
-            rho >= 0 and math.isfinite(rho)):
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    check_rho(rho)
     local_ok, help, cloud_ok, rewards = (torch.as_tensor(t).cpu()
                                          for t in (local_ok, help, cloud_ok, rewards))
     local_ok, help, cloud_ok = local_ok.bool(), help.bool(), cloud_ok.bool()
@@ -383,9 +388,7 @@ DEFAULT_RHO = 3 / 7  # the paper's budget: P(cloud) <= 3/7 P(local), i.e. 30% of
 def cloud_share(rho: float) -> float:
     """rho / (1 + rho): the share of queries the cloud may take when P(cloud) <= rho P(local)
     (SPEC 4), the default evaluation budget. Rounded to 12 decimals, so rho = 3/7 gives 0.3."""
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not (
-            rho >= 0 and math.isfinite(rho)):
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    check_rho(rho)
     return round(rho / (1 + rho), 12)
 
 

@@ -267,8 +267,8 @@ def main(argv=None):
         device = resolve_device(args.device)
     except ValueError as e:
         ap.error(str(e))
-    if device.type == "cuda" and device.index is not None:  # cuda:N: synchronize and memory act there
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # cuda:N: the synchronize and memory calls then act there
     if args.what == "_memory":
         memory_child(args.which, args.model, args.device, args.dtype)
         return

@@ -587,11 +587,11 @@ def _configured_budget(run) -> float:
     budget = run.cfg["eval"].get("budget")
     if budget is None:
         rho = (run.cfg.get("rl") or {}).get("rho", algo.DEFAULT_RHO)
-        if not (isinstance(rho, (int, float)) and not isinstance(rho, bool)
-                and 0 <= rho < float("inf")):
+        try:
+            budget = algo.cloud_share(rho)
+        except ValueError:
             raise ValueError(f"{config}: rl.rho={rho!r} is not allowed: a finite number >= 0 "
-                             "(eval.budget is unset, so the budget is rho / (1 + rho))")
-        budget = algo.cloud_share(rho)
+                             "(eval.budget is unset, so the budget is rho / (1 + rho))") from None
     _check_budget(budget, f"{config}: eval.budget")
     return float(budget)
 

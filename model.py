@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -60,22 +61,27 @@ class ModelConfig:
         # (the string "false" would tie the embeddings; 0 heads would divide by zero below)
         for name in POSITIVE_INTS + ("head_dim",):
             value, least = getattr(self, name), 0 if name == "head_dim" else 1
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{name}={value!r} is not allowed: an integer >= {least}")
+            setattr(self, name, int(value))
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
                     or not 0 < value < math.inf:
                 raise ValueError(f"{name}={value!r} is not allowed: a finite number > 0")
             setattr(self, name, float(value))
         for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
-            if not isinstance(getattr(self, name), bool):
+            if getattr(self, name) not in (True, False):  # NumPy's bools too, not "false"
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: true or false")
+            setattr(self, name, bool(getattr(self, name)))
         if self.model_type == "qwen2" and self.mlp_bias:
             raise ValueError("mlp_bias=true is not allowed for model_type 'qwen2' (Qwen2's MLP "
                              "has no bias)")
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim == 0:
+                raise ValueError(f"hidden_size={self.hidden_size} over num_attention_heads="
+                                 f"{self.num_attention_heads} leaves no head_dim; set head_dim")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
@@ -302,7 +308,7 @@ class SharedPrefixCache:
         # to [P, Hkv, n, r, D] and store this step's keys/values
         # (the 1/sqrt(D) scale goes on the queries, as SDPA applies it, not on the scores)
         q = (q * D ** -0.5).view(P, n, Hkv, r, D).transpose(1, 2)
-        self.store(layer, k.view(P, n, Hkv, D).transpose(1, 2), v.view(P, n, Hkv, D).transpose(1, 2))
+        self.store(layer, *(x.view(P, n, Hkv, D).transpose(1, 2) for x in (k, v)))
         # the prefix as one batch of P*Hkv matrices [Lp, D] (a view when the prefill's cache is
         # exactly Lp long, as generate() makes it)
         kp, vp = (c[layer, :, :, :Lp].reshape(P * Hkv, Lp, D) for c in (self.prefix.k, self.prefix.v))
@@ -423,7 +429,8 @@ class Transformer(nn.Module):
                 out=None):
         """tokens, positions: [B, T] ints. attn_mask: [B, T] bool, False for padding tokens.
         With a cache, the T tokens are written at columns cache.pos.. and attend to all earlier
-        valid columns; cache.pos then advances. Returns logits [B, T - logits_from, V]: the
+        valid columns; cache.pos then advances (a StaticPrefixCache writes at the column its
+        caller set in cache.col instead). Returns logits [B, T - logits_from, V]: the
         vocabulary projection is skipped for positions before logits_from (-1: last only).
         out: a preallocated logits tensor to write them into (the sampler's static buffer: a
         fresh [B, V] tensor every decode step is cold memory, page faults included, on CPU)."""

@@ -125,6 +125,8 @@ class DecodeGraphs:
     generated columns (model.StaticPrefixCache): one graph per `bucket` columns, recorded when
     decoding first reaches them (graphs of short spans keep early steps cheap)."""
 
+    streams: dict = {}  # one side stream per device for every recording (see record)
+
     def __init__(self, model: Transformer, cache: StaticPrefixCache, next_pos, out,
                  bucket: int = 128):
         self.model, self.cache, self.next_pos, self.out, self.bucket = (model, cache, next_pos,
@@ -141,12 +143,11 @@ class DecodeGraphs:
         self.token.copy_(token[:, None])
         self.cache.col.fill_(t)
         span = min((t // self.bucket + 1) * self.bucket, self.cache.k.shape[4])
-        if span not in self.graphs:
-            self.graphs[span] = self.record(span)
-        self.graphs[span].replay()
+        with torch.cuda.device(self.out.device):  # the model's GPU, whichever is current
+            if span not in self.graphs:
+                self.graphs[span] = self.record(span)
+            self.graphs[span].replay()
         return self.out
-
-    streams: dict = {}  # one side stream per device for every recording (see record)
 
     def record(self, span: int):
         self.cache.span = span
@@ -158,10 +159,10 @@ class DecodeGraphs:
         if device not in self.streams:
             self.streams[device] = torch.cuda.Stream(device)
         side = self.streams[device]
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             self.forward()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # graphs of one call share a memory pool: each is replayed only until the next is recorded
         with torch.cuda.graph(graph, pool=self.pool, stream=side):
@@ -199,13 +200,16 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
         raise ValueError(f"top_k={top_k} is not allowed: use 0 (off) or a positive integer")
     if not _real(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} is not allowed: use a number in (0, 1] (1: off)")
+    # plain Python numbers from here (NumPy scalars and Fractions pass the checks above)
+    seed, temperature, top_p = int(seed), float(temperature), float(top_p)
     V = model.config.vocab_size
     if not 0 <= pad_id < V:
         raise ValueError(f"pad_id={pad_id} is not a token id of this model (0..{V - 1})")
     for name, ids in (("stop_ids", stop_ids), ("banned_ids", banned_ids)):
         if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):
             raise ValueError(f"{name}={ids!r} must be a list of token ids")
-    stop_ids, banned_ids = (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor)
+    # a tensor or NumPy array, 0-d included, becomes a plain list
+    stop_ids, banned_ids = (ids.reshape(-1).tolist() if hasattr(ids, "reshape")
                             else list(ids) for ids in (stop_ids, banned_ids))
     for name, ids in (("stop_ids", stop_ids), ("banned_ids", banned_ids)):
         outside = [i for i in ids if not (_integer(i) and 0 <= i < V)]

@@ -211,6 +211,18 @@ def test_config_values_of_the_wrong_kind_are_errors(change, message):
         ModelConfig.from_hf(hf)
 
 
+def test_config_takes_numpy_values_as_plain_ones_and_needs_a_head_dim():
+    import numpy as np
+    cfg = ModelConfig(hidden_size=np.int64(64), rms_norm_eps=np.float32(1e-5),
+                      tie_word_embeddings=np.True_)
+    assert (cfg.hidden_size, cfg.head_dim, cfg.tie_word_embeddings) == (64, 16, True)
+    assert type(cfg.hidden_size) is int and type(cfg.rms_norm_eps) is float
+    assert type(cfg.tie_word_embeddings) is bool
+    with pytest.raises(ValueError, match=r"^hidden_size=2 over num_attention_heads=4 leaves no "
+                                         r"head_dim; set head_dim$"):
+        ModelConfig(hidden_size=2, num_attention_heads=4, num_key_value_heads=4)
+
+
 def test_config_styles_agree():
     classic = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
                "intermediate_size": 100, "num_hidden_layers": 2, "vocab_size": 10,

@@ -1,6 +1,8 @@
 """sample.py: greedy parity with transformers, cache vs full forward, sharing, seeds, supports."""
 import copy
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -336,6 +338,7 @@ def test_a_uniform_of_exactly_zero_never_picks_a_token_of_probability_zero(monke
     ({"stop_ids": 2}, r"^stop_ids=2 must be a list of token ids$"),
     ({"stop_ids": None}, r"^stop_ids=None must be a list of token ids$"),
     ({"banned_ids": torch.tensor(61)}, r"^banned_ids \[61\] are not token ids"),
+    ({"banned_ids": np.array(61)}, r"^banned_ids \[61\] are not token ids"),  # 0-d NumPy
     ({"banned_ids": [-1]}, r"banned_ids \[-1\] are not token ids of this model \(0..60\)"),
     ({"banned_ids": [61]}, r"banned_ids \[61\] are not"),
     ({"n": 0}, "n=0"),
@@ -430,7 +433,8 @@ def test_static_decode_cache_equals_the_growing_one():
     prompts, n, steps = PROMPTS[:3], 2, 9
     ids, real, positions = left_pad(prompts, 0)
     next_pos = (positions[:, -1] + 1).repeat_interleave(n)[:, None]
-    tokens = torch.randint(0, 61, (len(prompts) * n, steps), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 61, (len(prompts) * n, steps),
+                           generator=torch.Generator().manual_seed(1))
     caches = []
     for cls in (SharedPrefixCache, StaticPrefixCache):
         prefix = KVCache(model.config, len(prompts), ids.shape[1])
@@ -462,7 +466,9 @@ def test_cuda_graphs_is_checked():
 def test_cuda_graph_decoding_equals_eager_decoding(device):
     """On CUDA, generate() replays recorded graphs by default; decoding eagerly (cuda_graphs=
     False) must give the same tokens. 300 new tokens cross the 128-column graph spans twice;
-    ragged prompts, n=3 samples, and a stop id that ends rows at different steps."""
+    ragged prompts, n=3 samples, and a stop id that ends rows at different steps. Then the
+    lengths at the spans' edges (1 and 2: no graph or a span of one column; 129, 130: a second
+    graph of one or two columns, the cache's end), greedy."""
     model = on(device, tiny_model(seed=3))
     for temperature in (0, 1.0):
         kw = dict(n=3, max_new_tokens=300, temperature=temperature, seed=5, stop_ids=[7])
@@ -472,6 +478,11 @@ def test_cuda_graph_decoding_equals_eager_decoding(device):
         assert torch.equal(graphed.mask, eager.mask)
         assert torch.allclose(graphed.logprobs, eager.logprobs, atol=1e-4)
         assert int(graphed.lengths.max()) > 128  # the rows really reached the second graph
+    for new in (1, 2, 129, 130):
+        graphed = generate(model, PROMPTS, n=2, max_new_tokens=new, temperature=0)
+        eager = generate(model, PROMPTS, n=2, max_new_tokens=new, temperature=0,
+                         cuda_graphs=False)
+        assert torch.equal(graphed.tokens, eager.tokens), new
 
 
 @pytest.mark.parametrize("device", [CUDA])
@@ -505,3 +516,15 @@ def test_static_decode_cache_takes_autocast_keys():
             logits.append(model(torch.tensor([[3], [4]]), torch.tensor([[3], [3]]), cache=cache))
         assert cache.k.dtype == torch.float32
     assert torch.allclose(logits[0], logits[1], atol=1e-2)
+
+
+def test_numpy_and_fraction_arguments_sample_as_plain_numbers():
+    """NumPy scalars and Fractions are real numbers, so the checks let them through; the
+    sampler then uses them as the plain numbers they equal (they used to fail in the sampler)."""
+    model = tiny_model(seed=1)
+    plain = generate(model, PROMPTS, n=2, max_new_tokens=6, temperature=0.5, top_p=0.9, seed=3,
+                     stop_ids=[7])
+    other = generate(model, PROMPTS, n=2, max_new_tokens=6, temperature=Fraction(1, 2),
+                     top_p=np.float64(0.9), seed=np.int64(3), stop_ids=np.array(7))
+    assert torch.equal(plain.tokens, other.tokens)
+    assert torch.equal(plain.logprobs, other.logprobs)
