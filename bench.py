@@ -3,6 +3,8 @@
     python bench.py sample                 our sampler vs transformers' generate, random 12M model
     python bench.py sample --model smollm2 the same on the real SmolLM2-135M-Instruct checkpoint
     python bench.py sample --dtype bf16    both implementations in bf16 (the CUDA training dtype)
+    python bench.py graphs --device cuda   our decode replayed from CUDA graphs vs eager, on
+                                           random weights of a real shape (default Qwen2.5-1.5B)
 
 Rates are generated tokens per second (median over alternating runs). "Model FLOP/s" counts the
 useful work, identical for both: 2 * (matmul parameters) per prompt token once and per generated
@@ -10,7 +12,8 @@ token, divided by the time; it is reported as a fraction of a large matmul's FLO
 dtype measured here (the machine's practical peak). Peak memory is measured in a fresh child
 process per implementation: growth of the peak resident set during one generate call on CPU
 (Linux), peak allocated bytes on CUDA.
-Not imported by the rest of the project.
+Imported by no other file but scripts/gpu_footprint.py (its architecture table and random
+models).
 """
 from __future__ import annotations
 
@@ -25,11 +28,43 @@ import time
 
 import torch
 
-from model import load_pretrained, load_tokenizer, resolve_device
+from model import ModelConfig, Transformer, load_pretrained, load_tokenizer, resolve_device
 from sample import generate, left_pad
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# the fields of the public config.json of each instruct model: what a family shares, then sizes
+QWEN25 = dict(model_type="qwen2", vocab_size=151936, num_key_value_heads=2, rope_theta=1e6,
+              rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768)
+LLAMA32 = dict(model_type="llama", vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0,
+               rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072,
+               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+ARCHS = {
+    "qwen2.5-0.5b": dict(QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14),
+    "qwen2.5-1.5b": dict(QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12),
+    "qwen2.5-3b": dict(QWEN25, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16),
+    "llama-3.2-1b": dict(LLAMA32, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, head_dim=64),
+    "llama-3.2-3b": dict(LLAMA32, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, head_dim=128),
+}
+
+
+def random_model(arch: str, device, dtype=torch.bfloat16, **config) -> Transformer:
+    """A randomly initialised model of a real architecture (ARCHS), built and initialised in
+    place on the device (no download, no CPU copy of the weights)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(ModelConfig(**ARCHS[arch], **config)).to(dtype)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02)
+    return model.eval()
 
 
 def matmul_peak_flops(device, dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
@@ -242,6 +277,45 @@ def bench_sample(args):
           f"ratio ours/transformers = {result['ours'] / result['transformers']:.2f}x")
 
 
+def bench_graphs(args):
+    """Decoding replayed from recorded CUDA graphs (sample.DecodeGraphs) against eager decoding,
+    one model, alternating; sampling at temperature 1 from random weights never stops early."""
+    device, dtype = args.device, DTYPES[args.dtype]
+    model = random_model(args.arch, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, model.config.vocab_size, (int(torch.randint(100, 200, (1,),
+                                                                            generator=g)),),
+                             generator=g).tolist() for _ in range(args.prompts)]
+    rows, new = args.prompts * args.n, args.new
+    print(f"random {args.arch}: {model.num_params() / 1e9:.2f}B parameters, {args.dtype}, "
+          f"{args.prompts} prompts (100-199 tokens) x n={args.n} = {rows} rows x {new} new "
+          f"tokens, {device}", flush=True)
+
+    def run(graphs: bool, max_new_tokens: int):
+        torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        t = time.perf_counter()
+        generate(model, prompts, n=args.n, max_new_tokens=max_new_tokens, temperature=1.0,
+                 seed=0, cuda_graphs=graphs)
+        sync(device)
+        return time.perf_counter() - t, torch.cuda.max_memory_allocated()
+
+    for graphs in (False, True):  # warm-up at the timed size
+        run(graphs, new)
+    times = {False: [], True: []}
+    for rep in range(args.reps):
+        for graphs in (False, True):
+            dt, peak = run(graphs, new)
+            times[graphs].append(dt)
+            print(f"  run {rep + 1}/{args.reps} {'graphs' if graphs else 'eager '}: "
+                  f"{dt / new * 1e3:.1f} ms a step, {rows * new / dt:,.0f} tok/s, peak "
+                  f"{peak / 2**30:.1f} GiB", flush=True)
+    eager, graphed = (statistics.median(times[k]) for k in (False, True))
+    print(f"graphs {rows * new / graphed:,.0f} tok/s ({graphed / new * 1e3:.1f} ms a step), eager "
+          f"{rows * new / eager:,.0f} tok/s ({eager / new * 1e3:.1f} ms), ratio graphs/eager = "
+          f"{eager / graphed:.2f}x")
+
+
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed: an integer >= 1")
@@ -250,27 +324,44 @@ def positive_int(text: str) -> int:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("what", choices=["sample", "_memory"], metavar="sample",
-                    help="the benchmark to run (the only one: sample)")
+    ap.add_argument("what", choices=["sample", "graphs", "_memory"], metavar="sample|graphs",
+                    help="sample: our sampler vs transformers; graphs (CUDA only): our decode "
+                         "replayed from CUDA graphs vs eager")
     ap.add_argument("which", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="random-qwen2", choices=["random-qwen2", "smollm2"],
                     help="random-qwen2 (default): the 12M random model; smollm2: the real "
                          "SmolLM2-135M-Instruct")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES),
-                    help="weights and compute of both implementations: fp32 (default) or bf16")
+    ap.add_argument("--dtype", choices=list(DTYPES),
+                    help="weights and compute of both implementations: fp32 or bf16 (default: "
+                         "fp32 for sample, bf16 for graphs)")
     ap.add_argument("--reps", type=positive_int, default=3,
                     help="alternating runs of each implementation; the median is reported "
                          "(default 3)")
+    graphs = ap.add_argument_group("graphs")
+    graphs.add_argument("--arch", default="qwen2.5-1.5b", choices=sorted(ARCHS),
+                        help="the architecture whose shape the random model takes "
+                             "(default qwen2.5-1.5b)")
+    graphs.add_argument("--prompts", type=positive_int, default=32, help="prompts (default 32)")
+    graphs.add_argument("--n", type=positive_int, default=8, help="samples of each (default 8)")
+    graphs.add_argument("--new", type=positive_int, default=512,
+                        help="new tokens per row (default 512)")
     args = ap.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.what == "graphs" else "fp32")
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         ap.error(str(e))
+    if args.what == "graphs" and device.type != "cuda":
+        ap.error(f"graphs compares CUDA-graph with eager decoding: it needs --device cuda "
+                 f"(got --device {args.device})")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # cuda:N: the synchronize and memory calls then act there
     if args.what == "_memory":
         memory_child(args.which, args.model, args.device, args.dtype)
+        return
+    if args.what == "graphs":
+        bench_graphs(args)
         return
     try:
         bench_sample(args)

@@ -26,39 +26,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import algo  # noqa: E402
 import train  # noqa: E402
-from model import ModelConfig, Transformer, load_tokenizer, save_pretrained  # noqa: E402
-
-# the fields of the public config.json of each instruct model: what a family shares, then sizes
-QWEN25 = dict(model_type="qwen2", vocab_size=151936, num_key_value_heads=2, rope_theta=1e6,
-              rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768)
-LLAMA32 = dict(model_type="llama", vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0,
-               rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072,
-               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-ARCHS = {
-    "qwen2.5-0.5b": dict(QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14),
-    "qwen2.5-1.5b": dict(QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12),
-    "qwen2.5-3b": dict(QWEN25, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16),
-    "llama-3.2-1b": dict(LLAMA32, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, head_dim=64),
-    "llama-3.2-3b": dict(LLAMA32, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, head_dim=128),
-}
+from bench import ARCHS, random_model  # noqa: E402
+from model import load_tokenizer, save_pretrained  # noqa: E402
 
 
 def random_checkpoint(arch: str, tokenizer_dir: str, out: str, device: str):
     tok = load_tokenizer(tokenizer_dir)
-    cfg = ModelConfig(**ARCHS[arch], eos_token_id=tok.eos_ids[0])
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer vocabulary {tok.vocab_size} > {arch} vocabulary {cfg.vocab_size}")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(cfg).to(torch.bfloat16)
-        for name, p in model.named_parameters():  # initialised in place, on the device
-            p.data.fill_(1.0) if name.endswith("norm.weight") else p.data.normal_(0, 0.02)
+    if tok.vocab_size > ARCHS[arch]["vocab_size"]:
+        raise ValueError(f"tokenizer vocabulary {tok.vocab_size} > {arch} vocabulary "
+                         f"{ARCHS[arch]['vocab_size']}")
+    model = random_model(arch, device, torch.bfloat16, eos_token_id=tok.eos_ids[0])
     save_pretrained(model, out, tok)
     for name in ("tokenizer_config.json", "generation_config.json"):  # keep the chat template
         if os.path.exists(os.path.join(tokenizer_dir, name)):

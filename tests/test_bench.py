@@ -10,6 +10,10 @@ import bench
     (["sample", "--device", "tpu"], "--device='tpu' is not allowed; use cpu"),
     (["sample", "--device", "cuda:99"], "--device='cuda:99' is not allowed; use cpu"),
     (["sample", "--dtype", "fp16"], "invalid choice: 'fp16' (choose from 'fp32', 'bf16')"),
+    (["graphs"], "graphs compares CUDA-graph with eager decoding: it needs --device cuda (got "
+                 "--device cpu)"),
+    (["graphs", "--arch", "gpt2"], "invalid choice: 'gpt2'"),
+    (["graphs", "--new", "0"], "'0' is not allowed: an integer >= 1"),
 ])
 def test_bad_arguments_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -84,3 +88,22 @@ def test_device_cuda_without_an_index_runs(monkeypatch):
     monkeypatch.setattr(bench, "bench_sample", lambda args: seen.append(args.device))
     bench.main(["sample", "--device", "cuda"])
     assert seen == ["cuda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not bench.torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphs_benchmark_runs_and_prints_its_ratio(capsys):
+    bench.main(["graphs", "--device", "cuda", "--arch", "qwen2.5-0.5b", "--prompts", "2",
+                "--n", "2", "--new", "8", "--reps", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("random qwen2.5-0.5b: 0.49B parameters, bf16, 2 prompts")
+    assert out[-1].startswith("graphs ") and "ratio graphs/eager = " in out[-1]
+
+
+def test_random_models_have_the_public_shapes():
+    """Parameter counts of the public checkpoints (tied embeddings), built on the meta device."""
+    counts = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304,
+              "qwen2.5-3b": 3_085_938_688, "llama-3.2-1b": 1_235_814_400,
+              "llama-3.2-3b": 3_212_749_824}
+    for arch, count in counts.items():
+        assert bench.random_model(arch, "meta").num_params() == count, arch
