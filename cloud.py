@@ -28,6 +28,7 @@ import json
 import os
 import queue
 import random
+import re
 import socket
 import sys
 import threading
@@ -300,6 +301,11 @@ def _retry_after_seconds(value) -> float | None:
     return seconds if seconds >= 0 else None
 
 
+# JSON may escape half of a UTF-16 pair alone ("\ud83d"); json.loads keeps it, and no UTF-8 file
+# (the cache) can hold it: it becomes U+FFFD, as a decoder makes of a broken character
+LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
 class HttpBackend:
     """An OpenAI-compatible chat endpoint: POST {base_url}/v1/chat/completions.
 
@@ -440,10 +446,10 @@ class HttpBackend:
                 print(f"note: http cloud: an answer was cut at max_tokens={self.max_tokens} "
                       f"(finish_reason length); cut answers are cached and scored as they stand; "
                       f"a larger max_tokens serves prompts not yet cached", file=sys.stderr)
-            return content if isinstance(content, str) else ""
+            return LONE_SURROGATE_RE.sub("\ufffd", content) if isinstance(content, str) else ""
         if not isinstance(content, str) or not content.strip():
             raise CloudError(f"response from {self.url} has an empty choices[0].message.content: {snippet!r}")
-        return content
+        return LONE_SURROGATE_RE.sub("\ufffd", content)
 
     def complete_each(self, task, examples, receive):
         """Send the prompts, `concurrency` at a time, and call receive(index, answer text or its

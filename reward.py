@@ -76,9 +76,13 @@ def help_start(text: str, after: int = -1) -> int:
 #     blank and holds no tag, OR the help marker (exactly, up to runs of whitespace);
 #   - nothing after it. Tags are lower case, as the prompt shows them.
 _TAG_RE = re.compile(r"</?(think|answer|unknown)>")
+# (the blocks' contents stop at their first closing tag: a lazy .*? tried every later closing
+# tag, time quadratic in the text for one made of many "</think><answer>x</answer>" pieces;
+# a closing tag inside a block is refused by the tag checks below either way)
 _TEMPLATE1_RE = re.compile(
-    r"\s*<think>(?P<think>.*?)</think>\s*"
-    r"(?:<answer>(?P<answer>.*?)</answer>|(?P<help><unknown>\s*I\s+need\s+external\s+assistance\s*</unknown>))"
+    r"\s*<think>(?P<think>(?:(?!</think>).)*)</think>\s*"
+    r"(?:<answer>(?P<answer>(?:(?!</answer>).)*)</answer>"
+    r"|(?P<help><unknown>\s*I\s+need\s+external\s+assistance\s*</unknown>))"
     r"\s*",
     re.DOTALL,
 )

@@ -895,7 +895,9 @@ _NUMBER_RE = re.compile(r"-?(?:" + _UNSIGNED + ")")
 # answer followed by a sentence, "#### 72. She sold ...": the verifier still reads 72 as the
 # text's last number). The number is matched whole before that check ((?=(...))\2: an atomic
 # group, which Python's re has only from 3.11), so "1,234. Total" is not read as "1".
-_DECLARED_RE = re.compile(r"####\s*(?:\*\*|\\?\$)?[ \t]*((?:-\s*)?(?=(" + _UNSIGNED
+# No two quantifiers may take the same blanks: "####" and a long run of spaces with no number
+# after it took time quadratic in the run (minutes for a model that degenerates into spaces).
+_DECLARED_RE = re.compile(r"####\s*(?:(?:\*\*|\\?\$)[ \t]*)?((?:-\s*)?(?=(" + _UNSIGNED
                           + r"))\2)(?![.)][ \t]+[A-Za-z])")
 
 

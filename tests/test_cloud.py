@@ -1337,3 +1337,19 @@ def test_a_new_backend_needs_only_complete(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"cloud backend 'echo' has no argument\(s\) \['x'\]; "
                                          r"allowed: \[\]"):
         make_cloud({"backend": "echo", "x": 1})
+
+
+def test_http_an_answer_with_half_a_surrogate_pair_is_cached(endpoint, task, tmp_path):
+    """JSON can escape half of a UTF-16 pair alone ("\\ud83d"); json.loads keeps it, and writing
+    the answer to the UTF-8 cache raised UnicodeEncodeError, which stopped the run. It becomes
+    U+FFFD; a whole escaped pair stays the character it encodes."""
+    examples = task.examples("test")[:2]
+    endpoint.script = [(200, '{"choices": [{"message": {"content": "7 \\ud83d"}}]}', {}, 0),
+                       (200, '{"choices": [{"message": {"content": "8 \\ud83d\\ude00"}}]}', {}, 0)]
+    cloud = Cloud(make_backend(endpoint.url, concurrency=1), CloudCache(tmp_path / "c.jsonl"),
+                  "http", "cloud-model")
+    assert [a.text for a in cloud.ask(task, examples)] == ["7 \ufffd", "8 \U0001f600"]
+    reread = Cloud(make_backend(endpoint.url), CloudCache(tmp_path / "c.jsonl"), "http",
+                   "cloud-model")
+    assert [(a.text, a.cached) for a in reread.ask(task, examples)] == [("7 \ufffd", True),
+                                                                         ("8 \U0001f600", True)]

@@ -858,3 +858,21 @@ def test_only_tasks_with_warm_start_traces_train_from_scratch():
         def warm_start_completion(self, example, rng, p_correct=0.7, p_help=0.2):
             return "A"
     assert Traced.trains_from_scratch()
+
+
+def test_scorers_take_linear_time_on_long_runs_of_blanks_and_tags():
+    """A model that degenerates into spaces after "####", or into many "</think><answer>"
+    pieces, must not stall a step: the declared-answer pattern took time quadratic in the run
+    (about 30 minutes for these 200,000 spaces) and the Template I pattern in the pieces
+    (minutes for these 40,000).
+    Run in a child process with a limit about 100 times what the linear scan needs."""
+    import subprocess
+    import sys
+    code = ("import tasks, reward\n"
+            "assert tasks.gsm8k_final_number('####' + ' ' * 200000 + 'x') is None\n"
+            "assert not reward.template1_formatted('<think>' + '</think><answer>a</answer>x' "
+            "* 40000)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, timeout=60,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
