@@ -279,7 +279,9 @@ def bench_sample(args):
 
 def bench_graphs(args):
     """Decoding replayed from recorded CUDA graphs (sample.DecodeGraphs) against eager decoding,
-    one model, alternating; sampling at temperature 1 from random weights never stops early."""
+    one model, alternating; sampling at temperature 1 from random weights never stops early.
+    "ms per new token" is a whole generate call's time (prefill and graph recording included)
+    over max_new_tokens."""
     device, dtype = args.device, DTYPES[args.dtype]
     model = random_model(args.arch, device, dtype)
     g = torch.Generator().manual_seed(0)
@@ -308,10 +310,10 @@ def bench_graphs(args):
             dt, peak = run(graphs, new)
             times[graphs].append(dt)
             print(f"  run {rep + 1}/{args.reps} {'graphs' if graphs else 'eager '}: "
-                  f"{dt / new * 1e3:.1f} ms a step, {rows * new / dt:,.0f} tok/s, peak "
+                  f"{dt / new * 1e3:.1f} ms per new token, {rows * new / dt:,.0f} tok/s, peak "
                   f"{peak / 2**30:.1f} GiB", flush=True)
     eager, graphed = (statistics.median(times[k]) for k in (False, True))
-    print(f"graphs {rows * new / graphed:,.0f} tok/s ({graphed / new * 1e3:.1f} ms a step), eager "
+    print(f"graphs {rows * new / graphed:,.0f} tok/s ({graphed / new * 1e3:.1f} ms per new token), eager "
           f"{rows * new / eager:,.0f} tok/s ({eager / new * 1e3:.1f} ms), ratio graphs/eager = "
           f"{eager / graphed:.2f}x")
 

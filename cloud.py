@@ -70,6 +70,7 @@ class CloudAuthError(CloudBatchError):
 
 RECORD_FIELDS = {"task": str, "key": str, "prompt_sha256": str, "answer": str, "verdict": bool,
                  "backend": str, "model": str}
+LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")  # half a UTF-16 pair (Cloud._record)
 
 
 def prompt_digest(messages) -> str:
@@ -301,11 +302,6 @@ def _retry_after_seconds(value) -> float | None:
     return seconds if seconds >= 0 else None
 
 
-# JSON may escape half of a UTF-16 pair alone ("\ud83d"); json.loads keeps it, and no UTF-8 file
-# (the cache) can hold it: it becomes U+FFFD, as a decoder makes of a broken character
-LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
-
-
 class HttpBackend:
     """An OpenAI-compatible chat endpoint: POST {base_url}/v1/chat/completions.
 
@@ -446,10 +442,10 @@ class HttpBackend:
                 print(f"note: http cloud: an answer was cut at max_tokens={self.max_tokens} "
                       f"(finish_reason length); cut answers are cached and scored as they stand; "
                       f"a larger max_tokens serves prompts not yet cached", file=sys.stderr)
-            return LONE_SURROGATE_RE.sub("\ufffd", content) if isinstance(content, str) else ""
+            return content if isinstance(content, str) else ""
         if not isinstance(content, str) or not content.strip():
             raise CloudError(f"response from {self.url} has an empty choices[0].message.content: {snippet!r}")
-        return LONE_SURROGATE_RE.sub("\ufffd", content)
+        return content
 
     def complete_each(self, task, examples, receive):
         """Send the prompts, `concurrency` at a time, and call receive(index, answer text or its
@@ -730,6 +726,10 @@ class Cloud:
         """Cache the backend's answers, then put CloudAnswers at their positions. A text None
         (never answered) is skipped. The answer given is the one the cache keeps: when another
         process cached this prompt first, its answer, so a prompt has one answer everywhere."""
+        # JSON may escape half of a UTF-16 pair alone ("\ud83d"), json.loads keeps it, and no
+        # UTF-8 file (the cache) can hold it: it becomes U+FFFD, as a decoder makes of a broken
+        # character (whichever backend gave it)
+        texts = [LONE_SURROGATE_RE.sub("\ufffd", t) if isinstance(t, str) else t for t in texts]
         self.cache.put_many([
             {"task": task.name, "key": example.key, "prompt_sha256": digest, "answer": text,
              "verdict": bool(task.cloud_correct(example, text)), "backend": self.backend_name,

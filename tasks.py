@@ -964,6 +964,12 @@ def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
                 if not isinstance(record.get(name), str):
                     problem = "missing" if name not in record else "not a string"
                     raise ValueError(f"{path}:{line_number}: field {name!r} is {problem}")
+                try:  # "\ud83d" alone: JSON allows it, no tokenizer or UTF-8 file takes it
+                    record[name].encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{path}:{line_number}: field {name!r} holds half a UTF-16 "
+                                     f"surrogate pair ({record[name][e.start]!r}) at character "
+                                     f"{e.start}, which is no text") from None
             records.append((line_number, record))
     if not records:
         raise ValueError(f"{path}: no records")

@@ -623,6 +623,11 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
     not_object = _write(tmp_path / "list.jsonl", ["[1, 2]"])
     with pytest.raises(ValueError, match=r"list\.jsonl:1"):
         MathTask(path_train=not_object).examples("train")
+    # JSON escapes half a UTF-16 pair alone, which no tokenizer or UTF-8 cache file can take
+    half = _write(tmp_path / "half.jsonl", ['{"problem": "p \\ud83d", "solution": "\\boxed{1}"}'])
+    with pytest.raises(ValueError, match=r"half\.jsonl:1: field 'problem' holds half a UTF-16 "
+                                         r"surrogate pair \('\\ud83d'\) at character 2"):
+        MathTask(path_train=half).examples("train")
     with pytest.raises(ValueError, match="kind"):
         MathTask(kind="aime")
 
