@@ -302,6 +302,15 @@ def _retry_after_seconds(value) -> float | None:
     return seconds if seconds >= 0 else None
 
 
+# a response body longer than this is no answer (8,192 tokens of text are well under 1 MB)
+MAX_BODY_BYTES = 16 << 20
+# what reading a response can raise besides CloudError: retried like a dropped connection.
+# OSError covers timeouts, resets and TLS errors; ValueError and OverflowError come from
+# http.client on garbled framing (a negative or astronomically large chunk or length)
+TRANSPORT_ERRORS = (OSError, urllib.error.URLError, http.client.HTTPException, ValueError,
+                    OverflowError)
+
+
 class HttpBackend:
     """An OpenAI-compatible chat endpoint: POST {base_url}/v1/chat/completions.
 
@@ -313,7 +322,9 @@ class HttpBackend:
     401/403 (the key), 402 or 429 insufficient_quota (the account), and refused connections or
     an unknown host on every retry of a request before any request got an HTTP response (a wrong
     base_url, no server) stop the batch (CloudBatchError); a
-    redirect, other 4xx, malformed JSON and missing/empty choices fail that prompt at once.
+    redirect, other 4xx, malformed JSON (or JSON Python cannot read), a body over
+    MAX_BODY_BYTES and missing/empty choices fail that prompt at once; garbled framing and TLS
+    errors are retried (TRANSPORT_ERRORS).
     An answer cut at max_tokens (finish_reason "length", even with no content left, as a
     reasoning model gives when its reasoning used every token) is an answer: cached and scored
     as it stands, so it is not paid for again; `truncated` counts them and the first is noted.
@@ -380,13 +391,13 @@ class HttpBackend:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with _OPENER.open(request, timeout=self.timeout) as response:
                     self.reached = True
-                    raw = response.read()
+                    raw = self._read_body(response)
                 return self._parse(raw, key)
             except urllib.error.HTTPError as e:
                 self.reached = True
                 try:
                     full = self._scrub(e.read(1 << 16), key, 1 << 16)
-                except (OSError, http.client.HTTPException):  # the error body itself cut off
+                except TRANSPORT_ERRORS:  # the error body itself cut off or garbled
                     full = "(the error body was cut off)"
                 detail = full[:300]
                 if e.code in (401, 403):
@@ -408,7 +419,7 @@ class HttpBackend:
                 if e.code in (429, 503):  # jittered, so parallel requests do not retry as one
                     wait = _retry_after_seconds(e.headers.get("Retry-After"))
                     wait = None if wait is None else wait * (1 + 0.25 * random.random())
-            except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
+            except TRANSPORT_ERRORS as e:
                 last_error = self._scrub(f"{type(e).__name__}: {e}".encode(), key, 300)
                 reason = getattr(e, "reason", e)
                 unreachable += isinstance(reason, (ConnectionRefusedError, socket.gaierror))
@@ -422,11 +433,26 @@ class HttpBackend:
                                   f"is base_url right?")
         raise CloudError(f"{self.url}: gave up after {self.retries + 1} attempts; last error: {last_error}")
 
+    def _read_body(self, response) -> bytes:
+        """The body, read a piece at a time up to MAX_BODY_BYTES: a server that sends without
+        end (or announces a terabyte) fails this prompt instead of filling the memory."""
+        parts, size = [], 0
+        while piece := response.read1(1 << 16):
+            size += len(piece)
+            if size > MAX_BODY_BYTES:
+                raise CloudError(f"response from {self.url} is longer than {MAX_BODY_BYTES} "
+                                 f"bytes; not read further (an answer is far shorter)")
+            parts.append(piece)
+        if response.length:  # the connection closed before the Content-Length was read
+            raise http.client.IncompleteRead(b"".join(parts), response.length)
+        return b"".join(parts)
+
     def _parse(self, raw: bytes, key: str | None) -> str:
-        snippet = self._scrub(raw, key, 200)
-        try:
-            payload = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        snippet = self._scrub(raw[:4096], key, 200)
+        try:  # utf-8-sig: a byte-order mark before the JSON is no error
+            payload = json.loads(raw.decode("utf-8-sig"))
+        except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSONDecodeError,
+            # and an integer past Python's 4300-digit limit; RecursionError: nesting too deep
             raise CloudError(f"malformed JSON from {self.url}: {snippet!r}") from None
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list) or not choices:
@@ -434,6 +460,9 @@ class HttpBackend:
         choice = choices[0] if isinstance(choices[0], dict) else {}
         message = choice.get("message")
         content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):  # content as parts, [{"type": "text", "text": ...}, ...]
+            content = "".join(part["text"] for part in content if isinstance(part, dict)
+                              and part.get("type") == "text" and isinstance(part.get("text"), str))
         if choice.get("finish_reason") == "length":  # cut at max_tokens: the answer it gave
             with self._lock:
                 self.truncated += 1

@@ -1353,3 +1353,42 @@ def test_http_an_answer_with_half_a_surrogate_pair_is_cached(endpoint, task, tmp
                    "cloud-model")
     assert [(a.text, a.cached) for a in reread.ask(task, examples)] == [("7 \ufffd", True),
                                                                          ("8 \U0001f600", True)]
+
+
+@pytest.mark.parametrize("payload, answer", [
+    ("\ufeff" + json.dumps({"choices": [{"message": {"content": "7"}}]}), "7"),  # a BOM first
+    (json.dumps({"choices": [{"message": {"content": [{"type": "text", "text": "7 "},
+                                                      {"type": "image_url"},
+                                                      {"type": "text", "text": "apples"}]}}]}),
+     "7 apples"),                                                       # content as parts
+])
+def test_http_answers_in_other_accepted_shapes(endpoint, payload, answer):
+    endpoint.script = [(200, payload, {}, 0)]
+    assert make_backend(endpoint.url).chat(MESSAGES) == answer
+
+
+@pytest.mark.parametrize("payload", [
+    "[" * 100000 + "]" * 100000,                                        # RecursionError inside
+    '{"choices": [{"message": {"content": "7"}}], "usage": ' + "9" * 5000 + "}",  # 4300 digits
+])
+def test_http_json_python_cannot_read_fails_the_prompt_not_the_run(endpoint, payload):
+    """json.loads raised RecursionError / ValueError (Python's integer-digit limit) past the
+    backend's handler, which ended the run; now the prompt fails, not retried."""
+    endpoint.script = [(200, payload, {}, 0)]
+    with pytest.raises(CloudError, match="malformed JSON from "):
+        make_backend(endpoint.url).chat(MESSAGES)
+    assert len(endpoint.requests) == 1
+
+
+def test_http_a_body_without_end_is_not_read_into_memory(endpoint):
+    """A body longer than MAX_BODY_BYTES fails the prompt (it was read whole into memory: a
+    server streaming without end filled it), and a Content-Length of a terabyte over a short
+    body is a cut-off answer, retried (it was one allocation of the announced size)."""
+    from cloud import MAX_BODY_BYTES
+    endpoint.script = [(200, "x" * (MAX_BODY_BYTES + 1), {}, 0)]
+    with pytest.raises(CloudError, match=f"longer than {MAX_BODY_BYTES} bytes; not read"):
+        make_backend(endpoint.url).chat(MESSAGES)
+    assert len(endpoint.requests) == 1
+    endpoint.script = [(200, '{"choices": [', {"X-Declared-Length": str(10 ** 12)}, 0),
+                       ok("fine")]
+    assert make_backend(endpoint.url).chat(MESSAGES) == "fine"
