@@ -399,6 +399,8 @@ class HttpBackend:
                     full = self._scrub(e.read(1 << 16), key, 1 << 16)
                 except TRANSPORT_ERRORS:  # the error body itself cut off or garbled
                     full = "(the error body was cut off)"
+                finally:
+                    e.close()  # its connection, now rather than when collected
                 detail = full[:300]
                 if e.code in (401, 403):
                     state = "is set" if key else "is NOT set"

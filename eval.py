@@ -250,13 +250,14 @@ def help_preference(model, tokenizer, task, examples, texts):
 
 
 @torch.no_grad()
-def answered_locally(model, tokenizer, task, examples, splits, max_new_tokens):
+def answered_locally(model, tokenizer, task, examples, splits, max_new_tokens, batch_size=256):
     """The local verdict of each response had it answered at its decision point [ours]: the
     policy's own prefix + the answer continuation, then greedy decoding to the end unless that
     continuation already ends the response (tiny task: 'A' is a stop character, so the verdict
     is simply on "<its chain and check>A"). The response keeps the policy's budget: prefix,
     continuation and decoded tokens together at most max_new_tokens. Used for prompts where the
-    policy asked for help, whose local answer a curve needs when it keeps them local."""
+    policy asked for help, whose local answer a curve needs when it keeps them local. Decoded
+    batch_size rows at a time (eval.batch_size), as the greedy evaluation is."""
     if not examples:
         return []
     stop_ids = tokenizer.eos_ids + tokenizer.single_token_ids(task.stop_texts)
@@ -269,11 +270,13 @@ def answered_locally(model, tokenizer, task, examples, splits, max_new_tokens):
             rows.append((i, tokenizer.prompt_ids(examples[i].prompt) + said,
                          max_new_tokens - len(said)))
     if rows:
-        # one batch when its longest row and largest budget fit the context together; else row
-        # by row (each fits alone: its prompt + max_new_tokens, as train.py checked)
+        # batches of batch_size rows when the longest row and largest budget fit the context
+        # together; else row by row (each fits alone: its prompt + max_new_tokens, as train.py
+        # checked)
         together = max(len(ids) for _, ids, _ in rows) + max(left for *_, left in rows)
         fits = together <= model.config.max_position_embeddings
-        for batch in [rows] if fits else [[row] for row in rows]:
+        size = batch_size if fits else 1
+        for batch in (rows[i:i + size] for i in range(0, len(rows), size)):
             out = generate(model, [ids for _, ids, _ in batch], n=1,
                            max_new_tokens=max(left for *_, left in batch), temperature=0.0,
                            stop_ids=stop_ids, banned_ids=banned_ids, pad_id=tokenizer.pad_id)
@@ -817,7 +820,8 @@ def evaluate_policy_run(res, run, examples, budget, progress):
     asked = np.nonzero(help)[0].tolist()
     answered = np.zeros(len(examples), dtype=bool)
     answered[asked] = answered_locally(model, tok, run.task, [examples[i] for i in asked],
-                                       [splits[i] for i in asked], max_new)
+                                       [splits[i] for i in asked], max_new,
+                                       run.cfg["eval"].get("batch_size", 256))
     *curve, _ = policy_curve(help, local, answered, cloud, score)
     m.update(help_calls=int(help.sum()), cloud_requests=run.cloud.calls_made - calls_before,
              decision_agreement=float(((score > 0) == help).mean()), **gap_recovered(*curve))

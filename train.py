@@ -452,7 +452,9 @@ def truncate_log(path: str, step: int, drop_final: bool = False, eval_every: int
     if not os.path.exists(path):
         return
     keep = []
-    for line in open(path):
+    with open(path) as f:
+        lines = f.readlines()
+    for line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

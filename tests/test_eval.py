@@ -734,6 +734,13 @@ def test_answered_locally_decodes_after_the_answer_opening(monkeypatch):
     assert max(lengths[0] + 26, lengths[1] + 34) + 38 > max(lengths) + 64   # not together
     assert ev.answered_locally(model, tok, task, ex, splits, 64) == [True, False]
     assert [(len(prompts), budget) for prompts, budget in calls] == [(1, 38), (1, 30)]
+    # rows that fit together go batch_size at a time (one batch of every help call took memory
+    # in proportion to the evaluation's size)
+    calls.clear()
+    model.config.max_position_embeddings = 4096
+    ex5 = task.examples("test")[:4] + task.examples("train")[:1]
+    assert len(ev.answered_locally(model, tok, task, ex5, [splits[0]] * 5, 64, batch_size=2)) == 5
+    assert [len(prompts) for prompts, _ in calls] == [2, 2, 1]
 
 
 def test_auroc_is_none_without_positives():
