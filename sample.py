@@ -205,17 +205,17 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     V = model.config.vocab_size
     if not 0 <= pad_id < V:
         raise ValueError(f"pad_id={pad_id} is not a token id of this model (0..{V - 1})")
+    id_sets = []
     for name, ids in (("stop_ids", stop_ids), ("banned_ids", banned_ids)):
         if not isinstance(ids, Iterable) or isinstance(ids, (str, bytes)):
             raise ValueError(f"{name}={ids!r} must be a list of token ids")
-    # a tensor or NumPy array, 0-d included, becomes a plain list
-    stop_ids, banned_ids = (ids.reshape(-1).tolist() if hasattr(ids, "reshape")
-                            else list(ids) for ids in (stop_ids, banned_ids))
-    for name, ids in (("stop_ids", stop_ids), ("banned_ids", banned_ids)):
+        # a tensor or NumPy array, 0-d included, becomes a plain list
+        ids = ids.reshape(-1).tolist() if hasattr(ids, "reshape") else list(ids)
         outside = [i for i in ids if not (_integer(i) and 0 <= i < V)]
         if outside:
             raise ValueError(f"{name} {outside} are not token ids of this model (0..{V - 1})")
-    stop_ids, banned_ids = {int(i) for i in stop_ids}, {int(i) for i in banned_ids}
+        id_sets.append({int(i) for i in ids})
+    stop_ids, banned_ids = id_sets
     if len(banned_ids) == V:
         raise ValueError(f"banned_ids cover the whole vocabulary (vocab_size={V}): nothing is left "
                          f"to sample; ban at most {V - 1} of the ids 0..{V - 1}")
