@@ -313,7 +313,8 @@ class FakeEndpoint:
     hold: an optional threading.Barrier every request waits at (counted as in flight) before it
     is answered; if it breaks (times out), the request gets a 500 "barrier broken".
     A scripted header X-Declared-Length replaces the Content-Length sent: larger than the body,
-    it makes a response cut off (the connection closes after the body). interrupt_at: when that
+    it makes a response cut off (the connection closes after the body); X-Trickle sends the body
+    a byte at a time, that many seconds apart. interrupt_at: when that
     many requests have arrived, SIGINT goes to the main thread (Ctrl-C with them under way)."""
 
     def __init__(self):
@@ -351,6 +352,7 @@ class FakeEndpoint:
                     data = payload.encode("utf-8")
                     headers = dict(headers)
                     length = headers.pop("X-Declared-Length", len(data))
+                    trickle = float(headers.pop("X-Trickle", 0))
                     with endpoint.lock:  # no longer in flight once the answer starts: the client
                         endpoint.in_flight -= 1  # may send its next request before we return
                         counted = False
@@ -359,7 +361,13 @@ class FakeEndpoint:
                         self.send_header(k, v)
                     self.send_header("Content-Length", str(length))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if trickle:
+                        for i in range(len(data)):
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(trickle)
+                    else:
+                        self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
                 finally:
@@ -1353,6 +1361,21 @@ def test_http_an_answer_with_half_a_surrogate_pair_is_cached(endpoint, task, tmp
                    "cloud-model")
     assert [(a.text, a.cached) for a in reread.ask(task, examples)] == [("7 \ufffd", True),
                                                                          ("8 \U0001f600", True)]
+
+
+def test_http_a_body_trickled_past_the_timeout_is_a_timeout(endpoint):
+    """The socket's timeout holds for one read, so a body sent a byte every 0.05 s kept a request
+    with timeout=0.5 for as long as the server liked (here 2.4 s, then it was answered). The
+    whole body now has `timeout` seconds; past that, the attempt is a timeout and retried."""
+    answer = ok("7")[1]
+    endpoint.script = [(200, answer, {"X-Trickle": "0.05"}, 0), ok("fine")]
+    start = time.monotonic()
+    assert make_backend(endpoint.url, timeout=0.5).chat(MESSAGES) == "fine"
+    assert time.monotonic() - start < 0.5 * len(answer) * 0.05
+    assert len(endpoint.requests) == 2
+    endpoint.script = [(200, answer, {"X-Trickle": "0.05"}, 0)]
+    with pytest.raises(CloudError, match=r"TimeoutError: the body took over timeout=0.5 s"):
+        make_backend(endpoint.url, timeout=0.5, retries=0).chat(MESSAGES)
 
 
 @pytest.mark.parametrize("payload, answer", [
