@@ -416,21 +416,24 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "final_eval.json")
 
 
 class RunLog:
-    """metrics.jsonl / samples.jsonl (appended, flushed) and the one-line progress display."""
+    """metrics.jsonl / samples.jsonl (each write appended by a file opened and closed for it, so
+    no handle outlives the call) and the one-line progress display."""
 
     def __init__(self, run_dir: str, total_steps: int):
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        self.samples = open(os.path.join(run_dir, "samples.jsonl"), "a")
+        self.metrics = os.path.join(run_dir, "metrics.jsonl")
+        self.samples = os.path.join(run_dir, "samples.jsonl")
         self.total, self.start = total_steps, time.time()
 
+    @staticmethod
+    def append(path: str, rows: list):
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+
     def log(self, row: dict):
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
+        self.append(self.metrics, [row])
 
     def log_samples(self, rows: list):
-        for row in rows:
-            self.samples.write(json.dumps(row) + "\n")
-        self.samples.flush()
+        self.append(self.samples, rows)
 
     def progress(self, step: int, first_step: int, text: str):
         elapsed = time.time() - self.start

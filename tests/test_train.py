@@ -1370,3 +1370,27 @@ def test_rl_step_steps_the_optimizer_once_on_the_update_gradient(tmp_path, wirin
     for n, p in trainer.model.named_parameters():
         expected = before[n] - 0.5 * grad[n] if n in grad else before[n]
         assert torch.equal(p.detach(), expected), n
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc")
+def test_run_log_appends_rows_and_holds_no_file_open(tmp_path):
+    """Rows are appended as JSON lines, and no handle on the logs outlives a call (they were
+    held open for the whole run and closed only when the log object was collected)."""
+    def open_logs():
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # the directory's own descriptor, closed by now
+                pass
+        return [n for n in names if n.startswith(str(tmp_path))]
+
+    log = train.RunLog(str(tmp_path), total_steps=2)
+    log.log({"train/step": 1, "reward/mean": 0.5})
+    log.log_samples([{"step": 1, "response": "a"}, {"step": 1, "response": "b\n"}])
+    log.log({"train/step": 2, "reward/mean": 0.25})
+    assert open_logs() == []
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows == [{"train/step": 1, "reward/mean": 0.5}, {"train/step": 2, "reward/mean": 0.25}]
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert [s["response"] for s in samples] == ["a", "b\n"]
