@@ -131,6 +131,19 @@ def d2_cap(rho, n_d1):
     return floor_share(n_d1, rho)
 
 
+def as_flags(name: str, value):
+    """`value` as a CPU bool tensor. Only booleans and the numbers 0 and 1 are flags: a cast
+    would read 0.5 or NaN as True."""
+    t = torch.as_tensor(value).cpu()
+    if t.dtype != torch.bool:
+        bad = ~((t == 0) | (t == 1))
+        if bad.any():
+            raise ValueError(f"{name} must hold flags (True/False or 0/1), got "
+                             f"{t[bad][:4].tolist()}")
+        t = t.bool()
+    return t
+
+
 def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=None, *, rewards,
                    exclude=None):
     """Choose the prompts S = D1 u D2 whose groups enter the update (SPEC 6).
@@ -150,9 +163,9 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
     if rule not in FILTER_RULES:
         raise ValueError(f"unknown filter rule {rule!r}; allowed: {', '.join(FILTER_RULES)}")
     check_rho(rho)
-    local_ok, help, cloud_ok, rewards = (torch.as_tensor(t).cpu()
-                                         for t in (local_ok, help, cloud_ok, rewards))
-    local_ok, help, cloud_ok = local_ok.bool(), help.bool(), cloud_ok.bool()
+    local_ok, help, cloud_ok = (as_flags(name, t) for name, t in
+                                (("local_ok", local_ok), ("help", help), ("cloud_ok", cloud_ok)))
+    rewards = torch.as_tensor(rewards).cpu()
     P = local_ok.shape[0] if local_ok.dim() else 0
     if local_ok.dim() != 2 or help.shape != local_ok.shape or cloud_ok.shape != (P,) \
             or rewards.shape != local_ok.shape:
@@ -163,7 +176,7 @@ def filter_prompts(local_ok, cloud_ok, help, rho, rule="any_correct", generator=
     if not torch.isfinite(rewards).all():
         raise ValueError(f"rewards must be finite, got {rewards[~torch.isfinite(rewards)][:4].tolist()}")
     if exclude is not None:
-        exclude = torch.as_tensor(exclude).bool().cpu()
+        exclude = as_flags("exclude", exclude)
         if exclude.shape != (P,):
             raise ValueError(f"exclude must be [P] = [{P}], got {tuple(exclude.shape)}")
     usable = torch.ones(P, dtype=torch.bool) if exclude is None else ~exclude
@@ -404,8 +417,8 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
     calls are scored wrong [ours]. Uncapped figures serve every help call. A ratio over no
     prompts (conditional local accuracy when every prompt asked for help) is None.
     """
-    help, local_ok, cloud_ok = (torch.as_tensor(t, dtype=torch.bool)
-                                for t in (help, local_ok, cloud_ok))
+    help, local_ok, cloud_ok = (as_flags(name, t) for name, t in
+                                (("help", help), ("local_ok", local_ok), ("cloud_ok", cloud_ok)))
     N = len(help) if help.dim() == 1 else 0
     if N == 0 or local_ok.shape != (N,) or cloud_ok.shape != (N,):
         raise ValueError(f"need help, local_ok, cloud_ok of one shape [N], N >= 1; got shapes "
@@ -428,7 +441,7 @@ def capped_metrics(help, local_ok, cloud_ok, budget, len_tokens=None):
         "acc_uncapped": float((local_ok | (help & cloud_ok)).double().mean()),
     }
     if len_tokens is not None:
-        lens = torch.as_tensor(len_tokens, dtype=torch.float64)
+        lens = torch.as_tensor(len_tokens, dtype=torch.float64).cpu()
         if lens.shape != (N,):
             raise ValueError(f"len_tokens must be [N] = [{N}], got shape {tuple(lens.shape)}")
         m["len_help"] = float(lens[help].mean()) if help.any() else None

@@ -276,6 +276,31 @@ def test_filter_errors():
         filter_prompts(torch.tensor(True), cloud_ok, help, 3 / 7, rewards=rewards)
 
 
+def test_flags_that_are_not_booleans_or_0_1_are_refused():
+    """A cast to bool read 0.5 or NaN as True: such a help flag counted as a help call."""
+    local_ok, cloud_ok, help, rewards = batch(["LW", "WW"], [True, True])
+    for bad in (float("nan"), 0.5):
+        odd = help.float()
+        odd[1, 0] = bad
+        with pytest.raises(ValueError, match=r"help must hold flags \(True/False or 0/1\), got "
+                                             + ("\\[nan\\]" if bad != bad else "\\[0.5\\]")):
+            filter_prompts(local_ok, cloud_ok, odd, 3 / 7, rewards=rewards)
+        with pytest.raises(ValueError, match="cloud_ok must hold flags"):
+            capped_metrics([True, False], [False, True], [1.0, bad], 0.5)
+        with pytest.raises(ValueError, match="exclude must hold flags"):
+            filter_prompts(local_ok, cloud_ok, help, 3 / 7, rewards=rewards,
+                           exclude=torch.tensor([0.0, bad]))
+    # 0/1 numbers are flags, as before
+    local_ok, cloud_ok, help, rewards = batch(["LW", "HW", "WW"], [True, True, False])
+    as_numbers = filter_prompts(local_ok.float(), cloud_ok.long(), help.double(), 1.0,
+                                rewards=rewards)
+    as_bools = filter_prompts(local_ok, cloud_ok, help, 1.0, rewards=rewards)
+    assert as_numbers.selected.tolist() == as_bools.selected.tolist() == [0, 1]
+    assert (as_numbers.n_d1, as_numbers.n_d2) == (as_bools.n_d1, as_bools.n_d2) == (1, 1)
+    assert capped_metrics([1, 0], [0, 1], [1.0, 0.0], 0.5) == \
+        capped_metrics([True, False], [False, True], [True, False], 0.5)
+
+
 def test_a_help_call_flagged_correct_is_not_a_local_solve():
     # a task that marks a help call locally correct too must not put its prompt in D1 (SPEC 2):
     # group "HW" with both flags on the help call is a D2 candidate, as capped_metrics scores it
