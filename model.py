@@ -31,6 +31,20 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
                     "original_max_position_embeddings")
 
 
+def qwen2_sliding_layers(hf: dict) -> list[int]:
+    """The layers that transformers' Qwen2 makes attend within a sliding window narrower than
+    the context: `layer_types` if config.json gives it, else, with use_sliding_window on, layers
+    max_window_layers.. (defaults as Qwen2Config's). A window of max_position_embeddings or more
+    hides nothing: no layer then."""
+    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
+    if window is None or window >= hf.get("max_position_embeddings", 32768):
+        return []
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+        for i in range(hf.get("num_hidden_layers") or 0)]
+    return [i for i, kind in enumerate(types) if kind != "full_attention"]
+
+
 @dataclass
 class ModelConfig:
     """The fields of an HF Llama / Qwen2 config.json that change the computation."""
@@ -114,15 +128,27 @@ class ModelConfig:
         if model_type not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture: model_type={model_type!r}, architectures="
                              f"{hf.get('architectures')}; supported: {sorted(ARCHITECTURES)}")
-        if hf.get("hidden_act", "silu") != "silu":
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers: swish = SiLU
             raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; allowed: 'silu'")
-        if hf.get("use_sliding_window", False):
-            raise ValueError("use_sliding_window=true is not supported (Qwen2 sliding-window "
-                             "attention); set it to false")
-        if hf.get("pretraining_tp", 1) not in (1, None):
-            raise ValueError(f"pretraining_tp={hf['pretraining_tp']} is not supported; allowed: 1")
+        if model_type == "qwen2" and (sliding := qwen2_sliding_layers(hf)):
+            raise ValueError(f"Qwen2 sliding-window attention is not supported: config.json makes "
+                             f"layers {sliding} attend within sliding_window="
+                             f"{hf.get('sliding_window', 4096)} tokens, under "
+                             f"max_position_embeddings={hf.get('max_position_embeddings', 32768)}; "
+                             f"those layers would see more context here than they were trained on")
+        # pretraining_tp (Llama 2's tensor-parallel slicing of its linear layers) only reorders
+        # the sums: the outputs are the same, so it is passed over, as transformers 5 does
         # with both keys, transformers reads rope_scaling and ignores rope_parameters: so do we
         rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        # a default or llama3 section with another key (the per-layer-type form
+        # {"full_attention": {...}}, say) would be read as plain RoPE, silently another model;
+        # other types are refused by their type
+        unknown = [k for k in rope if k not in LLAMA3_ROPE_KEYS + (
+            "rope_type", "type", "rope_theta", "partial_rotary_factor")]
+        if unknown and rope.get("rope_type", rope.get("type", "default")) in ("default", "llama3"):
+            raise ValueError(f"config.json's rope section {rope} has entries we cannot read: "
+                             f"{unknown}; allowed: rope_type, rope_theta and llama3's "
+                             f"{', '.join(LLAMA3_ROPE_KEYS)}")
         # a value given both at the top and in the rope section: transformers versions differ on
         # which one they read, so two different values are an error, not a guess
         top_theta, theta = hf.get("rope_theta"), rope.pop("rope_theta", None)
@@ -148,8 +174,13 @@ class ModelConfig:
             raise ValueError(f"config.json lacks {missing}: a {model_type} config needs them")
         kw = {f.name: hf[f.name] for f in fields(cls)
               if f.name in hf and f.name not in ("rope_theta", "rope_scaling", "head_dim")}
-        if kw.get("num_key_value_heads") is None:  # absent or null: no GQA, as in transformers
-            kw["num_key_value_heads"] = hf["num_attention_heads"]
+        # transformers' defaults: Qwen2Config's are 32 KV heads and a 32,768-token context;
+        # a null num_key_value_heads, and an absent one for Llama, means no GQA
+        qwen2 = model_type == "qwen2"
+        if kw.get("num_key_value_heads") is None:
+            absent = "num_key_value_heads" not in hf
+            kw["num_key_value_heads"] = 32 if qwen2 and absent else hf["num_attention_heads"]
+        kw.setdefault("max_position_embeddings", 32768 if qwen2 else 2048)
         kw.setdefault("tie_word_embeddings", False)  # transformers' default for both families
         kw["torch_dtype"] = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
         return cls(**kw, head_dim=hf.get("head_dim") or 0, rope_theta=theta,
@@ -552,6 +583,20 @@ QUANTISED_TENSOR = re.compile(r"(weight_scale|weight_scale_inv|input_scale|qweig
                               r"|g_idx|absmax|quant_map|quant_state\S*)$")
 
 
+def shape_fields(name: str) -> str:
+    """The config.json fields that set the shape of the HF tensor `name` (a weight's rows,
+    columns; a bias has the rows only)."""
+    *_, module, kind = name.split(".")
+    q, kv = "num_attention_heads x head_dim", "num_key_value_heads x head_dim"
+    rows_cols = {"embed_tokens": "vocab_size, hidden_size", "lm_head": "vocab_size, hidden_size",
+                 "q_proj": f"{q}, hidden_size", "k_proj": f"{kv}, hidden_size",
+                 "v_proj": f"{kv}, hidden_size", "o_proj": f"hidden_size, {q}",
+                 "gate_proj": "intermediate_size, hidden_size",
+                 "up_proj": "intermediate_size, hidden_size",
+                 "down_proj": "hidden_size, intermediate_size"}.get(module, "hidden_size")
+    return rows_cols.split(", ")[0] if kind == "bias" else rows_cols
+
+
 def weights_dtype(dtype, device) -> torch.dtype:
     """The dtype load_pretrained gives the weights: `dtype` (a torch.dtype or a name in DTYPES),
     or by default bf16 on CUDA and fp32 elsewhere."""
@@ -579,7 +624,13 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
         raise ValueError(f"{path} holds both model.safetensors and model.safetensors.index.json "
                          "(a single-file and a sharded checkpoint); remove the stale one")
     if os.path.exists(index):
-        shards = sorted(set(read_json(index)["weight_map"].values()))
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(v, str) for v in weight_map.values())):
+            raise ValueError(f"{index} has no weight_map (tensor name -> shard file name) to "
+                             f"read the shards from")
+        shards = sorted(set(weight_map.values()))
     else:
         shards = sorted(n for n in os.listdir(path)
                         if n.startswith("model") and n.endswith(".safetensors"))
@@ -587,7 +638,8 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
         raise FileNotFoundError(f"no model*.safetensors in {path}")
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {_hf_name(n): n for n in model.state_dict()}
+    shapes = {n: t.shape for n, t in model.state_dict().items()}
+    expected = {_hf_name(n): n for n in shapes}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state, tied_head, source = {}, None, {}
@@ -614,6 +666,12 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
                         raise ValueError(f"tensor {name!r} in {shard} has dtype {t.dtype}: "
                                          "quantised checkpoints are not supported; dequantise "
                                          "to float first")
+                    want = shapes[expected[name]]
+                    if t.shape != want:
+                        raise ValueError(f"tensor {name!r} in {shard} has shape {list(t.shape)}, "
+                                         f"but config.json makes it {list(want)} ("
+                                         f"{shape_fields(name)}): config.json and the weights "
+                                         f"do not belong together")
                     state[expected[name]] = t.to(device=device, dtype=dtype)
         except SafetensorError as e:
             raise ValueError(f"{os.path.join(path, shard)}: the weights cannot be read ({e}); "

@@ -183,7 +183,12 @@ def test_strict_loading_names_the_tensor(tmp_path):
     ({"hidden_act": "gelu"}, "gelu"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "yarn"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "dynamic"),
-    ({"use_sliding_window": True}, "sliding"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8,
+      "max_window_layers": 2}, r"layers \[2, 3\] attend within sliding_window=8 tokens"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8,
+      "layer_types": ["full_attention", "sliding_attention"] * 2}, r"layers \[1, 3\]"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+     r"entries we cannot read: \['full_attention'\]"),  # was read as rope_theta 10000
 ])
 def test_unsupported_config_is_an_error(change, message):
     hf = ModelConfig().to_hf()
@@ -396,13 +401,52 @@ def test_config_without_kv_heads_is_full_multi_head_attention():
     assert ModelConfig.from_hf(hf).num_key_value_heads == 8
 
 
+@pytest.mark.parametrize("name, change", [
+    ("llama_gqa_tied", {"pretraining_tp": 2}),  # as Llama-2-13b's first config.json had it
+    ("llama_gqa_tied", {"hidden_act": "swish"}),
+    ("qwen2_gqa_tied", {"use_sliding_window": True, "sliding_window": 512, "layer_types": None}),
+    ("qwen2_gqa_tied", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 3,
+                        "layer_types": None}),
+    ("qwen2_gqa_tied", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0,
+                        "layer_types": ["full_attention"] * 3}),
+])
+def test_configs_that_mean_the_plain_model_load_as_transformers_reads_them(name, change,
+                                                                           tmp_path):
+    """Settings that leave the computation as it is were refused: Llama 2's pretraining_tp (it
+    only splits the linear layers' sums), 'swish' (SiLU's other name) and a Qwen2 sliding window
+    that no layer uses or that spans the whole context (a layer_types of None: recomputed)."""
+    make_hf_model(name).save_pretrained(tmp_path)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    hf_config.update(change)
+    hf_config = {k: v for k, v in hf_config.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = load_pretrained(str(tmp_path), dtype="float32")
+    ids = torch.randint(3, 97, (2, 60), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids, torch.arange(60).expand(2, -1))
+    assert (ref - got).abs().max().item() <= 1e-4
+
+
+def test_qwen2_config_defaults_are_qwen2s():
+    """A Qwen2 config.json without num_key_value_heads or max_position_embeddings means
+    Qwen2Config's 32 KV heads and 32,768 positions (we gave Llama's: full heads and 2,048)."""
+    hf = {"model_type": "qwen2", "hidden_size": 512, "num_attention_heads": 64,
+          "intermediate_size": 100, "num_hidden_layers": 2, "vocab_size": 10}
+    theirs = transformers.Qwen2Config(**hf)
+    ours = ModelConfig.from_hf(hf)
+    assert (ours.num_key_value_heads, ours.max_position_embeddings) == \
+        (theirs.num_key_value_heads, theirs.max_position_embeddings) == (32, 32768)
+    assert ModelConfig.from_hf({**hf, "num_key_value_heads": None}).num_key_value_heads == 64
+
+
 @pytest.mark.parametrize("change, message", [
-    ({"pretraining_tp": 2}, "pretraining_tp"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                           "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
 ])
 def test_more_unsupported_config_is_an_error(change, message):
-    """Both would silently change the computation."""
+    """It would silently change the computation."""
     hf = ModelConfig().to_hf()
     hf.update(change)
     with pytest.raises(ValueError, match=message):
@@ -462,6 +506,45 @@ def test_sharded_checkpoint_reads_only_the_index_shards(tmp_path):
     save_file({"model.stray.weight": torch.zeros(2)}, tmp_path / "model-old.safetensors")
     loaded = load_pretrained(str(tmp_path))
     assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("index", [{"metadata": {}}, {"weight_map": {}}, [],
+                                   {"weight_map": {"model.norm.weight": 3}}])
+def test_an_index_without_a_weight_map_is_an_error_naming_it(tmp_path, index):
+    """It was a bare KeyError: 'weight_map' (a traceback past train.py's error handling)."""
+    save_pretrained(Transformer(ModelConfig()).init_weights(0), str(tmp_path))
+    os.rename(tmp_path / "model.safetensors", tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json has no weight_map "
+                                         r"\(tensor name -> shard file name\)"):
+        load_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("change, tensor, fields", [
+    ({"head_dim": 16}, "model.layers.0.self_attn.k_proj.weight",  # the first in the file
+     "num_key_value_heads x head_dim, hidden_size"),
+    ({"num_attention_heads": 8, "head_dim": 32},
+     "model.layers.0.self_attn.o_proj.weight", "hidden_size, num_attention_heads x head_dim"),
+    ({"intermediate_size": 100}, "model.layers.0.mlp.down_proj.weight",
+     "hidden_size, intermediate_size"),
+    ({"vocab_size": 40}, "model.embed_tokens.weight", "vocab_size, hidden_size"),
+    ({"model_type": "qwen2", "num_key_value_heads": 2}, "model.layers.0.self_attn.k_proj.bias",
+     "num_key_value_heads x head_dim"),
+])
+def test_weights_of_another_shape_than_config_json_says_are_an_error_naming_them(
+        tmp_path, change, tensor, fields):
+    """They were torch's RuntimeError from load_state_dict, in our module names, with no word of
+    config.json (and a traceback past train.py's and eval.py's error handling)."""
+    model_type = change.get("model_type", "llama")
+    save_pretrained(Transformer(ModelConfig(model_type=model_type)).init_weights(0),
+                    str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(tensor)}' in model.safetensors has "
+                                         rf"shape \[\d+(, \d+)?\], but config.json makes it "
+                                         rf"\[\d+(, \d+)?\] \({fields}\): config.json and the "
+                                         rf"weights do not belong together"):
+        load_pretrained(str(tmp_path))
 
 
 def test_saved_config_states_the_weights_dtype(tmp_path):
