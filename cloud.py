@@ -37,7 +37,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 try:
@@ -668,7 +668,10 @@ class CloudAnswer:
 
 class Cloud:
     """Answers prompts from the cache, sending each uncached distinct prompt to the backend once
-    (SPEC section 1), and records the verdict task.cloud_correct with the answer."""
+    (SPEC section 1), and records the verdict task.cloud_correct with the answer. The verdict an
+    answer is given is worked out again for each example it answers: the cache is keyed by the
+    prompt, and two examples with one prompt (a question repeated with another answer, a data
+    file corrected since) need not share a reference answer."""
 
     def __init__(self, backend, cache: CloudCache, backend_name: str | None = None, model_name: str | None = None):
         self.backend, self.cache = backend, cache
@@ -741,7 +744,7 @@ class Cloud:
                 if progress:
                     progress(done, len(items))
             each(task, [ex for ex, _, _ in pending.values()], receive)
-            return answers
+            return self._scored(task, examples, answers)
         for start in range(0, len(items), chunk):
             part = dict(items[start:start + chunk])
             batch = [example for example, _, _ in part.values()]
@@ -756,7 +759,15 @@ class Cloud:
             self._record(task, part, texts, answers)
             if progress:
                 progress(start + len(batch), len(items))
-        return answers
+        return self._scored(task, examples, answers)
+
+    @staticmethod
+    def _scored(task, examples, answers: list) -> list:
+        """Each answer with the verdict against its own example (a failed call stays wrong; an
+        answer a Ctrl-C left out stays None)."""
+        return [a if a is None or a.error is not None
+                else replace(a, correct=bool(task.cloud_correct(example, a.text)))
+                for example, a in zip(examples, answers)]
 
     def _record(self, task, pending: dict, texts: list, answers: list) -> None:
         """Cache the backend's answers, then put CloudAnswers at their positions. A text None

@@ -1415,3 +1415,31 @@ def test_http_a_body_without_end_is_not_read_into_memory(endpoint):
     endpoint.script = [(200, '{"choices": [', {"X-Declared-Length": str(10 ** 12)}, 0),
                        ok("fine")]
     assert make_backend(endpoint.url).chat(MESSAGES) == "fine"
+
+
+def test_an_answer_is_scored_against_the_example_it_answers(tmp_path):
+    """The cache is keyed by the prompt, and its recorded verdict was served as the answer's
+    verdict: a data file corrected since (2 + 2 was '#### 5') kept the old verdict, and a question
+    given twice with two answers got the first one's verdict twice."""
+    from tasks import MathTask
+
+    def gsm8k(name, answer):
+        path = tmp_path / name
+        path.write_text(json.dumps({"question": "What is 2+2?", "answer": f"#### {answer}"}) + "\n")
+        return MathTask(path_train=str(path), path_test=str(path), kind="gsm8k")
+
+    cache = tmp_path / "c.jsonl"
+    typo, fixed = gsm8k("typo.jsonl", 5), gsm8k("fixed.jsonl", 4)
+    first = Cloud(OracleBackend(1.0), CloudCache(cache)).ask(typo, typo.examples("test"))
+    assert [(a.correct, a.cached) for a in first] == [(True, False)]
+    assert typo.cloud_correct(typo.examples("test")[0], first[0].text)
+    # the same prompt after the file was fixed: the cached answer (5) is wrong now
+    again = Cloud(OracleBackend(1.0), CloudCache(cache)).ask(fixed, fixed.examples("test"))
+    assert [(a.text, a.correct, a.cached) for a in again] == [(first[0].text, False, True)]
+    # both versions in one call, asked fresh: one call, each scored against its own answer
+    both = typo.examples("test") + fixed.examples("test")
+    backend = CountingBackend()
+    backend.oracle = OracleBackend(1.0)
+    answers = Cloud(backend, CloudCache(tmp_path / "fresh.jsonl")).ask(typo, both)
+    assert len(backend.sent) == 1
+    assert [(a.correct, a.cached) for a in answers] == [(True, False), (False, True)]
