@@ -10,6 +10,7 @@ our own small parser with exact rationals (fractions.Fraction).
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import inspect
 import itertools
@@ -944,33 +945,50 @@ def gsm8k_answers_equal(prediction: str | None, gold: str) -> bool:
 
 
 def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(line number, record) for each non-blank line of a JSONL file; a missing file, invalid
-    JSON or a record without one of `fields` (as a string) is an error naming file, line, field."""
+    """(line number, record) for each non-blank line of a UTF-8 JSONL file (a byte-order mark may
+    open it); a missing file, a file or line not UTF-8, invalid JSON or a record without one of
+    `fields` (as a string) is an error naming file, line, field."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
+    data = path.read_bytes()
+    for bom in (b"\xff\xfe", b"\xfe\xff"):
+        if data.startswith(bom):
+            raise ValueError(f"{path}: the file is UTF-16 (it starts with the byte-order mark "
+                             f"{bom.hex(' ').upper()}); save it as UTF-8")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            for name in fields:
-                if not isinstance(record.get(name), str):
-                    problem = "missing" if name not in record else "not a string"
-                    raise ValueError(f"{path}:{line_number}: field {name!r} is {problem}")
-                try:  # "\ud83d" alone: JSON allows it, no tokenizer or UTF-8 file takes it
-                    record[name].encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise ValueError(f"{path}:{line_number}: field {name!r} holds half a UTF-16 "
-                                     f"surrogate pair ({record[name][e.start]!r}) at character "
-                                     f"{e.start}, which is no text") from None
-            records.append((line_number, record))
+    # bytes.splitlines() breaks at \n, \r\n and \r only, as reading in text mode did (not at
+    # U+2028, which a JSON string may hold); each line is decoded alone, so that an error names it
+    for line_number, raw in enumerate(data.splitlines(), start=1):
+        if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]  # a UTF-8 byte-order mark: allowed, and no text
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            column = len(raw[:e.start].decode("utf-8")) + 1  # the bytes before it are valid
+            raise ValueError(f"{path}:{line_number}: not UTF-8 (byte 0x{raw[e.start]:02x} at "
+                             f"column {column}); save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg} at column "
+                             f"{e.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_number}: expected a JSON object, got "
+                             f"{type(record).__name__}")
+        for name in fields:
+            if not isinstance(record.get(name), str):
+                problem = "missing" if name not in record else "not a string"
+                raise ValueError(f"{path}:{line_number}: field {name!r} is {problem}")
+            try:  # "\ud83d" alone: JSON allows it, no tokenizer or UTF-8 file takes it
+                record[name].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{path}:{line_number}: field {name!r} holds half a UTF-16 "
+                                 f"surrogate pair ({record[name][e.start]!r}) at character "
+                                 f"{e.start}, which is no text") from None
+        records.append((line_number, record))
     if not records:
         raise ValueError(f"{path}: no records")
     return records

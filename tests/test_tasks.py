@@ -632,6 +632,37 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
         MathTask(kind="aime")
 
 
+def test_jsonl_encoding_errors_name_file_and_line(tmp_path):
+    """A file that is not UTF-8 is refused with the file, the line and the byte (not a decoder
+    buffer offset); a UTF-16 file is named as such."""
+    record = json.dumps({"problem": "p", "solution": "\\boxed{1}"})
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes(b"\xff\xfe" + (record + "\n").encode("utf-16-le"))
+    with pytest.raises(ValueError, match=r"utf16\.jsonl: the file is UTF-16 \(it starts with the "
+                                         r"byte-order mark FF FE\); save it as UTF-8"):
+        MathTask(path_train=utf16).examples("train")
+    utf16.write_bytes(b"\xfe\xff" + record.encode("utf-16-be"))
+    with pytest.raises(ValueError, match=r"utf16\.jsonl: the file is UTF-16 .*FE FF"):
+        MathTask(path_train=utf16).examples("train")
+    # Latin-1 "é" (byte 0xe9) on line 3, after the 16 characters {"problem": "caf
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b"\n".join([record.encode(), b"", '{"problem": "caf\xe9", "solution": '
+                                  '"\\\\boxed{1}"}'.encode("latin-1")]))
+    with pytest.raises(ValueError, match=r"latin\.jsonl:3: not UTF-8 \(byte 0xe9 at column 17\); "
+                                         r"save the file as UTF-8"):
+        MathTask(path_train=latin).examples("train")
+
+
+def test_jsonl_file_may_open_with_a_utf8_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    lines = [json.dumps({"problem": "Caf\u00e9?", "solution": "\\boxed{1}"}),
+             json.dumps({"problem": "q", "solution": "\\boxed{2}"})]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8"))
+    examples = MathTask(path_train=path).examples("train")
+    assert [(e.data["problem"], e.data["gold"]) for e in examples] == [("Caf\u00e9?", "1"),
+                                                                         ("q", "2")]
+
+
 @pytest.mark.parametrize("ops, chain, numbers, target, ok", [
     ("+-*", "[027*037=999]", [27, 37], 999, True),       # 999: the largest 3-digit value
     ("+-*", "[100*010=1000]", [100, 10], 1000, False),   # leaves 0..999
