@@ -901,6 +901,12 @@ _NUMBER_RE = re.compile(r"-?(?:" + _UNSIGNED + ")")
 _DECLARED_RE = re.compile(r"####\s*(?:(?:\*\*|\\?\$)[ \t]*)?((?:-\s*)?(?=(" + _UNSIGNED
                           + r"))\2)(?![.)][ \t]+[A-Za-z])")
 
+# A gold answer whose number goes on after the declared one ("#### 1e5", "#### 3/4", "#### 1 000",
+# "#### 5,00"): the scorer reads a model's answer written so as 1, 3, 1 and 5, so the intended
+# answer would score wrong. After the number: blanks, then at most one character that joins
+# numbers (an exponent "e", a times "x", any symbol but "("), blanks, and a digit.
+_NUMBER_GOES_ON_RE = re.compile(r"[ \t]*(?:(?:[eExX][+-]?|[^\s\w(])[ \t]*)?[0-9]")
+
 
 def _clean_number(token: str) -> str | None:
     token = re.sub(r"[,\s]", "", token)
@@ -1042,6 +1048,12 @@ class MathTask(Task):
                 gold = _clean_number(declared.group(1)) if declared else None
                 if gold is None:
                     raise ValueError(f"{path}:{line_number}: field {answer_field!r} does not end with '#### <number>'")
+                if _NUMBER_GOES_ON_RE.match(declared.string, declared.end()):
+                    written = declared.string[declared.start():].split("\n", 1)[0]
+                    raise ValueError(f"{path}:{line_number}: field {answer_field!r}: "
+                                     "'#### <number>' must be a plain decimal number (digits, an "
+                                     "optional sign and decimal point, commas between groups of "
+                                     f"three digits); {written[:60]!r} is read as {gold}")
             digest = hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
             examples.append(Example(key=f"{self.kind}:{digest}", prompt=self.messages(question, cloud=False),
                                     data={"problem": question, "solution": solution, "gold": gold,

@@ -632,6 +632,28 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
         MathTask(kind="aime")
 
 
+@pytest.mark.parametrize("answer, read_as", [
+    ("#### 1e5", "1"), ("#### 3/4", "3"), ("#### 1 000", "1"), ("#### 5,00", "5"),
+    ("#### 3 1/2", "3"), ("#### 1.2.3", "1.2"), ("#### \u22125 1", "-5"),
+])
+def test_gsm8k_gold_must_be_one_plain_number(tmp_path, answer, read_as):
+    """The scorer reads "#### 1e5" in a model's answer as 1 (and 1000 as 1000): a gold written
+    so would score the intended 100000 wrong, so the loader refuses it."""
+    path = _write(tmp_path / "gsm.jsonl", [json.dumps({"question": "q", "answer": "x\n" + answer})])
+    with pytest.raises(ValueError, match=r"gsm\.jsonl:1: field 'answer': '#### <number>' must be a "
+                                         r"plain decimal number .*; '.*' is read as " + read_as):
+        MathTask(path_train=path, kind="gsm8k").examples("train")
+
+
+@pytest.mark.parametrize("answer, gold", [
+    ("#### 1,000", "1000"), ("#### 18 (3 * 6)", "18"), ("#### 18 dollars", "18"),
+    ("#### 2.5%", "2.5"), ("#### **18**", "18"), ("#### 18\n19 is wrong", "18"),
+])
+def test_gsm8k_gold_followed_by_no_number_is_accepted(tmp_path, answer, gold):
+    path = _write(tmp_path / "gsm.jsonl", [json.dumps({"question": "q", "answer": answer})])
+    assert MathTask(path_train=path, kind="gsm8k").examples("train")[0].data["gold"] == gold
+
+
 def test_jsonl_encoding_errors_name_file_and_line(tmp_path):
     """A file that is not UTF-8 is refused with the file, the line and the byte (not a decoder
     buffer offset); a UTF-16 file is named as such."""
