@@ -1055,10 +1055,35 @@ class MathTask(Task):
                                      "optional sign and decimal point, commas between groups of "
                                      f"three digits); {written[:60]!r} is read as {gold}")
             digest = hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
-            examples.append(Example(key=f"{self.kind}:{digest}", prompt=self.messages(question, cloud=False),
-                                    data={"problem": question, "solution": solution, "gold": gold,
-                                          "source": f"{path}:{line_number}"}))
+            example = Example(key=f"{self.kind}:{digest}",
+                              prompt=self.messages(question, cloud=False),
+                              data={"problem": question, "solution": solution, "gold": gold,
+                                    "source": f"{path}:{line_number}"})
+            why = self._scored_wrong_because(example)
+            if why:
+                raise ValueError(f"{path}:{line_number}: field {answer_field!r} is scored wrong "
+                                 f"by the task's own scorer: {why}")
+            examples.append(example)
         return examples
+
+    def _scored_wrong_because(self, example: Example) -> str | None:
+        """None if the task's scorer finds the example's reference solution right, else why not.
+        (A record whose own solution is scored wrong is refused: no answer, or not that one, could
+        ever score as correct.)"""
+        solution, gold = example.data["solution"], example.data["gold"]
+        if self.cloud_correct(example, solution):
+            return None
+        if len(gold) > MAX_ANSWER_CHARS:
+            return (f"its answer is {len(gold)} characters long; the scorer reads at most "
+                    f"{MAX_ANSWER_CHARS}")
+        if self.kind == "math" and not normalize_math_answer(gold):
+            return f"its answer {gold[:60]!r} is empty after normalisation"
+        if self.help_called(solution):
+            return "it reads as a help call (\"<unknown>\" or \"external assist\" after its answer)"
+        # only GSM8K gets here: a \boxed{} after "#### <number>" is what it reads (_gsm8k_declared)
+        read = gsm8k_final_number(solution) if self.kind == "gsm8k" else last_boxed(solution)
+        read = "no number" if read is None else repr(read[:60])
+        return f"the scorer reads {read} in it (from a later \\boxed{{}}), not {gold[:60]!r}"
 
     def messages(self, problem: str, cloud: bool) -> list[dict]:
         if cloud or not self.allow_help:

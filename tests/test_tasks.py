@@ -654,6 +654,47 @@ def test_gsm8k_gold_followed_by_no_number_is_accepted(tmp_path, answer, gold):
     assert MathTask(path_train=path, kind="gsm8k").examples("train")[0].data["gold"] == gold
 
 
+@pytest.mark.parametrize("kind, solution, why", [
+    # each of these normalises to "" (dollar signs, the period, percent and degree signs, empty
+    # \text{} and a leading "x =" all go), which no answer equals
+    ("math", "So \\boxed{$}", r"its answer '\$' is empty after normalisation"),
+    ("math", "So \\boxed{.}", r"its answer '\.' is empty after normalisation"),
+    ("math", "So \\boxed{\\%}", r"its answer '\\\\%' is empty after normalisation"),
+    ("math", "So \\boxed{\\text{}}", r"its answer '\\\\text\{\}' is empty after normalisation"),
+    ("math", "So \\boxed{^\\circ}", r"its answer '\^\\\\circ' is empty after normalisation"),
+    ("math", "So \\boxed{x=}", r"its answer 'x=' is empty after normalisation"),
+    ("math", "So \\boxed{" + "1" * 1500 + "}",
+     r"its answer is 1500 characters long; the scorer reads at most 1000"),
+    ("math", "So \\boxed{5}. No, I need external assistance.", r"it reads as a help call"),
+    ("gsm8k", "#### " + "1" * 2000,
+     r"its answer is 2000 characters long; the scorer reads at most 1000"),
+    ("gsm8k", "#### 5\nSo the final answer is \\boxed{6}", r"the scorer reads '6' in it .*not '5'"),
+    ("gsm8k", "#### 5\nSo it is \\boxed{five}", r"the scorer reads no number in it .*not '5'"),
+])
+def test_record_whose_own_solution_scores_wrong_is_refused(tmp_path, kind, solution, why):
+    """A record that even its reference solution cannot answer correctly is refused on loading,
+    with the reason (else every answer to it, the cloud's included, scores wrong)."""
+    question_field, answer_field = MathTask.KINDS[kind]
+    fine = "#### 5" if kind == "gsm8k" else "\\boxed{5}"
+    path = _write(tmp_path / "data.jsonl", [json.dumps({question_field: q, answer_field: a})
+                                            for q, a in (("p", fine), ("q", solution))])
+    with pytest.raises(ValueError, match=rf"data\.jsonl:2: field '{answer_field}' is scored wrong "
+                                         rf"by the task's own scorer: {why}"):
+        MathTask(path_train=path, kind=kind).examples("train")
+
+
+def test_record_whose_own_solution_scores_right_is_kept(tmp_path):
+    path = _write(tmp_path / "gsm.jsonl", [
+        json.dumps({"question": "q", "answer": "#### 5\nSo the final answer is \\boxed{5}"}),
+        json.dumps({"question": "r", "answer": "#### 1,000"})])
+    task = MathTask(path_train=path, kind="gsm8k")
+    assert [e.data["gold"] for e in task.examples("train")] == ["5", "1000"]
+    longest = "\\boxed{" + "1" * 1000 + "}"  # at the limit: scored
+    path = _write(tmp_path / "math.jsonl", [json.dumps({"problem": q, "solution": a})
+                                            for q, a in (("p", "\\boxed{x=5}"), ("q", longest))])
+    assert [len(e.data["gold"]) for e in MathTask(path_train=path).examples("train")] == [3, 1000]
+
+
 def test_jsonl_encoding_errors_name_file_and_line(tmp_path):
     """A file that is not UTF-8 is refused with the file, the line and the byte (not a decoder
     buffer offset); a UTF-16 file is named as such."""
