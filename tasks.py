@@ -1031,7 +1031,10 @@ class MathTask(Task):
             path = self.paths[split]
             if path is None:
                 raise ValueError(f"MathTask has no {split} file; pass path_{split}=...")
-            self._loaded[split] = self._load(path)
+            examples = self._load(path)
+            other = self._loaded.get("test" if split == "train" else "train", [])
+            self._refuse_other_answers(examples, earlier=other)  # across train and test
+            self._loaded[split] = examples
         return list(self._loaded[split])
 
     def _load(self, path) -> list[Example]:
@@ -1039,6 +1042,8 @@ class MathTask(Task):
         examples = []
         for line_number, record in load_jsonl(path, (question_field, answer_field)):
             question, solution = record[question_field], record[answer_field]
+            if not question.strip():
+                raise ValueError(f"{path}:{line_number}: field {question_field!r} is blank")
             if self.kind == "math":
                 gold = last_boxed(solution)
                 if gold is None:
@@ -1064,7 +1069,21 @@ class MathTask(Task):
                 raise ValueError(f"{path}:{line_number}: field {answer_field!r} is scored wrong "
                                  f"by the task's own scorer: {why}")
             examples.append(example)
+        self._refuse_other_answers(examples)
         return examples
+
+    def _refuse_other_answers(self, examples: list[Example], earlier: list | tuple = ()) -> None:
+        """A question asked again (in the same file, or in `earlier`: the other split's) with an
+        answer the scorer reads as another one is an error naming both lines: one of the two
+        golds is wrong, and both share a key in the cloud cache. The same answer again is fine."""
+        first = {}
+        for example in itertools.chain(earlier, examples):
+            seen = first.setdefault(example.data["problem"], example)
+            if seen is not example and not self.cloud_correct(seen, example.data["solution"]):
+                raise ValueError(f"{example.data['source']}: the question of "
+                                 f"{seen.data['source']} again, with another answer "
+                                 f"({example.data['gold'][:60]!r} here, "
+                                 f"{seen.data['gold'][:60]!r} there)")
 
     def _scored_wrong_because(self, example: Example) -> str | None:
         """None if the task's scorer finds the example's reference solution right, else why not.

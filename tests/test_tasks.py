@@ -695,6 +695,43 @@ def test_record_whose_own_solution_scores_right_is_kept(tmp_path):
     assert [len(e.data["gold"]) for e in MathTask(path_train=path).examples("train")] == [3, 1000]
 
 
+@pytest.mark.parametrize("question", ["", " \n\t"])
+def test_blank_question_is_refused(tmp_path, question):
+    path = _write(tmp_path / "gsm.jsonl", [json.dumps({"question": "q", "answer": "#### 1"}),
+                                           json.dumps({"question": question, "answer": "#### 2"})])
+    with pytest.raises(ValueError, match=r"gsm\.jsonl:2: field 'question' is blank"):
+        MathTask(path_train=path, kind="gsm8k").examples("train")
+
+
+def test_question_repeated_with_another_answer_is_refused(tmp_path):
+    """One of the two golds is wrong (and both share a cloud cache key): an error naming both
+    lines, within a file and across the train and test files. The same answer again, in any
+    form the scorer reads as equal, is allowed."""
+    def rows(*pairs):
+        return [json.dumps({"problem": p, "solution": f"So \\boxed{{{a}}}."}) for p, a in pairs]
+    train = _write(tmp_path / "train.jsonl", rows(("p", "1"), ("q", "2"), ("p", "1.0"), ("p", "1")))
+    assert [e.data["gold"] for e in MathTask(path_train=train).examples("train")] == \
+        ["1", "2", "1.0", "1"]
+    clash = _write(tmp_path / "clash.jsonl", rows(("p", "1"), ("q", "2"), ("p", "1"), ("p", "3")))
+    with pytest.raises(ValueError, match=r"clash\.jsonl:4: the question of .*clash\.jsonl:1 "
+                                         r"again, with another answer \('3' here, '1' there\)"):
+        MathTask(path_train=clash).examples("train")
+    test = _write(tmp_path / "test.jsonl", rows(("r", "4"), ("q", "\\frac{5}{2}")))
+    task = MathTask(path_train=train, path_test=test)
+    task.examples("train")
+    with pytest.raises(ValueError, match=r"test\.jsonl:2: the question of .*train\.jsonl:2 again"):
+        task.examples("test")
+    with pytest.raises(ValueError, match=r"test\.jsonl:2: the question of .*train\.jsonl:2 again"):
+        task.examples("test")  # still refused when asked again
+    task = MathTask(path_train=train, path_test=test)
+    task.examples("test")
+    with pytest.raises(ValueError, match=r"train\.jsonl:2: the question of .*test\.jsonl:2 again"):
+        task.examples("train")  # loaded the other way round
+    same = _write(tmp_path / "same.jsonl", rows(("q", "2.00"), ("r", "4")))
+    task = MathTask(path_train=train, path_test=same)
+    assert len(task.examples("train")) == 4 and len(task.examples("test")) == 2
+
+
 def test_jsonl_encoding_errors_name_file_and_line(tmp_path):
     """A file that is not UTF-8 is refused with the file, the line and the byte (not a decoder
     buffer offset); a UTF-16 file is named as such."""
