@@ -422,6 +422,8 @@ class RunLog:
     def __init__(self, run_dir: str, total_steps: int):
         self.metrics = os.path.join(run_dir, "metrics.jsonl")
         self.samples = os.path.join(run_dir, "samples.jsonl")
+        for path in (self.metrics, self.samples):  # both exist from the start, to follow
+            self.append(path, [])
         self.total, self.start = total_steps, time.time()
 
     @staticmethod

@@ -1386,6 +1386,7 @@ def test_run_log_appends_rows_and_holds_no_file_open(tmp_path):
         return [n for n in names if n.startswith(str(tmp_path))]
 
     log = train.RunLog(str(tmp_path), total_steps=2)
+    assert (tmp_path / "metrics.jsonl").read_text() == (tmp_path / "samples.jsonl").read_text() == ""
     log.log({"train/step": 1, "reward/mean": 0.5})
     log.log_samples([{"step": 1, "response": "a"}, {"step": 1, "response": "b\n"}])
     log.log({"train/step": 2, "reward/mean": 0.25})
