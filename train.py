@@ -851,8 +851,9 @@ class Trainer:
             raise ConfigError(f"model.path={cfg.model.path!r} is not a directory{hint}; give a "
                               f"local HF checkpoint directory, or '' to train from scratch")
         # the directories written to: an error now, not after the warm start
-        dirs = [("out_dir", self.run_dir)] + (
-            [("warm_start.cache_dir", cfg.warm_start.cache_dir)] if not cfg.model.path else [])
+        dirs = [("out_dir", self.run_dir)] + (  # (a resume loads its checkpoint, no warm start)
+            [("warm_start.cache_dir", cfg.warm_start.cache_dir)]
+            if not cfg.model.path and not cfg.resume else [])
         try:
             for key, d in dirs:
                 check_writable(d, key)

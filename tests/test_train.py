@@ -458,6 +458,19 @@ def test_resume_errors_point_to_the_runs_config_yaml(tmp_path, straight):
                                    f"{run / 'config.yaml'}: change them there)")
 
 
+def test_resume_needs_no_writable_warm_start_cache_dir(tmp_path, straight, capsys):
+    """A resume loads its checkpoint and never the warm start: a warm_start.cache_dir that
+    cannot be written (e.g. a read-only mount) is no reason to refuse it."""
+    run = tmp_path / "moved"
+    shutil.copytree(straight / "runs" / "straight", run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["warm_start"]["cache_dir"] = "/proc/no/such"  # not even root can create it
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    final = json.loads((run / "final_eval.json").read_text())
+    assert train.main([f"resume={run}"]) == final
+    assert "already complete" in capsys.readouterr().out
+
+
 def test_resume_applies_an_edited_learning_rate_and_refuses_another_optimizer(tmp_path, straight,
                                                                              capsys):
     """config.yaml's rl.lr / betas / weight_decay hold after a resume (the optimizer state's own
