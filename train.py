@@ -39,7 +39,7 @@ import yaml
 
 import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
-from cloud import CloudError, NoCloud, make_cloud
+from cloud import CloudCache, CloudError, NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
                    check_writable, load_pretrained, load_tokenizer, save_pretrained)
 from reward import RewardConfig
@@ -51,6 +51,11 @@ from tasks import TASKS, make_task, task_settings
 class ConfigError(ValueError):
     """A bad setting or argument, found before training starts; main() prints it as one line
     (any other exception is a bug and keeps its traceback)."""
+
+
+class RunFileError(ConfigError):
+    """A run directory or one of its files (not a setting) stops the run before training: one
+    line, without the hint to edit a resumed run's config.yaml, which could not help."""
 
 
 @dataclass
@@ -814,10 +819,13 @@ class Trainer:
                               f"{os.path.join(self.run_dir, 'config.yaml')}")
         self.task, self.train_examples, test = load_task(cfg)
         try:
-            self.cloud = make_cloud(dict(cfg.cloud),
-                                    cache_path=os.path.join(self.run_dir, "cloud_cache.jsonl"))
+            self.cloud = make_cloud(dict(cfg.cloud))  # the backend; then the run's cache file
         except ValueError as e:
             raise ConfigError(str(e) + _whole_section_hint(e, "cloud", "backend")) from None
+        try:
+            self.cloud.cache = CloudCache(os.path.join(self.run_dir, "cloud_cache.jsonl"))
+        except ValueError as e:  # a corrupt record
+            raise RunFileError(str(e)) from None
         try:
             self.cloud.check_cache()
         except ValueError as e:
@@ -850,15 +858,16 @@ class Trainer:
                     if os.path.normpath(cfg.model.path) == os.path.join(".cache", "smollm2") else "")
             raise ConfigError(f"model.path={cfg.model.path!r} is not a directory{hint}; give a "
                               f"local HF checkpoint directory, or '' to train from scratch")
-        # the directories written to: an error now, not after the warm start
-        dirs = [("out_dir", self.run_dir)] + (  # (a resume loads its checkpoint, no warm start)
+        # the directories written to: an error now, not after the warm start (which a resume,
+        # loading its checkpoint, never reads)
+        dirs = [("run directory" if cfg.resume else "out_dir", self.run_dir)] + (
             [("warm_start.cache_dir", cfg.warm_start.cache_dir)]
             if not cfg.model.path and not cfg.resume else [])
         try:
             for key, d in dirs:
                 check_writable(d, key)
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise (RunFileError if cfg.resume else ConfigError)(str(e)) from None
         os.makedirs(self.run_dir, exist_ok=True)
         for name in RUN_FILES:  # their atomic writes cut short: NAME.tmp.PID of a dead process
             for partial in glob.glob(os.path.join(glob.escape(self.run_dir), name + ".tmp.*")):
@@ -882,7 +891,8 @@ class Trainer:
             self.model = load_pretrained(source, dtype=dtype, device=self.device)
             self.tokenizer = load_tokenizer(source)
         except (ValueError, OSError) as e:  # a missing, truncated or foreign file: one line
-            raise ConfigError(f"cannot load the model from {source}: {e}") from e
+            raise (RunFileError if cfg.resume else ConfigError)(
+                f"cannot load the model from {source}: {e}") from e
         if cfg.resume:  # the checkpoint loaded: a .old that save() was killed deleting can go
             shutil.rmtree(ckpt + ".old", ignore_errors=True)
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
@@ -1240,8 +1250,9 @@ def run(argv: list[str]):
         trainer = Trainer(cfg)
     except ConfigError as e:
         resumed = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+        setting = not isinstance(e, RunFileError) and "resume" not in str(e)
         hint = (f" (a resumed run takes its settings from {os.path.join(resumed[0], 'config.yaml')}"
-                f": change them there)" if resumed and "resume" not in str(e) else "")
+                f": change them there)" if resumed and setting else "")
         sys.exit(f"config error: {e}{hint}")
     except KeyboardInterrupt as e:  # in setup (the warm start, or loading the checkpoint to resume)
         kept = ("the run's checkpoint is unchanged" if any(a.startswith("resume=") for a in argv)

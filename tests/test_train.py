@@ -458,6 +458,36 @@ def test_resume_errors_point_to_the_runs_config_yaml(tmp_path, straight):
                                    f"{run / 'config.yaml'}: change them there)")
 
 
+def test_resume_errors_about_the_run_directory_do_not_point_to_config_yaml(tmp_path, straight,
+                                                                          monkeypatch):
+    """Only a setting is changed in config.yaml: an unwritable run directory or a damaged cloud
+    cache says what it is, without that hint (out_dir was not given: it is the run directory)."""
+    import model
+    run = tmp_path / "ro"
+    shutil.copytree(straight / "runs" / "straight", run)
+    real_temp = model.tempfile.NamedTemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):  # as a read-only mount (root writes past chmod)
+        if os.path.samefile(dir, run):
+            raise PermissionError(13, "Permission denied")
+        return real_temp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(model.tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"resume={run}"])
+    assert exc.value.code == (f"config error: run directory '{run}' cannot be written: no new "
+                              f"file can be made in {run} (Permission denied)")
+    monkeypatch.setattr(model.tempfile, "NamedTemporaryFile", real_temp)
+    cache = run / "cloud_cache.jsonl"
+    lines = cache.read_text().splitlines(keepends=True)
+    assert len(lines) > 2
+    cache.write_text("".join(lines[:1] + ["{torn\n"] + lines[1:]))
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"resume={run}"])
+    assert exc.value.code.startswith(f"config error: {cache}:2: corrupt cloud cache record")
+    assert exc.value.code.endswith("only a torn last line is repaired automatically")
+
+
 def test_resume_needs_no_writable_warm_start_cache_dir(tmp_path, straight, capsys):
     """A resume loads its checkpoint and never the warm start: a warm_start.cache_dir that
     cannot be written (e.g. a read-only mount) is no reason to refuse it."""
