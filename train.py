@@ -868,6 +868,13 @@ class Trainer:
                 check_writable(d, key)
         except ValueError as e:
             raise (RunFileError if cfg.resume else ConfigError)(str(e)) from None
+        cache_file = self.cloud.cache.path  # the first cloud call appends to it: said now
+        try:
+            if cache_file.exists():
+                open(cache_file, "ab").close()
+        except OSError as e:
+            raise RunFileError(f"cloud cache {cache_file} cannot be appended to ({e.strerror}): "
+                               f"make it writable, then run the same command again") from None
         os.makedirs(self.run_dir, exist_ok=True)
         for name in RUN_FILES:  # their atomic writes cut short: NAME.tmp.PID of a dead process
             for partial in glob.glob(os.path.join(glob.escape(self.run_dir), name + ".tmp.*")):

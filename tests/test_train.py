@@ -1,5 +1,6 @@
 """train.py: a tiny end-to-end run, config and setup errors, exact resume after a crash, a
 crash mid-save or Ctrl-C, the non-finite guard."""
+import builtins
 import dataclasses
 import json
 import os
@@ -302,6 +303,40 @@ def test_a_cloud_cache_of_another_cloud_is_an_error_before_the_warm_start(tmp_pa
         f"'oracle(p_correct=0.5,seed=0)': set the cloud section back to what this run used, or "
         f"start a new run (name=...)")
     assert not (tmp_path / "warm").exists()
+
+
+def refuse_writes(monkeypatch, path):
+    """`path` as on a read-only mount: chmod for a user, and open() refusing to write it for
+    root (who writes past chmod)."""
+    os.chmod(path, 0o444)
+    real_open = builtins.open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+") and \
+                os.path.abspath(file) == os.path.abspath(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only_open)
+
+
+def test_a_cloud_cache_that_cannot_be_appended_to_is_an_error_before_training(tmp_path, straight,
+                                                                             monkeypatch):
+    """A read-only cloud_cache.jsonl failed at the first cloud call (after the warm start, or
+    mid-RL on a resume); a fresh start and a resume now say so at once, in one line."""
+    run = tmp_path / "runs" / "cc"
+    shutil.copytree(straight / "runs" / "straight", run)
+    cache = run / "cloud_cache.jsonl"
+    refuse_writes(monkeypatch, cache)
+    message = (f"config error: cloud cache {cache} cannot be appended to (Permission denied): "
+               f"make it writable, then run the same command again")
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"resume={run}"])
+    assert exc.value.code == message
+    shutil.rmtree(run / "checkpoint")  # as if its first attempt stopped before a checkpoint
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=cc"))
+    assert exc.value.code == message and not (tmp_path / "warm").exists()
 
 
 def test_setup_errors_are_one_line_errors(tmp_path, monkeypatch):
