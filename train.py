@@ -53,6 +53,11 @@ class ConfigError(ValueError):
     (any other exception is a bug and keeps its traceback)."""
 
 
+class SaveError(Exception):
+    """A checkpoint that could not be saved (e.g. a full disk): the last one saved is intact, and
+    main() says in one line how to go on."""
+
+
 class RunFileError(ConfigError):
     """A run directory or one of its files (not a setting) stops the run before training: one
     line, without the hint to edit a resumed run's config.yaml, which could not help."""
@@ -876,6 +881,8 @@ class Trainer:
             raise RunFileError(f"cloud cache {cache_file} cannot be appended to ({e.strerror}): "
                                f"make it writable, then run the same command again") from None
         os.makedirs(self.run_dir, exist_ok=True)
+        # a save cut short leaves a whole checkpoint.tmp: its space back before anything is written
+        shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
         for name in RUN_FILES:  # their atomic writes cut short: NAME.tmp.PID of a dead process
             for partial in glob.glob(os.path.join(glob.escape(self.run_dir), name + ".tmp.*")):
                 remove_if_dead(partial, partial.rsplit(".tmp.", 1)[1])
@@ -925,6 +932,7 @@ class Trainer:
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.rl.lr,
                                          weight_decay=cfg.rl.weight_decay, betas=tuple(cfg.rl.betas))
         self.step, self.dual = 0, cfg.rl.dual_init
+        self.saved_step = None  # the step of the checkpoint on disk (None: none yet)
         self.time_limited = False  # stopped by rl.time_limit_min: finished (README)
         self.stopped_by = signal.SIGINT  # the signal that stops train(): SIGINT or SIGTERM
         if cfg.resume:
@@ -942,6 +950,7 @@ class Trainer:
                                   f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
             self.resume_optimizer(state["optimizer"])
             self.step, self.dual = state["step"], state["dual"]
+            self.saved_step = self.step
             # finished by the time limit only under the settings it stopped with: raising rl.steps
             # or changing rl.time_limit_min in the run's config.yaml trains on
             self.time_limited = state.get("time_limit_stop") == self.time_limit_settings()
@@ -1102,21 +1111,36 @@ class Trainer:
     def save(self):
         """Checkpoint atomically: write checkpoint.tmp, then swap it in. At every moment a
         complete `checkpoint` or `checkpoint.old` exists (resume falls back to .old): .old is
-        only deleted once a newer complete checkpoint has taken its place."""
+        only deleted once a newer complete checkpoint has taken its place. A write that fails
+        (e.g. a full disk) is a SaveError."""
         ckpt = os.path.join(self.run_dir, "checkpoint")
         tmp = ckpt + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(self.model, tmp, self.tokenizer)
         state = {"optimizer": self.opt.state_dict(), "step": self.step, "dual": self.dual,
                  "time_limit_stop": self.time_limit_settings() if self.time_limited else None}
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "trainer_state.pt"), "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            save_pretrained(self.model, tmp, self.tokenizer)
+            try:
+                torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+            except RuntimeError as e:  # how torch's zip writer reports a failed write
+                raise OSError(str(e)) from e
+            with open(os.path.join(tmp, "trainer_state.pt"), "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # the part written: its space back
+            raise self.save_error(f"cannot save the checkpoint of step {self.step} to {tmp} "
+                                  f"({' '.join(str(e).split())})") from e
         if os.path.exists(ckpt):
             shutil.rmtree(ckpt + ".old", ignore_errors=True)
             os.replace(ckpt, ckpt + ".old")
         os.replace(tmp, ckpt)
+        self.saved_step = self.step
         shutil.rmtree(ckpt + ".old", ignore_errors=True)
+
+    def save_error(self, problem: str) -> SaveError:
+        kept = (f"the checkpoint of step {self.saved_step} is intact"
+                if self.saved_step is not None else "no checkpoint was saved yet")
+        return SaveError(f"{problem}; {kept}")
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -1279,6 +1303,8 @@ def run(argv: list[str]):
     except CloudError as e:  # e.g. a refused API key: the run goes on from its last checkpoint
         sys.exit(f"\ncloud error: {e}; once fixed, continue with: "
                  f"{continue_command(trainer.run_dir)}")
+    except SaveError as e:  # e.g. a full disk: the run goes on from its last checkpoint
+        sys.exit(f"\n{e}; once fixed, continue with: {continue_command(trainer.run_dir)}")
     n, budget = final["n"], cfg.eval.budget
     cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": None, "answer_rate": None}
     acc = sum(a.correct for a in answers) / n

@@ -2,6 +2,7 @@
 crash mid-save or Ctrl-C, the non-finite guard."""
 import builtins
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -670,6 +671,56 @@ def test_a_crash_mid_save_never_loses_the_checkpoint(tmp_path, straight, monkeyp
         trainer.save()
     state = torch.load(run / "checkpoint.old" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 4 and (run / "checkpoint.old" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("failure, said", [
+    (OSError(errno.ENOSPC, "No space left on device"), "[Errno 28] No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 960"),
+     "[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 960"),  # torch's
+])
+def test_a_save_that_cannot_be_written_stops_with_one_line(tmp_path, straight, monkeypatch,
+                                                           failure, said):
+    """A full disk at the step-4 save: one line saying the step-2 checkpoint is intact and how to
+    go on (no torch traceback); the partial checkpoint.tmp is gone, and the resume is exact."""
+    real_save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            with open(path, "wb") as f:
+                f.write(b"PK\x03\x04")  # what fitted
+            raise failure
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as exc:
+        train.main(crash_args(tmp_path, straight, "full"))
+    run = tmp_path / "runs" / "full"
+    assert exc.value.code == (f"\ncannot save the checkpoint of step 4 to "
+                              f"{run / 'checkpoint.tmp'} ({said}); the checkpoint of step 2 is "
+                              f"intact; once fixed, continue with: python train.py resume={run}")
+    assert not (run / "checkpoint.tmp").exists()
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    train.main([f"resume={run}"])
+    assert_continued_exactly(run, straight)
+
+
+def test_a_resume_first_removes_the_checkpoint_tmp_of_a_killed_save(tmp_path, straight,
+                                                                    monkeypatch):
+    """A save killed mid-write leaves a whole checkpoint.tmp; on a full disk the resume's first
+    write (cutting metrics.jsonl back) needs that space: it goes before anything is written."""
+    run = tmp_path / "killed"
+    shutil.copytree(straight / "runs" / "straight", run)
+    shutil.copytree(run / "checkpoint", run / "checkpoint.tmp")
+    seen, real_write = [], train.atomic_write_text
+
+    def write(path, text):
+        seen.append((run / "checkpoint.tmp").exists())
+        real_write(path, text)
+
+    monkeypatch.setattr(train, "atomic_write_text", write)
+    train.main([f"resume={run}"])
+    assert seen and not any(seen) and not (run / "checkpoint.tmp").exists()
 
 
 def test_resume_before_the_first_checkpoint(tmp_path, monkeypatch):
