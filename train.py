@@ -1131,11 +1131,19 @@ class Trainer:
             raise self.save_error(f"cannot save the checkpoint of step {self.step} to {tmp} "
                                   f"({' '.join(str(e).split())})") from e
         if os.path.exists(ckpt):
-            shutil.rmtree(ckpt + ".old", ignore_errors=True)
+            self.remove_old(ckpt + ".old")
             os.replace(ckpt, ckpt + ".old")
         os.replace(tmp, ckpt)
         self.saved_step = self.step
-        shutil.rmtree(ckpt + ".old", ignore_errors=True)
+        self.remove_old(ckpt + ".old")
+
+    def remove_old(self, old: str):
+        """Delete checkpoint.old; one that stays (e.g. a subdirectory that cannot be written)
+        would block the next save's swap: a SaveError now, naming it."""
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(old):
+            raise self.save_error(f"{old} could not be deleted, and a save needs its place: "
+                                  f"delete it")
 
     def save_error(self, problem: str) -> SaveError:
         kept = (f"the checkpoint of step {self.saved_step} is intact"

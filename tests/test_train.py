@@ -723,6 +723,40 @@ def test_a_resume_first_removes_the_checkpoint_tmp_of_a_killed_save(tmp_path, st
     assert seen and not any(seen) and not (run / "checkpoint.tmp").exists()
 
 
+def test_a_checkpoint_old_that_cannot_be_deleted_stops_with_one_line(tmp_path, straight,
+                                                                      monkeypatch):
+    """save() deleted checkpoint.old ignoring errors; the next save's swap then crashed with
+    'Directory not empty'. Now a .old left in place is a one-line error naming it."""
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, ignore_errors=False, **kwargs):
+        if str(path).endswith("checkpoint.old"):  # e.g. a subdirectory that cannot be written
+            if not ignore_errors:
+                raise PermissionError(13, "Permission denied", str(path))
+            return
+        return real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(SystemExit) as exc:  # at the step-4 save, checkpoint.old holds step 2
+        train.main(crash_args(tmp_path, straight, "stuck"))
+    run = tmp_path / "runs" / "stuck"
+    said = (f"\n{run / 'checkpoint.old'} could not be deleted, and a save needs its place: "
+            f"delete it; the checkpoint of step 4 is intact; once fixed, continue with: "
+            f"python train.py resume={run}")
+    assert exc.value.code == said
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 4
+    # the next save, before its swap: checkpoint.old is still there, the checkpoint is intact
+    trainer = train.Trainer(train.load_config([f"resume={run}"]))
+    with pytest.raises(train.SaveError) as exc:
+        trainer.save()
+    assert f"\n{exc.value}; once fixed, continue with: python train.py resume={run}" == said
+    assert (run / "checkpoint").exists() and (run / "checkpoint.old").exists()
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    real_rmtree(run / "checkpoint.old")  # what the message asks
+    train.main([f"resume={run}"])
+    assert_continued_exactly(run, straight)
+
+
 def test_resume_before_the_first_checkpoint(tmp_path, monkeypatch):
     def crash(self):
         raise RuntimeError("simulated crash")
