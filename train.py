@@ -461,9 +461,10 @@ def is_final_row(row: dict) -> bool:
 
 def truncate_log(path: str, step: int, drop_final: bool = False, eval_every: int = 0):
     """Keep the rows of steps <= step (a crash can log steps after the last checkpoint); with
-    drop_final, not the final evaluation's row either (training goes on past it): its eval/*
-    keys join its step's row when a longer run evaluates at that step (a multiple of
-    eval_every), as a run trained that long in one go logs them."""
+    drop_final, not the final evaluation's row either (training goes on past it, or the run is
+    evaluated again): given eval_every, its eval/* keys join its step's row when a longer run
+    evaluates at that step (a multiple of eval_every), as a run trained that long in one go
+    logs them."""
     if not os.path.exists(path):
         return
     keep = []
@@ -960,9 +961,12 @@ class Trainer:
             final_path = os.path.join(self.run_dir, "final_eval.json")
             if not self.finished() and os.path.exists(final_path):
                 os.remove(final_path)
+            # A finished run without final_eval.json (deleted) is evaluated again: its old final
+            # row goes too, its eval/* keys joining no step's row (no training goes on).
+            evaluated = self.finished() and os.path.exists(final_path)
             for name in ("metrics.jsonl", "samples.jsonl"):  # drop rows logged after the checkpoint
-                truncate_log(os.path.join(self.run_dir, name), self.step,
-                             drop_final=not self.finished(), eval_every=cfg.eval.every)
+                truncate_log(os.path.join(self.run_dir, name), self.step, drop_final=not evaluated,
+                             eval_every=0 if self.finished() else cfg.eval.every)
 
     def resume_optimizer(self, saved: dict):
         """Load the checkpoint's optimizer state, then apply config.yaml's rl.lr, rl.weight_decay

@@ -855,6 +855,22 @@ def test_a_run_trained_longer_keeps_the_evaluation_at_its_old_last_step(tmp_path
     assert [sorted(evals(r)) == [] for r in rows[2:4]] == [True, True]
 
 
+def test_a_finished_run_whose_final_eval_json_was_deleted_logs_its_final_row_once(tmp_path,
+                                                                                   straight):
+    """Resuming it evaluates it again: metrics.jsonl ends as the uninterrupted run's, with one
+    final row (not the old one and a new one), and no eval/* keys added to step 4's row (under
+    eval.every=2, which evaluates step 4 only when training goes on)."""
+    run = tmp_path / "finished"
+    shutil.copytree(straight / "runs" / "straight", run)
+    rows, final = read_rows(run), json.loads((run / "final_eval.json").read_text())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["eval"]["every"] = 2
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "final_eval.json").unlink()
+    assert train.main([f"resume={run}"]) == final
+    assert read_rows(run) == rows and [r["train/step"] for r in rows] == [1, 2, 3, 4, 4]
+
+
 @pytest.mark.parametrize("loss, grad", [
     (float("nan"), float("nan")),  # both poisoned
     (0.5, float("nan")),           # a finite loss, but a NaN gradient
