@@ -464,17 +464,27 @@ def truncate_log(path: str, step: int, drop_final: bool = False, eval_every: int
     drop_final, not the final evaluation's row either (training goes on past it, or the run is
     evaluated again): given eval_every, its eval/* keys join its step's row when a longer run
     evaluates at that step (a multiple of eval_every), as a run trained that long in one go
-    logs them."""
+    logs them. A torn last line (a crash mid-append) is cut off; an earlier line that is not a
+    JSON object is a ValueError naming it."""
     if not os.path.exists(path):
         return
     keep = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         lines = f.readlines()
-    for line in lines:
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
         try:
+            line = raw.decode()
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by the crash
+            problem = None if isinstance(row, dict) else "not a JSON object"
+        except ValueError as e:  # not UTF-8, or not JSON
+            problem = f"not valid JSON ({e})"
+        if problem:
+            if not b"".join(lines[n:]).strip():
+                break  # the last line, torn by the crash
+            raise ValueError(f"{path}:{n}: corrupt log line ({problem}); only a torn last line is "
+                             f"repaired automatically: fix or delete that line, then resume")
         at = row.get("train/step", row.get("step", 0))
         if at > step:
             continue
@@ -965,8 +975,12 @@ class Trainer:
             # row goes too, its eval/* keys joining no step's row (no training goes on).
             evaluated = self.finished() and os.path.exists(final_path)
             for name in ("metrics.jsonl", "samples.jsonl"):  # drop rows logged after the checkpoint
-                truncate_log(os.path.join(self.run_dir, name), self.step, drop_final=not evaluated,
-                             eval_every=0 if self.finished() else cfg.eval.every)
+                try:
+                    truncate_log(os.path.join(self.run_dir, name), self.step,
+                                 drop_final=not evaluated,
+                                 eval_every=0 if self.finished() else cfg.eval.every)
+                except ValueError as e:  # a corrupt line before the last
+                    raise RunFileError(str(e)) from None
 
     def resume_optimizer(self, saved: dict):
         """Load the checkpoint's optimizer state, then apply config.yaml's rl.lr, rl.weight_decay

@@ -871,6 +871,32 @@ def test_a_finished_run_whose_final_eval_json_was_deleted_logs_its_final_row_onc
     assert read_rows(run) == rows and [r["train/step"] for r in rows] == [1, 2, 3, 4, 4]
 
 
+def test_a_log_line_damaged_before_the_last_is_an_error_naming_it(tmp_path, straight):
+    """truncate_log cuts off a torn last line (a crash mid-append) in silence; a damaged line
+    before it is not a crash's: it stops the resume with file:line instead of vanishing."""
+    log = tmp_path / "metrics.jsonl"
+    rows = [{"train/step": 1, "train/loss": 0.5}, {"train/step": 2, "train/loss": 0.25}]
+    good = "".join(json.dumps(r) + "\n" for r in rows)
+    log.write_text(good + "\n" + '{"train/step": 3, "train/lo')  # a blank line, then a torn one
+    train.truncate_log(str(log), 2)
+    assert log.read_text() == good
+    for bad, problem in [(b'{"train/st\n', "not valid JSON"), (b"[3]\n", "not a JSON object"),
+                         (b"\xff\n", "not valid JSON")]:  # (not UTF-8)
+        log.write_bytes(good.encode() + bad + good.encode())
+        with pytest.raises(ValueError, match=re.escape(f"{log}:3: corrupt log line ({problem}")):
+            train.truncate_log(str(log), 2)
+    run = tmp_path / "damaged"
+    shutil.copytree(straight / "runs" / "straight", run)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:2] + ["{torn\n"] + lines[2:]))
+    with pytest.raises(SystemExit) as exc:
+        train.main([f"resume={run}"])
+    assert exc.value.code.startswith(f"config error: {run / 'metrics.jsonl'}:3: corrupt log line "
+                                     f"(not valid JSON (")
+    assert exc.value.code.endswith("only a torn last line is repaired automatically: fix or "
+                                   "delete that line, then resume")
+
+
 @pytest.mark.parametrize("loss, grad", [
     (float("nan"), float("nan")),  # both poisoned
     (0.5, float("nan")),           # a finite loss, but a NaN gradient
