@@ -8,11 +8,14 @@ Module names equal HF's parameter names minus the leading "model.", so checkpoin
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import math
 import numbers
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -511,8 +514,34 @@ class Transformer(nn.Module):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there, not ask: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_if_dead(path: str, pid: str) -> None:
+    """Remove a temporary file or directory that process `pid` was writing when it was killed
+    (its name ends in the pid); one a live process is still writing stays."""
+    if pid.isdigit() and not process_alive(int(pid)):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
 def atomic_write(path: str, write):
-    """Write through a temp file in the same directory, fsync, rename: never a torn file."""
+    """Write through a temp file in the same directory (PATH.tmp.PID), fsync, rename: never a
+    torn file. The temp files of writers of `path` killed meanwhile go first."""
+    for partial in glob.glob(glob.escape(path) + ".tmp.*"):
+        remove_if_dead(partial, partial.rsplit(".tmp.", 1)[1])
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

@@ -41,7 +41,8 @@ import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
 from cloud import CloudCache, CloudError, NoCloud, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
-                   check_writable, load_pretrained, load_tokenizer, save_pretrained)
+                   check_writable, load_pretrained, load_tokenizer, remove_if_dead,
+                   save_pretrained)
 from reward import RewardConfig
 from tasks import TASKS, make_task, task_settings
 
@@ -637,29 +638,6 @@ def warm_start_key(cfg: Config, task) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def process_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would terminate it there, not ask: assume it runs
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def remove_if_dead(path: str, pid: str) -> None:
-    """Remove a temporary file or directory that process `pid` was writing when it was killed
-    (its name ends in the pid); one a live process is still writing stays."""
-    if pid.isdigit() and not process_alive(int(pid)):
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-
-
 def warm_start_seed(cfg: Config) -> int:
     return cfg.seed if cfg.warm_start.seed < 0 else cfg.warm_start.seed
 
@@ -675,8 +653,9 @@ def warm_start(cfg: Config, task, device) -> str:
     if others:  # say why minutes of training start although warm starts are cached
         print(f"warm start: none of the {len(others)} cached in {cfg.warm_start.cache_dir} has "
               f"these settings (model, warm_start and task sections, seed, the task's traces)")
-    for partial in glob.glob(glob.escape(out) + ".tmp*"):  # a killed process's unfinished save
-        remove_if_dead(partial, partial[len(out) + 4:])
+    # killed processes' unfinished saves, of these settings or others: OUT.tmpPID
+    for partial in glob.glob(os.path.join(glob.escape(cfg.warm_start.cache_dir), "*.tmp*")):
+        remove_if_dead(partial, partial.rsplit(".tmp", 1)[1])
     ws, m = cfg.warm_start, cfg.model
     tokenizer = build_char_tokenizer(task.alphabet)
     model_cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,

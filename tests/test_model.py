@@ -547,6 +547,21 @@ def test_weights_of_another_shape_than_config_json_says_are_an_error_naming_them
         load_pretrained(str(tmp_path))
 
 
+def test_atomic_write_removes_the_temp_files_of_killed_writers(tmp_path):
+    """PATH.tmp.PID of a process that no longer runs goes when PATH is written again (eval.py's
+    report.md.tmp.PID stayed for ever); a running writer's (here the parent) and a file only
+    named like one stay."""
+    from model import atomic_write_text
+    path = tmp_path / "report.md"
+    dead, alive = tmp_path / "report.md.tmp.4194399", tmp_path / f"report.md.tmp.{os.getppid()}"
+    other = tmp_path / "report.md.tmp.draft"
+    for leftover in (dead, alive, other):
+        leftover.write_text("half")
+    atomic_write_text(str(path), "whole")
+    assert path.read_text() == "whole"
+    assert not dead.exists() and alive.exists() and other.exists()
+
+
 def test_saved_config_states_the_weights_dtype(tmp_path):
     """Config.json's torch_dtype is what the safetensors hold, not the config's field."""
     model = Transformer(ModelConfig()).init_weights(0).to(torch.bfloat16)

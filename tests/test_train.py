@@ -1301,15 +1301,17 @@ def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
 
 
 def test_a_killed_warm_starts_partial_save_is_removed(tmp_path):
-    """out.tmp<PID> of a process that no longer runs is removed by the next warm start; one of a
-    running process (here the parent) is left alone."""
+    """out.tmp<PID> of a process that no longer runs is removed by the next warm start, whatever
+    settings it was saving (another key's stayed for ever); one of a running process (here the
+    parent) is left alone."""
     cfg = train.load_config(tiny_args(tmp_path, "name=w"))
     out = os.path.join(cfg.warm_start.cache_dir, train.warm_start_key(cfg, train.load_task(cfg)[0]))
     dead, alive = out + ".tmp4194399", out + f".tmp{os.getppid()}"  # above Linux's largest PID
-    for d in (dead, alive):
+    other_dead = os.path.join(cfg.warm_start.cache_dir, "0123abcd.tmp4194398")
+    for d in (dead, alive, other_dead):
         os.makedirs(d)
     train.warm_start(cfg, train.load_task(cfg)[0], torch.device("cpu"))
-    assert not os.path.exists(dead) and os.path.isdir(alive)
+    assert not os.path.exists(dead) and not os.path.exists(other_dead) and os.path.isdir(alive)
     assert os.path.exists(os.path.join(out, "warm_start.json"))
 
 
