@@ -316,15 +316,15 @@ class HttpBackend:
 
     The API key is read from the environment variable `api_key_env` at each request (no header
     when unset, e.g. a local vLLM server); it is never logged, stored or put in an error message.
-    Timeouts (`timeout` is the seconds the connection and the answer's start may each take, and the
-    seconds the whole body may take once its headers have come), connection errors, bodies cut off,
-    408, 429 and 5xx are retried up to `retries` times with exponential backoff and jitter (429 and
-    503 wait the Retry-After seconds they give); 401/403 (the key), 402 or 429 insufficient_quota
-    (the account), and refused connections or an unknown host on every retry of a request before any
-    request got an HTTP response (a wrong base_url, no server) stop the batch (CloudBatchError); a
-    redirect, other 4xx, malformed JSON (or JSON Python cannot read), a body over MAX_BODY_BYTES and
-    missing/empty choices fail that prompt at once; garbled framing and TLS errors are retried
-    (TRANSPORT_ERRORS).
+    Timeouts (`timeout` is the seconds the connection and each wait for the answer may take, and the
+    seconds the body may take from its first byte that is not blank), connection errors, bodies cut
+    off, 408, 429 and 5xx are retried up to `retries` times with exponential backoff and jitter (429
+    and 503 wait the Retry-After seconds they give); 401/403 (the key), 402 or 429
+    insufficient_quota (the account), and refused connections or an unknown host on every retry of a
+    request before any request got an HTTP response (a wrong base_url, no server) stop the batch
+    (CloudBatchError); a redirect, other 4xx, malformed JSON (or JSON Python cannot read), a body
+    over MAX_BODY_BYTES and missing/empty choices fail that prompt at once; garbled framing and TLS
+    errors are retried (TRANSPORT_ERRORS).
     An answer cut at max_tokens (finish_reason "length", even with no content left, as a
     reasoning model gives when its reasoning used every token) is an answer: cached and scored
     as it stands, so it is not paid for again; `truncated` counts them and the first is noted.
@@ -437,13 +437,16 @@ class HttpBackend:
 
     def _read_body(self, response) -> bytes:
         """The body, read a piece at a time up to MAX_BODY_BYTES: a server that sends without
-        end (or announces a terabyte) fails this prompt instead of filling the memory. The whole
-        body must come within `timeout` seconds (a timeout, retried): the socket's timeout holds
-        for one read, so a server trickling a byte at a time could hold the request for ever."""
-        parts, size = [], 0
-        deadline = time.monotonic() + self.timeout
+        end (or announces a terabyte) fails this prompt instead of filling the memory. From its
+        first byte that is not blank, the body must come within `timeout` seconds (a timeout,
+        retried): the socket's timeout holds for one read, so a server trickling the answer a
+        byte at a time could hold the request for ever. Blank lines before it do not count:
+        some servers send them to keep the connection open while the answer is generated."""
+        parts, size, deadline = [], 0, None
         while piece := response.read1(1 << 16):
-            if time.monotonic() > deadline:
+            if deadline is None and piece.strip():
+                deadline = time.monotonic() + self.timeout
+            elif deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the body took over timeout={self.timeout:g} s to arrive")
             size += len(piece)
             if size > MAX_BODY_BYTES:
@@ -671,7 +674,8 @@ class Cloud:
     (SPEC section 1), and records the verdict task.cloud_correct with the answer. The verdict an
     answer is given is worked out again for each example it answers: the cache is keyed by the
     prompt, and two examples with one prompt (a question repeated with another answer, a data
-    file corrected since) need not share a reference answer."""
+    file corrected since) need not share a reference answer. (The cached verdict is for people
+    reading the file.)"""
 
     def __init__(self, backend, cache: CloudCache, backend_name: str | None = None, model_name: str | None = None):
         self.backend, self.cache = backend, cache
@@ -833,7 +837,7 @@ PREFILL_OPTIONS = {
              "api_key_env": ("OPENAI_API_KEY", str, "NAME of the env var holding the key"),
              "temperature": (0.0, float, "sampling temperature"),
              "max_tokens": (2048, int, "tokens an answer may take"),
-             "timeout": (60.0, float, "seconds: connecting, the answer's start, its body"),
+             "timeout": (60.0, float, "seconds for each wait, and for the answer's body"),
              "retries": (5, int, "retries of a failed request"),
              "concurrency": (8, int, "requests at a time")},
     "local": {"path": (None, str, "checkpoint directory"),

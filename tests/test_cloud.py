@@ -314,7 +314,8 @@ class FakeEndpoint:
     is answered; if it breaks (times out), the request gets a 500 "barrier broken".
     A scripted header X-Declared-Length replaces the Content-Length sent: larger than the body,
     it makes a response cut off (the connection closes after the body); X-Trickle sends the body
-    a byte at a time, that many seconds apart. interrupt_at: when that
+    a byte at a time, that many seconds apart; X-Keep-Alive "N,S" sends N blank lines S seconds
+    apart before the body. interrupt_at: when that
     many requests have arrived, SIGINT goes to the main thread (Ctrl-C with them under way)."""
 
     def __init__(self):
@@ -351,6 +352,8 @@ class FakeEndpoint:
                     time.sleep(delay)
                     data = payload.encode("utf-8")
                     headers = dict(headers)
+                    blanks, every = map(float, headers.pop("X-Keep-Alive", "0,0").split(","))
+                    data = b"\n" * int(blanks) + data
                     length = headers.pop("X-Declared-Length", len(data))
                     trickle = float(headers.pop("X-Trickle", 0))
                     with endpoint.lock:  # no longer in flight once the answer starts: the client
@@ -361,6 +364,11 @@ class FakeEndpoint:
                         self.send_header(k, v)
                     self.send_header("Content-Length", str(length))
                     self.end_headers()
+                    for _ in range(int(blanks)):
+                        self.wfile.write(data[:1])
+                        self.wfile.flush()
+                        data = data[1:]
+                        time.sleep(every)
                     if trickle:
                         for i in range(len(data)):
                             self.wfile.write(data[i:i + 1])
@@ -1376,6 +1384,9 @@ def test_http_a_body_trickled_past_the_timeout_is_a_timeout(endpoint):
     endpoint.script = [(200, answer, {"X-Trickle": "0.05"}, 0)]
     with pytest.raises(CloudError, match=r"TimeoutError: the body took over timeout=0.5 s"):
         make_backend(endpoint.url, timeout=0.5, retries=0).chat(MESSAGES)
+    # blank lines sent to keep the connection open while the answer is generated do not count
+    endpoint.script = [(200, answer, {"X-Keep-Alive": "8,0.15"}, 0)]  # 1.2 s of them
+    assert make_backend(endpoint.url, timeout=0.5, retries=0).chat(MESSAGES) == "7"
 
 
 @pytest.mark.parametrize("payload, answer", [
