@@ -132,7 +132,8 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture: model_type={model_type!r}, architectures="
                              f"{hf.get('architectures')}; supported: {sorted(ARCHITECTURES)}")
         if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers: swish = SiLU
-            raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; allowed: 'silu'")
+            raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; allowed: 'silu' "
+                             f"(or its other name, 'swish')")
         if model_type == "qwen2" and (sliding := qwen2_sliding_layers(hf)):
             raise ValueError(f"Qwen2 sliding-window attention is not supported: config.json makes "
                              f"layers {sliding} attend within sliding_window="
@@ -612,6 +613,15 @@ QUANTISED_TENSOR = re.compile(r"(weight_scale|weight_scale_inv|input_scale|qweig
                               r"|g_idx|absmax|quant_map|quant_state\S*)$")
 
 
+def check_shape(name: str, tensor, want, shard: str):
+    """A ValueError naming the HF tensor `name` when its shape is not the `want` config.json
+    gives it."""
+    if tensor.shape != want:
+        raise ValueError(f"tensor {name!r} in {shard} has shape {list(tensor.shape)}, but "
+                         f"config.json makes it {list(want)} ({shape_fields(name)}): config.json "
+                         f"and the weights do not belong together")
+
+
 def shape_fields(name: str) -> str:
     """The config.json fields that set the shape of the HF tensor `name` (a weight's rows,
     columns; a bias has the rows only)."""
@@ -684,6 +694,7 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
                         continue                                 # computed from config.json
                     if cfg.tie_word_embeddings and name == "lm_head.weight":
                         tied_head = f.get_tensor(name)  # stored anyway: must be the embedding
+                        check_shape(name, tied_head, shapes["embed_tokens.weight"], shard)
                         continue
                     if name not in expected:
                         hint = ("; quantised checkpoints are not supported, use an unquantised one"
@@ -695,12 +706,7 @@ def load_pretrained(path: str, dtype=None, device=None) -> Transformer:
                         raise ValueError(f"tensor {name!r} in {shard} has dtype {t.dtype}: "
                                          "quantised checkpoints are not supported; dequantise "
                                          "to float first")
-                    want = shapes[expected[name]]
-                    if t.shape != want:
-                        raise ValueError(f"tensor {name!r} in {shard} has shape {list(t.shape)}, "
-                                         f"but config.json makes it {list(want)} ("
-                                         f"{shape_fields(name)}): config.json and the weights "
-                                         f"do not belong together")
+                    check_shape(name, t, shapes[expected[name]], shard)
                     state[expected[name]] = t.to(device=device, dtype=dtype)
         except SafetensorError as e:
             raise ValueError(f"{os.path.join(path, shard)}: the weights cannot be read ({e}); "

@@ -904,8 +904,9 @@ _DECLARED_RE = re.compile(r"####\s*(?:(?:\*\*|\\?\$)[ \t]*)?((?:-\s*)?(?=(" + _U
 # A gold answer whose number goes on after the declared one ("#### 1e5", "#### 3/4", "#### 1 000",
 # "#### 5,00"): the scorer reads a model's answer written so as 1, 3, 1 and 5, so the intended
 # answer would score wrong. After the number: blanks, then at most one character that joins
-# numbers (an exponent "e", a times "x", any symbol but "("), blanks, and a digit.
-_NUMBER_GOES_ON_RE = re.compile(r"[ \t]*(?:(?:[eExX][+-]?|[^\s\w(])[ \t]*)?[0-9]")
+# numbers (an exponent "e", a times "x", any symbol but "("), blanks, and a digit. (Blanks are
+# any white space but a line break: "#### 10\u00a0000", with a no-break space, is refused too.)
+_NUMBER_GOES_ON_RE = re.compile(r"[^\S\n]*(?:(?:[eExX][+-]?|[^\s\w(])[^\S\n]*)?[0-9]")
 
 
 def _clean_number(token: str) -> str | None:

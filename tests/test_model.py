@@ -508,6 +508,22 @@ def test_sharded_checkpoint_reads_only_the_index_shards(tmp_path):
     assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight)
 
 
+def test_a_tied_head_stored_alone_with_another_shape_is_an_error_naming_it(tmp_path):
+    """A tied embedding stored as lm_head.weight alone got no shape check: torch's RuntimeError
+    for embed_tokens.weight."""
+    save_pretrained(Transformer(ModelConfig(vocab_size=32)).init_weights(0), str(tmp_path))
+    state = load_file(tmp_path / "model.safetensors")
+    state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    save_file(state, tmp_path / "model.safetensors")
+    assert load_pretrained(str(tmp_path)).config.vocab_size == 32  # stored so, it loads
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 40}))
+    with pytest.raises(ValueError, match=r"tensor 'lm_head.weight' in model.safetensors has shape "
+                                         r"\[32, 128\], but config.json makes it \[40, 128\] "
+                                         r"\(vocab_size, hidden_size\)"):
+        load_pretrained(str(tmp_path))
+
+
 @pytest.mark.parametrize("index", [{"metadata": {}}, {"weight_map": {}}, [],
                                    {"weight_map": {"model.norm.weight": 3}}])
 def test_an_index_without_a_weight_map_is_an_error_naming_it(tmp_path, index):

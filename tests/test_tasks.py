@@ -635,6 +635,7 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
 @pytest.mark.parametrize("answer, read_as", [
     ("#### 1e5", "1"), ("#### 3/4", "3"), ("#### 1 000", "1"), ("#### 5,00", "5"),
     ("#### 3 1/2", "3"), ("#### 1.2.3", "1.2"), ("#### \u22125 1", "-5"),
+    ("#### 10\u00a0000", "10"), ("#### 10\u202f000", "10"),  # no-break spaces
 ])
 def test_gsm8k_gold_must_be_one_plain_number(tmp_path, answer, read_as):
     """The scorer reads "#### 1e5" in a model's answer as 1 (and 1000 as 1000): a gold written
