@@ -951,6 +951,17 @@ def gsm8k_answers_equal(prediction: str | None, gold: str) -> bool:
     return x is not None and y is not None and Fraction(x) == Fraction(y)  # both exact decimals
 
 
+def refuse(path, problems: list[str], shown: int = 20) -> None:
+    """One ValueError naming every record of data file `path` that is refused (the first
+    `shown` of them, and how many more), so that a file is mended in one pass."""
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise ValueError(f"{path}: {len(problems)} records refused (mend or remove them):\n  "
+                         + "\n  ".join(problems[:shown]) + more)
+
+
 def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
     """(line number, record) for each non-blank line of a UTF-8 JSONL file (a byte-order mark may
     open it); a missing file, a file or line not UTF-8, invalid JSON or a record without one of
@@ -1034,57 +1045,67 @@ class MathTask(Task):
                 raise ValueError(f"MathTask has no {split} file; pass path_{split}=...")
             examples = self._load(path)
             other = self._loaded.get("test" if split == "train" else "train", [])
-            self._refuse_other_answers(examples, earlier=other)  # across train and test
+            refuse(path, self._other_answers(examples, earlier=other))  # across train and test
             self._loaded[split] = examples
         return list(self._loaded[split])
 
     def _load(self, path) -> list[Example]:
-        question_field, answer_field = self.KINDS[self.kind]
-        examples = []
-        for line_number, record in load_jsonl(path, (question_field, answer_field)):
-            question, solution = record[question_field], record[answer_field]
-            if not question.strip():
-                raise ValueError(f"{path}:{line_number}: field {question_field!r} is blank")
-            if self.kind == "math":
-                gold = last_boxed(solution)
-                if gold is None:
-                    raise ValueError(f"{path}:{line_number}: field {answer_field!r} has no \\boxed{{...}} answer")
-            else:
-                declared = last_match(_DECLARED_RE, solution.replace("\u2212", "-"))
-                gold = _clean_number(declared.group(1)) if declared else None
-                if gold is None:
-                    raise ValueError(f"{path}:{line_number}: field {answer_field!r} does not end with '#### <number>'")
-                if _NUMBER_GOES_ON_RE.match(declared.string, declared.end()):
-                    written = declared.string[declared.start():].split("\n", 1)[0]
-                    raise ValueError(f"{path}:{line_number}: field {answer_field!r}: "
-                                     "'#### <number>' must be a plain decimal number (digits, an "
-                                     "optional sign and decimal point, commas between groups of "
-                                     f"three digits); {written[:60]!r} is read as {gold}")
-            digest = hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
-            example = Example(key=f"{self.kind}:{digest}",
-                              prompt=self.messages(question, cloud=False),
-                              data={"problem": question, "solution": solution, "gold": gold,
-                                    "source": f"{path}:{line_number}"})
-            why = self._scored_wrong_because(example)
-            if why:
-                raise ValueError(f"{path}:{line_number}: field {answer_field!r} is scored wrong "
-                                 f"by the task's own scorer: {why}")
-            examples.append(example)
-        self._refuse_other_answers(examples)
+        """The file's examples; every record refused is named in one error (not one per run)."""
+        examples, problems = [], []
+        for line_number, record in load_jsonl(path, self.KINDS[self.kind]):
+            try:
+                examples.append(self._example(path, line_number, record))
+            except ValueError as e:
+                problems.append(str(e))
+        refuse(path, problems + self._other_answers(examples))
         return examples
 
-    def _refuse_other_answers(self, examples: list[Example], earlier: list | tuple = ()) -> None:
+    def _example(self, path, line_number: int, record: dict) -> Example:
+        question_field, answer_field = self.KINDS[self.kind]
+        question, solution = record[question_field], record[answer_field]
+        if not question.strip():
+            raise ValueError(f"{path}:{line_number}: field {question_field!r} is blank")
+        if self.kind == "math":
+            gold = last_boxed(solution)
+            if gold is None:
+                raise ValueError(f"{path}:{line_number}: field {answer_field!r} has no "
+                                 f"\\boxed{{...}} answer")
+        else:
+            declared = last_match(_DECLARED_RE, solution.replace("\u2212", "-"))
+            gold = _clean_number(declared.group(1)) if declared else None
+            if gold is None:
+                raise ValueError(f"{path}:{line_number}: field {answer_field!r} does not end "
+                                 f"with '#### <number>'")
+            if _NUMBER_GOES_ON_RE.match(declared.string, declared.end()):
+                written = declared.string[declared.start():].split("\n", 1)[0]
+                raise ValueError(f"{path}:{line_number}: field {answer_field!r}: "
+                                 "'#### <number>' must be a plain decimal number (digits, an "
+                                 "optional sign and decimal point, commas between groups of "
+                                 f"three digits); {written[:60]!r} is read as {gold}")
+        digest = hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
+        example = Example(key=f"{self.kind}:{digest}",
+                          prompt=self.messages(question, cloud=False),
+                          data={"problem": question, "solution": solution, "gold": gold,
+                                "source": f"{path}:{line_number}"})
+        why = self._scored_wrong_because(example)
+        if why:
+            raise ValueError(f"{path}:{line_number}: field {answer_field!r} is scored wrong "
+                             f"by the task's own scorer: {why}")
+        return example
+
+    def _other_answers(self, examples: list[Example], earlier: list | tuple = ()) -> list[str]:
         """A question asked again (in the same file, or in `earlier`: the other split's) with an
-        answer the scorer reads as another one is an error naming both lines: one of the two
-        golds is wrong, and both share a key in the cloud cache. The same answer again is fine."""
-        first = {}
+        answer the scorer reads as another one, named with both lines: one of the two golds is
+        wrong, and both share a key in the cloud cache. The same answer again is fine."""
+        first, problems = {}, []
         for example in itertools.chain(earlier, examples):
             seen = first.setdefault(example.data["problem"], example)
             if seen is not example and not self.cloud_correct(seen, example.data["solution"]):
-                raise ValueError(f"{example.data['source']}: the question of "
-                                 f"{seen.data['source']} again, with another answer "
-                                 f"({example.data['gold'][:60]!r} here, "
-                                 f"{seen.data['gold'][:60]!r} there)")
+                problems.append(f"{example.data['source']}: the question of "
+                                f"{seen.data['source']} again, with another answer "
+                                f"({example.data['gold'][:60]!r} here, "
+                                f"{seen.data['gold'][:60]!r} there)")
+        return problems
 
     def _scored_wrong_because(self, example: Example) -> str | None:
         """None if the task's scorer finds the example's reference solution right, else why not.

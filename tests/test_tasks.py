@@ -632,6 +632,28 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
         MathTask(kind="aime")
 
 
+def test_every_refused_record_of_a_file_is_named_in_one_error(tmp_path):
+    """A file is mended in one pass: each refused record was one run's error, the next one's
+    only showing when that was fixed."""
+    rows = [{"question": "q1", "answer": "#### 1e5"}, {"question": "q2", "answer": "#### 2"},
+            {"question": " ", "answer": "#### 3"}, {"question": "q2", "answer": "#### 4"}]
+    path = _write(tmp_path / "gsm.jsonl", [json.dumps(r) for r in rows])
+    with pytest.raises(ValueError) as refused:
+        MathTask(path_train=path, kind="gsm8k").examples("train")
+    assert str(refused.value).splitlines() == [
+        f"{path}: 3 records refused (mend or remove them):",
+        f"  {path}:1: field 'answer': '#### <number>' must be a plain decimal number (digits, an "
+        f"optional sign and decimal point, commas between groups of three digits); '#### 1e5' is "
+        f"read as 1",
+        f"  {path}:3: field 'question' is blank",
+        f"  {path}:4: the question of {path}:2 again, with another answer ('4' here, '2' there)"]
+    many = _write(tmp_path / "many.jsonl", [json.dumps({"question": f"q{i}", "answer": "#### 1/2"})
+                                            for i in range(23)])
+    with pytest.raises(ValueError, match=r"many\.jsonl: 23 records refused .*\n(  .*:\d+: .*\n){20}"
+                                         r"  \.\.\. and 3 more$"):
+        MathTask(path_train=many, kind="gsm8k").examples("train")
+
+
 @pytest.mark.parametrize("answer, read_as", [
     ("#### 1e5", "1"), ("#### 3/4", "3"), ("#### 1 000", "1"), ("#### 5,00", "5"),
     ("#### 3 1/2", "3"), ("#### 1.2.3", "1.2"), ("#### \u22125 1", "-5"),
