@@ -79,6 +79,17 @@ def prompt_digest(messages) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+def check_appendable(path) -> None:
+    """A ValueError now, before long work, if the cache file `path` exists but cannot be appended
+    to (the first new answer would fail to be cached)."""
+    try:
+        if os.path.exists(path):
+            open(path, "ab").close()
+    except OSError as e:
+        raise ValueError(f"cloud cache {path} cannot be appended to ({e.strerror}): make it "
+                         f"writable, then run the same command again") from None
+
+
 class CloudCache:
     """Persistent JSONL cache, one record per (task name, example key): the cloud's answer text,
     its verdict, the backend and the model name (never a secret). path=None: in memory only.

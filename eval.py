@@ -28,8 +28,10 @@ import json
 import os
 import pickle
 import platform
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 import yaml
 
 import algo
-from cloud import CloudError, NoCloud, make_cloud
+from cloud import CloudError, NoCloud, check_appendable, make_cloud
 from model import (ModelConfig, Transformer, atomic_write, atomic_write_text, check_writable,
                    load_pretrained, load_tokenizer, resolve_device)
 from sample import generate, left_pad
@@ -537,7 +539,7 @@ class Results:
     curves: dict = field(default_factory=dict)     # label -> (call_ratio, acc)
     points: dict = field(default_factory=dict)     # label -> (call_ratio, acc): a policy's own choice
     capped: dict = field(default_factory=dict)     # label -> (call_ratio, acc): a policy's capped_curve
-    per_run: dict = field(default_factory=dict)    # run path -> {"role", "metrics"}
+    per_run: dict = field(default_factory=dict)    # run path -> {"role", "metrics", "task", "cloud"}
     router: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
@@ -620,12 +622,15 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
     device = resolve_device(device)
     if not paths:
         raise ValueError("give at least one run directory")
-    given = [os.path.normpath(p) for p in paths]
-    twice = sorted({p for p in given if given.count(p) > 1})
+    # one run under two spellings (runs/a, /abs/runs/a, a link) is the same run
+    given = [os.path.realpath(p) for p in paths]
+    twice = [p for i, p in enumerate(paths) if given.index(given[i]) < i]
     if twice:
-        raise ValueError(f"{', '.join(twice)}: given more than once; give each run once")
+        raise ValueError(f"{', '.join(twice)}: given more than once (as "
+                         f"{', '.join(paths[given.index(os.path.realpath(p))] for p in twice)}); "
+                         f"give each run once")
     runs = [load_run(p, device) for p in paths]
-    if task_tuned is not None and os.path.normpath(task_tuned) not in given:
+    if task_tuned is not None and os.path.realpath(task_tuned) not in given:
         runs.append(load_run(task_tuned, device))
     first = runs[0]
     for r in runs[1:]:
@@ -658,7 +663,7 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
 
     # the task-tuned run: given, or the (first) run trained with help disabled
     if task_tuned is not None:
-        base = next(r for r in runs if os.path.normpath(r.path) == os.path.normpath(task_tuned))
+        base = next(r for r in runs if os.path.realpath(r.path) == os.path.realpath(task_tuned))
         if base.help_allowed:
             raise ValueError(f"--task-tuned {task_tuned}: that run was trained with help allowed "
                              "(task.allow_help: true); the task-tuning-only baseline is a run "
@@ -706,13 +711,16 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
     settings["base_model"] = base_label
 
     settings["models"] = {}
+    # a run's cloud_requests count its cloud's new requests over the whole evaluation: the
+    # baselines, asked first, may share a policy's cloud (and cache) and ask its prompts for it
+    calls_at_start = {id(r.cloud): r.cloud.calls_made for r in runs}
     evaluate_baselines(res, base, base_label, base_role, examples, budget, router_n,
                        router_steps, seed, device, progress)
     for run in policies:
         ex = run.task.examples(split)[:n]
         if [e.key for e in ex] != keys:
             raise ValueError(f"{run.path}: its {split} prompts differ from {base.path}'s")
-        evaluate_policy_run(res, run, ex, budget, progress)
+        evaluate_policy_run(res, run, ex, budget, progress, calls_at_start[id(run.cloud)])
     for run in {id(r.cloud): r for r in [base] + runs}.values():
         if run.cloud.failed:
             error = next(iter(run.cloud.failed.values())).error
@@ -740,7 +748,7 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
                              lambda d, t: progress(f"{base.name}: cloud verdicts", d, t))
     cloud = np.array([a.correct for a in answers], dtype=bool)
     if base_role:
-        res.per_run[base.path] = {"role": base_role, "metrics": m}
+        res.per_run[base.path] = {"role": base_role, "metrics": m, **own_settings(base)}
 
     cloud_only = algo.capped_metrics(torch.ones(n, dtype=torch.bool),
                                      torch.zeros(n, dtype=torch.bool), torch.as_tensor(cloud), 1.0)
@@ -798,14 +806,13 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
     base.release()
 
 
-def evaluate_policy_run(res, run, examples, budget, progress):
+def evaluate_policy_run(res, run, examples, budget, progress, calls_before):
     """A trained policy: SPEC 7 metrics, its two curves (policy_curve, capped_curve) and its own
-    point."""
+    point. calls_before: its cloud's calls_made when the evaluation began."""
     model, tok = run.model(), run.tokenizer()
     res.settings["models"][run.path] = _describe(run, model)
     label = run.label if run.label not in res.curves else f"{run.label} [{run.path}]"
     max_new = run.cfg["sampling"]["max_new_tokens"]
-    calls_before = run.cloud.calls_made
     m, out = algo.evaluate_policy(model, tok, run.task, examples, run.cloud, budget, max_new,
                                   run.cfg["eval"].get("batch_size", 256),
                                   lambda d, t: progress(f"{run.name}: greedy", d, t))
@@ -830,7 +837,7 @@ def evaluate_policy_run(res, run, examples, budget, progress):
     res.curves[label] = curve
     res.points[label] = (m["call_ratio"], m["acc_uncapped"])
     res.capped[label] = capped_curve(help, local, cloud)
-    res.per_run[run.path] = {"role": "policy", "metrics": m}
+    res.per_run[run.path] = {"role": "policy", "metrics": m, **own_settings(run)}
     run.release()
 
 
@@ -874,12 +881,25 @@ def _plain(obj):
     return obj
 
 
+def own_settings(run) -> dict:
+    """A run's own task and cloud sections, for its eval.json and report.md (the combined
+    report's settings are the first run's)."""
+    return {"task": run.cfg["task"], "cloud": run.cfg["cloud"]}
+
+
+def run_settings(res: Results, path) -> dict:
+    """res.settings with the task and cloud of the run at `path`."""
+    entry = res.per_run.get(path, {})
+    return {**res.settings, **{k: entry[k] for k in ("task", "cloud") if k in entry}}
+
+
 def eval_json(res: Results, path, command) -> dict:
     """The stable eval.json of one run (keys documented in the README)."""
     baselines = {key: metrics for key, _, metrics in res.rows if not key.startswith("policy:")}
     entry = res.per_run.get(path, {"role": "policy", "metrics": None})
     return _plain({"schema_version": SCHEMA_VERSION, "run": path, "role": entry["role"],
-                   "settings": {**res.settings, "command": command}, "metrics": entry["metrics"],
+                   "settings": {**run_settings(res, path), "command": command},
+                   "metrics": entry["metrics"],
                    "baselines": baselines, "router": res.router, "notes": res.notes})
 
 
@@ -926,8 +946,8 @@ def write_curves(res: Results, out_dir, labels):
     return "curve.png"
 
 
-def report_markdown(res: Results, policy_paths, png, command) -> str:
-    s = res.settings
+def report_markdown(res: Results, policy_paths, png, command, settings=None) -> str:
+    s = settings or res.settings
     rows = [r for r in res.rows if not r[0].startswith("policy:") or r[0][7:] in policy_paths]
     task = s["task"].get("name", "?") + " (" + ", ".join(
         f"{k}={v}" for k, v in s["task"].items() if k not in ("name", "allow_help")) + ")"
@@ -1017,7 +1037,8 @@ def write_outputs(res: Results, out_dir, command):
             continue
         mine = [path] if path in label_of else []
         png = write_curves(res, path, baseline_curves + [label_of[p] for p in mine])
-        atomic_write_text(os.path.join(path, "report.md"), report_markdown(res, mine, png, command))
+        atomic_write_text(os.path.join(path, "report.md"),
+                          report_markdown(res, mine, png, command, run_settings(res, path)))
         written += [os.path.join(path, f) for f in ("report.md", "curve.csv", png) if f]
     os.makedirs(out_dir, exist_ok=True)
     png = write_curves(res, out_dir, baseline_curves + [label_of[p] for p in policy_paths])
@@ -1035,7 +1056,38 @@ def print_table(res: Results):
         print(label.ljust(width) + "".join(_fmt(m.get(k)).rjust(16) for _, k in cols))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `timeout`'s stop): the evaluation stops as on Ctrl-C (the cloud
+    requests under way are waited for and cached), and exits with 143."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+@contextmanager
+def signals_held():
+    """Within the block, Ctrl-C and SIGTERM are only noted in the list it yields: the outputs
+    are all written, never some from this evaluation and some from an earlier one."""
+    held = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv=None):
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv):
     p = argparse.ArgumentParser(description="Evaluate runs under the cloud-call budget (SPEC 7-8).")
     p.add_argument("runs", nargs="+", help="run directories written by train.py (runs/NAME)")
     p.add_argument("--split", default="test", help=f"one of {list(SPLITS)} (default test)")
@@ -1068,18 +1120,24 @@ def main(argv=None):
         for path in args.runs + ([args.task_tuned] if args.task_tuned else []):
             if os.path.isdir(path):   # a missing run is load_run's error
                 check_writable(path, "run directory")
+                check_appendable(os.path.join(path, "cloud_cache.jsonl"))
         res = evaluate_runs(args.runs, args.split, args.budget, args.n, args.task_tuned,
                             args.router_n, args.router_steps, args.seed, args.device, progress)
     except (ValueError, FileNotFoundError, CloudError) as e:  # CloudError: e.g. a refused API key
         progress.close()
         sys.exit(f"eval error: {e}")
-    except KeyboardInterrupt:  # nothing written yet; the cloud answers that arrived are cached
+    except KeyboardInterrupt as e:  # nothing written yet; the cloud answers that arrived are cached
         progress.close()
         print("\neval.py: interrupted, nothing written; the cloud answers that arrived are cached, "
               "so running the same command again does not pay for them twice", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     progress.close()
-    written = write_outputs(res, args.out or args.runs[0], command)
+    with signals_held() as held:
+        written = write_outputs(res, args.out or args.runs[0], command)
+    if held:
+        print(f"eval.py: interrupted while writing its outputs, which were finished first: "
+              f"{', '.join(written)}", file=sys.stderr)
+        sys.exit(143 if held[0] == signal.SIGTERM else 130)
     s = res.settings
     print(f"{s['split']} split, N={s['n']}, budget {s['budget'] * 100:g}% (cap {s['cap']} calls); "
           f"baselines over: {s['base_model']}")

@@ -39,7 +39,7 @@ import yaml
 
 import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
-from cloud import CloudCache, CloudError, NoCloud, make_cloud
+from cloud import CloudCache, CloudError, NoCloud, check_appendable, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
                    check_writable, load_pretrained, load_tokenizer, remove_if_dead,
                    save_pretrained)
@@ -863,13 +863,10 @@ class Trainer:
                 check_writable(d, key)
         except ValueError as e:
             raise (RunFileError if cfg.resume else ConfigError)(str(e)) from None
-        cache_file = self.cloud.cache.path  # the first cloud call appends to it: said now
-        try:
-            if cache_file.exists():
-                open(cache_file, "ab").close()
-        except OSError as e:
-            raise RunFileError(f"cloud cache {cache_file} cannot be appended to ({e.strerror}): "
-                               f"make it writable, then run the same command again") from None
+        try:  # the first cloud call appends to the cache: said now
+            check_appendable(self.cloud.cache.path)
+        except ValueError as e:
+            raise RunFileError(str(e)) from None
         os.makedirs(self.run_dir, exist_ok=True)
         # a save cut short leaves a whole checkpoint.tmp: its space back before anything is written
         shutil.rmtree(ckpt + ".tmp", ignore_errors=True)

@@ -5,6 +5,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -977,3 +979,87 @@ def test_run_labels_name_the_rules(rl, label):
     """Two runs differing only in their filter rule get different labels in the report."""
     run = ev.Run("runs/r1", {"rl": rl}, task=None, cloud=None, device=torch.device("cpu"))
     assert run.label == label
+
+
+def test_each_run_reports_its_own_cloud_and_task_and_the_requests_made_for_it(tmp_path):
+    """A run's eval.json and report.md named the first run's cloud and task; and a policy whose
+    cloud the baselines shared (no task-tuned run) reported 0 cloud_requests although the
+    evaluation sent its prompts through that cloud."""
+    a = write_run(tmp_path, "a", True, seed=1)
+    c = run_with_config(tmp_path, "c", lambda t: t.replace("p_correct: 0.9", "p_correct: 0.5"))
+    tuned = write_run(tmp_path, "tuned", False, seed=2)
+    ev.main([a, c, tuned, "--n", "10", "--router-n", "0"])
+    own = {r: json.load(open(os.path.join(r, "eval.json")))["settings"] for r in (a, c, tuned)}
+    assert [own[r]["cloud"]["p_correct"] for r in (a, c, tuned)] == [0.9, 0.5, 0.9]
+    assert [own[r]["task"]["allow_help"] for r in (a, c, tuned)] == [True, True, False]
+    assert "- cloud: backend=oracle, p_correct=0.5, seed=0" in open(os.path.join(c, "report.md")).read()
+    # without the task-tuned run the baselines route a's help-disabled decode through a's cloud:
+    # the cloud-only row asks all 10 prompts there, on an empty cache
+    fresh = write_run(tmp_path / "fresh", "a", True, seed=1)
+    ev.main([fresh, "--n", "10", "--router-n", "0"])
+    metrics = json.load(open(os.path.join(fresh, "eval.json")))["metrics"]
+    assert metrics["cloud_requests"] == 10
+    ev.main([fresh, "--n", "10", "--router-n", "0"])  # all cached now
+    assert json.load(open(os.path.join(fresh, "eval.json")))["metrics"]["cloud_requests"] == 0
+
+
+def test_one_run_under_two_spellings_is_one_run(tmp_path, monkeypatch, no_evaluation):
+    run = write_run(tmp_path, "a", True, seed=0)
+    os.symlink(run, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    for other in (os.path.abspath(run), str(tmp_path / "link")):
+        assert exit_message(["a", other]) == \
+            f"eval error: {other}: given more than once (as a); give each run once"
+
+
+def test_a_cloud_cache_that_cannot_be_appended_to_is_an_error_before_evaluating(tmp_path,
+                                                                             no_evaluation):
+    """It was a traceback from the first answer cached, after the whole greedy decode."""
+    run = write_run(tmp_path, "a", True, seed=0)
+    os.mkdir(os.path.join(run, "cloud_cache.jsonl"))  # unwritable as a file, even for root
+    assert exit_message([run]) == (
+        f"eval error: cloud cache {os.path.join(run, 'cloud_cache.jsonl')} cannot be appended to "
+        f"(Is a directory): make it writable, then run the same command again")
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import eval as ev
+real_write = ev.write_outputs
+def evaluate(*args, **kwargs):  # stands in for a long evaluation that the signal interrupts
+    if {during!r} == "evaluation":
+        os.kill(os.getpid(), signal.{sig})
+        time.sleep(5)
+    return real_evaluate(*args, **kwargs)
+def write(res, out_dir, command):  # the signal arrives after the first file is written
+    first = os.path.join(out_dir, "first.txt")
+    open(first, "w").write("1")
+    if {during!r} == "writing":
+        os.kill(os.getpid(), signal.{sig})
+        time.sleep(0.5)
+    return [first] + real_write(res, out_dir, command)
+real_evaluate, ev.evaluate_runs, ev.write_outputs = ev.evaluate_runs, evaluate, write
+ev.main([{run!r}, "--n", "4", "--router-n", "0"])
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+@pytest.mark.parametrize("during", ["evaluation", "writing"])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_never_half_write(tmp_path, sig, code, during):
+    """SIGTERM killed eval.py at once (cloud answers under way were lost, not cached); a signal
+    while the outputs were written left some from this evaluation and some from an earlier one,
+    with a traceback. Now both stop as Ctrl-C does, and the outputs are finished first."""
+    run = write_run(tmp_path, "a", True, seed=0)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = SIGNAL_SCRIPT.format(repo=repo, during=during, sig=sig, run=run)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == code, child.stderr[-2000:]
+    assert "Traceback" not in child.stderr
+    written = [os.path.exists(os.path.join(run, f)) for f in ("eval.json", "report.md")]
+    if during == "evaluation":
+        assert "interrupted, nothing written" in child.stderr and written == [False, False]
+    else:
+        assert "interrupted while writing its outputs, which were finished first" in child.stderr
+        assert written == [True, True]
