@@ -824,9 +824,11 @@ class NoCloud:
         return [CloudAnswer("", False, False) for _ in examples]
 
 
-def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:
+def make_cloud(cfg: dict | None = None, cache_path=None, cache: CloudCache | None = None,
+               **kwargs) -> Cloud:
     """Build a Cloud from {"backend": "oracle"|"http"|"local", <that backend's arguments>}; unknown
-    backend names or arguments are errors listing what is allowed. cache_path=None: in memory."""
+    backend names or arguments are errors listing what is allowed. cache: an opened CloudCache;
+    else one at cache_path (None: in memory)."""
     settings = {**(cfg or {}), **kwargs}
     name = settings.pop("backend", "oracle")
     if cache_path is None:
@@ -835,7 +837,8 @@ def make_cloud(cfg: dict | None = None, cache_path=None, **kwargs) -> Cloud:
     if name not in BACKENDS:
         raise ValueError(f"cloud backend={name!r} is not allowed; use one of {sorted(BACKENDS)}")
     backend = construct(f"cloud backend {name!r}", BACKENDS[name], settings)
-    return Cloud(backend, CloudCache(cache_path), getattr(backend, "name", name))
+    return Cloud(backend, cache if cache is not None else CloudCache(cache_path),
+                 getattr(backend, "name", name))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -624,11 +624,11 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
         raise ValueError("give at least one run directory")
     # one run under two spellings (runs/a, /abs/runs/a, a link) is the same run
     given = [os.path.realpath(p) for p in paths]
-    twice = [p for i, p in enumerate(paths) if given.index(given[i]) < i]
+    firsts = [given.index(g) for g in given]  # where each run was first given
+    twice = [i for i, first in enumerate(firsts) if first < i]
     if twice:
-        raise ValueError(f"{', '.join(twice)}: given more than once (as "
-                         f"{', '.join(paths[given.index(os.path.realpath(p))] for p in twice)}); "
-                         f"give each run once")
+        raise ValueError(f"{', '.join(paths[i] for i in twice)}: given more than once (as "
+                         f"{', '.join(paths[firsts[i]] for i in twice)}); give each run once")
     runs = [load_run(p, device) for p in paths]
     if task_tuned is not None and os.path.realpath(task_tuned) not in given:
         runs.append(load_run(task_tuned, device))

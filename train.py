@@ -813,14 +813,14 @@ class Trainer:
                               f"its first save); start it afresh with: python train.py "
                               f"{os.path.join(self.run_dir, 'config.yaml')}")
         self.task, self.train_examples, test = load_task(cfg)
-        try:
-            self.cloud = make_cloud(dict(cfg.cloud))  # the backend; then the run's cache file
-        except ValueError as e:
-            raise ConfigError(str(e) + _whole_section_hint(e, "cloud", "backend")) from None
-        try:
-            self.cloud.cache = CloudCache(os.path.join(self.run_dir, "cloud_cache.jsonl"))
+        try:  # the run's cache file (a file's fault), then the backend (a setting's)
+            cache = CloudCache(os.path.join(self.run_dir, "cloud_cache.jsonl"))
         except ValueError as e:  # a corrupt record
             raise RunFileError(str(e)) from None
+        try:
+            self.cloud = make_cloud(dict(cfg.cloud), cache=cache)
+        except ValueError as e:
+            raise ConfigError(str(e) + _whole_section_hint(e, "cloud", "backend")) from None
         try:
             self.cloud.check_cache()
         except ValueError as e:
