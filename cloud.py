@@ -217,20 +217,28 @@ class CloudCache:
                     self.records[(r["task"], r["key"])] = r
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._locked_file("a+b", exclusive=True) as f:  # O_APPEND
-                tail, torn = self._read_new(f)  # others' records first: never write a key twice
-                fresh = self._fresh(records)
-                if not fresh:
-                    return
-                text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode("utf-8")
-                if torn:      # checked under the lock: cut exactly the torn bytes after the last good line
-                    f.truncate(self._size)
-                elif tail:    # a whole last record whose "\n" was lost
-                    text = b"\n" + text
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-                self._read_new(f)  # take in what was just written, as any other writer would
+            try:
+                self._append(records)
+            except OSError as e:  # e.g. a full disk: a failed write() names no file; say which
+                if e.filename is None and e.errno is not None:
+                    raise OSError(e.errno, e.strerror, str(self.path)) from e
+                raise
+
+    def _append(self, records: list[dict]) -> None:
+        with self._locked_file("a+b", exclusive=True) as f:  # O_APPEND
+            tail, torn = self._read_new(f)  # others' records first: never write a key twice
+            fresh = self._fresh(records)
+            if not fresh:
+                return
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode("utf-8")
+            if torn:      # checked under the lock: cut exactly the torn bytes after the last good line
+                f.truncate(self._size)
+            elif tail:    # a whole last record whose "\n" was lost
+                text = b"\n" + text
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+            self._read_new(f)  # take in what was just written, as any other writer would
 
     def _fresh(self, records: list[dict]) -> list[dict]:
         """The records whose key is not cached yet; a key repeated in `records` keeps its first."""

@@ -1123,8 +1123,8 @@ def _main(argv):
                 check_appendable(os.path.join(path, "cloud_cache.jsonl"))
         res = evaluate_runs(args.runs, args.split, args.budget, args.n, args.task_tuned,
                             args.router_n, args.router_steps, args.seed, args.device, progress)
-    except (ValueError, FileNotFoundError, CloudError) as e:  # CloudError: e.g. a refused API key
-        progress.close()
+    except (ValueError, OSError, CloudError) as e:  # CloudError: e.g. a refused API key;
+        progress.close()                               # OSError: a missing file, a full disk
         sys.exit(f"eval error: {e}")
     except KeyboardInterrupt as e:  # nothing written yet; the cloud answers that arrived are cached
         progress.close()
@@ -1133,7 +1133,11 @@ def _main(argv):
         sys.exit(143 if isinstance(e, Terminated) else 130)
     progress.close()
     with signals_held() as held:
-        written = write_outputs(res, args.out or args.runs[0], command)
+        try:
+            written = write_outputs(res, args.out or args.runs[0], command)
+        except OSError as e:  # e.g. a full disk
+            sys.exit(f"eval error: {e}; some outputs were not written (the cloud answers are "
+                     f"cached): once fixed, run the same command again")
     if held:
         print(f"eval.py: interrupted while writing its outputs, which were finished first: "
               f"{', '.join(written)}", file=sys.stderr)

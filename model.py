@@ -550,10 +550,20 @@ def atomic_write(path: str, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a failed write leaves the old file as it was, and no temp file
+    except BaseException as e:  # a failed write leaves the old file as it was, and no temp file
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise naming(e, path) from e
         raise
+
+
+def naming(e: OSError, path) -> OSError:
+    """`e` naming the file it concerns: a failed write() or fsync() (e.g. a full disk) names
+    none, so one-line reports of it would not say which file could not be written."""
+    if e.filename is None and e.errno is not None:
+        return OSError(e.errno, e.strerror, str(path))
+    return e
 
 
 def atomic_write_text(path: str, text: str):

@@ -41,7 +41,7 @@ import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
 from cloud import CloudCache, CloudError, NoCloud, check_appendable, make_cloud
 from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
-                   check_writable, load_pretrained, load_tokenizer, remove_if_dead,
+                   check_writable, load_pretrained, load_tokenizer, naming, remove_if_dead,
                    save_pretrained)
 from reward import RewardConfig
 from tasks import TASKS, make_task, task_settings
@@ -61,7 +61,8 @@ class SaveError(Exception):
 
 class RunFileError(ConfigError):
     """A run directory or one of its files (not a setting) stops the run before training: one
-    line, without the hint to edit a resumed run's config.yaml, which could not help."""
+    line, "error: ..." rather than "config error: ...", without the hint to edit a resumed run's
+    config.yaml, which could not help."""
 
 
 @dataclass
@@ -439,8 +440,11 @@ class RunLog:
 
     @staticmethod
     def append(path: str, rows: list):
-        with open(path, "a") as f:
-            f.write("".join(json.dumps(row) + "\n" for row in rows))
+        try:
+            with open(path, "a") as f:
+                f.write("".join(json.dumps(row) + "\n" for row in rows))
+        except OSError as e:  # e.g. a full disk: reported in one line naming the file (run())
+            raise naming(e, path) from e
 
     def log(self, row: dict):
         self.append(self.metrics, [row])
@@ -698,9 +702,14 @@ def warm_start(cfg: Config, task, device) -> str:
     print(f"warm start: greedy on {n_stats} test prompts: " +
           ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
     tmp = out + f".tmp{os.getpid()}"
-    save_pretrained(model, tmp, tokenizer)
-    atomic_write_text(os.path.join(tmp, "warm_start.json"), json.dumps(
-        {"config": config_dict(cfg.warm_start), "seconds": time.time() - start, **stats}, indent=2))
+    try:
+        save_pretrained(model, tmp, tokenizer)
+        atomic_write_text(os.path.join(tmp, "warm_start.json"), json.dumps(
+            {"config": config_dict(cfg.warm_start), "seconds": time.time() - start, **stats},
+            indent=2))
+    except BaseException:  # e.g. a full disk: the part written goes, its space back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -1140,9 +1149,11 @@ class Trainer:
                                   f"delete it")
 
     def save_error(self, problem: str) -> SaveError:
-        kept = (f"the checkpoint of step {self.saved_step} is intact"
+        return SaveError(f"{problem}; {self.kept()}")
+
+    def kept(self) -> str:
+        return (f"the checkpoint of step {self.saved_step} is intact"
                 if self.saved_step is not None else "no checkpoint was saved yet")
-        return SaveError(f"{problem}; {kept}")
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -1286,10 +1297,13 @@ def run(argv: list[str]):
         setting = not isinstance(e, RunFileError) and "resume" not in str(e)
         hint = (f" (a resumed run takes its settings from {os.path.join(resumed[0], 'config.yaml')}"
                 f": change them there)" if resumed and setting else "")
-        sys.exit(f"config error: {e}{hint}")
-    except KeyboardInterrupt as e:  # in setup (the warm start, or loading the checkpoint to resume)
+        sys.exit(f"{'error' if isinstance(e, RunFileError) else 'config error'}: {e}{hint}")
+    except (KeyboardInterrupt, OSError) as e:  # in setup (the warm start, or loading the
+        # checkpoint to resume); OSError: e.g. a full disk writing the warm start or run files
         kept = ("the run's checkpoint is unchanged" if any(a.startswith("resume=") for a in argv)
                 else "nothing to resume (a warm start is cached only once complete)")
+        if isinstance(e, OSError):
+            sys.exit(f"error: {e}; {kept}: once fixed, run the same command again")
         print(f"\ninterrupted before RL started; {kept}: run the same command again",
               file=sys.stderr)
         sys.exit(exit_code(e, signal.SIGINT))
@@ -1307,6 +1321,9 @@ def run(argv: list[str]):
                  f"{continue_command(trainer.run_dir)}")
     except SaveError as e:  # e.g. a full disk: the run goes on from its last checkpoint
         sys.exit(f"\n{e}; once fixed, continue with: {continue_command(trainer.run_dir)}")
+    except OSError as e:  # a run file or the cloud cache not written (e.g. a full disk): the same
+        sys.exit(f"\n{e}; {trainer.kept()}; once fixed, continue with: "
+                 f"{continue_command(trainer.run_dir)}")
     n, budget = final["n"], cfg.eval.budget
     cloud_only = {"call_ratio": 1.0, "local_acc": 0.0, "cond_local_acc": None, "answer_rate": None}
     acc = sum(a.correct for a in answers) / n

@@ -124,6 +124,26 @@ def test_cache_survives_torn_last_line(task, tmp_path):
     assert len(CloudCache(path)) == 7 and not CloudCache(path).ignored_torn_line
 
 
+def test_a_full_disk_appending_to_the_cache_names_the_file(task, tmp_path, monkeypatch):
+    """A failed write or fsync names no file: the error now says which cache could not take the
+    answers (train.py and eval.py print it as their one-line error)."""
+    import cloud as cloud_module
+    path = tmp_path / "cache.jsonl"
+    examples = task.examples("train")[:3]
+    Cloud(CountingBackend(), CloudCache(path), "oracle", OracleBackend().model_name).ask(task, examples[:2])
+
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    full = types.ModuleType("os")
+    full.__dict__.update(os.__dict__, fsync=fsync)
+    monkeypatch.setattr(cloud_module, "os", full)  # cloud.py's os only
+    cloud = Cloud(CountingBackend(), CloudCache(path), "oracle", OracleBackend().model_name)
+    with pytest.raises(OSError) as exc:
+        cloud.ask(task, examples)
+    assert str(exc.value) == f"[Errno 28] No space left on device: '{path}'"
+
+
 def test_cache_whole_last_record_without_newline(task, tmp_path):
     path = tmp_path / "cache.jsonl"
     examples = task.examples("train")[:3]

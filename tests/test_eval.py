@@ -7,6 +7,7 @@ import random
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -1020,6 +1021,24 @@ def test_a_cloud_cache_that_cannot_be_appended_to_is_an_error_before_evaluating(
     assert exit_message([run]) == (
         f"eval error: cloud cache {os.path.join(run, 'cloud_cache.jsonl')} cannot be appended to "
         f"(Is a directory): make it writable, then run the same command again")
+
+
+def test_outputs_that_cannot_be_written_are_a_one_line_error(tmp_path, monkeypatch):
+    """A full disk writing eval.json was a traceback: now one line naming the file, and no
+    temporary file left behind."""
+    run = write_run(tmp_path, "a", True, seed=0)
+
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    full = types.ModuleType("os")
+    full.__dict__.update(os.__dict__, fsync=fsync)
+    monkeypatch.setattr(model, "os", full)  # model.atomic_write's os only
+    assert exit_message([run, "--n", "4", "--router-n", "0"]) == (
+        f"eval error: [Errno 28] No space left on device: '{os.path.join(run, 'eval.json')}'; some "
+        f"outputs were not written (the cloud answers are cached): once fixed, run the same "
+        f"command again")
+    assert not [f for f in os.listdir(run) if ".tmp" in f]
 
 
 SIGNAL_SCRIPT = """

@@ -3,6 +3,7 @@ crash mid-save or Ctrl-C, the non-finite guard."""
 import builtins
 import dataclasses
 import errno
+import io
 import json
 import os
 import re
@@ -329,7 +330,7 @@ def test_a_cloud_cache_that_cannot_be_appended_to_is_an_error_before_training(tm
     shutil.copytree(straight / "runs" / "straight", run)
     cache = run / "cloud_cache.jsonl"
     refuse_writes(monkeypatch, cache)
-    message = (f"config error: cloud cache {cache} cannot be appended to (Permission denied): "
+    message = (f"error: cloud cache {cache} cannot be appended to (Permission denied): "
                f"make it writable, then run the same command again")
     with pytest.raises(SystemExit) as exc:
         train.main([f"resume={run}"])
@@ -511,7 +512,7 @@ def test_resume_errors_about_the_run_directory_do_not_point_to_config_yaml(tmp_p
     monkeypatch.setattr(model.tempfile, "NamedTemporaryFile", read_only)
     with pytest.raises(SystemExit) as exc:
         train.main([f"resume={run}"])
-    assert exc.value.code == (f"config error: run directory '{run}' cannot be written: no new "
+    assert exc.value.code == (f"error: run directory '{run}' cannot be written: no new "
                               f"file can be made in {run} (Permission denied)")
     monkeypatch.setattr(model.tempfile, "NamedTemporaryFile", real_temp)
     cache = run / "cloud_cache.jsonl"
@@ -520,7 +521,7 @@ def test_resume_errors_about_the_run_directory_do_not_point_to_config_yaml(tmp_p
     cache.write_text("".join(lines[:1] + ["{torn\n"] + lines[1:]))
     with pytest.raises(SystemExit) as exc:
         train.main([f"resume={run}"])
-    assert exc.value.code.startswith(f"config error: {cache}:2: corrupt cloud cache record")
+    assert exc.value.code.startswith(f"error: {cache}:2: corrupt cloud cache record")
     assert exc.value.code.endswith("only a torn last line is repaired automatically")
 
 
@@ -703,6 +704,54 @@ def test_a_save_that_cannot_be_written_stops_with_one_line(tmp_path, straight, m
     monkeypatch.setattr(torch, "save", real_save)
     train.main([f"resume={run}"])
     assert_continued_exactly(run, straight)
+
+
+class _FullDisk(io.StringIO):
+    """A file on a full disk: every write fails, as a real one does, naming no file."""
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_log_that_cannot_be_appended_to_stops_with_one_line(tmp_path, straight, monkeypatch):
+    """A full disk while logging step 3 (outside save()) was a traceback: now one line naming
+    metrics.jsonl, the checkpoint still intact, and how to go on; the resume is exact."""
+    real_open = builtins.open
+
+    def full_at_step_3(path, mode="r", *args, **kwargs):
+        if (str(path).endswith("metrics.jsonl") and mode == "a" and os.path.exists(path)
+                and len(read_rows(run)) == 2):
+            return _FullDisk()
+        return real_open(path, mode, *args, **kwargs)
+
+    run = tmp_path / "runs" / "full_log"
+    monkeypatch.setattr(train, "open", full_at_step_3, raising=False)  # train.py's open only
+    with pytest.raises(SystemExit) as exc:
+        train.main(crash_args(tmp_path, straight, "full_log"))
+    assert exc.value.code == (f"\n[Errno 28] No space left on device: '{run / 'metrics.jsonl'}'; "
+                              f"the checkpoint of step 2 is intact; once fixed, continue with: "
+                              f"python train.py resume={run}")
+    monkeypatch.undo()
+    train.main([f"resume={run}"])
+    assert_continued_exactly(run, straight)
+
+
+def test_a_full_disk_writing_the_warm_start_stops_with_one_line(tmp_path, monkeypatch):
+    """The warm start's save, before RL: one line naming the file, and no partial copy left."""
+    real_write = train.atomic_write_text
+
+    def full_at_warm_start_json(path, text):  # model.safetensors was written before it
+        if path.endswith("warm_start.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_write(path, text)
+
+    monkeypatch.setattr(train, "atomic_write_text", full_at_warm_start_json)
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=no_room", "warm_start.steps=1"))
+    assert re.fullmatch(r"error: \[Errno 28\] No space left on device: '.*warm_start\.json'; "
+                        r"nothing to resume \(a warm start is cached only once complete\): once "
+                        r"fixed, run the same command again", exc.value.code), exc.value.code
+    assert os.listdir(tmp_path / "warm") == []
 
 
 def test_a_resume_first_removes_the_checkpoint_tmp_of_a_killed_save(tmp_path, straight,
@@ -891,7 +940,7 @@ def test_a_log_line_damaged_before_the_last_is_an_error_naming_it(tmp_path, stra
     (run / "metrics.jsonl").write_text("".join(lines[:2] + ["{torn\n"] + lines[2:]))
     with pytest.raises(SystemExit) as exc:
         train.main([f"resume={run}"])
-    assert exc.value.code.startswith(f"config error: {run / 'metrics.jsonl'}:3: corrupt log line "
+    assert exc.value.code.startswith(f"error: {run / 'metrics.jsonl'}:3: corrupt log line "
                                      f"(not valid JSON (")
     assert exc.value.code.endswith("only a torn last line is repaired automatically: fix or "
                                    "delete that line, then resume")
