@@ -11,7 +11,7 @@ offloading, a prompt-only router and the oracle router, all three over the task-
 Accuracy-vs-call-ratio curves come from ordering the prompts by who should go to the cloud first;
 a policy also gets SPEC 7's curve of its own decisions as the cap varies.
 Writes runs/NAME/eval.json for every run, and report.md + curve.csv (+ curve.png with
-matplotlib) for each run and, with several runs, a combined report in --out.
+matplotlib) for each run, and the combined report in --out (default: the first run's directory).
 
 Read top to bottom:
   1. routing arithmetic   AUROC, routing curves, APGR / CPT, operating points (pure functions)
