@@ -970,9 +970,10 @@ def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     data = path.read_bytes()
-    for bom in (b"\xff\xfe", b"\xfe\xff"):
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
         if data.startswith(bom):
-            raise ValueError(f"{path}: the file is UTF-16 (it starts with the byte-order mark "
+            raise ValueError(f"{path}: the file is {name} (it starts with the byte-order mark "
                              f"{bom.hex(' ').upper()}); save it as UTF-8")
     records = []
     # bytes.splitlines() breaks at \n, \r\n and \r only, as reading in text mode did (not at
@@ -980,6 +981,9 @@ def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
     for line_number, raw in enumerate(data.splitlines(), start=1):
         if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8):]  # a UTF-8 byte-order mark: allowed, and no text
+        if b"\x00" in raw:  # valid UTF-8, but never in JSON text: UTF-16 / UTF-32 without a BOM
+            raise ValueError(f"{path}:{line_number}: holds NUL bytes (the file looks UTF-16 or "
+                             f"UTF-32 without a byte-order mark); save the file as UTF-8")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -767,6 +767,16 @@ def test_jsonl_encoding_errors_name_file_and_line(tmp_path):
     utf16.write_bytes(b"\xfe\xff" + record.encode("utf-16-be"))
     with pytest.raises(ValueError, match=r"utf16\.jsonl: the file is UTF-16 .*FE FF"):
         MathTask(path_train=utf16).examples("train")
+    utf16.write_bytes(b"\xff\xfe\x00\x00" + record.encode("utf-32-le"))
+    with pytest.raises(ValueError, match=r"utf16\.jsonl: the file is UTF-32 .*FF FE 00 00\)"):
+        MathTask(path_train=utf16).examples("train")
+    # without a byte-order mark the NUL bytes give it away (it was "invalid JSON" at column 2)
+    for encoding in ("utf-16-le", "utf-16-be", "utf-32-le"):
+        utf16.write_bytes((record + "\n").encode(encoding))
+        with pytest.raises(ValueError, match=r"utf16\.jsonl:1: holds NUL bytes \(the file looks "
+                                             r"UTF-16 or UTF-32 without a byte-order mark\); save "
+                                             r"the file as UTF-8"):
+            MathTask(path_train=utf16).examples("train")
     # Latin-1 "é" (byte 0xe9) on line 3, after the 16 characters {"problem": "caf
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b"\n".join([record.encode(), b"", '{"problem": "caf\xe9", "solution": '
