@@ -1066,13 +1066,16 @@ class Trainer:
 
     def rollout_metrics(self, ro) -> dict:
         help, lengths = ro.help.reshape(-1), ro.lengths.float()
+        answered = ro.cloud_asked & ~ro.cloud_failed
         row = {f"reward/{k}": float(v.mean()) for k, v in ro.components.items()}
         row["reward/mean"] = float(ro.rewards.mean())
         row.update({
             "route/help_ratio": float(help.float().mean()),
             "route/local_acc": float(ro.local_ok.float().mean()),
-            "route/cloud_acc": float(ro.cloud_ok[ro.cloud_asked].float().mean())
-            if ro.cloud_asked.any() else None,  # None: nothing to average (nothing asked)
+            # over the prompts the cloud answered: a failed call (filter/cloud_failed) is no
+            # wrong answer of the cloud's; None: nothing to average (nothing asked or answered)
+            "route/cloud_acc": float(ro.cloud_ok[answered].float().mean())
+            if answered.any() else None,
             "route/len_help": float(lengths[help].mean()) if help.any() else None,
             "route/len_answer": float(lengths[~help].mean()) if (~help).any() else None,
             "route/clipped_ratio": float((~ro.finished).float().mean()),

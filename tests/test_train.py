@@ -1115,6 +1115,7 @@ def test_rollout_metrics_by_hand():
         help=torch.tensor([[True, False], [False, False], [True, True]]),
         local_ok=torch.tensor([[False, True], [False, False], [False, False]]),
         cloud_ok=torch.tensor([True, False, False]), cloud_asked=torch.tensor([True, False, True]),
+        cloud_failed=torch.zeros(3, dtype=torch.bool),
         lengths=torch.tensor([4, 6, 8, 10, 2, 2]), finished=torch.tensor([1, 1, 1, 0, 1, 1]).bool(),
         rewards=torch.tensor([[0.4, 1.0], [0.0, 0.0], [0.0, 0.0]]), components={})
     m = train.Trainer.rollout_metrics(None, ro)
@@ -1132,6 +1133,25 @@ def test_rollout_metrics_by_hand():
         asked = bool(help.any())
         assert (m["route/cloud_acc"] is None) is not asked
         assert (m["route/len_help"] is None) is not asked and (m["route/len_answer"] is None) is asked
+
+
+def test_cloud_accuracy_leaves_out_failed_cloud_calls():
+    """route/cloud_acc is the cloud's accuracy on the prompts it answered: a call that failed
+    (counted in filter/cloud_failed) is not a wrong answer of the cloud's."""
+    import types
+    ro = types.SimpleNamespace(
+        help=torch.tensor([[True, False], [True, True], [True, False]]),
+        local_ok=torch.zeros(3, 2, dtype=torch.bool),
+        cloud_ok=torch.tensor([True, False, False]), cloud_asked=torch.tensor([True, True, True]),
+        cloud_failed=torch.tensor([False, True, False]),   # prompt 1: no answer came
+        lengths=torch.tensor([4, 6, 8, 10, 2, 2]), finished=torch.ones(6, dtype=torch.bool),
+        rewards=torch.zeros(3, 2), components={})
+    m = train.Trainer.rollout_metrics(None, ro)
+    assert m["route/cloud_acc"] == 0.5          # answered: prompt 0 (right) and 2 (wrong)
+    ro.cloud_failed = torch.tensor([False, True, True])
+    assert train.Trainer.rollout_metrics(None, ro)["route/cloud_acc"] == 1.0
+    ro.cloud_failed = torch.ones(3, dtype=torch.bool)  # nothing answered: nothing to average
+    assert train.Trainer.rollout_metrics(None, ro)["route/cloud_acc"] is None
 
 
 def test_bf16_mixed_sampler_follows_the_updated_weights(tmp_path):
