@@ -1138,7 +1138,6 @@ def test_rollout_metrics_by_hand():
 def test_cloud_accuracy_leaves_out_failed_cloud_calls():
     """route/cloud_acc is the cloud's accuracy on the prompts it answered: a call that failed
     (counted in filter/cloud_failed) is not a wrong answer of the cloud's."""
-    import types
     ro = types.SimpleNamespace(
         help=torch.tensor([[True, False], [True, True], [True, False]]),
         local_ok=torch.zeros(3, 2, dtype=torch.bool),
