@@ -121,12 +121,13 @@ def router_order(p_correct):
 
 
 def oracle_order(local_ok, cloud_ok):
-    """Oracle router, an upper bound for any router: first the prompts the device model gets
-    wrong and the cloud right (the only calls that gain), then those both get wrong, then the
-    rest, each group in dataset order."""
+    """Oracle router, an upper bound for any router at every call ratio: first the prompts the
+    device model gets wrong and the cloud right (the only calls that gain), then those both get
+    wrong and those both get right (no change), last those only the device gets right (the only
+    calls that lose), each group in dataset order."""
     local, cloud = np.asarray(local_ok, dtype=bool), np.asarray(cloud_ok, dtype=bool)
     return np.concatenate([np.nonzero(~local & cloud)[0], np.nonzero(~local & ~cloud)[0],
-                           np.nonzero(local)[0]])
+                           np.nonzero(local & cloud)[0], np.nonzero(local & ~cloud)[0]])
 
 
 def policy_order(help_preference):

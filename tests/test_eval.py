@@ -132,7 +132,7 @@ def test_oracle_routing_by_hand():
     # wrong prompts: 1, 3, 4, 7, of which the cloud gets 1, 3, 4 right. Budget 0.25 -> cap 2:
     # send 1 and 3
     order = ev.oracle_order(LOCAL, CLOUD)
-    assert order.tolist() == [1, 3, 4, 7, 0, 2, 5, 6]
+    assert order.tolist() == [1, 3, 4, 7, 0, 5, 2, 6]   # 0, 5: both right; 2, 6: only local
     m = ev.routed_metrics(order, min(cloud_cap(8, 0.25), 3), LOCAL, CLOUD, 0.25)
     assert m["help_calls"] == 2 and m["call_ratio"] == pytest.approx(0.25)
     assert m["local_acc"] == pytest.approx(4 / 8)
@@ -146,6 +146,21 @@ def test_oracle_routing_by_hand():
     order = ev.oracle_order(local, cloud)
     assert order.tolist() == [3, 4, 1, 0, 2]
     assert ev.routed_metrics(order, 1, local, cloud, 0.2)["acc_capped"] == pytest.approx(3 / 5)
+
+
+def test_oracle_curve_is_an_upper_bound_at_every_call_ratio():
+    # prompt 0: only the device is right (sending it loses), 1: both right (no change), 2: only
+    # the cloud is right (gains). Best at k calls: 2/3, then 3/3 (send 2), 3/3 (send 2 and 1),
+    # 2/3 (all); sending 0 before 1 would drop k=2 to 2/3
+    local, cloud = [1, 1, 0], [0, 1, 1]
+    assert ev.oracle_order(local, cloud).tolist() == [2, 1, 0]
+    _, acc = ev.routing_curve(ev.oracle_order(local, cloud), local, cloud)
+    assert acc.tolist() == pytest.approx([2 / 3, 1, 1, 2 / 3])
+    # no ordering of 8 prompts does better at any k
+    import itertools
+    _, best = ev.routing_curve(ev.oracle_order(LOCAL, CLOUD), LOCAL, CLOUD)
+    for perm in itertools.permutations(range(8)):
+        assert (ev.routing_curve(perm, LOCAL, CLOUD)[1] <= best + 1e-12).all()
 
 
 def test_naive_routing_sends_a_seeded_random_share():
