@@ -1,6 +1,7 @@
 """Tests for eval.py against hand-computed numbers: SPEC 7 metric arithmetic, routing curves,
 APGR / CPT, naive and oracle routing, the policy's decision score and curve, the router, and an
 end-to-end run of the command line on tiny random checkpoints."""
+import itertools
 import json
 import os
 import random
@@ -157,7 +158,6 @@ def test_oracle_curve_is_an_upper_bound_at_every_call_ratio():
     _, acc = ev.routing_curve(ev.oracle_order(local, cloud), local, cloud)
     assert acc.tolist() == pytest.approx([2 / 3, 1, 1, 2 / 3])
     # no ordering of 8 prompts does better at any k
-    import itertools
     _, best = ev.routing_curve(ev.oracle_order(LOCAL, CLOUD), LOCAL, CLOUD)
     for perm in itertools.permutations(range(8)):
         assert (ev.routing_curve(perm, LOCAL, CLOUD)[1] <= best + 1e-12).all()
