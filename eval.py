@@ -115,9 +115,10 @@ def naive_order(n, seed):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
-def router_order(p_correct):
-    """Router (SPEC 8.4): the prompts least likely to be answered right go first (stable on ties)."""
-    return np.argsort(np.asarray(p_correct, dtype=np.float64), kind="stable")
+def router_order(score):
+    """Router (SPEC 8.4): the prompts least likely to be answered right (lowest score: the
+    router's logit, or any increasing function of P(correct)) go first (stable on ties)."""
+    return np.argsort(np.asarray(score, dtype=np.float64), kind="stable")
 
 
 def oracle_order(local_ok, cloud_ok):
@@ -355,8 +356,9 @@ class TinyRouter:
 
     @torch.no_grad()
     def predict(self, prompts, batch_size=256):
-        """P(the device model answers right) for each prompt."""
-        return torch.cat([torch.sigmoid(self.logits(prompts[i:i + batch_size])).cpu()
+        """The logit of P(the device model answers right) for each prompt: a score that ranks
+        (the probability rounds to 1.0 in fp32 past a logit of about 17, tying such prompts)."""
+        return torch.cat([self.logits(prompts[i:i + batch_size]).cpu()
                           for i in range(0, len(prompts), batch_size)]).numpy()
 
 
@@ -401,12 +403,12 @@ class ProbeRouter:
 
     @torch.no_grad()
     def predict(self, prompts):
-        """P(the device model answers right) for each prompt."""
+        """The logit of P(the device model answers right) for each prompt (as TinyRouter's)."""
         if prompts is self._train[0]:
             x = self._train[1]
         else:
             x = (self.features(prompts) - self.mean) / self.std
-        return torch.sigmoid(self.linear(x)[:, 0]).numpy()
+        return self.linear(x)[:, 0].numpy()
 
 # ----------------------------------------------------------------------------- 4. runs
 
@@ -785,7 +787,7 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
             router, default_steps = ProbeRouter(model, tok.pad_id), 300
         steps = default_steps if router_steps is None else router_steps
         fit_idx, val_idx = router.fit(train_prompts, labels, steps=steps, seed=seed)
-        p_train, p_test = router.predict(train_prompts), router.predict(test_prompts)
+        p_train, p_test = router.predict(train_prompts), router.predict(test_prompts)  # logits
         fit_idx, val_idx = fit_idx.numpy(), val_idx.numpy()
         res.router = {"kind": router.kind, "n_train": len(fit_idx), "n_val": len(val_idx),
                       "train_positive_rate": float(labels.mean()),
@@ -911,7 +913,8 @@ def write_curves(res: Results, out_dir, labels):
     for label in labels:
         for name, curve in ((label, res.curves[label]), (f"{label}, capped", res.capped.get(label))):
             for c, a in zip(*curve) if curve is not None else ():
-                lines.append(f"\"{name}\",{c:.6f},{a:.6f}")
+                quoted = name.replace('"', '""')  # CSV: a quote in a run's name is doubled
+                lines.append(f"\"{quoted}\",{c:.6f},{a:.6f}")
     atomic_write_text(os.path.join(out_dir, "curve.csv"), "\n".join(lines) + "\n")
     try:
         import matplotlib

@@ -1,6 +1,7 @@
 """Tests for eval.py against hand-computed numbers: SPEC 7 metric arithmetic, routing curves,
 APGR / CPT, naive and oracle routing, the policy's decision score and curve, the router, and an
 end-to-end run of the command line on tiny random checkpoints."""
+import csv
 import itertools
 import json
 import os
@@ -285,6 +286,20 @@ def test_answered_locally_tiny_task_needs_no_decoding():
 # ----------------------------------------------------------------------------- routers
 
 
+def test_router_ranks_prompts_whose_probability_rounds_to_1():
+    """Logits 20, 30 and 25 are all P = 1.0 in fp32: ranked by the probability, the three tied
+    and went in dataset order; by the router's logit, the least sure goes first."""
+    router = ev.ProbeRouter(None, pad_id=0)
+    prompts = [[1], [2], [3]]
+    router._train = (prompts, torch.tensor([[20.0], [30.0], [25.0]]))
+    router.linear = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        router.linear.weight.fill_(1.0)
+        router.linear.bias.zero_()
+    assert ev.router_order(router.predict(prompts)).tolist() == [0, 2, 1]
+    assert ev.auroc(router.predict(prompts), np.array([False, True, True])) == 1.0
+
+
 def test_router_beats_chance_when_difficulty_is_in_the_prompt(one_thread):
     rng = np.random.default_rng(0)
 
@@ -458,8 +473,8 @@ def test_cli_end_to_end(tmp_path, capsys):
                  "cloud only", "task-tuning only (tuned)", "naive offloading", "router", "oracle",
                  "policy (gapg)", "budget: 25%", "N = 20", "curve.csv"):
         assert text in report
-    csv = open(os.path.join(policy, "curve.csv")).read().splitlines()
-    capped = [tuple(map(float, line.rsplit(",", 2)[1:])) for line in csv
+    lines = open(os.path.join(policy, "curve.csv")).read().splitlines()
+    capped = [tuple(map(float, line.rsplit(",", 2)[1:])) for line in lines
               if line.startswith('"policy (gapg), capped"')]
     try:
         import matplotlib  # noqa: F401
@@ -842,6 +857,14 @@ def test_curve_csv_columns_are_call_ratio_then_accuracy(tmp_path, monkeypatch):
     ev.write_curves(res, tmp_path, ["oracle"])
     assert (tmp_path / "curve.csv").read_text().splitlines()[1:] == [
         '"oracle",0.000000,0.250000', '"oracle",0.500000,0.750000', '"oracle",1.000000,0.500000']
+    # a label holding a quote or a comma (a run directory's name) reads back whole
+    label = 'gapg (runs/say "hi", twice)'
+    res.curves[label] = res.curves["oracle"]
+    ev.write_curves(res, tmp_path, [label])
+    with open(tmp_path / "curve.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[1:] == [[label, "0.000000", "0.250000"], [label, "0.500000", "0.750000"],
+                        [label, "1.000000", "0.500000"]]
 
 
 def test_cli_config_sections_and_counts_must_have_the_right_type(tmp_path, no_evaluation):
