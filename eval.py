@@ -1037,7 +1037,7 @@ def write_outputs(res: Results, out_dir, command):
         atomic_write_text(os.path.join(path, "eval.json"),
                           json.dumps(eval_json(res, path, command), indent=2) + "\n")
         written.append(os.path.join(path, "eval.json"))
-        if os.path.normpath(path) == os.path.normpath(out_dir):
+        if os.path.realpath(path) == os.path.realpath(out_dir):  # however each is spelled
             continue
         mine = [path] if path in label_of else []
         png = write_curves(res, path, baseline_curves + [label_of[p] for p in mine])

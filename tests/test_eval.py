@@ -1079,6 +1079,16 @@ def test_outputs_that_cannot_be_written_are_a_one_line_error(tmp_path, monkeypat
     assert not [f for f in os.listdir(run) if ".tmp" in f]
 
 
+def test_out_spelled_otherwise_than_the_run_gets_one_report(tmp_path, monkeypatch, capsys):
+    """--out naming the run's own directory by a relative path (the run given absolute) wrote
+    its report twice and listed every file twice."""
+    run = write_run(tmp_path, "a", True, seed=0)
+    monkeypatch.chdir(tmp_path)
+    ev.main([run, "--n", "4", "--router-n", "0", "--out", "a"])
+    wrote = capsys.readouterr().out.splitlines()[-1].removeprefix("wrote ").split(", ")
+    assert len(wrote) == len(set(map(os.path.realpath, wrote))), wrote
+
+
 SIGNAL_SCRIPT = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
