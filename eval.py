@@ -787,18 +787,18 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
             router, default_steps = ProbeRouter(model, tok.pad_id), 300
         steps = default_steps if router_steps is None else router_steps
         fit_idx, val_idx = router.fit(train_prompts, labels, steps=steps, seed=seed)
-        p_train, p_test = router.predict(train_prompts), router.predict(test_prompts)  # logits
+        s_train, s_test = router.predict(train_prompts), router.predict(test_prompts)  # logits
         fit_idx, val_idx = fit_idx.numpy(), val_idx.numpy()
         res.router = {"kind": router.kind, "n_train": len(fit_idx), "n_val": len(val_idx),
                       "train_positive_rate": float(labels.mean()),
-                      "auroc_train": auroc(p_train[fit_idx], labels[fit_idx]),
-                      "auroc_val": auroc(p_train[val_idx], labels[val_idx]),
-                      "auroc_test": auroc(p_test, local)}
+                      "auroc_train": auroc(s_train[fit_idx], labels[fit_idx]),
+                      "auroc_val": auroc(s_train[val_idx], labels[val_idx]),
+                      "auroc_test": auroc(s_test, local)}
         res.settings["router_train_prompts"] = len(train)
         if res.settings["split"] == "train":
             res.notes.append("evaluated on the train split, whose first prompts also trained the "
                              "router: the router's row and test AUROC are optimistic")
-        routed("router", "router (BCE, prompt only)", router_order(p_test), cap,
+        routed("router", "router (BCE, prompt only)", router_order(s_test), cap,
                auroc_train=res.router["auroc_train"], auroc_test=res.router["auroc_test"])
     else:
         res.notes.append(f"no router: it needs at least 2 train prompts and has {len(train)} "
