@@ -157,6 +157,18 @@ def _unique_mapping(loader, node, deep=False):
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """yaml.safe_dump's dumper, quoting text that _UniqueKeyLoader reads as a number ('1e5')."""
+
+
+# PyYAML (YAML 1.1) reads 1e-3 and 2.5e3 (no point, or no exponent sign) as text, so a file's
+# `cloud: {p_correct: 1e-1}` reached the backend as '1e-1' while the same override was a number:
+# the config loader reads them as numbers, and the run's config.yaml quotes such text
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+for _cls in (_UniqueKeyLoader, _ConfigDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+
+
 def _cast(value: str, current, key: str):
     """A command-line string as the type of the field it overrides."""
     if isinstance(current, bool):
@@ -204,7 +216,7 @@ def _free_value(value: str, current, key: str):
     if isinstance(current, str):
         return value
     parsed = _parse_yaml(value, key)
-    if isinstance(parsed, str) and _NUMBER_TEXT.fullmatch(parsed):   # YAML reads 1e-3 as text
+    if isinstance(parsed, str) and _NUMBER_TEXT.fullmatch(parsed):   # 3/7 (and a quoted 1e-3) is text
         return _cast(parsed, 0.0, key)
     return parsed
 
@@ -253,7 +265,7 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
     if len(path) > 1:
         raise ConfigError(f"{key}: {name!r} is a plain value, it has no sub-keys")
     if from_cli or (isinstance(current, float) and isinstance(value, str)):
-        value = _cast(value, current, key)  # a YAML file's 1e-4 or 3/7 reaches us as a string
+        value = _cast(value, current, key)  # a YAML file's 3/7 or "1e-4" reaches us as a string
     elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     elif isinstance(current, int) and not isinstance(current, bool) and isinstance(value, bool):
@@ -887,7 +899,7 @@ class Trainer:
                 if os.path.exists(os.path.join(self.run_dir, stale)):
                     os.remove(os.path.join(self.run_dir, stale))
             atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
-                              yaml.safe_dump(config_dict(cfg), sort_keys=False))
+                              yaml.dump(config_dict(cfg), Dumper=_ConfigDumper, sort_keys=False))
         if cfg.resume:
             # A crash mid-save can leave only checkpoint.old: it becomes the checkpoint again, so
             # that the next save() keeps it as .old until the new one is in place.

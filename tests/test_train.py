@@ -269,6 +269,36 @@ def test_task_and_cloud_overrides_are_judged_by_the_task_or_backend_not_the_file
         read("task={name: tiny_countdown, seed: 1, seed: 2}")
 
 
+def test_a_files_task_and_cloud_numbers_in_exponent_form_are_numbers(tmp_path):
+    """PyYAML keeps 1e-1 as text; the override cloud.p_correct=1e-1 is a number, and so is the
+    same value written in a config file (else the backend refuses '1e-1')."""
+    path = tmp_path / "c.yaml"
+    path.write_text("cloud: {backend: oracle, p_correct: 1e-1}\n"
+                    "task: {name: tiny_countdown, n_train: 3e2, number_range: [1, 2e1]}\n")
+    cfg = train.load_config([str(path)])
+    assert cfg.cloud["p_correct"] == 0.1 and cfg.task["number_range"] == [1, 20.0]
+    assert cfg.task["n_train"] == 300.0
+    assert train.load_config(["task.number_range=[1, 2e1]"]).task["number_range"] == [1, 20.0]
+    # text that reads as such a number stays text through the run's config.yaml
+    cfg = train.load_config(["name=1e5", "cloud.note=2e3", "warm_start.cache_dir=4E-2"])
+    assert cfg.name == "1e5" and cfg.cloud["note"] == 2000.0 and cfg.warm_start.cache_dir == "4E-2"
+    (tmp_path / "saved.yaml").write_text(
+        train.yaml.dump(train.config_dict(cfg), Dumper=train._ConfigDumper, sort_keys=False))
+    assert train.load_config([str(tmp_path / "saved.yaml")]) == cfg
+
+
+def test_the_written_config_yaml_loads_back_the_same_config(tmp_path):
+    args = tiny_args(tmp_path, "name=1e5", "rl.steps=1", "eval.every=0", "rl.lr=3e-5",
+                     "task.seed=3")
+    cfg = train.load_config(args)
+    with pytest.raises(KeyboardInterrupt):  # stop after the config is written, before training
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train, "warm_start", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+            train.Trainer(cfg)
+    saved = tmp_path / "runs" / "1e5" / "config.yaml"
+    assert train.load_config([str(saved)]) == cfg
+
+
 def test_a_local_cloud_too_short_for_its_max_new_tokens_is_an_error_before_the_warm_start(tmp_path):
     from model import ModelConfig, Transformer, build_char_tokenizer, save_pretrained
     from tasks import TinyCountdownTask
