@@ -246,6 +246,9 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
             raise ConfigError(f"{e}, or null for rho / (1 + rho)") from None
         setattr(obj, name, float(value))
         return
+    if len(path) == 1 and value is None and not from_cli and (
+            dataclasses.is_dataclass(current) or isinstance(current, dict)):
+        return  # a file's empty section (`rl:` with its keys commented out) sets nothing
     if isinstance(current, dict) and len(path) == 1:  # task / cloud: replaced as a whole
         value = _parse_yaml(value, key) if from_cli else value
         if not isinstance(value, dict):

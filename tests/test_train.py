@@ -130,6 +130,15 @@ def test_config_file_values(tmp_path):
             train.load_config([str(tmp_path / "b.yaml")])
 
 
+def test_a_files_empty_section_sets_nothing(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: x\nrl:\n#  steps: 5\ntask:\ncloud:\n")
+    cfg = train.load_config([str(tmp_path / "a.yaml")])
+    assert cfg.name == "x" and cfg.rl == train.RLSection()
+    assert cfg.task == train.Config().task and cfg.cloud == train.Config().cloud
+    with pytest.raises(train.ConfigError, match="rl is a section"):
+        train.load_config(["rl=null"])   # on the command line it sets nothing: an error
+
+
 def test_the_evaluation_budget_follows_rho_unless_set():
     """SPEC 7: the cap is floor(N rho / (1 + rho)); eval.budget: null (the default) gives it."""
     assert train.load_config([]).eval.budget == 0.3                      # rho = 3/7
