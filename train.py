@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import glob
 import hashlib
 import json
@@ -230,7 +231,8 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
         return
     names = [f.name for f in fields(obj)]
     if name not in names:
-        raise ConfigError(f"unknown config key {key!r}; allowed here: {', '.join(names)}")
+        raise ConfigError(f"unknown config key {key!r}; allowed here: {', '.join(names)}"
+                          + _did_you_mean(key, path, names))
     current = getattr(obj, name)
     if len(path) == 1 and key == "eval.budget":  # a float that may be null (its default: rho / (1 + rho))
         if value is None or (from_cli and value.lower() in ("null", "~")):
@@ -280,6 +282,28 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
     if isinstance(value, list) and current and all(_number(c) for c in current):
         value = [_cast(v, 0.0, key) if isinstance(v, str) else v for v in value]  # [0.9, 1e-3]
     setattr(obj, name, value)
+
+
+def _did_you_mean(key: str, path: list, names: list) -> str:
+    """A hint for an unknown key: the key without leading dashes, the section that has it
+    (`steps` -> rl.steps), or a close spelling (`rl.stepz` -> rl.steps)."""
+    rest = ".".join(path)
+    prefix = key[:len(key) - len(rest)].rstrip(".")
+    where = lambda k: f"{prefix}.{k}" if prefix else k
+    bare = rest.lstrip("-")
+    if bare != rest and bare.split(".")[0] in names:
+        return f"; did you mean {where(bare)!r}? (no leading dashes)"
+    if len(path) == 1 and "." in bare and bare.split(".")[0] in names:  # a file's `rl.steps: 3`
+        head, _, tail = bare.partition(".")
+        return f"; in a config file write it nested: {head}: {{{tail}: ...}}"
+    name = bare.split(".")[0]
+    sections = {f.name: [g.name for g in fields(getattr(Config(), f.name))] for f in fields(Config)
+                if dataclasses.is_dataclass(getattr(Config(), f.name))}
+    elsewhere = [f"{s}.{name}" for s, keys in sections.items() if name in keys and s != prefix]
+    if elsewhere:
+        return f"; did you mean {' or '.join(map(repr, elsewhere))}?"
+    close = difflib.get_close_matches(name, names, n=1)
+    return f"; did you mean {where(close[0] + bare[len(name):])!r}?" if close else ""
 
 
 def _number(v) -> bool:

@@ -109,6 +109,26 @@ def test_config_errors_name_the_key(override, message):
         train.load_config([override])
 
 
+@pytest.mark.parametrize("override, hint", [
+    ("steps=5", "did you mean 'warm_start.steps' or 'rl.steps'?"),   # a key of a section
+    ("rl.max_new_tokens=5", "did you mean 'sampling.max_new_tokens'?"),  # of another section
+    ("rl.stepz=5", "did you mean 'rl.steps'?"),
+    ("modle.path=x", "did you mean 'model.path'?"),
+    ("--rl.steps=5", "did you mean 'rl.steps'? (no leading dashes)"),
+])
+def test_an_unknown_key_names_the_key_it_may_be(override, hint):
+    with pytest.raises(train.ConfigError) as e:
+        train.load_config([override])
+    assert str(e.value).startswith(f"unknown config key {override.split('=')[0]!r}; allowed here: ")
+    assert str(e.value).endswith(hint)
+
+
+def test_an_unknown_key_in_a_file_names_the_key_it_may_be(tmp_path):
+    (tmp_path / "a.yaml").write_text("rl.steps: 3\n")
+    with pytest.raises(train.ConfigError, match=r"write it nested: rl: \{steps: \.\.\.\}$"):
+        train.load_config([str(tmp_path / "a.yaml")])
+
+
 def test_config_casts_and_fractions():
     cfg = train.load_config(["rl.rho=3/7", "rl.lr=1e-5", "rl.betas=[0.8, 0.9]",
                              "task.n_train=123", "model.gradient_checkpointing=true"])
