@@ -297,8 +297,9 @@ def _did_you_mean(key: str, path: list, names: list) -> str:
         head, _, tail = bare.partition(".")
         return f"; in a config file write it nested: {head}: {{{tail}: ...}}"
     name = bare.split(".")[0]
-    sections = {f.name: [g.name for g in fields(getattr(Config(), f.name))] for f in fields(Config)
-                if dataclasses.is_dataclass(getattr(Config(), f.name))}
+    defaults = Config()
+    sections = {f.name: [g.name for g in fields(getattr(defaults, f.name))] for f in fields(Config)
+                if dataclasses.is_dataclass(getattr(defaults, f.name))}
     elsewhere = [f"{s}.{name}" for s, keys in sections.items() if name in keys and s != prefix]
     if elsewhere:
         return f"; did you mean {' or '.join(map(repr, elsewhere))}?"
