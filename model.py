@@ -589,7 +589,7 @@ def check_writable(path, name):
 
 def read_json(path: str):
     """A JSON file's contents; a file that is not valid JSON is a ValueError naming it."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:  # what HF writes, whatever this machine's locale
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -898,7 +898,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     template = tc.get("chat_template") or ""
     jinja = os.path.join(path, "chat_template.jinja")  # where transformers >= 4.5x writes it
     if not template and os.path.exists(jinja):
-        with open(jinja) as f:
+        with open(jinja, encoding="utf-8") as f:
             template = f.read()
     if isinstance(template, list):  # named templates: use the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), "")

@@ -807,3 +807,23 @@ def test_weights_dtype_is_the_dtype_load_pretrained_gives(tmp_path):
     for bad in (torch.int8, torch.float8_e4m3fn, "fp32"):   # int8 failed inside load_state_dict
         with pytest.raises(ValueError, match=f"dtype {re.escape(repr(bad))} is not supported"):
             load_pretrained(str(tmp_path), dtype=bad)
+
+
+def test_tokenizer_files_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """tokenizer_config.json and chat_template.jinja are UTF-8 (transformers writes non-ASCII
+    unescaped); a machine whose locale encoding is ASCII (Python's, with locale coercion off)
+    still reads them."""
+    import subprocess
+    import sys
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    template = "{{ '<|im_start|>system\\nRéponds — brièvement.<|im_end|>\\n' }}"
+    (tmp_path / "tokenizer_config.json").write_bytes(json.dumps(
+        {"chat_template": template, "eos_token": "<eos>"}, ensure_ascii=False).encode("utf-8"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; from model import load_tokenizer; "
+            f"sys.stdout.buffer.write(load_tokenizer({str(tmp_path)!r}).default_system.encode())")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
+           "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, cwd=root)
+    assert out.returncode == 0, out.stderr.decode()[-400:]
+    assert out.stdout.decode("utf-8") == "Réponds — brièvement."
