@@ -896,10 +896,12 @@ def load_tokenizer(path: str) -> Tokenizer:
 
     tc, gc, mc = read("tokenizer_config.json"), read("generation_config.json"), read("config.json")
     template = tc.get("chat_template") or ""
-    jinja = os.path.join(path, "chat_template.jinja")  # where transformers >= 4.5x writes it
-    if not template and os.path.exists(jinja):
+    # where transformers >= 4.5x writes it; when both are there, transformers renders this file's
+    # template, not tokenizer_config.json's (which may be an older one left behind)
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.exists(jinja):
         with open(jinja, encoding="utf-8") as f:
-            template = f.read()
+            template = f.read() or template
     if isinstance(template, list):  # named templates: use the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), "")
     fmt = tc.get("chat_format")

@@ -809,6 +809,28 @@ def test_weights_dtype_is_the_dtype_load_pretrained_gives(tmp_path):
             load_pretrained(str(tmp_path), dtype=bad)
 
 
+def test_chat_template_jinja_wins_over_tokenizer_config_as_in_transformers(tmp_path):
+    """A checkpoint holding both chat_template.jinja and a chat_template in tokenizer_config.json
+    (an older one left behind): transformers renders the .jinja file's, so the format and the
+    default system message come from that file."""
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    old = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nOld default.<|im_end|>"
+           "\\n' }}{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + "
+           "m['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+           "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    new = old.replace("Old default.", "Nouveau défaut — bref.")
+    json.dump({"chat_template": old, "eos_token": "<eos>"},
+              open(tmp_path / "tokenizer_config.json", "w"))
+    (tmp_path / "chat_template.jinja").write_bytes(new.encode("utf-8"))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.default_system == "Nouveau défaut — bref."
+    transformers = pytest.importorskip("transformers")
+    msgs = [{"role": "user", "content": "ab"}]
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat(msgs) == ref
+
+
 def test_tokenizer_files_are_read_as_utf8_whatever_the_locale(tmp_path):
     """tokenizer_config.json and chat_template.jinja are UTF-8 (transformers writes non-ASCII
     unescaped); a machine whose locale encoding is ASCII (Python's, with locale coercion off)
