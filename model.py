@@ -850,6 +850,14 @@ class Tokenizer:
         if self.chat_format:
             conf["chat_format"] = self.chat_format
         atomic_write_text(os.path.join(path, "tokenizer_config.json"), json.dumps(conf, indent=2))
+        # a chat_template.jinja already there (saved over an HF checkpoint) would be read instead
+        # of the template just written, by load_tokenizer and by transformers: it is this one now
+        jinja = os.path.join(path, "chat_template.jinja")
+        if os.path.exists(jinja):
+            if conf.get("chat_template"):
+                atomic_write_text(jinja, conf["chat_template"])
+            else:
+                os.remove(jinja)
         # every eos id, not only the first (Llama-3 instruct stops on several)
         atomic_write_text(os.path.join(path, "generation_config.json"),
                           json.dumps({**self.generation, "eos_token_id": self.eos_ids,

@@ -849,3 +849,18 @@ def test_tokenizer_files_are_read_as_utf8_whatever_the_locale(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, cwd=root)
     assert out.returncode == 0, out.stderr.decode()[-400:]
     assert out.stdout.decode("utf-8") == "Réponds — brièvement."
+
+
+def test_tokenizer_saved_over_a_checkpoint_with_chat_template_jinja_keeps_its_own(tmp_path):
+    """Saving over an HF directory that holds a chat_template.jinja: the saved tokenizer's
+    template is what loads back (the old file, read first, would have replaced it)."""
+    tok = build_char_tokenizer("abc")
+    tok.special_tokens["chat_template"] = "{{ '<|start_header_id|>' }}"
+    (tmp_path / "chat_template.jinja").write_text("{{ '<|im_start|>' }}")
+    tok.save(str(tmp_path))
+    assert load_tokenizer(str(tmp_path)).special_tokens["chat_template"] == "{{ '<|start_header_id|>' }}"
+    plain = build_char_tokenizer("abc")  # no template: the old file goes
+    (tmp_path / "chat_template.jinja").write_text("{{ '<|im_start|>' }}")
+    plain.save(str(tmp_path))
+    assert not (tmp_path / "chat_template.jinja").exists()
+    assert load_tokenizer(str(tmp_path)).chat_format is None
