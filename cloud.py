@@ -615,6 +615,15 @@ class LocalBackend:
             self.tokenizer = load_tokenizer(self.path)
             config = ModelConfig.from_hf(read_json(os.path.join(self.path, "config.json")))
             self.context = config.max_position_embeddings
+        if self.tokenizer.chat_format is None and not all(isinstance(ex.prompt, str) for ex in examples):
+            # said here, naming this checkpoint, not as the tokenizer's advice to a caller
+            why = ("has a chat template in a markup other than ChatML (<|im_start|>) or Llama-3 "
+                   "(<|start_header_id|>), the formats written here"
+                   if self.tokenizer.special_tokens.get("chat_template")
+                   else "has no chat template (a raw-text model)")
+            raise ValueError(f"local cloud backend: the checkpoint {self.path} {why}, but task "
+                             f"{task.name!r} sends the cloud chat messages; give a chat (instruct) "
+                             f"checkpoint of the Qwen2 / SmolLM2 or Llama-3 families")
         return [self.tokenizer.prompt_ids(ex.prompt if isinstance(ex.prompt, str)
                                           else task.cloud_messages(ex)) for ex in examples]
 

@@ -811,6 +811,7 @@ def fake_local_model(monkeypatch, answer, eos=True):
 
     class CharTokenizer:
         eos_ids = [0]
+        chat_format = "fake"  # it renders chat messages, in its own markup (apply_chat)
 
         def encode(self, text):
             return [ord(c) for c in text]
@@ -1474,3 +1475,29 @@ def test_an_answer_is_scored_against_the_example_it_answers(tmp_path):
     answers = Cloud(backend, CloudCache(tmp_path / "fresh.jsonl")).ask(typo, both)
     assert len(backend.sent) == 1
     assert [(a.correct, a.cached) for a in answers] == [(True, False), (False, True)]
+
+
+@pytest.mark.parametrize("template, why", [
+    (None, "has no chat template \\(a raw-text model\\)"),
+    ("{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}",
+     "has a chat template in a markup other than ChatML"),
+])
+def test_local_backend_without_a_usable_chat_template_names_its_checkpoint(tmp_path, template, why):
+    """A chat task's cloud on a checkpoint that cannot format chat messages: one error, before a
+    run starts, naming the cloud's checkpoint (the tokenizer's own message told a caller to
+    "give the prompt as a string" and did not say which model it was about)."""
+    import re
+    path = tiny_cloud_checkpoint(tmp_path / "c", context=4096)
+    if template is not None:
+        conf = json.load(open(os.path.join(path, "tokenizer_config.json")))
+        json.dump({**conf, "chat_template": template}, open(os.path.join(path, "tokenizer_config.json"), "w"))
+    countdown = CountdownTask(n_train=0, n_test=2, seed=0)
+    backend = LocalBackend(path, max_new_tokens=4)
+    message = (rf"^local cloud backend: the checkpoint {re.escape(path)} {why}.*, but task "
+               r"'countdown' sends the cloud chat messages; give a chat \(instruct\) checkpoint")
+    with pytest.raises(ValueError, match=message):
+        backend.check_fits(countdown, countdown.examples("test"))
+    with pytest.raises(ValueError, match=message):
+        backend.complete(countdown, countdown.examples("test"))
+    tiny = TinyCountdownTask(n_train=1, n_test=2)  # raw-text prompts: nothing to format
+    assert len(backend.complete(tiny, tiny.examples("test"))) == 2
