@@ -815,6 +815,9 @@ class Tokenizer:
 
     def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render chat messages as the model family's own template does."""
+        if not messages:  # (an IndexError below)
+            raise ValueError("no chat messages to render: give at least one {'role': ..., "
+                             "'content': ...}")
         if self.chat_format == "chatml":
             if messages[0]["role"] != "system" and self.default_system is not None:
                 messages = [{"role": "system", "content": self.default_system}] + messages

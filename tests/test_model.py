@@ -346,6 +346,12 @@ def test_raw_tokenizer_refuses_chat():
         _tokenizer(None).apply_chat([{"role": "user", "content": "a"}])
 
 
+@pytest.mark.parametrize("fmt", ["chatml", "llama3", "llama3.1"])
+def test_no_chat_messages_is_a_clear_error(fmt):
+    with pytest.raises(ValueError, match="no chat messages to render"):
+        _tokenizer(fmt).apply_chat([])
+
+
 def test_char_tokenizer_roundtrip(tmp_path):
     tok = build_char_tokenizer("0123456789,|=[]+-*#AH")
     text = "07,03,12|033=[007+003=010,010*012=120]10#23#03#H"
