@@ -1138,13 +1138,6 @@ class MathTask(Task):
         return [{"role": "system", "content": system},
                 {"role": "user", "content": problem + "\nLet's think step by step."}]
 
-    def _answer_correct(self, example: Example, text: str) -> bool:
-        if self.help_called(text):
-            return False
-        if self.kind == "gsm8k":
-            return gsm8k_answers_equal(gsm8k_final_number(text), example.data["gold"])
-        return math_answers_equal(last_boxed(text), example.data["gold"])
-
     def answer_start(self, text: str) -> int:
         """Where the answer the verifier reads starts (-1: none): the last boxed answer
         (last_boxed); GSM8K: the later of the last "#### <number>" and the last box, if that one
@@ -1156,7 +1149,11 @@ class MathTask(Task):
         return boxed[0] if boxed else -1
 
     def local_correct(self, example: Example, text: str) -> bool:
-        return self._answer_correct(example, text)
+        if self.help_called(text):
+            return False
+        if self.kind == "gsm8k":
+            return gsm8k_answers_equal(gsm8k_final_number(text), example.data["gold"])
+        return math_answers_equal(last_boxed(text), example.data["gold"])
 
     def formatted(self, text: str) -> bool:
         """[ours] Template II: a "Step 1:" and either a final \\boxed{} answer or a help call."""
@@ -1167,7 +1164,7 @@ class MathTask(Task):
         return self.messages(example.data["problem"], cloud=True)
 
     def cloud_correct(self, example: Example, cloud_text: str) -> bool:
-        return self._answer_correct(example, cloud_text)
+        return self.local_correct(example, cloud_text)
 
     def oracle_answer(self, example: Example, correct: bool, rng: random.Random) -> str:
         """Correct: the reference solution. Wrong: a boxed (or ####) answer that differs."""
