@@ -158,6 +158,17 @@ def _disjoint_splits(draw, canonical, rng: random.Random, n_train: int, n_test: 
     return {"train": train, "test": test}
 
 
+def _drawn_split(task, split: str) -> list[Example]:
+    """A split of a generated Countdown task: both are drawn on first use, by task._draw from a
+    generator seeded with task.seed, with no (numbers, target) pair in both."""
+    _check_split(split)
+    if task._splits is None:
+        task._splits = _disjoint_splits(
+            task._draw, lambda ex: (tuple(sorted(ex.data["numbers"])), ex.data["target"]),
+            random.Random(task.seed), task.n_train, task.n_test)
+    return list(task._splits[split])
+
+
 def _check_count(name: str, value, minimum: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
@@ -379,12 +390,7 @@ class CountdownTask(Task):
                        data={"numbers": numbers, "target": target, "solution": solution})
 
     def examples(self, split: str) -> list[Example]:
-        _check_split(split)
-        if self._splits is None:
-            self._splits = _disjoint_splits(
-                self._draw, lambda ex: (tuple(sorted(ex.data["numbers"])), ex.data["target"]),
-                random.Random(self.seed), self.n_train, self.n_test)
-        return list(self._splits[split])
+        return _drawn_split(self, split)
 
     def messages(self, numbers: list[int], target: int, system: str) -> list[dict]:
         question = (f"Using the numbers {list(numbers)}, create an equation that equals {target}. "
@@ -522,12 +528,7 @@ class TinyCountdownTask(Task):
                        data={"numbers": numbers, "target": target, "solution": _chain_text(steps)})
 
     def examples(self, split: str) -> list[Example]:
-        _check_split(split)
-        if self._splits is None:
-            self._splits = _disjoint_splits(
-                self._draw, lambda ex: (tuple(sorted(ex.data["numbers"])), ex.data["target"]),
-                random.Random(self.seed), self.n_train, self.n_test)
-        return list(self._splits[split])
+        return _drawn_split(self, split)
 
     # --- parsing and verdicts -------------------------------------------------------------------
     def chain_correct(self, chain: str, numbers: list[int], target: int) -> bool:
