@@ -351,10 +351,10 @@ CLOUD_TEMPLATE1_SYSTEM = (
 class CountdownTask(Task):
     """TinyZero-style Countdown with Template I prompts (SPEC section 1b, paper section 9).
 
-    Each example: 3 or 4 numbers from `number_range`, a target reached by a random expression
-    using every number exactly once (exact division only, no negative intermediates), and that
-    expression as `data["solution"]`. [ours] The prompt asks to use each number exactly once,
-    which is what the verifier (and TinyZero's) checks.
+    Each example: `n_numbers` numbers (3 or 4 by default) from `number_range`, a target in
+    `target_range` reached by a random expression using every number exactly once (exact division
+    only, no negative intermediates), and that expression as `data["solution"]`. [ours] The prompt
+    asks to use each number exactly once, which is what the verifier (and TinyZero's) checks.
     """
     name = "countdown"
 
