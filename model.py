@@ -27,7 +27,7 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- config
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-# ModelConfig's integer fields; config.json must give the first five
+# ModelConfig's integer fields that must be >= 1; config.json must give the first five
 POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
@@ -50,7 +50,8 @@ def qwen2_sliding_layers(hf: dict) -> list[int]:
 
 @dataclass
 class ModelConfig:
-    """The fields of an HF Llama / Qwen2 config.json that change the computation."""
+    """The fields of an HF Llama / Qwen2 config.json that change the computation, and the
+    special token ids and dtype it records (written back by to_hf)."""
     model_type: str = "llama"  # "llama" or "qwen2"
     vocab_size: int = 32
     hidden_size: int = 128
@@ -465,8 +466,8 @@ class Transformer(nn.Module):
         """tokens, positions: [B, T] ints. attn_mask: [B, T] bool, False for padding tokens.
         With a cache, the T tokens are written at columns cache.pos.. and attend to all earlier
         valid columns; cache.pos then advances (a StaticPrefixCache writes at the column its
-        caller set in cache.col instead). Returns logits [B, T - logits_from, V]: the
-        vocabulary projection is skipped for positions before logits_from (-1: last only).
+        caller set in cache.col instead). Returns logits [B, T - logits_from, V] ([B, 1, V] for
+        -1: the last only): the vocabulary projection is skipped for positions before logits_from.
         out: a preallocated logits tensor to write them into (the sampler's static buffer: a
         fresh [B, V] tensor every decode step is cold memory, page faults included, on CPU)."""
         B, T = tokens.shape
