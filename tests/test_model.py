@@ -321,7 +321,7 @@ def test_llama_template_version_is_recognised(tmp_path):
         assert load_tokenizer(str(tmp_path)).chat_format == fmt
 
 
-def test_raw_text_prompts_get_the_bos_the_tokenizer_adds(tmp_path):
+def test_raw_text_prompts_get_the_bos_the_tokenizer_adds():
     """A raw-text prompt is encoded as transformers' tokenizer(text) encodes it: a tokenizer
     whose post-processor adds <|begin_of_text|> (Llama-3's) starts the prompt with it; a chat
     prompt carries it once, from the chat format, not twice."""

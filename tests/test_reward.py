@@ -1,12 +1,9 @@
 """reward.py: help detection (SPEC section 2), Template I format, the reward tables (section 3)."""
 import math
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reward import (HELP_MARKER, RewardConfig, help_called, help_start, reward,  # noqa: E402
+from reward import (HELP_MARKER, RewardConfig, help_called, help_start, reward,
                     template1_formatted)
 
 HELP_CASES = [

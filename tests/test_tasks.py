@@ -9,9 +9,8 @@ from fractions import Fraction
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reward import HELP_MARKER  # noqa: E402
-from tasks import (MAX_LITERAL_DIGITS, CountdownTask, Example, MathTask,  # noqa: E402
+from reward import HELP_MARKER
+from tasks import (MAX_LITERAL_DIGITS, CountdownTask, Example, MathTask,
                    TinyCountdownTask, check_countdown, gsm8k_answers_equal, gsm8k_final_number,
                    last_boxed, make_task, math_answers_equal, normalize_math_answer,
                    tiny_check_text)
