@@ -142,8 +142,8 @@ class ModelConfig:
                              f"max_position_embeddings={hf.get('max_position_embeddings', 32768)}; "
                              f"those layers would see more context here than they were trained on")
         # pretraining_tp (Llama 2's tensor-parallel slicing of its linear layers) only reorders
-        # the sums: the outputs are the same, so it is passed over, as transformers 5 does
-        # with both keys, transformers reads rope_scaling and ignores rope_parameters: so do we
+        # the sums: the outputs are the same, so it is passed over, as transformers 5 does.
+        # With both keys, transformers reads rope_scaling and ignores rope_parameters: so do we
         rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
         # a default or llama3 section with another key (the per-layer-type form
         # {"full_attention": {...}}, say) would be read as plain RoPE, silently another model;
