@@ -1,6 +1,6 @@
 """
-The algorithm of SPEC.md: sections 4-6 as pure functions on tensors (1-4), then the parts that
-drive the model, the sampler and the cloud (5-6).
+The algorithm of SPEC.md: pure functions on tensors (1-3, and 4's loss), then the parts that
+drive the model, the sampler and the cloud (4's training forward, 5-6).
 
 Read top to bottom:
   1. group_advantages   the coefficient that multiplies grad log pi(y_i|x) (SPEC 5; baselines SPEC 8)
@@ -239,8 +239,9 @@ def policy_gradient_loss(token_logprobs, device_mask, coef, n_selected):
     """-(1/|S|) sum_i coef_i * sum_t mask_it * log pi_it, whose gradient is the SPEC 5 step
     (1/|S|) sum_x g(x) (negated for a minimiser). Sum over device tokens, no length normalisation.
 
-    device_mask [N, T] is False for cloud tokens, padding and declared self-check tokens; they
-    carry no gradient (torch.where, so even a -inf log-prob there gives 0, not NaN).
+    device_mask [N, T] is False for padding and declared self-check tokens (cloud tokens never
+    enter the rows); they carry no gradient (torch.where, so even a -inf log-prob there gives 0,
+    not NaN).
     n_selected is the number of selected prompts of the WHOLE step, also for a micro-batch.
     """
     if n_selected < 1:
