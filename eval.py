@@ -815,10 +815,9 @@ def evaluate_policy_run(res, run, examples, budget, progress, calls_before):
     model, tok = run.model(), run.tokenizer()
     res.settings["models"][run.path] = _describe(run, model)
     label = run.label if run.label not in res.curves else f"{run.label} [{run.path}]"
-    max_new = run.cfg["sampling"]["max_new_tokens"]
+    max_new, batch = run.cfg["sampling"]["max_new_tokens"], run.cfg["eval"].get("batch_size", 256)
     m, out = algo.evaluate_policy(model, tok, run.task, examples, run.cloud, budget, max_new,
-                                  run.cfg["eval"].get("batch_size", 256),
-                                  lambda d, t: progress(f"{run.name}: greedy", d, t))
+                                  batch, lambda d, t: progress(f"{run.name}: greedy", d, t))
     help = out["help"].numpy()
     local = out["local_ok"].numpy() & ~help
     answers = run.cloud.ask(run.task, examples,
@@ -830,8 +829,7 @@ def evaluate_policy_run(res, run, examples, budget, progress, calls_before):
     asked = np.nonzero(help)[0].tolist()
     answered = np.zeros(len(examples), dtype=bool)
     answered[asked] = answered_locally(model, tok, run.task, [examples[i] for i in asked],
-                                       [splits[i] for i in asked], max_new,
-                                       run.cfg["eval"].get("batch_size", 256))
+                                       [splits[i] for i in asked], max_new, batch)
     *curve, _ = policy_curve(help, local, answered, cloud, score)
     m.update(help_calls=int(help.sum()), cloud_requests=run.cloud.calls_made - calls_before,
              decision_agreement=float(((score > 0) == help).mean()), **gap_recovered(*curve))
