@@ -851,9 +851,9 @@ class Trainer:
         if not cfg.resume and has_checkpoint:
             raise ConfigError(f"{self.run_dir} already holds a run; resume it with "
                               f"resume={self.run_dir}, or choose another name=")
-        cache = os.path.realpath(cfg.warm_start.cache_dir)
+        warm_cache = os.path.realpath(cfg.warm_start.cache_dir)
         if not cfg.model.path and not cfg.resume and \
-                os.path.commonpath([os.path.realpath(self.run_dir), cache]) == cache:
+                os.path.commonpath([os.path.realpath(self.run_dir), warm_cache]) == warm_cache:
             raise ConfigError(f"{self.run_dir} lies in warm_start.cache_dir "
                               f"{cfg.warm_start.cache_dir}, where cached warm starts live; choose "
                               f"another name= or out_dir=")
