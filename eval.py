@@ -42,8 +42,8 @@ import yaml
 
 import algo
 from cloud import CloudError, NoCloud, check_appendable, make_cloud
-from model import (ModelConfig, Transformer, atomic_write, atomic_write_text, check_writable,
-                   load_pretrained, load_tokenizer, resolve_device)
+from model import (ConfigLoader, ModelConfig, Transformer, atomic_write, atomic_write_text,
+                   check_writable, load_pretrained, load_tokenizer, resolve_device)
 from sample import generate, left_pad
 from tasks import SPLITS, make_task, task_settings
 
@@ -483,8 +483,8 @@ def load_run(path, device) -> Run:
             raise FileNotFoundError(f"{path}: no checkpoint/{name} (train.py writes the checkpoint "
                                     "every save_every steps and at the end; is the run finished?)")
     try:
-        with open(config) as f:
-            cfg = yaml.safe_load(f) or {}
+        with open(config, encoding="utf-8") as f:
+            cfg = yaml.load(f, Loader=ConfigLoader) or {}  # as train.py reads it
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

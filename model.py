@@ -3,7 +3,8 @@
 One file, read top to bottom: the config (HF config.json fields), the layers (RMSNorm, RoPE in
 HF's rotate-half convention with llama3 scaling, grouped-query attention through SDPA, SwiGLU),
 the static KV cache the sampler fills, checkpoint load/save in the HF layout (safetensors, no
-`transformers` needed), and the tokenizer with hand-written chat formats (ChatML, Llama-3).
+`transformers` needed) with the file helpers the scripts share (atomic writes, JSON and config
+YAML reading), and the tokenizer with hand-written chat formats (ChatML, Llama-3).
 Module names equal HF's parameter names minus the leading "model.", so checkpoints map 1:1.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 # ----------------------------------------------------------------------------- config
 
@@ -586,6 +588,37 @@ def check_writable(path, name):
     except OSError as e:
         raise ValueError(f"{name} {path!r} cannot be written: no new file can be made in "
                          f"{existing} ({e.strerror})") from e
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader for train.py's config files and the runs' config.yaml (train.py
+    and eval.py read them alike), but a key given twice in one mapping is an error: YAML keeps
+    the last one silently (`rl: {steps: 2}` then `rl: {lr: 0.1}` would lose steps)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    named = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]  # not "<<: *base"
+    keys = [loader.construct_object(k, deep=True) for k in named]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:  # the mark: where it is given the second time
+            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                    named[i].start_mark)
+    return loader.construct_mapping(node, deep)
+
+
+ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """yaml.safe_dump's dumper, quoting text that ConfigLoader reads as a number ('1e5')."""
+
+
+# PyYAML (YAML 1.1) reads 1e-3 and 2.5e3 (no point, or no exponent sign) as text, so a file's
+# `cloud: {p_correct: 1e-1}` would reach the backend as '1e-1' while the same command-line
+# override is a number: ConfigLoader reads them as numbers, and ConfigDumper quotes such text
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+for _cls in (ConfigLoader, ConfigDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
 
 
 def read_json(path: str):

@@ -41,9 +41,9 @@ import yaml
 import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
 from cloud import CloudCache, CloudError, NoCloud, check_appendable, make_cloud
-from model import (ModelConfig, Transformer, atomic_write_text, build_char_tokenizer,
-                   check_writable, load_pretrained, load_tokenizer, naming, remove_if_dead,
-                   save_pretrained)
+from model import (ConfigDumper, ConfigLoader, ModelConfig, Transformer, atomic_write_text,
+                   build_char_tokenizer, check_writable, load_pretrained, load_tokenizer, naming,
+                   remove_if_dead, save_pretrained)
 from reward import RewardConfig
 from tasks import TASKS, make_task, task_settings
 
@@ -140,36 +140,6 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, but a key given twice in one mapping is an error: YAML keeps the
-    last one silently (`rl: {steps: 2}` then `rl: {lr: 0.1}` would lose steps)."""
-
-
-def _unique_mapping(loader, node, deep=False):
-    named = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]  # not "<<: *base"
-    keys = [loader.construct_object(k, deep=True) for k in named]
-    for i, key in enumerate(keys):
-        if key in keys[:i]:  # the mark: where it is given the second time
-            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                    named[i].start_mark)
-    return loader.construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
-class _ConfigDumper(yaml.SafeDumper):
-    """yaml.safe_dump's dumper, quoting text that _UniqueKeyLoader reads as a number ('1e5')."""
-
-
-# PyYAML (YAML 1.1) reads 1e-3 and 2.5e3 (no point, or no exponent sign) as text, so a file's
-# `cloud: {p_correct: 1e-1}` reached the backend as '1e-1' while the same override was a number:
-# the config loader reads them as numbers, and the run's config.yaml quotes such text
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
-for _cls in (_UniqueKeyLoader, _ConfigDumper):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
-
-
 def _cast(value: str, current, key: str):
     """A command-line string as the type of the field it overrides."""
     if isinstance(current, bool):
@@ -197,7 +167,7 @@ def _cast(value: str, current, key: str):
 
 def _parse_yaml(value: str, key: str):
     try:
-        return yaml.load(value, Loader=_UniqueKeyLoader)
+        return yaml.load(value, Loader=ConfigLoader)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None)
         raise ConfigError(f"{key}={value!r}: not a valid YAML value ("
@@ -431,7 +401,7 @@ def load_config(argv: list[str]) -> Config:
     cfg = Config()
     with open(path, encoding="utf-8") as f:
         try:
-            data = yaml.load(f, Loader=_UniqueKeyLoader)
+            data = yaml.load(f, Loader=ConfigLoader)
         except yaml.YAMLError as e:  # its message spans lines: made one
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") \
                 from None
@@ -927,7 +897,7 @@ class Trainer:
                 if os.path.exists(os.path.join(self.run_dir, stale)):
                     os.remove(os.path.join(self.run_dir, stale))
             atomic_write_text(os.path.join(self.run_dir, "config.yaml"),
-                              yaml.dump(config_dict(cfg), Dumper=_ConfigDumper, sort_keys=False))
+                              yaml.dump(config_dict(cfg), Dumper=ConfigDumper, sort_keys=False))
         if cfg.resume:
             # A crash mid-save can leave only checkpoint.old: it becomes the checkpoint again, so
             # that the next save() keeps it as .old until the new one is in place.

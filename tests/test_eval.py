@@ -867,6 +867,18 @@ def test_curve_csv_columns_are_call_ratio_then_accuracy(tmp_path, monkeypatch):
                         [label, "1.000000", "0.500000"]]
 
 
+def test_config_yaml_is_read_as_train_py_reads_it(tmp_path, no_evaluation):
+    """A hand-edited config.yaml: 9e-1 is a number (PyYAML alone keeps it as text, which the
+    cloud refused here while train.py took it), and a key given twice is an error naming it."""
+    exponent = run_with_config(tmp_path, "exponent",
+                               lambda t: t.replace("p_correct: 0.9", "p_correct: 9e-1"))
+    run = ev.load_run(exponent, "cpu")
+    assert run.cfg["cloud"]["p_correct"] == 0.9
+    twice = run_with_config(tmp_path, "twice", lambda t: t + "seed: 1\n")
+    assert re.search(r"twice/config.yaml is not valid YAML: the key 'seed' is given twice at "
+                     r"line \d+", exit_message([twice]))
+
+
 def test_cli_config_sections_and_counts_must_have_the_right_type(tmp_path, no_evaluation):
     """A section that is not a mapping; a boolean is not a count."""
     not_a_map = run_with_config(tmp_path, "not_a_map",

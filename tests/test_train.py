@@ -312,7 +312,7 @@ def test_a_files_task_and_cloud_numbers_in_exponent_form_are_numbers(tmp_path):
     cfg = train.load_config(["name=1e5", "cloud.note=2e3", "warm_start.cache_dir=4E-2"])
     assert cfg.name == "1e5" and cfg.cloud["note"] == 2000.0 and cfg.warm_start.cache_dir == "4E-2"
     (tmp_path / "saved.yaml").write_text(
-        train.yaml.dump(train.config_dict(cfg), Dumper=train._ConfigDumper, sort_keys=False))
+        train.yaml.dump(train.config_dict(cfg), Dumper=train.ConfigDumper, sort_keys=False))
     assert train.load_config([str(tmp_path / "saved.yaml")]) == cfg
 
 
