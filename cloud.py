@@ -220,9 +220,8 @@ class CloudCache:
             try:
                 self._append(records)
             except OSError as e:  # e.g. a full disk: a failed write() names no file; say which
-                if e.filename is None and e.errno is not None:
-                    raise OSError(e.errno, e.strerror, str(self.path)) from e
-                raise
+                from model import reraise_naming  # lazy, as below: only this error path
+                reraise_naming(e, self.path)
 
     def _append(self, records: list[dict]) -> None:
         with self._locked_file("a+b", exclusive=True) as f:  # O_APPEND

@@ -557,16 +557,17 @@ def atomic_write(path: str, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise naming(e, path) from e
+            reraise_naming(e, path)
         raise
 
 
-def naming(e: OSError, path) -> OSError:
-    """`e` naming the file it concerns: a failed write() or fsync() (e.g. a full disk) names
-    none, so one-line reports of it would not say which file could not be written."""
+def reraise_naming(e: OSError, path):
+    """Raise `e` again, naming the file it concerns: a failed write() or fsync() (e.g. a full
+    disk) names none, so one-line reports of it would not say which file could not be written.
+    Call it while handling `e`."""
     if e.filename is None and e.errno is not None:
-        return OSError(e.errno, e.strerror, str(path))
-    return e
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    raise e
 
 
 def atomic_write_text(path: str, text: str):

@@ -42,8 +42,8 @@ import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
 from cloud import CloudCache, CloudError, NoCloud, check_appendable, make_cloud
 from model import (ConfigDumper, ConfigLoader, ModelConfig, Transformer, atomic_write_text,
-                   build_char_tokenizer, check_writable, load_pretrained, load_tokenizer, naming,
-                   remove_if_dead, save_pretrained)
+                   build_char_tokenizer, check_writable, load_pretrained, load_tokenizer,
+                   reraise_naming, remove_if_dead, save_pretrained)
 from reward import RewardConfig
 from tasks import TASKS, make_task, task_settings
 
@@ -57,7 +57,7 @@ class ConfigError(ValueError):
 
 class SaveError(Exception):
     """A checkpoint that could not be saved (e.g. a full disk): the last one saved is intact, and
-    main() says in one line how to go on."""
+    main() says in one line which one and how to go on."""
 
 
 class RunFileError(ConfigError):
@@ -454,7 +454,7 @@ class RunLog:
             with open(path, "a") as f:
                 f.write("".join(json.dumps(row) + "\n" for row in rows))
         except OSError as e:  # e.g. a full disk: reported in one line naming the file (run())
-            raise naming(e, path) from e
+            reraise_naming(e, path)
 
     def log(self, row: dict):
         self.append(self.metrics, [row])
@@ -1144,8 +1144,8 @@ class Trainer:
                 os.fsync(f.fileno())
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)  # the part written: its space back
-            raise self.save_error(f"cannot save the checkpoint of step {self.step} to {tmp} "
-                                  f"({' '.join(str(e).split())})") from e
+            raise SaveError(f"cannot save the checkpoint of step {self.step} to {tmp} "
+                            f"({' '.join(str(e).split())})") from e
         if os.path.exists(ckpt):
             self.remove_old(ckpt + ".old")
             os.replace(ckpt, ckpt + ".old")
@@ -1158,13 +1158,11 @@ class Trainer:
         would block the next save's swap: a SaveError now, naming it."""
         shutil.rmtree(old, ignore_errors=True)
         if os.path.lexists(old):
-            raise self.save_error(f"{old} could not be deleted, and a save needs its place: "
-                                  f"delete it")
-
-    def save_error(self, problem: str) -> SaveError:
-        return SaveError(f"{problem}; {self.kept()}")
+            raise SaveError(f"{old} could not be deleted, and a save needs its place: "
+                            f"delete it")
 
     def kept(self) -> str:
+        """Which checkpoint a run stopped by a failed write goes on from."""
         return (f"the checkpoint of step {self.saved_step} is intact"
                 if self.saved_step is not None else "no checkpoint was saved yet")
 
@@ -1332,9 +1330,8 @@ def run(argv: list[str]):
     except CloudError as e:  # e.g. a refused API key: the run goes on from its last checkpoint
         sys.exit(f"\ncloud error: {e}; once fixed, continue with: "
                  f"{continue_command(trainer.run_dir)}")
-    except SaveError as e:  # e.g. a full disk: the run goes on from its last checkpoint
-        sys.exit(f"\n{e}; once fixed, continue with: {continue_command(trainer.run_dir)}")
-    except OSError as e:  # a run file or the cloud cache not written (e.g. a full disk): the same
+    except (SaveError, OSError) as e:  # a checkpoint, a run file or the cloud cache not written
+        # (e.g. a full disk): the run goes on from its last checkpoint
         sys.exit(f"\n{e}; {trainer.kept()}; once fixed, continue with: "
                  f"{continue_command(trainer.run_dir)}")
     n, budget = final["n"], cfg.eval.budget

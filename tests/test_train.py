@@ -857,7 +857,8 @@ def test_a_checkpoint_old_that_cannot_be_deleted_stops_with_one_line(tmp_path, s
     trainer = train.Trainer(train.load_config([f"resume={run}"]))
     with pytest.raises(train.SaveError) as exc:
         trainer.save()
-    assert f"\n{exc.value}; once fixed, continue with: python train.py resume={run}" == said
+    assert (f"\n{exc.value}; {trainer.kept()}; once fixed, continue with: python train.py "
+            f"resume={run}") == said
     assert (run / "checkpoint").exists() and (run / "checkpoint.old").exists()
     monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     real_rmtree(run / "checkpoint.old")  # what the message asks
