@@ -171,14 +171,28 @@ class DecodeGraphs:
         return graph
 
 
-@torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids=(),
              banned_ids=(), seed: int = 0, pad_id: int = 0, check_every: int = 8,
              cuda_graphs: bool | None = None) -> Generation:
     """Sample n continuations of each prompt (lists of token ids, any lengths). Tokens in
     stop_ids end their row (and are part of it); tokens in banned_ids are never produced.
-    cuda_graphs: decode through recorded CUDA graphs (DecodeGraphs); None: on a CUDA device."""
+    cuda_graphs: decode through recorded CUDA graphs (DecodeGraphs); None: on a CUDA device.
+
+    Runs under torch.inference_mode, not just no_grad: each of the decode step's ~500 operator
+    calls then skips autograd's bookkeeping (about 6% of a step on CPU). Inference tensors
+    cannot be saved for backward, so the returned tensors are ordinary copies (the trainer's
+    forward feeds these tokens to the embedding, whose backward keeps them)."""
+    with torch.inference_mode():
+        out = _generate(model, prompts, n=n, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
+                        banned_ids=banned_ids, seed=seed, pad_id=pad_id, check_every=check_every,
+                        cuda_graphs=cuda_graphs)
+    return Generation(*(x.clone() for x in vars(out).values()))
+
+
+def _generate(model, prompts, *, n, max_new_tokens, temperature, top_k, top_p, stop_ids,
+              banned_ids, seed, pad_id, check_every, cuda_graphs) -> Generation:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of non-empty token-id lists, got "
                          f"{type(prompts).__name__} {str(prompts)[:60]}")

@@ -144,6 +144,20 @@ def test_forward_writes_logits_into_a_given_buffer():
     assert got.data_ptr() == buf.data_ptr() and torch.equal(buf, ref)
 
 
+def test_generated_tensors_serve_a_training_step():
+    """generate() decodes under inference_mode; what it returns must still be ordinary tensors:
+    the trainer's forward feeds the tokens to the embedding (whose backward keeps them) and
+    edits masks in place."""
+    model = tiny_model().train()
+    out = generate(model, PROMPTS, n=2, max_new_tokens=5, temperature=1.0)
+    for x in (out.tokens, out.logprobs, out.mask, out.lengths, out.finished):
+        assert not x.is_inference()
+    out.mask[0, 0] = False
+    logits = model(out.tokens, torch.arange(5).expand(len(out.tokens), 5))
+    logits.float().logsumexp(-1).sum().backward()
+    assert model.embed_tokens.weight.grad is not None
+
+
 def test_ragged_batch_equals_one_prompt_at_a_time_and_shared_prefill():
     model = tiny_model(seed=1)
     batch = generate(model, PROMPTS, n=4, max_new_tokens=30, temperature=0)
