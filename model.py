@@ -316,12 +316,21 @@ class SharedPrefixCache:
 
     def __init__(self, prefix: KVCache, n: int, max_new: int):
         L, P, Hkv, _, D = prefix.k.shape
-        self.prefix, self.n, self.pos = prefix, n, 0
+        Lp = prefix.pos
+        self.n, self.pos = n, 0
         # never zero-filled: attend() reads only the columns already written (:pos + 1)
         self.k = prefix.k.new_empty(L, P, Hkv, n, max_new, D)
         self.v = prefix.v.new_empty(L, P, Hkv, n, max_new, D)
+        # each layer's prompt keys (transposed) and values as one batch of P*Hkv matrices, and
+        # its generated keys/values as one batch of P*Hkv*n: views made once (the prompt's are
+        # views when the prefill's cache is exactly Lp long, as generate() makes it), since the
+        # decode step is bound by the number of operator calls and each indexing is one or more
+        self.prefix_kt = [prefix.k[i, :, :, :Lp].reshape(P * Hkv, Lp, D).transpose(1, 2)
+                          for i in range(L)]
+        self.prefix_v = [prefix.v[i, :, :, :Lp].reshape(P * Hkv, Lp, D) for i in range(L)]
+        self.gen_k, self.gen_v = (list(c.view(L, P * Hkv * n, max_new, D)) for c in (self.k, self.v))
         # additive bias hiding the prompts' left padding, one row per (prompt, kv head): [P*Hkv, 1, Lp]
-        hidden = ~prefix.valid[:, :prefix.pos].repeat_interleave(Hkv, dim=0)[:, None]
+        hidden = ~prefix.valid[:, :Lp].repeat_interleave(Hkv, dim=0)[:, None]
         self.prefix_bias = prefix.k.new_zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
 
     def begin(self, T: int, attn_mask):
@@ -331,8 +340,8 @@ class SharedPrefixCache:
 
     def store(self, layer: int, k, v):
         """This step's keys/values [P, Hkv, n, D] into column pos of each sample's buffer."""
-        self.k[layer, :, :, :, self.pos] = k
-        self.v[layer, :, :, :, self.pos] = v
+        self.gen_k[layer].select(1, self.pos).view(k.shape).copy_(k)
+        self.gen_v[layer].select(1, self.pos).view(v.shape).copy_(v)
 
     def columns(self):
         """-> (generated columns the step attends to, additive bias on their scores or None)."""
@@ -340,27 +349,23 @@ class SharedPrefixCache:
 
     def attend(self, layer: int, q, k, v, mask):
         R, H, _, D = q.shape
-        P, Hkv, n, Lp = self.k.shape[1], self.k.shape[2], self.n, self.prefix.pos
+        P, Hkv, n, Lp = self.k.shape[1], self.k.shape[2], self.n, self.prefix_v[0].shape[1]
         r = H // Hkv
         # rows are (prompt, sample) and heads are (kv head, group member): regroup the queries
-        # to [P, Hkv, n, r, D] and store this step's keys/values
-        # (the 1/sqrt(D) scale goes on the queries, as SDPA applies it, not on the scores)
-        q = (q * D ** -0.5).view(P, n, Hkv, r, D).transpose(1, 2)
+        # to [P, Hkv, n, r, D], scaled by 1/sqrt(D) as SDPA would, in one pass
+        qg = q.new_empty(P, Hkv, n, r, D)
+        torch.mul(q.view(P, n, Hkv, r, D).transpose(1, 2), D ** -0.5, out=qg)
         self.store(layer, *(x.view(P, n, Hkv, D).transpose(1, 2) for x in (k, v)))
-        # the prefix as one batch of P*Hkv matrices [Lp, D] (a view when the prefill's cache is
-        # exactly Lp long, as generate() makes it)
-        kp, vp = (c[layer, :, :, :Lp].reshape(P * Hkv, Lp, D) for c in (self.prefix.k, self.prefix.v))
         t1, gen_bias = self.columns()
-        ks, vs = self.k[layer, :, :, :, :t1], self.v[layer, :, :, :, :t1]
-        qg = q.reshape(P * Hkv, n * r, D)
-        s_pre = torch.baddbmm(self.prefix_bias, qg, kp.transpose(1, 2))  # [P*Hkv, n*r, Lp]
-        s_gen = q @ ks.transpose(-1, -2)
+        ks, vs = self.gen_k[layer][:, :t1], self.gen_v[layer][:, :t1]
+        s_pre = torch.baddbmm(self.prefix_bias, qg.view(P * Hkv, n * r, D), self.prefix_kt[layer])
+        s_gen = torch.bmm(qg.view(-1, r, D), ks.transpose(1, 2))   # [P*Hkv*n, r, t1]
         if gen_bias is not None:
             s_gen += gen_bias
         p = torch.cat([s_pre, s_gen.view(P * Hkv, n * r, t1)], dim=-1)
-        p = torch.softmax(p.float(), dim=-1).to(q.dtype)
-        y_gen = (p[..., Lp:].view(P, Hkv, n, r, t1) @ vs).view(P * Hkv, n * r, D)
-        y = torch.baddbmm(y_gen, p[..., :Lp], vp)   # + the prefix's share, in the same call
+        p = torch.softmax(p, -1, dtype=torch.float32).to(p.dtype)  # (a bf16 step's in fp32)
+        y_gen = torch.bmm(p[..., Lp:].view(-1, r, t1), vs).view(P * Hkv, n * r, D)
+        y = torch.baddbmm(y_gen, p[..., :Lp], self.prefix_v[layer])  # + the prompt's share
         return y.view(P, Hkv, n, r, D).transpose(1, 2).reshape(R, H, 1, D)
 
     def advance(self, T: int):
