@@ -180,7 +180,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     cuda_graphs: decode through recorded CUDA graphs (DecodeGraphs); None: on a CUDA device.
 
     Runs under torch.inference_mode, not just no_grad: each of the decode step's ~500 operator
-    calls then skips autograd's bookkeeping (about 6% of a step on CPU). Inference tensors
+    calls then skips autograd's bookkeeping (about 2% of a step on CPU). Inference tensors
     cannot be saved for backward, so the returned tensors are ordinary copies (the trainer's
     forward feeds these tokens to the embedding, whose backward keeps them)."""
     with torch.inference_mode():
