@@ -328,7 +328,8 @@ class SharedPrefixCache:
         self.prefix_kt = [prefix.k[i, :, :, :Lp].reshape(P * Hkv, Lp, D).transpose(1, 2)
                           for i in range(L)]
         self.prefix_v = [prefix.v[i, :, :, :Lp].reshape(P * Hkv, Lp, D) for i in range(L)]
-        self.gen_k, self.gen_v = (list(c.view(L, P * Hkv * n, max_new, D)) for c in (self.k, self.v))
+        self.gen_k, self.gen_v = (list(c.view(L, P * Hkv * n, max_new, D))
+                                  for c in (self.k, self.v))
         # additive bias hiding the prompts' left padding, one row per (prompt, kv head): [P*Hkv, 1, Lp]
         hidden = ~prefix.valid[:, :Lp].repeat_interleave(Hkv, dim=0)[:, None]
         self.prefix_bias = prefix.k.new_zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
