@@ -1044,3 +1044,12 @@ def test_scorers_take_linear_time_on_long_runs_of_blanks_and_tags():
     done = subprocess.run([sys.executable, "-c", code], cwd=root, timeout=60,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("a,b", [("\u22123", "-3"), ("x = \u22123", "-3"),
+                                 ("\u2212\\frac{1}{2}", "-0.5"), ("(\u22121, 2)", "(-1,2)")])
+def test_math_reads_the_unicode_minus_as_a_minus(a, b):
+    """A model may write the minus sign U+2212 (GSM8K's verifier already reads it as "-")."""
+    assert math_answers_equal(a, b) and math_answers_equal(b, a)
+    assert MathTask().local_correct(Example("k", "p", {"gold": b}), "Step 1: \\boxed{" + a + "}")
+    assert not math_answers_equal("\u22123", "3")
