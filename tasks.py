@@ -923,8 +923,9 @@ def _clean_number(token: str) -> str | None:
 
 def _gsm8k_declared(text: str) -> tuple[int, str | None] | None:
     """The declared GSM8K answer: (start, its number with commas stripped) of whichever starts
-    last of the last "#### <number>" and the last boxed answer (last_boxed; its first number, None
-    if it holds none); None if there is neither."""
+    last of the last "#### <number>" and the last boxed answer (last_boxed; the number it holds,
+    normalised as a MATH answer, else its first number, None if it holds none; a fraction as
+    "a/b"); None if there is neither."""
     text = text.replace("\u2212", "-")  # the Unicode minus sign (one character for one)
     hashes = last_match(_DECLARED_RE, text)
     boxed = _last_boxed_at(text)
@@ -932,6 +933,12 @@ def _gsm8k_declared(text: str) -> tuple[int, str | None] | None:
         return hashes.start(), _clean_number(hashes.group(1))
     if boxed is None:
         return None
+    # a box that holds one number as the MATH verifier reads it (10\,000, 1{,}000, \frac{1}{2},
+    # \$18): that number, not the first digits in it (10, 1, 1)
+    value = _as_number(normalize_math_answer(boxed[1])) \
+        if len(boxed[1]) <= MAX_ANSWER_CHARS else None
+    if value is not None:
+        return boxed[0], str(value)
     found = _NUMBER_RE.search(boxed[1])
     return boxed[0], (_clean_number(found.group(0)) if found else None)
 

@@ -1053,3 +1053,16 @@ def test_math_reads_the_unicode_minus_as_a_minus(a, b):
     assert math_answers_equal(a, b) and math_answers_equal(b, a)
     assert MathTask().local_correct(Example("k", "p", {"gold": b}), "Step 1: \\boxed{" + a + "}")
     assert not math_answers_equal("\u22123", "3")
+
+
+@pytest.mark.parametrize("box,gold,correct", [
+    ("10\\,000", "10000", True), ("10{,}000", "10000", True), ("10\\,000", "10", False),
+    ("1{,}000", "1", False), ("\\frac{1}{2}", "1", False), ("\\dfrac{12}{2}", "6", True),
+    ("\\$1{,}200.00", "1200", True), ("18 \\text{ apples}", "18", True),
+])
+def test_gsm8k_box_is_read_as_the_number_it_holds(box, gold, correct):
+    """A boxed GSM8K answer is the number the box holds (LaTeX thousands separators and
+    fractions as the MATH verifier reads them), not the first digits in it."""
+    task = MathTask(kind="gsm8k")
+    assert task.local_correct(Example("k", "p", {"gold": gold}), "Step 1: \\boxed{" + box + "}") \
+        is correct
