@@ -818,7 +818,7 @@ def normalize_math_answer(s: str) -> str:
     if re.fullmatch(r"-?[0-9]{1,3}( [0-9]{3})+(\.[0-9]+)?", s):  # thousands grouped by spaces
         s = s.replace(" ", "")
     s = re.sub(r"(?<![0-9]) +| +(?![0-9])", "", s).rstrip(".")  # one space between digits stays
-    s = re.sub(r"^\+(?=[0-9.])", "", s)
+    s = re.sub(r"^\+(?=.)", "", s)  # +5, +\frac{1}{2}, +\infty (a "+" alone stays)
     s = re.sub(r"\\(begin|end)\{bmatrix\}", r"\\\1{pmatrix}", s)
     s = re.sub(r"\\sqrt(\[[^\[\]]*\])?([0-9a-zA-Z])", r"\\sqrt\1{\2}", s)
     s = re.sub(r"([_^])\{([^{}\\])\}", r"\1\2", s)

@@ -1066,3 +1066,12 @@ def test_gsm8k_box_is_read_as_the_number_it_holds(box, gold, correct):
     task = MathTask(kind="gsm8k")
     assert task.local_correct(Example("k", "p", {"gold": gold}), "Step 1: \\boxed{" + box + "}") \
         is correct
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ("+\\frac{1}{2}", "0.5", True), ("+\\infty", "\\infty", True), ("+\\sqrt2", "\\sqrt{2}", True),
+    ("+5", "5", True), ("+\\infty", "-\\infty", False), ("+", "-", False),
+])
+def test_a_leading_plus_sign_is_dropped_before_any_answer(a, b, expected):
+    """normalize_math_answer drops a leading "+" (its docstring), not only before a digit."""
+    assert math_answers_equal(a, b) is expected and math_answers_equal(b, a) is expected
