@@ -894,15 +894,16 @@ def math_answers_equal(a: str | None, b: str | None) -> bool:
 _UNSIGNED = r"(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+"
 _NUMBER_RE = re.compile(r"-?(?:" + _UNSIGNED + ")")
 # GSM8K's declared answer: "####", then the number ("#### - 5" is -5; bold or a dollar sign may
-# come between). A markdown heading such as "#### Step 2" is no declared answer.
+# come between, and a dollar sign after the minus: "#### -$5" is -5). A markdown heading such as
+# "#### Step 2" is no declared answer.
 # A numbered heading ("#### 2. Money", "#### 3) Total") is none either (nor, by the same rule, an
 # answer followed by a sentence, "#### 72. She sold ...": the verifier still reads 72 as the
 # text's last number). The number is matched whole before that check ((?=(...))\2: an atomic
 # group, which Python's re has only from 3.11), so "1,234. Total" is not read as "1".
 # No two quantifiers may take the same blanks: "####" and a long run of spaces with no number
 # after it took time quadratic in the run (minutes for a model that degenerates into spaces).
-_DECLARED_RE = re.compile(r"####\s*(?:(?:\*\*|\\?\$)[ \t]*)?((?:-\s*)?(?=(" + _UNSIGNED
-                          + r"))\2)(?![.)][ \t]+[A-Za-z])")
+_DECLARED_RE = re.compile(r"####\s*(?:(?:\*\*|\\?\$)[ \t]*)?((?:-\s*(?:\\?\$[ \t]*)?)?(?=("
+                          + _UNSIGNED + r"))\2)(?![.)][ \t]+[A-Za-z])")
 
 # A gold answer whose number goes on after the declared one ("#### 1e5", "#### 3/4", "#### 1 000",
 # "#### 5,00"): the scorer reads a model's answer written so as 1, 3, 1 and 5, so the intended
@@ -913,7 +914,7 @@ _NUMBER_GOES_ON_RE = re.compile(r"[^\S\n]*(?:(?:[eExX][+-]?|[^\s\w(])[^\S\n]*)?[
 
 
 def _clean_number(token: str) -> str | None:
-    token = re.sub(r"[,\s]", "", token)
+    token = re.sub(r"[,\s$\\]", "", token)  # "-$5" (a declared answer) is -5
     try:
         Fraction(token)
     except (ValueError, ZeroDivisionError):

@@ -1075,3 +1075,13 @@ def test_gsm8k_box_is_read_as_the_number_it_holds(box, gold, correct):
 def test_a_leading_plus_sign_is_dropped_before_any_answer(a, b, expected):
     """normalize_math_answer drops a leading "+" (its docstring), not only before a digit."""
     assert math_answers_equal(a, b) is expected and math_answers_equal(b, a) is expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("#### -$5", "-5"), ("#### -\\$1,200.50", "-1200.50"), ("#### **-$5**", "-5"),
+    ("#### $-5", "-5"), ("#### - $ 5", "-5"),
+])
+def test_gsm8k_declared_negative_amount_with_the_dollar_sign_after_the_minus(text, expected):
+    """"#### -$5" declares -5 (it was no declared answer, and the last number read was 5)."""
+    assert gsm8k_final_number(text) == expected
+    assert MathTask(kind="gsm8k").answer_start("Step 1: x.\n" + text) == len("Step 1: x.\n")
