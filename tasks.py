@@ -936,8 +936,8 @@ def _gsm8k_declared(text: str) -> tuple[int, str | None] | None:
         return None
     # a box that holds one number as the MATH verifier reads it (10\,000, 1{,}000, \frac{1}{2},
     # \$18): that number, not the first digits in it (10, 1, 1)
-    value = _as_number(normalize_math_answer(boxed[1])) \
-        if len(boxed[1]) <= MAX_ANSWER_CHARS else None
+    value = (_as_number(normalize_math_answer(boxed[1]))
+             if len(boxed[1]) <= MAX_ANSWER_CHARS else None)
     if value is not None:
         return boxed[0], str(value)
     found = _NUMBER_RE.search(boxed[1])
