@@ -380,11 +380,17 @@ class HttpBackend:
             print(f"note: http cloud: the environment variable {api_key_env} is not set, so "
                   f"requests to {self.url} carry no API key", file=sys.stderr)
 
-    def _scrub(self, raw: bytes, key: str | None, limit: int) -> str:
+    def _scrub(self, raw: bytes, key: str | None, limit: int, cut: bool = False) -> str:
         """A response body for an error message: the key hidden (before cutting to `limit`
-        characters, so no part of it is left), on one line."""
+        characters, so no part of it is left), on one line. cut: `raw` is only the start of the
+        body, so it may end in the key's first characters: those are hidden too."""
         text = raw.decode("utf-8", "replace")
-        return " ".join((text.replace(key, "***") if key else text).split())[:limit]
+        if key:
+            text = text.replace(key, "***")
+            if cut:
+                text = next((text[:-n] + "***" for n in range(len(key) - 1, 0, -1)
+                             if text.endswith(key[:n])), text)
+        return " ".join(text.split())[:limit]
 
     def chat(self, messages: list[dict], stop: threading.Event | None = None) -> str:
         """One request with retries; returns the answer text or raises CloudError. Once `stop` is
@@ -414,7 +420,8 @@ class HttpBackend:
             except urllib.error.HTTPError as e:
                 self.reached = True
                 try:
-                    full = self._scrub(e.read(1 << 16), key, 1 << 16)
+                    raw = e.read(1 << 16)
+                    full = self._scrub(raw, key, 1 << 16, cut=len(raw) == 1 << 16)
                 except TRANSPORT_ERRORS:  # the error body itself cut off or garbled
                     full = "(the error body was cut off)"
                 finally:
@@ -429,10 +436,10 @@ class HttpBackend:
                                          f"requests (balance or quota); no request can succeed until "
                                          f"that is fixed. Server said: {detail}") from None
                 if 300 <= e.code < 400:
-                    raise CloudError(f"HTTP {e.code} from {self.url}: redirected to "
-                                     f"{e.headers.get('Location')}; redirects are not followed (the "
-                                     f"API key would go along): set base_url to the address that "
-                                     f"answers") from None
+                    where = self._scrub(str(e.headers.get("Location")).encode(), key, 300)
+                    raise CloudError(f"HTTP {e.code} from {self.url}: redirected to {where}; "
+                                     f"redirects are not followed (the API key would go along): "
+                                     f"set base_url to the address that answers") from None
                 if e.code not in (408, 429) and e.code < 500:
                     raise CloudError(f"HTTP {e.code} from {self.url} (not retried): {detail}") from None
                 last_error = f"HTTP {e.code}: {detail}"
@@ -476,7 +483,7 @@ class HttpBackend:
         return b"".join(parts)
 
     def _parse(self, raw: bytes, key: str | None) -> str:
-        snippet = self._scrub(raw[:4096], key, 200)
+        snippet = self._scrub(raw[:4096], key, 200, cut=len(raw) > 4096)
         try:  # utf-8-sig: a byte-order mark before the JSON is no error
             payload = json.loads(raw.decode("utf-8-sig"))
         except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSONDecodeError,

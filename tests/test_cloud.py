@@ -1501,3 +1501,20 @@ def test_local_backend_without_a_usable_chat_template_names_its_checkpoint(tmp_p
         backend.complete(countdown, countdown.examples("test"))
     tiny = TinyCountdownTask(n_train=1, n_test=2)  # raw-text prompts: nothing to format
     assert len(backend.complete(tiny, tiny.examples("test"))) == 2
+
+
+def test_http_no_part_of_the_key_reaches_an_error_message_where_the_body_is_cut(endpoint,
+                                                                               monkeypatch):
+    """Only the start of a body is read into an error message (4 KiB of an answer, 64 KiB of an
+    error); a key straddling that point, after whitespace the message folds away, stays hidden;
+    so does a key in a redirect's Location."""
+    secret = "sk-SECRETKEY-0123456789"
+    monkeypatch.setenv("TEST_CLOUD_KEY", secret)
+    for step in [(200, " " * (4096 - 6) + secret, {}, 0),
+                 (400, " " * ((1 << 16) - 6) + secret, {}, 0),
+                 (500, " " * ((1 << 16) - 6) + secret, {}, 0),
+                 (302, "", {"Location": f"http://elsewhere/?key={secret}"}, 0)]:
+        endpoint.script = [step] * 4
+        with pytest.raises(CloudError) as e:
+            make_backend(endpoint.url).chat(MESSAGES)
+        assert secret[:4] not in str(e.value), str(e.value)
