@@ -289,11 +289,20 @@ class OracleBackend:
 
 def chat_completions_url(base_url: str) -> str:
     """{base}/v1/chat/completions, whether base_url ends in /v1 or already is that endpoint; a
-    base_url that is no http(s)://host address is a ValueError."""
-    parts = urllib.parse.urlsplit(base_url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"http cloud backend: base_url={base_url!r} (allowed: an http:// or "
-                         f"https:// address, e.g. https://api.deepseek.com)")
+    base_url that is no http(s)://host[:port] address is a ValueError (else each request would
+    fail alike, retried: a port that is no number, a space, user:password@ urllib cannot send)."""
+    try:
+        parts = urllib.parse.urlsplit(base_url.strip())
+        parts.port  # read: a ValueError when it is no number in 0..65535
+        usable = (parts.scheme in ("http", "https") and parts.hostname and parts.username is None
+                  and not re.search("[\x00-\x20\x7f]", parts.geturl()))
+    except ValueError:  # a port out of 0..65535 or no number, an unclosed [IPv6
+        usable = False
+    if not usable:
+        shown = base_url if "@" not in base_url else "(not shown: it holds a user name)"
+        raise ValueError(f"http cloud backend: base_url={shown!r} (allowed: an http:// or "
+                         f"https:// address, e.g. https://api.deepseek.com, without spaces or "
+                         f"user:password@; the key goes in the api_key_env variable)")
     path = parts.path.rstrip("/")   # a query (?api-version=...) stays after it
     if not path.endswith("/chat/completions"):
         path = (path if path.endswith("/v1") else path + "/v1") + "/chat/completions"

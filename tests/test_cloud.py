@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import random
+import re
 import signal
 import socket
 import sys
@@ -450,6 +451,18 @@ def test_urls():
     for bad in ("localhost:8000", "api.deepseek.com", "ftp://h", "http://", "http://:8000"):
         with pytest.raises(ValueError, match=f"base_url={bad!r} \\(allowed: an http:// or https://"):
             HttpBackend(bad, "m")
+
+
+def test_a_base_url_no_request_could_use_is_refused_at_construction():
+    """Not retried, prompt after prompt, as an InvalidURL (or a DNS error) at each request."""
+    for bad in ("http://localhost:800O", "http://localhost:99999", "http://[::1",
+                "http://local host:8000/v1"):
+        with pytest.raises(ValueError, match=re.escape(f"base_url={bad!r} (allowed: an http://")):
+            HttpBackend(bad, "m")
+    with pytest.raises(ValueError, match="user:password@") as e:  # urllib sends no such login
+        HttpBackend("https://me:hunter2@api.x.com/v1", "m")
+    assert "hunter2" not in str(e.value)
+    assert chat_completions_url("http://[::1]:8000") == "http://[::1]:8000/v1/chat/completions"
 
 
 def test_http_an_api_key_with_a_line_ending_is_refused_without_showing_it(endpoint, task,
