@@ -462,7 +462,9 @@ class HttpBackend:
             if attempt < self.retries:
                 if wait is None:
                     wait = self.backoff * 2 ** attempt * (0.5 + random.random())
-                (self.sleep or stop.wait)(min(wait, self.max_wait))
+                # TIMEOUT_MAX: a wait longer than threading can take (max_wait=inf and a server's
+                # Retry-After of years) would be an OverflowError crashing the batch
+                (self.sleep or stop.wait)(min(wait, self.max_wait, threading.TIMEOUT_MAX))
         if unreachable == self.retries + 1 and not self.reached:
             raise CloudBatchError(f"{self.url}: not reached in {unreachable} attempts ({last_error}); "
                                   f"no request can succeed until it is: is the server running, "

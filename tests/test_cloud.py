@@ -956,6 +956,18 @@ def test_http_retry_after_is_capped_by_max_wait(endpoint):
     assert backend.slept == [5.0]
 
 
+def test_http_no_cap_on_waits_and_a_retry_after_of_years_is_a_wait_not_a_crash(endpoint):
+    """max_wait=inf passes the settings check; the wait threading cannot take was an
+    OverflowError out of the batch, not a wait the batch's stop ends."""
+    endpoint.script = [(429, "busy", {"Retry-After": "99999999999"}, 0)]
+    backend = make_backend(endpoint.url, max_wait=float("inf"))
+    backend.sleep = None  # the real wait, on the batch's stop event
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with pytest.raises(CloudError, match="interrupted: not sent"):
+        backend.chat(MESSAGES, stop)
+
+
 def test_http_negative_retry_after_falls_back_to_backoff(endpoint):
     endpoint.script = [(429, "slow down", {"Retry-After": "-5"}, 0), ok("done")]
     backend = make_backend(endpoint.url, backoff=0.5)
