@@ -368,7 +368,9 @@ class HttpBackend:
             ("concurrency", concurrency, _number(concurrency, int) >= 1, "an integer >= 1"),
             ("retries", retries, _number(retries, int) >= 0, "an integer >= 0"),
             ("max_tokens", max_tokens, _number(max_tokens, int) >= 1, "an integer >= 1"),
-            ("timeout", timeout, _number(timeout) > 0, "seconds > 0"),
+            # sockets take no wait past TIMEOUT_MAX (inf: an OverflowError at every request)
+            ("timeout", timeout, 0 < _number(timeout) <= threading.TIMEOUT_MAX,
+             f"seconds > 0, at most {threading.TIMEOUT_MAX:.0f}"),
             ("temperature", temperature, _number(temperature) >= 0, "a number >= 0"),
             ("backoff", backoff, _number(backoff) >= 0, "seconds >= 0"),
             ("max_wait", max_wait, _number(max_wait) >= 0, "seconds >= 0"),
