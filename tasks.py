@@ -273,9 +273,10 @@ class _Parser:
         raise _Invalid(f"unexpected {token!r}")
 
 
-def check_countdown(expression: str, numbers: list[int], target: int) -> bool:
-    """True iff `expression` uses every given number exactly once (as a multiset), only + - * /
-    and parentheses over ASCII integer literals, and equals `target` exactly (Fraction arithmetic).
+def check_countdown(expression: str, numbers: list[int], target: int, ops: str = "+-*/") -> bool:
+    """True iff `expression` uses every given number exactly once (as a multiset), only the
+    operators in `ops` (of + - * /) and parentheses over ASCII integer literals, and equals
+    `target` exactly (Fraction arithmetic).
 
     [ours] Whitespace is allowed anywhere between tokens, and so is one trailing "= N" when N is
     the target itself. Anything else (unary signs, "**", names, unicode digits, glued numbers,
@@ -291,6 +292,8 @@ def check_countdown(expression: str, numbers: list[int], target: int) -> bool:
             if not stated or any(c not in _ASCII_DIGITS for c in stated) or int(stated) != target:
                 return False
         tokens = _tokenize(expression)
+        if any(isinstance(t, str) and t in "+-*/" and t not in ops for t in tokens):
+            return False  # an operator the task (and its prompt) does not allow
         literals = sorted(t for t in tokens if isinstance(t, int))
         if literals != sorted(int(n) for n in numbers):
             return False  # checked before evaluating: only the given numbers are ever multiplied
@@ -405,7 +408,7 @@ class CountdownTask(Task):
             return False
         block = last_answer_block(text)
         return block is not None and check_countdown(block.group(1), example.data["numbers"],
-                                                     example.data["target"])
+                                                     example.data["target"], self.ops)
 
     def cloud_messages(self, example: Example) -> list[dict]:
         """[ours] The same question, with a system message that offers no help escape."""

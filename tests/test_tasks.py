@@ -1085,3 +1085,17 @@ def test_gsm8k_declared_negative_amount_with_the_dollar_sign_after_the_minus(tex
     """"#### -$5" declares -5 (it was no declared answer, and the last number read was 5)."""
     assert gsm8k_final_number(text) == expected
     assert MathTask(kind="gsm8k").answer_start("Step 1: x.\n" + text) == len("Step 1: x.\n")
+
+
+def test_countdown_rejects_an_operator_outside_the_task_ops():
+    """The prompt lists only the task's ops ("You can use + and -"): 3 * 4 uses neither."""
+    task = CountdownTask(n_numbers=2, number_range=(1, 9), ops="+-", target_range=(1, 20),
+                         n_train=0, n_test=1)
+    ex = Example("k", [], {"numbers": [3, 4], "target": 12, "solution": ""})
+    assert not task.local_correct(ex, "<think>x</think> <answer>3 * 4</answer>")
+    assert not task.cloud_correct(ex, "<answer>(3 * 4)</answer>")
+    assert task.local_correct(Example("k", [], {"numbers": [3, 4], "target": 7, "solution": ""}),
+                              "<think>x</think> <answer>3 + 4</answer>")
+    assert CountdownTask(n_train=0, n_test=1).local_correct(ex, "<answer>3 * 4</answer>")
+    assert not check_countdown("8 / 4", [8, 4], 2, ops="+-*")
+    assert check_countdown("8 / 4", [8, 4], 2)
