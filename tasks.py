@@ -637,7 +637,8 @@ class TinyCountdownTask(Task):
 
     def wrong_chain(self, example: Example, rng: random.Random, tries: int = 8) -> str:
         """A near miss: of `tries` random valid chains (true arithmetic, all numbers), the one whose
-        final value is closest to the target without equalling it; if none, any wrong chain."""
+        final value is closest to the target without equalling it; if none, any wrong chain; if
+        every chain lands on the target, the solution with its last result miswritten by one."""
         numbers, target = example.data["numbers"], example.data["target"]
         best = None
         for _ in range(tries):
@@ -652,8 +653,10 @@ class TinyCountdownTask(Task):
                     steps = _run_chain(list(order), list(ops))
                     if steps is not None and steps[-1][3] != target:
                         wrong.append(steps)
-            if not wrong:  # every chain lands on the target: there is no wrong chain to write
-                return example.data["solution"]
+            if not wrong:  # every chain lands on the target: a slip in the solution's last step
+                solution = example.data["solution"]
+                final = int(solution[-4:-1])
+                return f"{solution[:-4]}{final + 1 if final < 999 else final - 1:03d}]"
             best = rng.choice(wrong)
         return _chain_text(best)
 

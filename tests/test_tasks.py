@@ -1099,3 +1099,19 @@ def test_countdown_rejects_an_operator_outside_the_task_ops():
     assert CountdownTask(n_train=0, n_test=1).local_correct(ex, "<answer>3 * 4</answer>")
     assert not check_countdown("8 / 4", [8, 4], 2, ops="+-*")
     assert check_countdown("8 / 4", [8, 4], 2)
+
+
+def test_tiny_wrong_answer_is_wrong_even_when_every_chain_lands_on_the_target():
+    """Numbers [1, 1] with ops "*": the only chain is 1 * 1 = 1, the target. The simulated cloud's
+    wrong answer (cloud.py: "plausible, but wrong") and a wrong warm-start trace must still be
+    wrong: the solution with its last result miswritten, [001*001=002]."""
+    task = TinyCountdownTask(n_numbers=2, number_range=(1, 1), ops="*", n_train=0, n_test=1)
+    (ex,) = task.examples("test")
+    assert ex.data["solution"] == "[001*001=001]"
+    rng = random.Random(0)
+    assert task.wrong_chain(ex, rng) == "[001*001=002]"
+    assert task.cloud_correct(ex, task.oracle_answer(ex, True, rng))
+    assert not task.cloud_correct(ex, task.oracle_answer(ex, False, rng))
+    trace = task.warm_start_completion(ex, rng, p_correct=0.0, p_help=0.0)
+    assert trace == "[001*001=002]00=00=21#A" and task.formatted(trace)
+    assert not task.local_correct(ex, trace)
