@@ -665,11 +665,10 @@ class TinyCountdownTask(Task):
 
     def self_check_correct(self, example: Example, text: str) -> bool:
         close = text.find("]")
-        try:
-            final = int(text[close - 3:close])
-        except ValueError:
+        written = text[close - 3:close] if close >= 3 else ""  # no "]": no answer, so no check
+        if len(written) != 3 or any(c not in _ASCII_DIGITS for c in written):
             return False
-        return text[close + 1:close + 10] == tiny_check_text(final, example.data["target"])
+        return text[close + 1:close + 10] == tiny_check_text(int(written), example.data["target"])
 
     def warm_start_completion(self, example: Example, rng: random.Random,
                               p_correct: float = 0.7, p_help: float = 0.2) -> str:

@@ -1115,3 +1115,12 @@ def test_tiny_wrong_answer_is_wrong_even_when_every_chain_lands_on_the_target():
     trace = task.warm_start_completion(ex, rng, p_correct=0.0, p_help=0.0)
     assert trace == "[001*001=002]00=00=21#A" and task.formatted(trace)
     assert not task.local_correct(ex, trace)
+
+
+def test_self_check_correct_needs_a_chain_to_check():
+    """Without a "]" there is no final result: text[-4:-1] of "11=22=00=1200" is no answer."""
+    task = TinyCountdownTask(n_train=1, n_test=1)
+    example = Example(key="k", prompt="07,03,12|120=", data={"numbers": [7, 3, 12], "target": 120})
+    assert not task.self_check_correct(example, "11=22=00=1200")
+    assert not task.self_check_correct(example, "[1_2]01#12#20#A")  # int() reads "1_2" as 12
+    assert task.self_check_correct(example, "[007+003=010,010*012=120]11=22=00=A")
