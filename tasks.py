@@ -1038,6 +1038,11 @@ TEMPLATE2_SYSTEM = (  # str.format(max_steps=..., marker=HELP_MARKER)
     "{max_steps} steps, stop and reply with {marker} instead of an answer."
 )
 CLOUD_TEMPLATE2_SYSTEM = "Solve the problem step by step and put the final answer in \\boxed{}."
+# help disabled (the task-tuning baseline): Template II without its help option, nothing else
+NO_HELP_TEMPLATE2_SYSTEM = (
+    "Solve the problem step by step, writing your reasoning as \"Step 1: ...\", \"Step 2: ...\" "
+    "and so on, and put the final answer in \\boxed{}."
+)
 
 
 class MathTask(Task):
@@ -1147,8 +1152,10 @@ class MathTask(Task):
         return f"the scorer reads {read} in it (from a later \\boxed{{}}), not {gold[:60]!r}"
 
     def messages(self, problem: str, cloud: bool) -> list[dict]:
-        if cloud or not self.allow_help:
+        if cloud:
             system = CLOUD_TEMPLATE2_SYSTEM
+        elif not self.allow_help:
+            system = NO_HELP_TEMPLATE2_SYSTEM
         else:
             system = TEMPLATE2_SYSTEM.format(max_steps=self.max_steps, marker=HELP_MARKER)
         return [{"role": "system", "content": system},

@@ -582,6 +582,18 @@ def test_math_task_loads_and_checks(tmp_path):
         assert not task.cloud_correct(ex, task.oracle_answer(ex, False, rng))
 
 
+def test_math_task_without_help_keeps_the_step_layout(tmp_path):
+    """allow_help=False (the task-tuning baseline) removes the help option only, as Countdown's
+    does: the "Step 1: ..." layout that formatted() checks stays in the prompt (it was the cloud's
+    message, which has none)."""
+    path = _write(tmp_path / "m.jsonl", [json.dumps({"problem": "p", "solution": "\\boxed{1}"})])
+    helped = MathTask(path_train=path).examples("train")[0].prompt[0]["content"]
+    alone = MathTask(path_train=path, allow_help=False).examples("train")[0].prompt[0]["content"]
+    assert "Step 1" in alone and "\\boxed{}" in alone
+    assert "<unknown>" not in alone and "steps, stop" not in alone
+    assert helped.startswith(alone[:-1])  # Template II up to its help sentence
+
+
 def test_gsm8k_task(tmp_path):
     path = _write(tmp_path / "gsm.jsonl", [json.dumps({"question": "How many?", "answer": "5+7=12\n#### 1,212"})])
     task = MathTask(path_test=path, kind="gsm8k")
