@@ -978,10 +978,13 @@ def refuse(path, problems: list[str], shown: int = 20) -> None:
                          + "\n  ".join(problems[:shown]) + more)
 
 
-def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
+def load_jsonl(path, fields: tuple[str, ...],
+               problems: list | None = None) -> list[tuple[int, dict]]:
     """(line number, record) for each non-blank line of a UTF-8 JSONL file (a byte-order mark may
     open it); a missing file, a file or line not UTF-8, invalid JSON or a record without one of
-    `fields` (as a string) is an error naming file, line, field."""
+    `fields` (as a string) is an error naming file, line, field. The refused lines (invalid JSON,
+    a missing field, ...) are all named in one error (refuse), or, given `problems`, appended to
+    it for the caller's error, with its own refused records."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
@@ -991,7 +994,7 @@ def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
         if data.startswith(bom):
             raise ValueError(f"{path}: the file is {name} (it starts with the byte-order mark "
                              f"{bom.hex(' ').upper()}); save it as UTF-8")
-    records = []
+    records, refused = [], []
     # bytes.splitlines() breaks at \n, \r\n and \r only, as reading in text mode did (not at
     # U+2028, which a JSON string may hold); each line is decoded alone, so that an error names it
     for line_number, raw in enumerate(data.splitlines(), start=1):
@@ -1008,28 +1011,38 @@ def load_jsonl(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
                              f"column {column}); save the file as UTF-8") from None
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg} at column "
-                             f"{e.colno})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line_number}: expected a JSON object, got "
-                             f"{type(record).__name__}")
-        for name in fields:
-            if not isinstance(record.get(name), str):
-                problem = "missing" if name not in record else "not a string"
-                raise ValueError(f"{path}:{line_number}: field {name!r} is {problem}")
-            try:  # "\ud83d" alone: JSON allows it, no tokenizer or UTF-8 file takes it
-                record[name].encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"{path}:{line_number}: field {name!r} holds half a UTF-16 "
-                                 f"surrogate pair ({record[name][e.start]!r}) at character "
-                                 f"{e.start}, which is no text") from None
-        records.append((line_number, record))
-    if not records:
+        record, why = _parse_record(line, fields)
+        if why:
+            refused.append(f"{path}:{line_number}: {why}")
+        else:
+            records.append((line_number, record))
+    if problems is None:
+        refuse(path, refused)
+    else:
+        problems.extend(refused)
+    if not records and not refused:
         raise ValueError(f"{path}: no records")
     return records
+
+
+def _parse_record(line: str, fields: tuple[str, ...]) -> tuple[dict | None, str | None]:
+    """(the record of a JSONL line, None), or (None, why it is no record with every one of
+    `fields` a string)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    for name in fields:
+        if not isinstance(record.get(name), str):
+            return None, f"field {name!r} is {'missing' if name not in record else 'not a string'}"
+        try:  # "\ud83d" alone: JSON allows it, no tokenizer or UTF-8 file takes it
+            record[name].encode("utf-8")
+        except UnicodeEncodeError as e:
+            return None, (f"field {name!r} holds half a UTF-16 surrogate pair "
+                          f"({record[name][e.start]!r}) at character {e.start}, which is no text")
+    return record, None
 
 
 TEMPLATE2_SYSTEM = (  # str.format(max_steps=..., marker=HELP_MARKER)
@@ -1077,7 +1090,7 @@ class MathTask(Task):
     def _load(self, path) -> list[Example]:
         """The file's examples; every record refused is named in one error (not one per run)."""
         examples, problems = [], []
-        for line_number, record in load_jsonl(path, self.KINDS[self.kind]):
+        for line_number, record in load_jsonl(path, self.KINDS[self.kind], problems):
             try:
                 examples.append(self._example(path, line_number, record))
             except ValueError as e:

@@ -665,6 +665,24 @@ def test_every_refused_record_of_a_file_is_named_in_one_error(tmp_path):
         MathTask(path_train=many, kind="gsm8k").examples("train")
 
 
+def test_every_refused_line_of_a_file_is_named_in_one_error(tmp_path):
+    """Lines that are no record (invalid JSON, a field missing or not a string) are refused
+    records too: named in the same one error as the others (README), not one per run."""
+    rows = [json.dumps({"problem": "a"}), json.dumps({"problem": "b", "solution": "no box"}),
+            json.dumps({"problem": 5, "solution": "\\boxed{1}"}), "{oops",
+            json.dumps({"problem": "c", "solution": "\\boxed{2}"})]
+    path = _write(tmp_path / "m.jsonl", rows)
+    with pytest.raises(ValueError) as refused:
+        MathTask(path_train=path).examples("train")
+    assert sorted(str(refused.value).splitlines()) == sorted([
+        f"{path}: 4 records refused (mend or remove them):",
+        f"  {path}:1: field 'solution' is missing",
+        f"  {path}:2: field 'solution' has no \\boxed{{...}} answer",
+        f"  {path}:3: field 'problem' is not a string",
+        f"  {path}:4: invalid JSON (Expecting property name enclosed in double quotes at "
+        f"column 2)"])
+
+
 @pytest.mark.parametrize("answer, read_as", [
     ("#### 1e5", "1"), ("#### 3/4", "3"), ("#### 1 000", "1"), ("#### 5,00", "5"),
     ("#### 3 1/2", "3"), ("#### 1.2.3", "1.2"), ("#### \u22125 1", "-5"),
