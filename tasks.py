@@ -338,16 +338,15 @@ def _ops_in_words(ops: str) -> str:
     return ops if len(ops) == 1 else ", ".join(ops[:-1]) + " and " + ops[-1]
 
 
-TEMPLATE1_SYSTEM = (
-    "You are a helpful assistant. You first reason about the problem step by step inside "
-    "<think> </think> tags, and then give your final answer inside <answer> </answer> tags at the "
-    "very end of your response. If after thorough reasoning you cannot find a solution, end your "
-    f"response with the help request {HELP_MARKER} instead of an answer."
-)
+# the cloud's prompt, and the device's with help disabled; the device's adds the help option
 CLOUD_TEMPLATE1_SYSTEM = (
     "You are a helpful assistant. You first reason about the problem step by step inside "
     "<think> </think> tags, and then give your final answer inside <answer> </answer> tags at the "
     "very end of your response."
+)
+TEMPLATE1_SYSTEM = CLOUD_TEMPLATE1_SYSTEM + (
+    " If after thorough reasoning you cannot find a solution, end your response with the help "
+    f"request {HELP_MARKER} instead of an answer."
 )
 
 
@@ -978,13 +977,11 @@ def refuse(path, problems: list[str], shown: int = 20) -> None:
                          + "\n  ".join(problems[:shown]) + more)
 
 
-def load_jsonl(path, fields: tuple[str, ...],
-               problems: list | None = None) -> list[tuple[int, dict]]:
-    """(line number, record) for each non-blank line of a UTF-8 JSONL file (a byte-order mark may
-    open it); a missing file, a file or line not UTF-8, invalid JSON or a record without one of
-    `fields` (as a string) is an error naming file, line, field. The refused lines (invalid JSON,
-    a missing field, ...) are all named in one error (refuse), or, given `problems`, appended to
-    it for the caller's error, with its own refused records."""
+def load_jsonl(path, fields: tuple[str, ...], problems: list[str]) -> list[tuple[int, dict]]:
+    """(line number, record) for each good non-blank line of a UTF-8 JSONL file (a byte-order
+    mark may open it). A missing file, or a file or line not UTF-8, is an error at once; a line
+    of invalid JSON or a record without one of `fields` (as a string) is appended to `problems`,
+    naming file, line and field, for the caller's one error (refuse) with its own refusals."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
@@ -1016,10 +1013,7 @@ def load_jsonl(path, fields: tuple[str, ...],
             refused.append(f"{path}:{line_number}: {why}")
         else:
             records.append((line_number, record))
-    if problems is None:
-        refuse(path, refused)
-    else:
-        problems.extend(refused)
+    problems.extend(refused)
     if not records and not refused:
         raise ValueError(f"{path}: no records")
     return records
@@ -1045,17 +1039,17 @@ def _parse_record(line: str, fields: tuple[str, ...]) -> tuple[dict | None, str 
     return record, None
 
 
-TEMPLATE2_SYSTEM = (  # str.format(max_steps=..., marker=HELP_MARKER)
-    "Solve the problem step by step, writing your reasoning as \"Step 1: ...\", \"Step 2: ...\" "
-    "and so on, and put the final answer in \\boxed{{}}. If you have not solved the problem after "
-    "{max_steps} steps, stop and reply with {marker} instead of an answer."
-)
-CLOUD_TEMPLATE2_SYSTEM = "Solve the problem step by step and put the final answer in \\boxed{}."
-# help disabled (the task-tuning baseline): Template II without its help option, nothing else
+# the device's prompt with help disabled (the task-tuning baseline); with help, TEMPLATE2_HELP
+# follows it
 NO_HELP_TEMPLATE2_SYSTEM = (
     "Solve the problem step by step, writing your reasoning as \"Step 1: ...\", \"Step 2: ...\" "
     "and so on, and put the final answer in \\boxed{}."
 )
+TEMPLATE2_HELP = (  # str.format(max_steps=..., marker=HELP_MARKER)
+    " If you have not solved the problem after {max_steps} steps, stop and reply with {marker} "
+    "instead of an answer."
+)
+CLOUD_TEMPLATE2_SYSTEM = "Solve the problem step by step and put the final answer in \\boxed{}."
 
 
 class MathTask(Task):
@@ -1170,7 +1164,8 @@ class MathTask(Task):
         elif not self.allow_help:
             system = NO_HELP_TEMPLATE2_SYSTEM
         else:
-            system = TEMPLATE2_SYSTEM.format(max_steps=self.max_steps, marker=HELP_MARKER)
+            system = NO_HELP_TEMPLATE2_SYSTEM + TEMPLATE2_HELP.format(max_steps=self.max_steps,
+                                                                      marker=HELP_MARKER)
         return [{"role": "system", "content": system},
                 {"role": "user", "content": problem + "\nLet's think step by step."}]
 
