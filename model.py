@@ -17,6 +17,7 @@ import numbers
 import os
 import re
 import shutil
+import socket
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -536,23 +537,33 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_if_dead(path: str, pid: str) -> None:
-    """Remove a temporary file or directory that process `pid` was writing when it was killed
-    (its name ends in the pid); one a live process is still writing stays."""
-    if pid.isdigit() and not process_alive(int(pid)):
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+def temp_path(path: str) -> str:
+    """PATH.tmp.PID@HOST: where this process writes PATH before renaming it into place. The
+    host is part of the name because a shared file system (a cluster's home directory) is seen
+    by processes of other machines, whose PIDs mean nothing here."""
+    return f"{path}.tmp.{os.getpid()}@{socket.gethostname()}"
+
+
+def remove_dead_temps(pattern: str) -> None:
+    """Remove the temp_path() files or directories matching PATTERN.tmp.* (a glob: escape the
+    literal parts) whose writer was killed: a process of this host that no longer runs. A live
+    writer's stay, and so does another host's, whose liveness cannot be checked from here (a
+    name without a host is an older version's, of this host)."""
+    for partial in glob.glob(pattern + ".tmp.*"):
+        pid, _, host = partial.rsplit(".tmp.", 1)[1].partition("@")
+        if pid.isdigit() and host in ("", socket.gethostname()) and not process_alive(int(pid)):
+            if os.path.isdir(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(partial)
 
 
 def atomic_write(path: str, write):
-    """Write through a temp file in the same directory (PATH.tmp.PID), fsync, rename: never a
+    """Write through a temp file in the same directory (temp_path), fsync, rename: never a
     torn file. The temp files of writers of `path` killed meanwhile go first."""
-    for partial in glob.glob(glob.escape(path) + ".tmp.*"):
-        remove_if_dead(partial, partial.rsplit(".tmp.", 1)[1])
-    tmp = f"{path}.tmp.{os.getpid()}"
+    remove_dead_temps(glob.escape(path))
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

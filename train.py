@@ -43,7 +43,7 @@ from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the modu
 from cloud import CloudCache, CloudError, NoCloud, check_appendable, make_cloud
 from model import (ConfigDumper, ConfigLoader, ModelConfig, Transformer, atomic_write_text,
                    build_char_tokenizer, check_writable, load_pretrained, load_tokenizer,
-                   reraise_naming, remove_if_dead, save_pretrained)
+                   remove_dead_temps, reraise_naming, save_pretrained, temp_path)
 from reward import RewardConfig
 from tasks import TASKS, make_task, task_settings
 
@@ -667,9 +667,8 @@ def warm_start(cfg: Config, task, device) -> str:
     if others:  # say why minutes of training start although warm starts are cached
         print(f"warm start: none of the {len(others)} cached in {cfg.warm_start.cache_dir} has "
               f"these settings (model, warm_start and task sections, seed, the task's traces)")
-    # killed processes' unfinished saves, of these settings or others: OUT.tmpPID
-    for partial in glob.glob(os.path.join(glob.escape(cfg.warm_start.cache_dir), "*.tmp*")):
-        remove_if_dead(partial, partial.rsplit(".tmp", 1)[1])
+    # killed processes' unfinished saves, of these settings or others: OUT.tmp.PID@HOST
+    remove_dead_temps(os.path.join(glob.escape(cfg.warm_start.cache_dir), "*"))
     ws, m = cfg.warm_start, cfg.model
     tokenizer = build_char_tokenizer(task.alphabet)
     model_cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,
@@ -711,7 +710,7 @@ def warm_start(cfg: Config, task, device) -> str:
     stats = warm_start_stats(model, tokenizer, task, cfg.sampling.max_new_tokens, n_stats)
     print(f"warm start: greedy on {n_stats} test prompts: " +
           ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
-    tmp = out + f".tmp{os.getpid()}"
+    tmp = temp_path(out)
     try:
         save_pretrained(model, tmp, tokenizer)
         atomic_write_text(os.path.join(tmp, "warm_start.json"), json.dumps(
@@ -889,9 +888,8 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         # a save cut short leaves a whole checkpoint.tmp: its space back before anything is written
         shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
-        for name in RUN_FILES:  # their atomic writes cut short: NAME.tmp.PID of a dead process
-            for partial in glob.glob(os.path.join(glob.escape(self.run_dir), name + ".tmp.*")):
-                remove_if_dead(partial, partial.rsplit(".tmp.", 1)[1])
+        for name in RUN_FILES:  # their atomic writes cut short: NAME.tmp.PID@HOST, writer dead
+            remove_dead_temps(os.path.join(glob.escape(self.run_dir), name))
         if not cfg.resume:  # a fresh start: the old run files go (config.yaml is rewritten)
             for stale in (name for name in RUN_FILES if name != "config.yaml"):
                 if os.path.exists(os.path.join(self.run_dir, stale)):

@@ -2,6 +2,7 @@
 import json
 import re
 import os
+import socket
 
 import pytest
 import torch
@@ -570,18 +571,41 @@ def test_weights_of_another_shape_than_config_json_says_are_an_error_naming_them
 
 
 def test_atomic_write_removes_the_temp_files_of_killed_writers(tmp_path):
-    """PATH.tmp.PID of a process that no longer runs goes when PATH is written again (eval.py's
-    report.md.tmp.PID stayed for ever); a running writer's (here the parent) and a file only
-    named like one stay."""
+    """PATH.tmp.PID@HOST of a process of this host that no longer runs goes when PATH is written
+    again (eval.py's report.md.tmp.PID stayed for ever), as does an older version's PATH.tmp.PID;
+    a running writer's (here the parent), another host's and a file only named like one stay."""
     from model import atomic_write_text
-    path = tmp_path / "report.md"
-    dead, alive = tmp_path / "report.md.tmp.4194399", tmp_path / f"report.md.tmp.{os.getppid()}"
+    path, host = tmp_path / "report.md", socket.gethostname()
+    dead, old = tmp_path / f"report.md.tmp.4194399@{host}", tmp_path / "report.md.tmp.4194398"
+    alive = tmp_path / f"report.md.tmp.{os.getppid()}@{host}"
+    elsewhere = tmp_path / "report.md.tmp.4194399@another-host"
     other = tmp_path / "report.md.tmp.draft"
-    for leftover in (dead, alive, other):
+    for leftover in (dead, old, alive, elsewhere, other):
         leftover.write_text("half")
     atomic_write_text(str(path), "whole")
     assert path.read_text() == "whole"
-    assert not dead.exists() and alive.exists() and other.exists()
+    assert not dead.exists() and not old.exists()
+    assert alive.exists() and elsewhere.exists() and other.exists()
+
+
+def test_a_writer_on_another_host_keeps_its_temp_file(tmp_path, monkeypatch):
+    """Two machines writing into one shared directory: a PID of the other machine is no process
+    here, so its temp file must not be taken for a killed writer's and removed mid-write."""
+    import model
+    path = tmp_path / "metrics.json"
+
+    def write_from_host_a(f):  # while host A writes, host B (this process) writes the same path
+        monkeypatch.setattr(socket, "gethostname", lambda: "host-b")
+        monkeypatch.setattr(os, "getpid", real_getpid)
+        model.atomic_write_text(str(path), "from B")
+        f.write(b"from A")
+
+    real_getpid = os.getpid
+    monkeypatch.setattr(socket, "gethostname", lambda: "host-a")
+    monkeypatch.setattr(os, "getpid", lambda: 4194399)  # A's PID: above Linux's largest
+    model.atomic_write(str(path), write_from_host_a)
+    assert path.read_text() == "from A"
+    assert os.listdir(tmp_path) == ["metrics.json"]
 
 
 def test_saved_config_states_the_weights_dtype(tmp_path):

@@ -721,7 +721,7 @@ def test_a_crash_mid_save_never_loses_the_checkpoint(tmp_path, straight, monkeyp
     # leftovers: the next start removes them, but not the file of a process still writing it
     shutil.copytree(run / "checkpoint", run / "checkpoint.old")
     (run / "checkpoint.old" / "model.safetensors").unlink()  # half deleted
-    dead, alive = run / "metrics.jsonl.tmp.4194399", run / f"config.yaml.tmp.{os.getppid()}"
+    dead, alive = run / "metrics.jsonl.tmp.4194399", run / f"config.yaml.tmp.{os.getppid()}@{socket.gethostname()}"
     users = run / "notes.tmp.4194399"  # named like one, but no file train.py writes: kept
     for path, text in [(dead, '{"train/st'), (alive, "name: "), (users, "mine")]:
         path.write_text(text)
@@ -1435,17 +1435,20 @@ def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
 
 
 def test_a_killed_warm_starts_partial_save_is_removed(tmp_path):
-    """out.tmp<PID> of a process that no longer runs is removed by the next warm start, whatever
-    settings it was saving (another key's stayed for ever); one of a running process (here the
-    parent) is left alone."""
+    """out.tmp.PID@HOST of a process of this host that no longer runs is removed by the next warm
+    start, whatever settings it was saving (another key's stayed for ever); one of a running
+    process (here the parent) or of another host is left alone."""
     cfg = train.load_config(tiny_args(tmp_path, "name=w"))
     out = os.path.join(cfg.warm_start.cache_dir, train.warm_start_key(cfg, train.load_task(cfg)[0]))
-    dead, alive = out + ".tmp4194399", out + f".tmp{os.getppid()}"  # above Linux's largest PID
-    other_dead = os.path.join(cfg.warm_start.cache_dir, "0123abcd.tmp4194398")
-    for d in (dead, alive, other_dead):
+    host = socket.gethostname()
+    dead, alive = out + f".tmp.4194399@{host}", out + f".tmp.{os.getppid()}@{host}"  # > max PID
+    other_dead = os.path.join(cfg.warm_start.cache_dir, f"0123abcd.tmp.4194398@{host}")
+    elsewhere = out + ".tmp.4194399@another-host"
+    for d in (dead, alive, other_dead, elsewhere):
         os.makedirs(d)
     train.warm_start(cfg, train.load_task(cfg)[0], torch.device("cpu"))
-    assert not os.path.exists(dead) and not os.path.exists(other_dead) and os.path.isdir(alive)
+    assert not os.path.exists(dead) and not os.path.exists(other_dead)
+    assert os.path.isdir(alive) and os.path.isdir(elsewhere)
     assert os.path.exists(os.path.join(out, "warm_start.json"))
 
 
