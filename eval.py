@@ -490,11 +490,17 @@ def load_run(path, device) -> Run:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or e
         raise ValueError(f"{config} is not valid YAML: {problem}{where}") from e
+    except UnicodeDecodeError as e:  # as train.py reports it
+        raise ValueError(f"{config} is not UTF-8 text ({e.reason} at byte {e.start}); save it "
+                         "as UTF-8") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{config} is not a train.py config (a mapping of sections)")
     for key in ("model", "task", "cloud", "sampling", "eval"):
         if not isinstance(cfg.get(key), dict):
             raise ValueError(f"{config}: section {key!r} is missing")
+    if not isinstance(cfg.get("rl") or {}, dict):  # optional (its labels, steps and rho read it)
+        raise ValueError(f"{config}: section 'rl' must be a mapping of its settings, got "
+                         f"{cfg['rl']!r}")
     if not isinstance(cfg["task"].get("name"), str):
         raise ValueError(f"{config}: task.name is missing (the task's name, e.g. countdown)")
     if cfg.get("precision", "fp32") not in ("fp32", "bf16-mixed", "bf16"):
@@ -555,7 +561,8 @@ def _training_note(run) -> str | None:
     try:
         with open(os.path.join(run.path, "metrics.jsonl")) as f:
             for line in f:
-                step = json.loads(line).get("train/step", step)
+                row = json.loads(line)
+                step = row.get("train/step", step) if isinstance(row, dict) else step
     except (OSError, ValueError):
         pass
     steps = (run.cfg.get("rl") or {}).get("steps", "?")

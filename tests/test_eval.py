@@ -617,6 +617,29 @@ def test_cli_bad_run_files_are_one_line_errors(tmp_path, no_evaluation):
         [run_with_config(tmp_path, "abc_n", lambda t: t.replace("n: 20", "n: abc"))])
 
 
+def test_a_damaged_rl_section_config_encoding_or_metrics_line_is_a_one_line_error_or_ignored(
+        tmp_path):
+    """An `rl:` that is not a mapping and a config.yaml that is not UTF-8 were a traceback and
+    an error naming no file; a metrics.jsonl line that is JSON but not an object (read only for
+    the unfinished-run note) was a traceback."""
+    rl_list = run_with_config(tmp_path, "rl_list", lambda t: t.replace("rl:", "rl: [1]\nold_rl:"))
+    assert ("rl_list/config.yaml: section 'rl' must be a mapping of its settings, got [1]"
+            in exit_message([rl_list, "--n", "2", "--router-n", "0"]))
+    latin = run_with_config(tmp_path, "latin", lambda t: t + "# caf\xe9\n")
+    with open(os.path.join(latin, "config.yaml"), "r+b") as f:
+        text = f.read().replace("\xe9".encode(), b"\xe9")   # Latin-1, not UTF-8
+        f.seek(0), f.truncate(), f.write(text)
+    assert re.search(r"latin/config.yaml is not UTF-8 text \(invalid continuation byte at byte "
+                     r"\d+\); save it as UTF-8", exit_message([latin, "--n", "2"]))
+    run = write_run(tmp_path, "listed", True, seed=1)
+    os.remove(os.path.join(run, "final_eval.json"))
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.write('{"train/step": 1}\n{"train/step": 3}\n[3]\n')
+    res = ev.main([run, "--n", "2", "--router-n", "0"])
+    assert any(n.startswith(f"{run} has not finished training (logged up to step 3 of ?)")
+               for n in res.notes)
+
+
 def test_a_null_budget_is_rho_over_one_plus_rho(tmp_path):
     run = write_run(tmp_path, "p", True, seed=0)
     with open(os.path.join(run, "config.yaml")) as f:
