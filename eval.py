@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import platform
+import shlex
 import signal
 import sys
 import time
@@ -1120,7 +1121,7 @@ def _main(argv):
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     args = p.parse_args(argv)
-    command = "python eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python eval.py " + shlex.join(sys.argv[1:] if argv is None else argv)  # as typed
     progress = Progress()
     try:
         # every directory written at the end must be writable now, not after the evaluation

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 import types
@@ -638,6 +639,17 @@ def test_a_damaged_rl_section_config_encoding_or_metrics_line_is_a_one_line_erro
     res = ev.main([run, "--n", "2", "--router-n", "0"])
     assert any(n.startswith(f"{run} has not finished training (logged up to step 3 of ?)")
                for n in res.notes)
+
+
+def test_the_recorded_command_runs_the_same_evaluation_when_pasted_into_a_shell(tmp_path):
+    """A run directory whose name holds a space was recorded unquoted in eval.json and
+    report.md, so the command read back named two directories."""
+    run = write_run(tmp_path, "my run", True, seed=1)
+    args = [run, "--n", "2", "--router-n", "0"]
+    ev.main(args)
+    command = json.load(open(os.path.join(run, "eval.json")))["settings"]["command"]
+    assert shlex.split(command) == ["python", "eval.py"] + args
+    assert f"- command: `{command}`" in open(os.path.join(run, "report.md")).read()
 
 
 def test_a_null_budget_is_rho_over_one_plus_rho(tmp_path):
