@@ -649,6 +649,9 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
             raise ValueError(f"{r.path} and {first.path} use different tasks ({_task_key(r.cfg)} vs "
                              f"{_task_key(first.cfg)}); runs in one table must share the task")
     all_examples = first.task.examples(split)
+    if not all_examples:
+        raise ValueError(f"the {split} split of {first.path}'s task has no examples (its "
+                         "config.yaml's task section); evaluate a split that has some")
     notes = []
     if budget is None:   # the first run's eval.budget; a run that sets another is noted
         budget = _configured_budget(first)

@@ -652,6 +652,16 @@ def test_the_recorded_command_runs_the_same_evaluation_when_pasted_into_a_shell(
     assert f"- command: `{command}`" in open(os.path.join(run, "report.md")).read()
 
 
+def test_an_empty_split_is_an_error_naming_it(tmp_path, no_evaluation):
+    """A hand-edited task with no test prompts (train.py refuses one) failed inside the greedy
+    decode, naming neither the split nor the run."""
+    run = run_with_config(tmp_path, "empty", lambda t: t.replace("n_test: 30", "n_test: 0"))
+    for n in ([], ["--n", "0"]):   # eval.n = 20 of none, or all of none
+        assert exit_message([run, "--router-n", "0"] + n) == (
+            f"eval error: the test split of {run}'s task has no examples (its config.yaml's "
+            "task section); evaluate a split that has some")
+
+
 def test_a_null_budget_is_rho_over_one_plus_rho(tmp_path):
     run = write_run(tmp_path, "p", True, seed=0)
     with open(os.path.join(run, "config.yaml")) as f:
