@@ -204,6 +204,8 @@ def memory_child(which: str, model_name: str, device: str, dtype: str = "fp32"):
     path, prompts, n, new = setup(model_name)
     model = load_pretrained(path, dtype=DTYPES[dtype], device=device) if which == "ours" \
         else load_hf(path, device, DTYPES[dtype])
+    # before the baseline: the tokenizer stops() loads is no part of the generate call's growth
+    stop, pad = stops(model_name, path)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -212,7 +214,6 @@ def memory_child(which: str, model_name: str, device: str, dtype: str = "fp32"):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = proc_status_bytes("VmRSS")
-    stop, pad = stops(model_name, path)
     if which == "ours":
         run_ours(model, prompts, n, new, device, stop)
     else:

@@ -1,4 +1,6 @@
 """bench.py's command line (the benchmark itself is run by hand, never timed in tests)."""
+import json
+
 import pytest
 
 import bench
@@ -107,3 +109,43 @@ def test_random_models_have_the_public_shapes():
               "llama-3.2-3b": 3_212_749_824}
     for arch, count in counts.items():
         assert bench.random_model(arch, "meta").num_params() == count, arch
+
+
+def test_the_memory_child_counts_the_generate_call_alone(monkeypatch, capsys):
+    """peak_bytes is the growth during the generate call: memory taken before it (the model,
+    the tokenizer that stops() loads for a chat model) is under the baseline."""
+    import types
+    rss = {"now": 100 << 20, "peak": 100 << 20}
+
+    def grow(mib):
+        rss["now"] += mib << 20
+        rss["peak"] = max(rss["peak"], rss["now"])
+
+    def fake_stops(model, path):
+        grow(30)  # the tokenizer
+        return [2], 0
+
+    def fake_generate(*args):
+        grow(7)
+        rss["now"] -= 7 << 20  # freed again: only the peak keeps it
+        return 1.0, 1
+
+    class ClearRefs:  # "5" resets the peak mark to the current RSS
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            assert text == "5"
+            rss["peak"] = rss["now"]
+    monkeypatch.setattr(bench, "setup", lambda model: ("unused", [[1, 2]], 1, 4))
+    monkeypatch.setattr(bench, "load_pretrained", lambda *a, **k: types.SimpleNamespace())
+    monkeypatch.setattr(bench, "stops", fake_stops)
+    monkeypatch.setattr(bench, "run_ours", fake_generate)
+    monkeypatch.setattr(bench, "open", lambda path, mode: ClearRefs(), raising=False)
+    monkeypatch.setattr(bench, "proc_status_bytes",
+                        lambda field: rss["now"] if field == "VmRSS" else rss["peak"])
+    bench.memory_child("ours", "smollm2", "cpu")
+    assert json.loads(capsys.readouterr().out) == {"peak_bytes": 7 << 20}
