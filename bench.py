@@ -7,11 +7,11 @@
                                            random weights of a real shape (default Qwen2.5-1.5B)
 
 Rates are generated tokens per second (median over alternating runs). "Model FLOP/s" counts the
-useful work, identical for both: 2 * (matmul parameters) per prompt token once and per generated
-token, divided by the time; it is reported as a fraction of a large matmul's FLOP/s in the same
-dtype measured here (the machine's practical peak). Peak memory is measured in a fresh child
-process per implementation: growth of the peak resident set during one generate call on CPU
-(Linux), peak allocated bytes on CUDA.
+useful work alike for both: 2 * (matmul parameters) per prompt token once and per token the run
+generated, divided by its time (median over the runs); it is reported as a fraction of a large
+matmul's FLOP/s in the same dtype measured here (the machine's practical peak). Peak memory is
+measured in a fresh child process per implementation: growth of the peak resident set during one
+generate call on CPU (Linux), peak allocated bytes on CUDA.
 Imported by no other file but scripts/gpu_footprint.py (its architecture table and random
 models).
 """
@@ -255,20 +255,20 @@ def bench_sample(args):
     # was 9x slower than its later ones, which a shorter warm-up left inside the timed runs
     run_ours(ours, prompts, n, new, device, stop)
     run_hf(hf, prompts, n, new, device, pad, stop or None)
-    rates = {"ours": [], "transformers": []}
+    rates, flop_rates = {"ours": [], "transformers": []}, {"ours": [], "transformers": []}
+    prompt_tokens = sum(map(len, prompts))
     for rep in range(args.reps):
         for name in ("ours", "transformers"):
             dt, tokens = (run_ours(ours, prompts, n, new, device, stop) if name == "ours"
                           else run_hf(hf, prompts, n, new, device, pad, stop or None))
             rates[name].append(tokens / dt)
+            # this run's useful work: rows stopped at eos generated fewer than n * new tokens
+            flop_rates[name].append(2 * params * (prompt_tokens + tokens) / dt)
         print(f"  run {rep + 1}/{args.reps}: ours {rates['ours'][-1]:,.0f} tok/s, "
               f"transformers {rates['transformers'][-1]:,.0f} tok/s", flush=True)
-    useful = 2 * params * (sum(map(len, prompts)) + len(prompts) * n * new)
-    total = len(prompts) * n * new
     result = {}
     for name in rates:
-        rate = statistics.median(rates[name])
-        flops = useful / (total / rate)
+        rate, flops = statistics.median(rates[name]), statistics.median(flop_rates[name])
         mem = peak_memory("ours" if name == "ours" else "hf", args.model, device, args.dtype)
         result[name] = rate
         print(f"{name:>12}: {rate:,.0f} tok/s, model FLOP/s {flops / 1e9:.1f} G = "

@@ -149,3 +149,25 @@ def test_the_memory_child_counts_the_generate_call_alone(monkeypatch, capsys):
                         lambda field: rss["now"] if field == "VmRSS" else rss["peak"])
     bench.memory_child("ours", "smollm2", "cpu")
     assert json.loads(capsys.readouterr().out) == {"peak_bytes": 7 << 20}
+
+
+def test_model_flops_count_the_tokens_each_run_generated(monkeypatch, capsys):
+    """2 * matmul parameters per prompt token and per generated token, over the run's time:
+    worked by hand for 2 prompts of 100 tokens, 1e8 matmul parameters, 1 s per run. Ours stops
+    every row at eos half way (64 of 4 x 16 x 2 = 128 tokens): 2e8 * (200 + 64) = 52.8 GFLOP/s;
+    transformers runs to the end: 2e8 * (200 + 128) = 65.6 GFLOP/s."""
+    import types
+    monkeypatch.setattr(bench, "setup", lambda model: ("unused", [[1] * 100, [2] * 100], 4, 16))
+    monkeypatch.setattr(bench, "stops", lambda model, path: ((), 0))
+    fake_model = types.SimpleNamespace(eval=lambda: fake_model, num_params=lambda: 10)
+    monkeypatch.setattr(bench, "load_pretrained", lambda *a, **k: fake_model)
+    monkeypatch.setattr(bench, "load_hf", lambda *a, **k: fake_model)
+    monkeypatch.setattr(bench, "matmul_params", lambda model: 10 ** 8)
+    monkeypatch.setattr(bench, "matmul_peak_flops", lambda device, dtype: 1e11)
+    monkeypatch.setattr(bench, "peak_memory", lambda *a: 2**20)
+    monkeypatch.setattr(bench, "run_ours", lambda *a: (1.0, 64))
+    monkeypatch.setattr(bench, "run_hf", lambda *a: (1.0, 128))
+    bench.main(["sample", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert "ours: 64 tok/s, model FLOP/s 52.8 G = 52.8% of matmul peak" in out
+    assert "transformers: 128 tok/s, model FLOP/s 65.6 G = 65.6% of matmul peak" in out
