@@ -325,13 +325,18 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+# options of one benchmark: name -> (default, the benchmark)
+OPTION_DEFAULTS = {"model": ("random-qwen2", "sample"), "arch": ("qwen2.5-1.5b", "graphs"),
+                   "prompts": (32, "graphs"), "n": (8, "graphs"), "new": (512, "graphs")}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("what", choices=["sample", "graphs", "_memory"], metavar="sample|graphs",
                     help="sample: our sampler vs transformers; graphs (CUDA only): our decode "
                          "replayed from CUDA graphs vs eager")
     ap.add_argument("which", nargs="?", help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="random-qwen2", choices=["random-qwen2", "smollm2"],
+    ap.add_argument("--model", choices=["random-qwen2", "smollm2"],
                     help="random-qwen2 (default): the 12M random model; smollm2: the real "
                          "SmolLM2-135M-Instruct")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
@@ -342,14 +347,23 @@ def main(argv=None):
                     help="alternating runs of each implementation; the median is reported "
                          "(default 3)")
     graphs = ap.add_argument_group("graphs")
-    graphs.add_argument("--arch", default="qwen2.5-1.5b", choices=sorted(ARCHS),
+    graphs.add_argument("--arch", choices=sorted(ARCHS),
                         help="the architecture whose shape the random model takes "
                              "(default qwen2.5-1.5b)")
-    graphs.add_argument("--prompts", type=positive_int, default=32, help="prompts (default 32)")
-    graphs.add_argument("--n", type=positive_int, default=8, help="samples of each (default 8)")
-    graphs.add_argument("--new", type=positive_int, default=512,
-                        help="new tokens per row (default 512)")
+    graphs.add_argument("--prompts", type=positive_int, help="prompts (default 32)")
+    graphs.add_argument("--n", type=positive_int, help="samples of each (default 8)")
+    graphs.add_argument("--new", type=positive_int, help="new tokens per row (default 512)")
     args = ap.parse_args(argv)
+    if args.what == "_memory" and args.which not in ("ours", "hf"):
+        ap.error(f"_memory {args.which!r} is not allowed: ours or hf")
+    if args.what != "_memory" and args.which is not None:
+        ap.error(f"argument {args.which!r} is not allowed: {args.what} takes options only")
+    # an option the other benchmark reads would be ignored: an error, not a silent default
+    for name, (default, owner) in OPTION_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif args.what != "_memory" and args.what != owner:
+            ap.error(f"--{name} is an option of {owner}, not of {args.what}")
     args.dtype = args.dtype or ("bf16" if args.what == "graphs" else "fp32")
     try:
         device = resolve_device(args.device)

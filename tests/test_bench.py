@@ -171,3 +171,24 @@ def test_model_flops_count_the_tokens_each_run_generated(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "ours: 64 tok/s, model FLOP/s 52.8 G = 52.8% of matmul peak" in out
     assert "transformers: 128 tok/s, model FLOP/s 65.6 G = 65.6% of matmul peak" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "smollm2"], "argument 'smollm2' is not allowed: sample takes options only"),
+    (["sample", "--new", "8"], "--new is an option of graphs, not of sample"),
+    (["sample", "--n", "1"], "--n is an option of graphs, not of sample"),
+    (["sample", "--arch", "qwen2.5-3b"], "--arch is an option of graphs, not of sample"),
+    (["graphs", "--model", "smollm2"], "--model is an option of sample, not of graphs"),
+    (["_memory"], "_memory None is not allowed: ours or hf"),
+    (["_memory", "ourz"], "_memory 'ourz' is not allowed: ours or hf"),
+])
+def test_arguments_a_benchmark_would_ignore_are_usage_errors(args, message, monkeypatch, capsys):
+    """`sample smollm2` (for --model smollm2) or `sample --new 8` ran the default workload
+    without a word; `_memory` without ours/hf measured transformers."""
+    def ran(*a):
+        raise AssertionError("the benchmark ran")
+    for name in ("bench_sample", "bench_graphs", "memory_child"):
+        monkeypatch.setattr(bench, name, ran)
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
