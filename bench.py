@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -137,7 +138,19 @@ def setup(model_name: str):
     if model_name == "random-qwen2":
         path = os.path.join(tempfile.gettempdir(), "bench_random_qwen2")
         if not os.path.exists(os.path.join(path, "model.safetensors")):
-            random_qwen2_dir(path)
+            # saved beside it and renamed into place: a save cut short (Ctrl-C) leaves no
+            # model.safetensors that would pass for a whole one
+            work = tempfile.mkdtemp(prefix="bench_random_qwen2-", dir=tempfile.gettempdir())
+            try:
+                random_qwen2_dir(work)
+                shutil.rmtree(path, ignore_errors=True)  # an unfinished one: no model.safetensors
+                try:
+                    os.rename(work, path)
+                except OSError:  # another bench.py finished first
+                    if not os.path.exists(os.path.join(path, "model.safetensors")):
+                        raise
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
         return path, random_prompts(), 8, 128
     if model_name == "smollm2":
         path = smollm2_dir()

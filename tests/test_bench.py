@@ -1,5 +1,6 @@
 """bench.py's command line (the benchmark itself is run by hand, never timed in tests)."""
 import json
+import os
 
 import pytest
 
@@ -192,3 +193,28 @@ def test_arguments_a_benchmark_would_ignore_are_usage_errors(args, message, monk
     with pytest.raises(SystemExit) as e:
         bench.main(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_random_model_save_cut_short_is_not_taken_for_a_whole_one(tmp_path, monkeypatch):
+    """Ctrl-C while the random benchmark model is saved: the next run saves it again, instead
+    of loading the cut model.safetensors it left."""
+    def save_cut_short(path):
+        os.makedirs(path, exist_ok=True)  # as save_pretrained does
+        with open(os.path.join(path, "config.json"), "w") as f:
+            f.write("{}")
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write(b"cut")
+        raise KeyboardInterrupt
+
+    def save(path):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write(b"whole")
+    monkeypatch.setattr(bench.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(bench, "random_qwen2_dir", save_cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        bench.setup("random-qwen2")
+    monkeypatch.setattr(bench, "random_qwen2_dir", save)
+    path = bench.setup("random-qwen2")[0]
+    assert open(os.path.join(path, "model.safetensors"), "rb").read() == b"whole"
+    assert os.listdir(tmp_path) == ["bench_random_qwen2"]  # nothing else left behind
