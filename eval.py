@@ -778,7 +778,8 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
 
     routed("naive", f"naive offloading (random {budget * 100:g}%)", naive_order(n, seed), cap)
 
-    train = base.task.examples("train")[:router_n]
+    # no router (--router-n 0 or 1): the train split is not read (a MATH run's file may be absent)
+    train = base.task.examples("train")[:router_n] if router_n >= 2 else []
     if len(train) >= 2:
         if len(train) < router_n:
             res.notes.append(f"the router was trained on the whole train split, {len(train)} "
@@ -812,8 +813,9 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
         routed("router", "router (BCE, prompt only)", router_order(s_test), cap,
                auroc_train=res.router["auroc_train"], auroc_test=res.router["auroc_test"])
     else:
-        res.notes.append(f"no router: it needs at least 2 train prompts and has {len(train)} "
-                         f"(--router-n={router_n})")
+        res.notes.append(f"no router: it needs at least 2 train prompts"
+                         + (f" and the train split has {len(train)}" if router_n >= 2 else "")
+                         + f" (--router-n={router_n})")
 
     routed("oracle", "oracle router (upper bound)", oracle_order(local, cloud),
            min(cap, int((~local & cloud).sum())))

@@ -979,6 +979,27 @@ def test_eval_json_keeps_booleans():
         '{"a": true, "b": false, "c": [3], "d": 0.3}'
 
 
+def test_no_router_reads_no_train_split(tmp_path):
+    """--router-n 0 trains no router, so a MATH run is evaluated from its test file alone: a
+    train file that is missing, or that disagrees with the test file, is no error then."""
+    run = write_run(tmp_path, "math", True, seed=0, task="countdown", max_new_tokens=8)
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"problem": f"What is {k} + {k}?",
+                                             "solution": f"\\boxed{{{2 * k}}}"}) + "\n"
+                                 for k in range(1, 4)))
+    with open(os.path.join(run, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["task"] = {"name": "math", "path_train": str(tmp_path / "missing.jsonl"),
+                   "path_test": str(test_file), "allow_help": True}
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    for router_n in (0, 1):
+        res = ev.evaluate_runs([run], n=3, router_n=router_n)
+        assert res.settings["router_train_prompts"] == 0 and res.router == {}
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):  # a router needs the file
+        ev.evaluate_runs([run], n=3, router_n=2)
+
+
 def test_oracle_sends_only_the_wrong_prompts_when_the_cap_allows_more(tmp_path, monkeypatch):
     """Budget 0.3 of 10 prompts is a cap of 3, but the base model gets only prompt 0
     wrong: the oracle sends that one prompt, not 3."""
