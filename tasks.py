@@ -395,10 +395,11 @@ class CountdownTask(Task):
         return _drawn_split(self, split)
 
     def messages(self, numbers: list[int], target: int, system: str) -> list[dict]:
+        first, last = self.ops[0], self.ops[-1]  # the example uses only allowed ops: "+-*/" -> (1 + 2) / 3
         question = (f"Using the numbers {list(numbers)}, create an equation that equals {target}. "
                     f"You can use {_ops_in_words(self.ops)}, and each number must be used exactly once. "
                     "Show your reasoning in <think> </think> tags and return the final equation in "
-                    "<answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.")
+                    f"<answer> </answer> tags, for example <answer> (1 {first} 2) {last} 3 </answer>.")
         return [{"role": "system", "content": system},
                 {"role": "user", "content": question + " Let me solve this step by step."}]
 

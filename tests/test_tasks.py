@@ -1154,3 +1154,18 @@ def test_self_check_correct_needs_a_chain_to_check():
     assert not task.self_check_correct(example, "11=22=00=1200")
     assert not task.self_check_correct(example, "[1_2]01#12#20#A")  # int() reads "1_2" as 12
     assert task.self_check_correct(example, "[007+003=010,010*012=120]11=22=00=A")
+
+
+@pytest.mark.parametrize("ops", ["+-*/", "+-", "+-*", "*", "-+", "/*"])
+def test_countdown_prompt_example_uses_only_the_task_ops(ops):
+    """The prompt's example answer must follow the prompt's own rule ("You can use + and -"):
+    an example with "/" would show the model an answer the verifier scores as wrong."""
+    task = CountdownTask(n_numbers=2, number_range=(1, 9), ops=ops, target_range=(0, 100), n_train=0, n_test=1)
+    (example,) = task.examples("test")
+    for messages in (example.prompt, task.cloud_messages(example)):
+        sample = re.search(r"for example <answer>(.*?)</answer>", messages[-1]["content"]).group(1)
+        used = {c for c in sample if c in "+-*/"}
+        assert used and used <= set(ops), (ops, sample)
+        assert re.fullmatch(r" \(1 . 2\) . 3 ", sample), sample
+    if ops == "+-*/":  # the default prompt keeps TinyZero's example
+        assert "for example <answer> (1 + 2) / 3 </answer>." in example.prompt[-1]["content"]
