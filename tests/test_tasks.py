@@ -1169,3 +1169,91 @@ def test_countdown_prompt_example_uses_only_the_task_ops(ops):
         assert re.fullmatch(r" \(1 . 2\) . 3 ", sample), sample
     if ops == "+-*/":  # the default prompt keeps TinyZero's example
         assert "for example <answer> (1 + 2) / 3 </answer>." in example.prompt[-1]["content"]
+
+
+def _reference_countdown(text, numbers, target, ops="+-*/"):
+    """An independent verdict: our own tokenizer, a shunting-yard evaluator over Fractions and
+    check_countdown's documented rules (ASCII digits/spaces only, no unary signs, one optional
+    trailing "= target", every number exactly once, at most 200 characters)."""
+    if len(text) > 200:
+        return False
+    if "=" in text:
+        text, stated = text.split("=", 1)
+        stated = stated.strip(" \t\r\n")
+        if not re.fullmatch(r"[0-9]+", stated, re.ASCII) or int(stated) != target:
+            return False
+    if not re.fullmatch(r"[0-9+\-*/() \t\r\n]*", text):
+        return False
+    tokens = [int(t) if t[0].isdigit() else t for t in re.findall(r"[0-9]+|[-+*/()]", text)]
+    if any(isinstance(t, int) and len(str(t)) > 6 for t in tokens) or re.search(r"[0-9]{7}", text):
+        return False
+    if any(t in ("+", "-", "*", "/") and t not in ops for t in tokens):
+        return False
+    if sorted(t for t in tokens if isinstance(t, int)) != sorted(numbers):
+        return False
+    precedence, out, stack, previous = {"+": 1, "-": 1, "*": 2, "/": 2}, [], [], None
+    for t in tokens:
+        after_operand = isinstance(previous, int) or previous == ")"
+        if isinstance(t, int) or t == "(":
+            if after_operand:
+                return False
+            (out if isinstance(t, int) else stack).append(Fraction(t) if isinstance(t, int) else t)
+        elif t == ")":
+            if not after_operand or "(" not in stack:
+                return False
+            while stack[-1] != "(":
+                out.append(stack.pop())
+            stack.pop()
+        else:
+            if not after_operand:
+                return False
+            while stack and stack[-1] != "(" and precedence[stack[-1]] >= precedence[t]:
+                out.append(stack.pop())
+            stack.append(t)
+        previous = t
+    if not (isinstance(previous, int) or previous == ")") or "(" in stack:
+        return False
+    values = []
+    for t in out + stack[::-1]:
+        if isinstance(t, Fraction):
+            values.append(t)
+            continue
+        b, a = values.pop(), values.pop()
+        if t == "/" and b == 0:
+            return False
+        values.append({"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[t])
+    return values == [target]
+
+
+def test_check_countdown_agrees_with_an_independent_checker_on_mangled_expressions():
+    """Random expressions, half of them mangled (characters dropped, replaced or inserted:
+    unary signs, unicode digits, operators and spaces, decimals, "="), against the reference."""
+    rng = random.Random(7)
+    noise = list("0123456789+-*/()= \t.") + ["\u00d7", "\u00f7", "\u2212", "\u00a0", "\uff13", "\u0663"]
+    verdicts = []
+    for _ in range(4000):
+        numbers = [rng.randint(0, 30) for _ in range(rng.choice([2, 3, 4]))]
+        order = numbers[:]
+        rng.shuffle(order)
+        text, value = _random_tree(order, rng)
+        if rng.random() < 0.1:
+            text = re.sub(r"[0-9]+", lambda m: "0" + m.group(0), text, count=1)  # a leading zero
+        if rng.random() < 0.5:
+            chars = list(text)
+            for _ in range(rng.randint(1, 2)):
+                at = rng.randrange(len(chars) + 1)
+                if rng.random() < 0.3 and at < len(chars):
+                    del chars[at]
+                elif rng.random() < 0.5 and at < len(chars):
+                    chars[at] = rng.choice(noise)
+                else:
+                    chars.insert(at, rng.choice(noise))
+            text = "".join(chars)
+        target = int(value) if value is not None and value.denominator == 1 and rng.random() < 0.8 \
+            else rng.randint(0, 60)
+        if rng.random() < 0.1:
+            text += f" = {target if rng.random() < 0.8 else target + 1}"
+        expected = _reference_countdown(text, numbers, target)
+        assert check_countdown(text, numbers, target) is expected, (text, numbers, target)
+        verdicts.append(expected)
+    assert 0.2 < sum(verdicts) / len(verdicts) < 0.8  # both verdicts well represented
