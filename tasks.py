@@ -395,7 +395,8 @@ class CountdownTask(Task):
         return _drawn_split(self, split)
 
     def messages(self, numbers: list[int], target: int, system: str) -> list[dict]:
-        first, last = self.ops[0], self.ops[-1]  # the example uses only allowed ops: "+-*/" -> (1 + 2) / 3
+        # the example uses only the allowed ops: "+-*/" gives (1 + 2) / 3
+        first, last = self.ops[0], self.ops[-1]
         question = (f"Using the numbers {list(numbers)}, create an equation that equals {target}. "
                     f"You can use {_ops_in_words(self.ops)}, and each number must be used exactly once. "
                     "Show your reasoning in <think> </think> tags and return the final equation in "
