@@ -118,6 +118,13 @@ class ModelConfig:
         elif missing := [k for k in LLAMA3_ROPE_KEYS if self.rope_scaling.get(k) is None]:
             raise ValueError(f"llama3 rope scaling lacks {missing}; it needs all of "
                              f"{list(LLAMA3_ROPE_KEYS)}")
+        else:  # 0 or less gives infinite / negative frequencies (a model of NaNs), text a TypeError
+            for k in LLAMA3_ROPE_KEYS:
+                value = self.rope_scaling[k]
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                        or not 0 < value < math.inf:
+                    raise ValueError(f"llama3 rope scaling {k}={value!r} is not allowed: a "
+                                     f"finite number > 0")
 
     @property
     def qkv_bias(self) -> bool:

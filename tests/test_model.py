@@ -894,3 +894,15 @@ def test_tokenizer_saved_over_a_checkpoint_with_chat_template_jinja_keeps_its_ow
     plain.save(str(tmp_path))
     assert not (tmp_path / "chat_template.jinja").exists()
     assert load_tokenizer(str(tmp_path)).chat_format is None
+
+
+@pytest.mark.parametrize("key", ["factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings"])
+@pytest.mark.parametrize("value", [0, -2.0, float("nan"), float("inf"), "8", True])
+def test_llama3_rope_scaling_values_must_be_positive_numbers(key, value):
+    """0 divides the frequencies by zero (RoPE of inf / NaN), a negative value turns them round,
+    text fails inside the arithmetic: each is a config error naming the key and the value."""
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r}")):
+        ModelConfig(rope_scaling=dict(LLAMA3_ROPE, **{key: value}))
+    ok = ModelConfig(rope_scaling=dict(LLAMA3_ROPE, **{key: 2}))  # integers are numbers too
+    assert torch.isfinite(Transformer(ok).inv_freq).all()
