@@ -45,7 +45,7 @@ try:
 except ImportError:  # Windows: no locking (see CloudCache)
     fcntl = None
 
-from tasks import TASKS, construct
+from tasks import TASKS, Task, construct
 
 
 class CloudError(RuntimeError):
@@ -278,6 +278,13 @@ class OracleBackend:
     def rng_for(self, task, example) -> random.Random:
         digest = hashlib.sha256(f"{self.seed}:{task.name}:{example.key}".encode("utf-8")).digest()
         return random.Random(int.from_bytes(digest[:8], "big"))
+
+    def check_fits(self, task, examples) -> None:
+        """The task must write the simulated answers: an error when a run starts, not at the
+        first help call."""
+        if type(task).oracle_answer is Task.oracle_answer:
+            raise ValueError(f"the oracle backend needs task {task.name!r} ({type(task).__name__}) "
+                             f"to implement oracle_answer(example, correct, rng); it does not")
 
     def complete(self, task, examples) -> list[str]:
         texts = []
@@ -787,9 +794,10 @@ class Cloud:
 
             def receive(i, text):
                 nonlocal done
-                _, (_, _, positions) = items[i]
+                _, (example, _, positions) = items[i]
                 if answers[positions[0]] is not None:  # handed on again after a Ctrl-C
                     return
+                self._check_texts([example], [text])
                 self._record(task, dict([items[i]]), [text], answers)
                 done += 1
                 if progress:
@@ -807,10 +815,19 @@ class Cloud:
                 raise
             if len(texts) != len(batch):
                 raise RuntimeError(f"cloud backend returned {len(texts)} answers for {len(batch)} prompts")
+            self._check_texts(batch, texts)
             self._record(task, part, texts, answers)
             if progress:
                 progress(start + len(batch), len(items))
         return self._scored(task, examples, answers)
+
+    def _check_texts(self, examples, texts) -> None:
+        """Each answer a backend gives is a str, or an exception for a call that failed."""
+        for example, text in zip(examples, texts):
+            if not isinstance(text, (str, BaseException)):
+                raise RuntimeError(f"cloud backend {self.backend_name!r} answered {example.key} "
+                                   f"with {text!r} ({type(text).__name__}); an answer must be a "
+                                   f"str, or an exception for a failed call")
 
     @staticmethod
     def _scored(task, examples, answers: list) -> list:
@@ -872,6 +889,9 @@ def make_cloud(cfg: dict | None = None, cache_path=None, cache: CloudCache | Non
     settings.pop("cache_path", None)
     if name not in BACKENDS:
         raise ValueError(f"cloud backend={name!r} is not allowed; use one of {sorted(BACKENDS)}")
+    if not callable(getattr(BACKENDS[name], "complete", None)):
+        raise ValueError(f"cloud backend {name!r} ({BACKENDS[name].__name__}) has no method "
+                         f"complete(task, examples) -> list[str], which every backend needs")
     backend = construct(f"cloud backend {name!r}", BACKENDS[name], settings)
     return Cloud(backend, cache if cache is not None else CloudCache(cache_path),
                  getattr(backend, "name", name))

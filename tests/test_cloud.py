@@ -1404,6 +1404,27 @@ def test_a_new_backend_needs_only_complete(tmp_path, monkeypatch, capsys):
         make_cloud({"backend": "echo", "x": 1})
 
 
+@pytest.mark.parametrize("answer", [7, None, b"7"])
+def test_a_backend_answer_that_is_not_text_is_named(answer, tmp_path, monkeypatch):
+    """complete() gives a str (or an exception) per prompt: anything else failed as a TypeError
+    inside the cache ('NoneType' object is not subscriptable), or (None) came back as no answer
+    at all, to fail later in the rollout."""
+    import cloud
+
+    class Numbers:
+        def complete(self, task, examples):
+            return ["[ok]"] + [answer] * (len(examples) - 1)
+
+    monkeypatch.setitem(cloud.BACKENDS, "numbers", Numbers)
+    c = make_cloud({"backend": "numbers"}, cache_path=tmp_path / "a.jsonl")
+    task = TinyCountdownTask(n_train=3, n_test=3)
+    examples = task.examples("test")
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"cloud backend 'numbers' answered {examples[1].key} with {answer!r} "
+            f"({type(answer).__name__}); an answer must be a str, or an exception for a failed call")):
+        c.ask(task, examples)
+
+
 def test_http_an_answer_with_half_a_surrogate_pair_is_cached(endpoint, task, tmp_path):
     """JSON can escape half of a UTF-16 pair alone ("\\ud83d"); json.loads keeps it, and writing
     the answer to the UTF-8 cache raised UnicodeEncodeError, which stopped the run. It becomes

@@ -1568,6 +1568,36 @@ def test_a_task_setting_written_out_at_its_default_keeps_the_warm_start_key():
     assert key("task={name: tiny_countdown, seed: 1}") != written_out
 
 
+@pytest.mark.parametrize("missing", ["oracle_answer"])
+def test_a_task_missing_part_of_its_interface_is_a_config_error_before_the_warm_start(
+        missing, tmp_path, monkeypatch):
+    """A registered task that leaves one of the methods a run calls at Task's NotImplementedError
+    (oracle_answer: with the oracle cloud) is named at the start, not as a bare
+    NotImplementedError after the warm start or at the first help call."""
+    from tasks import TASKS, Task, TinyCountdownTask
+    monkeypatch.setitem(TASKS, "tiny_countdown", type(
+        "Partial", (TinyCountdownTask,), {missing: getattr(Task, missing)}))
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=p"))
+    assert str(exc.value.code).startswith("config error: ")
+    assert f"'tiny_countdown' (Partial)" in str(exc.value.code) and missing in str(exc.value.code)
+    assert not (tmp_path / "warm").exists()
+
+
+def test_a_backend_without_complete_is_a_config_error_before_the_warm_start(tmp_path, monkeypatch):
+    import cloud
+
+    class Misnamed:
+        def answer(self, task, examples):
+            return ["" for _ in examples]
+    monkeypatch.setitem(cloud.BACKENDS, "misnamed", Misnamed)
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=b", "cloud={backend: misnamed}"))
+    assert str(exc.value.code) == ("config error: cloud backend 'misnamed' (Misnamed) has no method "
+                                   "complete(task, examples) -> list[str], which every backend needs")
+    assert not (tmp_path / "warm").exists()
+
+
 @pytest.mark.parametrize("override, section", [("task.name=math", "task={name: ..., ...}"),
                                                ("cloud.backend=local", "cloud={backend: ..., ...}")])
 def test_switching_task_or_backend_by_one_key_says_to_replace_the_section(override, section,
