@@ -45,9 +45,14 @@ class Task:
 
     A new task: subclass this, give it a unique `name` (the cloud cache files answers under it),
     an __init__ that takes `allow_help` (eval.py rebuilds a run's task with allow_help=False for
-    the task-tuning baseline), and register the class in TASKS (the config's task.name). A task
-    trained from scratch (model.path empty) is character-level: it also sets `alphabet` and
-    implements warm_start_completion."""
+    the task-tuning baseline), implement examples, local_correct, cloud_messages and
+    cloud_correct (REQUIRED_METHODS; make_task refuses a task without them), oracle_answer for
+    the oracle cloud backend, self_check_correct when has_self_check, and register the class in
+    TASKS (the config's task.name). The other methods' defaults read Template I markers
+    (<answer>, <unknown>). A task trained from scratch (model.path empty) is character-level: it
+    also sets `alphabet` and implements warm_start_completion, and one with a decision character
+    of its own overrides help_called, answered, formatted and decision_split, as
+    TinyCountdownTask does."""
     name: str = "task"
     stop_texts: tuple = ()      # texts that, as a single token, end generation besides EOS
     banned_texts: tuple = ()    # texts that, as a single token, are never sampled
@@ -1218,12 +1223,32 @@ class MathTask(Task):
 # ----------------------------------------------------------------------------------------------
 
 TASKS = {"tiny_countdown": TinyCountdownTask, "countdown": CountdownTask, "math": MathTask}
+REQUIRED_METHODS = ("examples", "local_correct", "cloud_messages", "cloud_correct")
+
+
+def missing_methods(cls) -> list[str]:
+    """The Task methods a task class leaves at Task's NotImplementedError although every run
+    calls them (self_check_correct too when has_self_check), and an __init__ without allow_help."""
+    needed = REQUIRED_METHODS + (("self_check_correct",) if cls.has_self_check else ())
+    missing = [name for name in needed if getattr(cls, name, None) is getattr(Task, name)]
+    init = cls.__init__
+    params = {} if init is object.__init__ else inspect.signature(init).parameters
+    if "allow_help" not in params and not any(p.kind == inspect.Parameter.VAR_KEYWORD
+                                              for p in params.values()):
+        missing.append("__init__(..., allow_help)")
+    return missing
 
 
 def make_task(name: str, **kwargs) -> Task:
-    """Build a task by name; unknown names or arguments are errors listing what is allowed."""
+    """Build a task by name; unknown names or arguments are errors listing what is allowed, and
+    so is a registered class that lacks part of the Task interface."""
     if name not in TASKS:
         raise ValueError(f"task={name!r} is not allowed; use one of {sorted(TASKS)}")
+    missing = missing_methods(TASKS[name])
+    if missing:
+        raise ValueError(f"task {name!r} ({TASKS[name].__name__}) does not implement "
+                         f"{', '.join(missing)}; a task implements "
+                         f"{', '.join(REQUIRED_METHODS)} and takes allow_help (see tasks.Task)")
     return construct(f"task {name!r}", TASKS[name], kwargs)
 
 

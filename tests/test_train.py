@@ -1568,7 +1568,7 @@ def test_a_task_setting_written_out_at_its_default_keeps_the_warm_start_key():
     assert key("task={name: tiny_countdown, seed: 1}") != written_out
 
 
-@pytest.mark.parametrize("missing", ["oracle_answer"])
+@pytest.mark.parametrize("missing", ["local_correct", "cloud_correct", "oracle_answer"])
 def test_a_task_missing_part_of_its_interface_is_a_config_error_before_the_warm_start(
         missing, tmp_path, monkeypatch):
     """A registered task that leaves one of the methods a run calls at Task's NotImplementedError
@@ -1582,6 +1582,22 @@ def test_a_task_missing_part_of_its_interface_is_a_config_error_before_the_warm_
     assert str(exc.value.code).startswith("config error: ")
     assert f"'tiny_countdown' (Partial)" in str(exc.value.code) and missing in str(exc.value.code)
     assert not (tmp_path / "warm").exists()
+
+
+def test_a_task_whose_init_takes_no_allow_help_is_a_config_error(tmp_path, monkeypatch):
+    """eval.py rebuilds a run's task with allow_help=False: a task that cannot take it trained
+    to the end and then failed in eval.py."""
+    from tasks import TASKS, TinyCountdownTask
+
+    class NoAllowHelp(TinyCountdownTask):
+        def __init__(self, n_train=20000, n_test=500):
+            super().__init__(n_train=n_train, n_test=n_test)
+    monkeypatch.setitem(TASKS, "tiny_countdown", NoAllowHelp)
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, "name=h", "task={name: tiny_countdown, n_train: 300, "
+                                                 "n_test: 20}"))
+    assert str(exc.value.code).startswith("config error: task 'tiny_countdown' (NoAllowHelp) "
+                                          "does not implement __init__(..., allow_help)")
 
 
 def test_a_backend_without_complete_is_a_config_error_before_the_warm_start(tmp_path, monkeypatch):
