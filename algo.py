@@ -480,7 +480,7 @@ def evaluate_policy(model, tokenizer, task, examples, cloud, budget, max_new_tok
     metrics = capped_metrics(outcome["help"], outcome["local_ok"], outcome["cloud_ok"], budget,
                              outcome["length"])
     metrics["cloud_failed"] = int(outcome["cloud_failed"].sum())      # help calls left unanswered
-    metrics["clipped_ratio"] = float((~outcome["finished"]).float().mean())
-    metrics["answer_rate"] = float(outcome["answered"].float().mean())    # a final answer given
-    metrics["format_rate"] = float(outcome["formatted"].float().mean())   # the task's full format
+    metrics["clipped_ratio"] = float((~outcome["finished"]).double().mean())
+    metrics["answer_rate"] = float(outcome["answered"].double().mean())    # a final answer given
+    metrics["format_rate"] = float(outcome["formatted"].double().mean())   # the task's full format
     return metrics, outcome

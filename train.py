@@ -1077,16 +1077,20 @@ class Trainer:
         answered = ro.cloud_asked & ~ro.cloud_failed
         row = {f"reward/{k}": float(v.mean()) for k, v in ro.components.items()}
         row["reward/mean"] = float(ro.rewards.mean())
+        # shares as exact count / total (a float32 mean logs 6 of 20 as 0.30000001, and then
+        # da_grpo's dual rises although the help rate equals its target)
+        def share(mask):
+            return int(mask.sum()) / mask.numel()
         row.update({
-            "route/help_ratio": float(help.float().mean()),
-            "route/local_acc": float(ro.local_ok.float().mean()),
+            "route/help_ratio": share(help),
+            "route/local_acc": share(ro.local_ok),
             # over the prompts the cloud answered: a failed call (filter/cloud_failed) is no
             # wrong answer of the cloud's; None: nothing to average (nothing asked or answered)
             "route/cloud_acc": float(ro.cloud_ok[answered].float().mean())
             if answered.any() else None,
             "route/len_help": float(lengths[help].mean()) if help.any() else None,
             "route/len_answer": float(lengths[~help].mean()) if (~help).any() else None,
-            "route/clipped_ratio": float((~ro.finished).float().mean()),
+            "route/clipped_ratio": share(~ro.finished),
         })
         return row
 

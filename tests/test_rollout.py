@@ -103,6 +103,16 @@ def test_help_disabled_evaluation_counts_markers_as_wrong_local_answers(monkeypa
     assert m["cond_local_acc"] == 0.5 and m["acc_capped"] == 0.5  # over both prompts
 
 
+def test_evaluation_shares_are_exact_fractions(monkeypatch):
+    """3 of 10 rows clipped, answered and formatted: each share is 0.3 exactly (a float32 mean
+    gave 0.30000001 in eval.json), as the capped metrics' shares are."""
+    from cloud import NoCloud
+    script(monkeypatch, [RESPONSES[0]] * 3 + [RESPONSES[3]] * 7)   # 3 answers, 7 truncated
+    m, _ = algo.evaluate_policy(None, TOK, TASK, [SOLVED] * 10, NoCloud(), 0.5, 40)
+    assert (m["answer_rate"], m["format_rate"], m["clipped_ratio"]) == (0.3, 0.3, 0.7)
+    assert m["local_acc"] == 0.3
+
+
 def test_update_inputs_align_prompt_and_response(scripted):
     ro = algo.rollout(None, TOK, [SOLVED, UNSOLVED], 2, algo.Sampling(40), TASK,
                       CountingCloud({"a": True, "b": True}), RewardConfig())

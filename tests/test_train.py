@@ -1201,6 +1201,23 @@ def test_rollout_metrics_by_hand():
         assert (m["route/len_help"] is None) is not asked and (m["route/len_answer"] is None) is asked
 
 
+def test_shares_are_exact_so_a_help_rate_at_da_grpos_target_leaves_its_dual_at_zero():
+    """6 help calls of 20 is 0.3 exactly (a float32 mean gave 0.30000001), so DA-GRPO's dual
+    ascent max(0, dual + eta * (rate - tau)) stays at 0 when the rate equals tau = 0.3."""
+    import types
+    help = torch.zeros(5, 4, dtype=torch.bool)
+    help.view(-1)[:6] = True
+    ro = types.SimpleNamespace(
+        help=help, local_ok=~help, cloud_ok=torch.zeros(5, dtype=torch.bool),
+        cloud_asked=torch.zeros(5, dtype=torch.bool), cloud_failed=torch.zeros(5, dtype=torch.bool),
+        lengths=torch.ones(20), finished=help.view(-1).clone(), rewards=torch.zeros(5, 4),
+        components={})
+    m = train.Trainer.rollout_metrics(None, ro)
+    assert m["route/help_ratio"] == 0.3 and m["route/local_acc"] == 0.7
+    assert m["route/clipped_ratio"] == 0.7
+    assert algo.update_dual(0.0, m["route/help_ratio"], 0.3, 0.5) == 0.0
+
+
 def test_cloud_accuracy_leaves_out_failed_cloud_calls():
     """route/cloud_acc is the cloud's accuracy on the prompts it answered: a call that failed
     (counted in filter/cloud_failed) is not a wrong answer of the cloud's."""
