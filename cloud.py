@@ -884,9 +884,6 @@ def make_cloud(cfg: dict | None = None, cache_path=None, cache: CloudCache | Non
     else one at cache_path (None: in memory)."""
     settings = {**(cfg or {}), **kwargs}
     name = settings.pop("backend", "oracle")
-    if cache_path is None:
-        cache_path = settings.pop("cache_path", None)
-    settings.pop("cache_path", None)
     if name not in BACKENDS:
         raise ValueError(f"cloud backend={name!r} is not allowed; use one of {sorted(BACKENDS)}")
     if not callable(getattr(BACKENDS[name], "complete", None)):

@@ -253,6 +253,8 @@ def test_seeds_are_what_torch_accepts():
     ("task.name=foo", "task.name='foo': allowed: tiny_countdown, countdown, math"),
     ("cloud.backend=nope", "cloud backend='nope' is not allowed"),
     ("cloud.p_correct=2", "oracle p_correct=2 must be a number in [0, 1]"),
+    # the cache is the run's own cloud_cache.jsonl: a cache_path setting is no setting
+    ("cloud.cache_path=elsewhere.jsonl", "cloud backend 'oracle' has no argument(s) ['cache_path']"),
     ("model.path=/no/such/dir", "model.path='/no/such/dir' is not a directory"),
     ("task.allow_help=maybe", "allow_help='maybe' must be true or false"),
     ("task={name: tiny_countdown, allow_help: 'no'}", "allow_help='no' must be true or false"),
