@@ -356,7 +356,7 @@ TEMPLATE1_SYSTEM = CLOUD_TEMPLATE1_SYSTEM + (
 
 
 class CountdownTask(Task):
-    """TinyZero-style Countdown with Template I prompts (SPEC section 1b, paper section 9).
+    """TinyZero-style Countdown with Template I prompts (SPEC sections 1b and 9).
 
     Each example: `n_numbers` numbers (3 or 4 by default) from `number_range`, a target in
     `target_range` reached by a random expression using every number exactly once (exact division
