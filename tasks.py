@@ -1161,7 +1161,7 @@ class MathTask(Task):
         if self.help_called(solution):
             return "it reads as a help call (\"<unknown>\" or \"external assist\" after its answer)"
         # only GSM8K gets here: a \boxed{} after "#### <number>" is what it reads (_gsm8k_declared)
-        read = gsm8k_final_number(solution) if self.kind == "gsm8k" else last_boxed(solution)
+        read = gsm8k_final_number(solution)
         read = "no number" if read is None else repr(read[:60])
         return f"the scorer reads {read} in it (from a later \\boxed{{}}), not {gold[:60]!r}"
 
