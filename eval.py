@@ -881,7 +881,7 @@ def _fmt(v, digits: int = 3):
 
 def _plain(obj):
     """JSON-ready: numpy scalars as Python numbers, floats rounded to 6 decimals (the metrics are
-    means over N prompts; this hides float32 noise such as 0.30000001192092896)."""
+    means over N prompts; this hides rounding noise such as 0.1 + 0.2 = 0.30000000000000004)."""
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
