@@ -659,7 +659,7 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
         if differ:
             notes.append(f"the budget {budget:g} comes from {first.path}'s config.yaml; "
                          f"{', '.join(differ)} set(s) another (--budget sets one for all)")
-    budget = float(budget)
+    budget = abs(float(budget))   # -0.0 passes 0 <= budget; it is 0 (printed "0%", not "-0%")
     n_name = "--n" if n is not None else f"{os.path.join(first.path, 'config.yaml')}: eval.n"
     if n is None:
         n = first.cfg["eval"].get("n", 0)
@@ -694,6 +694,12 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
     if len(clouds) > 1:
         notes.append("the runs use different cloud settings; each run's curve and metrics use its "
                      "own cloud, the baselines use the base model's run's cloud")
+    lengths = {r.path: r.cfg["sampling"]["max_new_tokens"] for r in runs}
+    if len(set(lengths.values())) > 1:
+        notes.append("the runs decode different numbers of new tokens, each its own "
+                     "sampling.max_new_tokens (" + ", ".join(f"{p}: {k}" for p, k in lengths.items())
+                     + "; the baselines use the base model's run's), so a longer budget may "
+                     "explain part of a gap")
 
     cap = algo.cloud_cap(n, budget)
     settings = {"split": split, "n": n, "budget": budget, "cap": cap, "seed": seed,
@@ -961,6 +967,11 @@ def write_curves(res: Results, out_dir, labels):
     return "curve.png"
 
 
+def _cell(text) -> str:
+    """A markdown table cell: a "|" in a run's name would otherwise start a new column."""
+    return str(text).replace("|", "\\|")
+
+
 def report_markdown(res: Results, policy_paths, png, command, settings=None) -> str:
     s = settings or res.settings
     rows = [r for r in res.rows if not r[0].startswith("policy:") or r[0][7:] in policy_paths]
@@ -984,7 +995,8 @@ def report_markdown(res: Results, policy_paths, png, command, settings=None) -> 
         "| method | " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |",
         "|---|" + "---:|" * len(TABLE_COLUMNS)]
     for _, label, m in rows:
-        lines.append(f"| {label} | " + " | ".join(_fmt(m.get(k)) for _, k in TABLE_COLUMNS) + " |")
+        lines.append(f"| {_cell(label)} | " + " | ".join(_fmt(m.get(k)) for _, k in TABLE_COLUMNS)
+                     + " |")
     policies = [(label, m) for key, label, m in rows if key.startswith("policy:")]
     if policies:
         lines += ["", "Trained policies in detail (uncapped help calls; cloud calls served within "
@@ -992,7 +1004,7 @@ def report_markdown(res: Results, policy_paths, png, command, settings=None) -> 
                   "| policy | help calls | cloud calls served | len help | len local | clipped | "
                   "local-only acc | decision agreement |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for label, m in policies:
-            lines.append(f"| {label} | {m['help_calls']} | {m['calls_served']} | "
+            lines.append(f"| {_cell(label)} | {m['help_calls']} | {m['calls_served']} | "
                          f"{_fmt(m['len_help'], 1)} | {_fmt(m['len_local'], 1)} | "
                          f"{m['clipped_ratio']:.3f} | "
                          f"{m['curve_local_acc']:.3f} | {m['decision_agreement']:.3f} |")

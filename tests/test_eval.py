@@ -892,6 +892,43 @@ def test_boundary_budgets_and_the_whole_split_are_allowed(tmp_path, monkeypatch)
         assert res.settings["n"] == 30 and res.settings["cap"] == cap
 
 
+def test_a_negative_zero_budget_is_a_budget_of_0_percent(tmp_path, capsys):
+    """-0 passes 0 <= budget (it equals 0); the report says 0%, not -0%."""
+    run = write_run(tmp_path, "p", True, seed=0)
+    res = ev.main([run, "--n", "4", "--budget", "-0", "--router-n", "0"])
+    out = capsys.readouterr().out
+    assert "budget 0% (cap 0 calls)" in out and "-0" not in out
+    assert str(res.settings["budget"]) == "0.0"
+    assert "budget: 0% of prompts" in open(os.path.join(run, "report.md")).read()
+
+
+def test_a_run_named_with_a_bar_keeps_the_report_tables_columns(tmp_path):
+    """A "|" in a run's name is escaped in the markdown tables, so every row keeps its columns."""
+    run = write_run(tmp_path, "a|b", True, seed=0)
+    ev.main([run, "--n", "4", "--router-n", "0"])
+    report = open(os.path.join(run, "report.md")).read()
+    assert "| a\\|b (gapg) |" in report
+    for table in report.split("\n\n"):
+        rows = [line for line in table.splitlines() if line.startswith("|")]
+        cells = {len(re.split(r"(?<!\\)\|", line)) for line in rows}
+        assert len(cells) <= 1, table   # the same number of unescaped bars on every row
+
+
+def test_runs_decoding_different_numbers_of_tokens_are_noted(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "evaluate_baselines", lambda *a, **k: None)
+    monkeypatch.setattr(ev, "evaluate_policy_run", lambda *a, **k: None)
+    short = write_run(tmp_path, "short", True, seed=1, max_new_tokens=20)
+    long = write_run(tmp_path, "long", True, seed=2, max_new_tokens=40)
+    notes = ev.evaluate_runs([short, long], n=4, router_n=0).notes
+    assert [n for n in notes if "new tokens" in n] == [
+        f"the runs decode different numbers of new tokens, each its own sampling.max_new_tokens "
+        f"({short}: 20, {long}: 40; the baselines use the base model's run's), so a longer "
+        f"budget may explain part of a gap"]
+    same = write_run(tmp_path, "same", True, seed=3, max_new_tokens=20)
+    assert not [n for n in ev.evaluate_runs([short, same], n=4, router_n=0).notes
+                if "new tokens" in n]
+
+
 def test_curve_csv_columns_are_call_ratio_then_accuracy(tmp_path, monkeypatch):
     """An asymmetric curve, so swapped columns show."""
     import sys
