@@ -938,6 +938,7 @@ class Trainer:
         self.step, self.dual = 0, cfg.rl.dual_init
         self.saved_step = None  # the step of the checkpoint on disk (None: none yet)
         self.time_limited = False  # stopped by rl.time_limit_min: finished (README)
+        self.non_finite = 0  # steps of this session skipped for a NaN/inf loss or gradient
         self.stopped_by = signal.SIGINT  # the signal that stops train(): SIGINT or SIGTERM
         if cfg.resume:
             path = os.path.join(source, "trainer_state.pt")
@@ -1048,6 +1049,7 @@ class Trainer:
                 skipped = "zero_coefficients"
             elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 skipped = "non_finite"  # never let a NaN/inf reach the weights
+                self.non_finite += 1
             else:
                 if rl.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), rl.grad_clip)
@@ -1232,7 +1234,9 @@ class Trainer:
                              + (f" | eval acc {row['eval/acc_capped']:.3f}"
                                 if "eval/acc_capped" in row else "")
                              + (f" | cloud failed {self.cloud.failures}"
-                                if self.cloud.failures else ""))
+                                if self.cloud.failures else "")
+                             + (f" | non-finite, skipped {self.non_finite}"
+                                if self.non_finite else ""))
                 if self.step % cfg.save_every == 0 or self.step == cfg.rl.steps or stop:
                     self.save()
                 stop_if_asked(stop)
@@ -1349,6 +1353,10 @@ def run(argv: list[str]):
               f"{sum(a.error is not None for a in answers)} of the {n} cloud-only answers); check "
               f"the cloud settings, then python eval.py {trainer.run_dir} asks them again; the "
               f"first failure: {trainer.cloud.first_error}")
+    if trainer.non_finite:
+        print(f"note: {trainer.non_finite} RL steps were skipped, their loss or gradient NaN or "
+              f"inf (train/skipped = non_finite in metrics.jsonl): the weights may have diverged; "
+              f"a smaller rl.lr (now {cfg.rl.lr:g}) or rl.grad_clip may help")
     print("baselines (task-tuning only, naive offloading, router, oracle, collaboration-aware): "
           "bash scripts/reproduce_tiny.sh, or python eval.py runs/A runs/B ...")
     return final

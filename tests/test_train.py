@@ -1043,6 +1043,24 @@ def test_non_finite_step_is_skipped(loss, grad, tmp_path, monkeypatch):
     assert not trainer.opt.state  # the optimizer never stepped on the poisoned gradient
 
 
+def test_skipped_non_finite_steps_are_said_on_the_console(tmp_path, monkeypatch, capsys):
+    """Not only in metrics.jsonl: the progress line counts them and the run ends with a note."""
+    def poisoned(model, *args, **kwargs):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("nan"))
+        return float("nan")
+    monkeypatch.setattr(algo, "update_policy", poisoned)
+    train.main(tiny_args(tmp_path, "name=nan", "rl.steps=2", "rl.filter=none", "rl.lr=0.05"))
+    out = capsys.readouterr().out
+    assert "| non-finite, skipped 1" in out and "| non-finite, skipped 2" in out
+    assert ("note: 2 RL steps were skipped, their loss or gradient NaN or inf (train/skipped = "
+            "non_finite in metrics.jsonl): the weights may have diverged; a smaller rl.lr (now "
+            "0.05) or rl.grad_clip may help") in out
+    monkeypatch.undo()
+    train.main(tiny_args(tmp_path, "name=fine", "rl.steps=2"))
+    assert "non-finite" not in capsys.readouterr().out
+
+
 def test_step_whose_coefficients_are_all_zero_says_so(tmp_path, monkeypatch):
     # prompts are selected, but every response's coefficient is 0 (e.g. all-correct groups):
     # the update computes nothing, and the log must not call it an ordinary step
