@@ -18,6 +18,7 @@ models).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -29,7 +30,8 @@ import time
 
 import torch
 
-from model import ModelConfig, Transformer, load_pretrained, load_tokenizer, resolve_device
+from model import (ModelConfig, Transformer, load_pretrained, load_tokenizer, remove_dead_temps,
+                   resolve_device, temp_path)
 from sample import generate, left_pad
 
 
@@ -138,9 +140,11 @@ def setup(model_name: str):
     if model_name == "random-qwen2":
         path = os.path.join(tempfile.gettempdir(), "bench_random_qwen2")
         if not os.path.exists(os.path.join(path, "model.safetensors")):
-            # saved beside it and renamed into place: a save cut short (Ctrl-C) leaves no
-            # model.safetensors that would pass for a whole one
-            work = tempfile.mkdtemp(prefix="bench_random_qwen2-", dir=tempfile.gettempdir())
+            # saved beside it (PATH.tmp.PID@HOST, as model.atomic_write names its temp files)
+            # and renamed into place: a save cut short (Ctrl-C) leaves no model.safetensors that
+            # would pass for a whole one, and one killed outright is removed here next time
+            remove_dead_temps(glob.escape(path))
+            work = temp_path(path)
             try:
                 random_qwen2_dir(work)
                 shutil.rmtree(path, ignore_errors=True)  # an unfinished one: no model.safetensors

@@ -1,6 +1,7 @@
 """bench.py's command line (the benchmark itself is run by hand, never timed in tests)."""
 import json
 import os
+import socket
 
 import pytest
 
@@ -218,3 +219,26 @@ def test_a_random_model_save_cut_short_is_not_taken_for_a_whole_one(tmp_path, mo
     path = bench.setup("random-qwen2")[0]
     assert open(os.path.join(path, "model.safetensors"), "rb").read() == b"whole"
     assert os.listdir(tmp_path) == ["bench_random_qwen2"]  # nothing else left behind
+
+
+def test_a_random_model_save_killed_outright_leaves_nothing_after_the_next_run(tmp_path,
+                                                                                monkeypatch):
+    """kill -9 during the save leaves PATH.tmp.PID@HOST: the next setup removes it (a live
+    writer's stays) and saves the model again."""
+    host = socket.gethostname()
+    path = tmp_path / "bench_random_qwen2"
+    dead, alive = f"{path}.tmp.4194399@{host}", f"{path}.tmp.{os.getppid()}@{host}"  # > max PID
+    for d in (dead, alive):
+        os.makedirs(d)
+        open(os.path.join(d, "model.safetensors"), "wb").close()
+
+    def save(work):
+        assert work == f"{path}.tmp.{os.getpid()}@{host}"
+        os.makedirs(work, exist_ok=True)
+        with open(os.path.join(work, "model.safetensors"), "wb") as f:
+            f.write(b"whole")
+    monkeypatch.setattr(bench.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(bench, "random_qwen2_dir", save)
+    assert bench.setup("random-qwen2")[0] == str(path)
+    assert sorted(os.listdir(tmp_path)) == sorted(["bench_random_qwen2", os.path.basename(alive)])
+    assert open(path / "model.safetensors", "rb").read() == b"whole"
