@@ -223,8 +223,9 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
         return  # a file's empty section (`rl:` with its keys commented out) sets nothing
     if isinstance(current, dict) and len(path) == 1:  # task / cloud: replaced as a whole
         value = _parse_yaml(value, key) if from_cli else value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} is a section; give a mapping like {key}={{name: ...}} or "
+        if not isinstance(value, dict):  # the key that picks the task / the backend
+            pick = "backend" if name == "cloud" else "name"
+            raise ConfigError(f"{key} is a section; give a mapping like {key}={{{pick}: ...}} or "
                               f"set one entry with {key}.<key>=...")
         setattr(obj, name, dict(value))
         return

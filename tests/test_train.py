@@ -129,6 +129,17 @@ def test_an_unknown_key_in_a_file_names_the_key_it_may_be(tmp_path):
         train.load_config([str(tmp_path / "a.yaml")])
 
 
+@pytest.mark.parametrize("section, key", [("task", "name"), ("cloud", "backend")])
+def test_a_section_given_a_plain_value_suggests_a_mapping_it_accepts(section, key):
+    """The hint's mapping must name the key that section selects by: following it for cloud
+    with {name: ...} would be refused again (the backends take no `name`)."""
+    with pytest.raises(train.ConfigError) as e:
+        train.load_config([f"{section}=x"])
+    assert f"{section}={{{key}: ...}}" in str(e.value)
+    cfg = train.load_config([f"{section}={{{key}: {'oracle' if section == 'cloud' else 'tiny_countdown'}}}"])
+    assert list(getattr(cfg, section)) == [key]
+
+
 def test_config_casts_and_fractions():
     cfg = train.load_config(["rl.rho=3/7", "rl.lr=1e-5", "rl.betas=[0.8, 0.9]",
                              "task.n_train=123", "model.gradient_checkpointing=true"])
