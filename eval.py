@@ -29,6 +29,7 @@ import os
 import pickle
 import platform
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -526,8 +527,12 @@ class Progress:
 
     def __call__(self, stage, done=None, total=None):
         count = f" {done}/{total}" if total else ""
-        line = f"\reval | {time.time() - self.start:6.1f}s | {stage}{count}"
-        print(line.ljust(100), end="", file=self.stream, flush=True)
+        line = f"eval | {time.time() - self.start:6.1f}s | {stage}{count}"
+        # on a terminal, cut to its width: a line that wraps can no longer be overwritten
+        tty = self.stream.isatty()
+        width = shutil.get_terminal_size().columns - 1 if tty else 99
+        print("\r" + (line[:width] if tty else line).ljust(width), end="", file=self.stream,
+              flush=True)
         self.used = True
 
     def close(self):

@@ -542,8 +542,11 @@ def ctrl_c_flag():
 
 
 def status(text: str):
-    """Overwrite the console's progress line (the step line, evaluation, cloud calls)."""
-    print(f"\r{text}".ljust(100), end="", flush=True)
+    """Overwrite the console's progress line (the step line, evaluation, cloud calls). On a
+    terminal the line is cut to its width: a line that wraps can no longer be overwritten."""
+    tty = sys.stdout.isatty()
+    width = shutil.get_terminal_size().columns - 1 if tty else 99
+    print("\r" + (text[:width] if tty else text).ljust(width), end="", flush=True)
 
 
 def _clock(seconds: float) -> str:
@@ -702,9 +705,8 @@ def warm_start(cfg: Config, task, device) -> str:
         opt.step()
         if step % 25 == 0 or step == ws.steps - 1:
             el = time.time() - start
-            print(f"\rwarm start {step + 1}/{ws.steps} | {_clock(el)} elapsed | ETA "
-                  f"{_clock(el / (step + 1) * (ws.steps - step - 1))} | loss {loss.item():.4f}",
-                  end="", flush=True)
+            status(f"warm start {step + 1}/{ws.steps} | {_clock(el)} elapsed | ETA "
+                   f"{_clock(el / (step + 1) * (ws.steps - step - 1))} | loss {loss.item():.4f}")
     print()
     model.eval()
     n_stats = min(500, len(task.examples("test")))

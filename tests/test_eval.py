@@ -1245,3 +1245,24 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_never_half_write(tmp_path, sig, cod
     else:
         assert "interrupted while writing its outputs, which were finished first" in child.stderr
         assert written == [True, True]
+
+
+def test_the_progress_line_fits_the_terminal_and_is_whole_in_a_log(monkeypatch):
+    """On a terminal (80 columns) the updating line is cut to 79 characters, since \\r cannot
+    overwrite a wrapped line; written to a file it is whole."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("COLUMNS", "80")
+    stage = "local answers of its help calls " * 4
+    for stream in (Terminal(), io.StringIO()):
+        ev.Progress(stream)(stage, 3, 10)
+        line = stream.getvalue()
+        assert line.startswith("\reval | ") and "s | local answers" in line
+        if stream.isatty():
+            assert len(line) == 80 and "3/10" not in line   # cut inside the stage's text
+        else:
+            assert line.endswith(stage + " 3/10")
