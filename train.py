@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import glob
 import hashlib
 import json
@@ -30,6 +31,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -37,6 +39,11 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked (lock_run)
+    fcntl = None
 
 import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
@@ -436,6 +443,35 @@ def config_dict(cfg) -> dict:
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "final_eval.json")  # train.py's own
+
+
+def lock_run(run_dir: str):
+    """Hold RUN_DIR/train.lock while this process lives, or raise RunFileError naming the process
+    that holds it. A second train.py on one run (a job requeued while the first still runs)
+    would delete the checkpoint the first is writing and interleave their logs. A POSIX lock
+    (fcntl.lockf): the system drops it when its process ends, however it ends, so it is never
+    stale; it belongs to the process, so a process may take it again. Returns the open lock
+    file (closing it releases the lock); None where fcntl is missing (Windows): no lock."""
+    if fcntl is None:
+        return None
+    path = os.path.join(run_dir, "train.lock")
+    f = open(path, "a+")  # never truncated before it is held: it names the holder
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "a process"
+        f.close()
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # e.g. ENOLCK: a filesystem without locks
+            print(f"note: {path} cannot be locked ({e.strerror}): nothing stops a second "
+                  f"train.py on this run", file=sys.stderr)
+            return None
+        raise RunFileError(f"{run_dir} is in use: {holder} is training it ({path} is locked); "
+                           f"wait for it to end or stop it, then run this command again") from None
+    f.truncate(0)
+    f.write(f"train.py pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 class RunLog:
@@ -889,6 +925,7 @@ class Trainer:
         except ValueError as e:
             raise RunFileError(str(e)) from None
         os.makedirs(self.run_dir, exist_ok=True)
+        self.lock = lock_run(self.run_dir)  # before anything in the run directory is touched
         # a save cut short leaves a whole checkpoint.tmp: its space back before anything is written
         shutil.rmtree(ckpt + ".tmp", ignore_errors=True)
         for name in RUN_FILES:  # their atomic writes cut short: NAME.tmp.PID@HOST, writer dead

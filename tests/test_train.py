@@ -1853,3 +1853,34 @@ def test_the_progress_line_fits_the_terminal_and_is_whole_in_a_log(monkeypatch):
     monkeypatch.setattr(train.sys, "stdout", terminal)
     train.status("short")   # padded, so it hides the tail of a longer line before it
     assert terminal.getvalue() == "\r" + "short".ljust(79)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="runs are locked through fcntl (not on Windows)")
+def test_a_run_in_use_by_another_process_is_refused_untouched(tmp_path, capsys):
+    """A second train.py on a run that another process is training (a requeued job) would delete
+    the checkpoint the first is writing: it stops, naming the holder, before it touches anything.
+    The lock ends with its process, so a lock file left behind blocks nobody."""
+    import subprocess
+    import sys
+    run = tmp_path / "runs" / "busy"
+    (run / "checkpoint.tmp").mkdir(parents=True)  # what a start would remove: a save under way
+    (run / "metrics.jsonl").write_text('{"train/step": 1}\n')
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+         "f.write(f'train.py pid {os.getpid()} on here'); f.flush()\n"
+         "print('held', flush=True); time.sleep(120)", str(run / "train.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as e:
+            train.main(tiny_args(tmp_path, "name=busy"))
+        assert f"train.py pid {holder.pid} on here is training it" in str(e.value.code)
+        assert (run / "checkpoint.tmp").is_dir()
+        assert (run / "metrics.jsonl").read_text() == '{"train/step": 1}\n'
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = train.lock_run(str(run))  # the holder is gone: free, and it names this process now
+    assert (run / "train.lock").read_text() == f"train.py pid {os.getpid()} on {socket.gethostname()}\n"
+    lock.close()
