@@ -194,13 +194,15 @@ def routed_metrics(order, k, local_ok, cloud_ok, budget):
 
 
 @torch.no_grad()
-def continuation_logprobs(model, prefixes, continuations, pad_id, max_elements=2 ** 27):
+def continuation_logprobs(model, prefixes, continuations, pad_id, max_elements=2 ** 27,
+                          progress=None):
     """sum_t log p(c_t | prefix, c_<t) for each (prefix, continuation) pair of token-id lists:
     right-padded rows [prefix | continuation], one teacher-forced forward per batch. Pairs are
     batched in order of prefix length; a batch holds at most max_elements in the larger of its
     projected logits (rows * positions from its shortest prefix on * vocabulary; none before)
     and its MLP activations (rows * length * intermediate size), so long reasoning followed by
-    a short continuation does not cost a whole vocabulary per reasoning token."""
+    a short continuation does not cost a whole vocabulary per reasoning token.
+    progress(done, total): called with the pairs done after each batch."""
     device = next(model.parameters()).device
     rows = [p + c for p, c in zip(prefixes, continuations)]
     if any(len(p) == 0 or len(c) == 0 for p, c in zip(prefixes, continuations)):
@@ -236,34 +238,42 @@ def continuation_logprobs(model, prefixes, continuations, pad_id, max_elements=2
         sums = torch.zeros(len(batch), device=device, dtype=torch.float64)
         out[batch] = sums.index_add_(0, row_of, token_logp.double()).cpu()
         b = e
+        if progress:
+            progress(b, len(order))
     return out
 
 
-def help_preference(model, tokenizer, task, examples, texts):
+def help_preference(model, tokenizer, task, examples, texts, progress=None):
     """The policy's routing score of each prompt [ours]: at the decision point of its own greedy
     response (task.decision_split: tiny task, before the A/H character; Template I, before the
     final <answer> / <unknown> block), log p(help continuation) - log p(answer continuation),
     both teacher-forced after the prompt and its reasoning. Larger: it wants the cloud more.
-    Returns (scores [N] float64, the (prefix, help, answer) texts of each response)."""
+    Returns (scores [N] float64, the (prefix, help, answer) texts of each response).
+    progress(done, total): over the 2N continuations scored."""
     splits = [task.decision_split(t) for t in texts]
     prefixes = [tokenizer.prompt_ids(ex.prompt) + tokenizer.encode(p)
                 for ex, (p, _, _) in zip(examples, splits)]
+    n = len(examples)
     help_lp = continuation_logprobs(model, prefixes, [tokenizer.encode(h) for _, h, _ in splits],
-                                    tokenizer.pad_id)
+                                    tokenizer.pad_id,
+                                    progress=progress and (lambda d, t: progress(d, 2 * n)))
     answer_lp = continuation_logprobs(model, prefixes, [tokenizer.encode(a) for _, _, a in splits],
-                                      tokenizer.pad_id)
+                                      tokenizer.pad_id,
+                                      progress=progress and (lambda d, t: progress(n + d, 2 * n)))
     return (help_lp - answer_lp).numpy(), splits
 
 
 @torch.no_grad()
-def answered_locally(model, tokenizer, task, examples, splits, max_new_tokens, batch_size=256):
+def answered_locally(model, tokenizer, task, examples, splits, max_new_tokens, batch_size=256,
+                     progress=None):
     """The local verdict of each response had it answered at its decision point [ours]: the
     policy's own prefix + the answer continuation, then greedy decoding to the end unless that
     continuation already ends the response (tiny task: 'A' is a stop character, so the verdict
     is simply on "<its chain and check>A"). The response keeps the policy's budget: prefix,
     continuation and decoded tokens together at most max_new_tokens. Used for prompts where the
     policy asked for help, whose local answer a curve needs when it keeps them local. Decoded
-    batch_size rows at a time (eval.batch_size), as the greedy evaluation is."""
+    batch_size rows at a time (eval.batch_size), as the greedy evaluation is. progress(done,
+    total): called with the rows decoded after each batch."""
     if not examples:
         return []
     stop_ids = tokenizer.eos_ids + tokenizer.single_token_ids(task.stop_texts)
@@ -282,23 +292,27 @@ def answered_locally(model, tokenizer, task, examples, splits, max_new_tokens, b
         together = max(len(ids) for _, ids, _ in rows) + max(left for *_, left in rows)
         fits = together <= model.config.max_position_embeddings
         size = batch_size if fits else 1
-        for batch in (rows[i:i + size] for i in range(0, len(rows), size)):
+        for start in range(0, len(rows), size):
+            batch = rows[start:start + size]
             out = generate(model, [ids for _, ids, _ in batch], n=1,
                            max_new_tokens=max(left for *_, left in batch), temperature=0.0,
                            stop_ids=stop_ids, banned_ids=banned_ids, pad_id=tokenizer.pad_id)
             for row, (i, _, left) in enumerate(batch):  # greedy: a longer run starts the same
                 ids = out.tokens[row, :min(int(out.lengths[row]), left)].tolist()
                 texts[i] += tokenizer.decode([t for t in ids if t not in tokenizer.eos_ids])
+            if progress:
+                progress(start + len(batch), len(rows))
     return [bool(task.local_correct(ex, t)) for ex, t in zip(examples, texts)]
 
 # ----------------------------------------------------------------------------- 3. routers
 
 
 def fit_bce(logits_of, params, labels, steps, batch_size, lr, weight_decay=0.0, seed=0,
-            val_share=0.1):
+            val_share=0.1, progress=None):
     """Minibatch AdamW on binary cross-entropy. The last val_share of the examples is held out;
     the parameters with the best held-out AUROC (checked 10 times) are kept. logits_of(idx)
-    returns the logits of the examples idx. Returns (fit indices, held-out indices)."""
+    returns the logits of the examples idx; progress(done, total) is called with the steps done.
+    Returns (fit indices, held-out indices)."""
     y = torch.as_tensor(np.asarray(labels, dtype=np.float32))
     n = len(y)
     n_val = int(n * val_share) if n >= 20 else 0
@@ -319,6 +333,8 @@ def fit_bce(logits_of, params, labels, steps, batch_size, lr, weight_decay=0.0, 
                 score = auroc(logits_of(val_idx).cpu(), y[val_idx].numpy())
             if score is not None and score > best:
                 best, best_state = score, [p.detach().clone() for p in params]
+        if progress:
+            progress(step + 1, steps)
     if best_state is not None:
         with torch.no_grad():
             for p, q in zip(params, best_state):
@@ -348,11 +364,11 @@ class TinyRouter:
         ids, real, positions = left_pad(prompts, self.pad_id, self.device)
         return self.model(ids, positions, attn_mask=real, logits_from=-1)[:, 0, 0].float()
 
-    def fit(self, prompts, labels, steps=400, batch_size=64, lr=1e-3, seed=0):
+    def fit(self, prompts, labels, steps=400, batch_size=64, lr=1e-3, seed=0, progress=None):
         self.model.train()
         fit_idx, val_idx = fit_bce(lambda idx: self.logits([prompts[i] for i in idx.tolist()]),
                                    list(self.model.parameters()), labels, steps, batch_size, lr,
-                                   weight_decay=0.01, seed=seed)
+                                   weight_decay=0.01, seed=seed, progress=progress)
         self.model.eval()
         return fit_idx, val_idx
 
@@ -392,7 +408,7 @@ class ProbeRouter:
     def features(self, prompts):
         return last_hidden_states(self.device_model, prompts, self.pad_id)
 
-    def fit(self, prompts, labels, steps=300, batch_size=256, lr=1e-2, seed=0):
+    def fit(self, prompts, labels, steps=300, batch_size=256, lr=1e-2, seed=0, progress=None):
         x = self.features(prompts)
         self.mean, self.std = x.mean(0), x.std(0) + 1e-6
         x = (x - self.mean) / self.std
@@ -401,7 +417,8 @@ class ProbeRouter:
         nn.init.zeros_(self.linear.bias)
         self._train = (prompts, x)   # predict() on the same list reuses these features
         return fit_bce(lambda idx: self.linear(x[idx])[:, 0], list(self.linear.parameters()),
-                       labels, steps, batch_size, lr, weight_decay=0.01, seed=seed)
+                       labels, steps, batch_size, lr, weight_decay=0.01, seed=seed,
+                       progress=progress)
 
     @torch.no_grad()
     def predict(self, prompts):
@@ -801,7 +818,6 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
         labels = train_out["local_ok"].numpy() & ~train_out["help"].numpy()
         train_prompts = [tok.prompt_ids(ex.prompt) for ex in train]
         test_prompts = [tok.prompt_ids(ex.prompt) for ex in examples]
-        progress("router: training")
         if base.from_scratch:
             router, default_steps = TinyRouter(
                 tok.vocab_size, tok.pad_id, max(len(p) for p in train_prompts + test_prompts),
@@ -809,7 +825,9 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
         else:
             router, default_steps = ProbeRouter(model, tok.pad_id), 300
         steps = default_steps if router_steps is None else router_steps
-        fit_idx, val_idx = router.fit(train_prompts, labels, steps=steps, seed=seed)
+        progress("router: training")  # (a probe first reads the prompts' hidden states)
+        fit_idx, val_idx = router.fit(train_prompts, labels, steps=steps, seed=seed,
+                                      progress=lambda d, t: progress("router: training", d, t))
         s_train, s_test = router.predict(train_prompts), router.predict(test_prompts)  # logits
         fit_idx, val_idx = fit_idx.numpy(), val_idx.numpy()
         res.router = {"kind": router.kind, "n_train": len(fit_idx), "n_val": len(val_idx),
@@ -848,12 +866,15 @@ def evaluate_policy_run(res, run, examples, budget, progress, calls_before):
                             lambda d, t: progress(f"{run.name}: cloud verdicts", d, t))
     cloud = np.array([a.correct for a in answers], dtype=bool)
     progress(f"{run.name}: decision scores")
-    score, splits = help_preference(model, tok, run.task, examples, out["text"])
+    score, splits = help_preference(model, tok, run.task, examples, out["text"],
+                                    lambda d, t: progress(f"{run.name}: decision scores", d, t))
     progress(f"{run.name}: local answers of its help calls")
     asked = np.nonzero(help)[0].tolist()
     answered = np.zeros(len(examples), dtype=bool)
     answered[asked] = answered_locally(model, tok, run.task, [examples[i] for i in asked],
-                                       [splits[i] for i in asked], max_new, batch)
+                                       [splits[i] for i in asked], max_new, batch,
+                                       lambda d, t: progress(f"{run.name}: local answers of its "
+                                                             f"help calls", d, t))
     *curve, _ = policy_curve(help, local, answered, cloud, score)
     m.update(help_calls=int(help.sum()), cloud_requests=run.cloud.calls_made - calls_before,
              decision_agreement=float(((score > 0) == help).mean()), **gap_recovered(*curve))

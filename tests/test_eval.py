@@ -262,6 +262,35 @@ def test_continuation_logprobs_are_the_same_however_they_are_batched(max_element
                                          abs=1e-4)
 
 
+def test_scoring_and_router_training_report_their_progress():
+    """The stages that ran with a frozen line (the line and its clock stood still until they
+    ended): the decision scores count continuations, the router's fit its steps."""
+    model = tiny_model(12, seed=2)
+    seen = []
+    ev.continuation_logprobs(model, [[2, 3]] * 5, [[4]] * 5, pad_id=0, max_elements=30,
+                             progress=lambda d, t: seen.append((d, t)))
+    # a row costs max(2 projected positions * 12, 3 positions * 64) = 192: one row a batch
+    assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    seen.clear()
+    x, y = torch.randn(40, 3), np.arange(40) % 2 == 0
+    linear = torch.nn.Linear(3, 1)
+    ev.fit_bce(lambda idx: linear(x[idx])[:, 0], list(linear.parameters()), y, steps=7,
+               batch_size=8, lr=0.01, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(k, 7) for k in range(1, 8)]
+
+
+def test_decision_scores_report_both_continuations_of_every_prompt():
+    task = make_task("tiny_countdown", n_train=4, n_test=8)
+    tok = build_char_tokenizer(task.alphabet)
+    ex = task.examples("test")[:3]
+    model = tiny_model(tok.vocab_size, seed=0)
+    seen = []
+    texts = [ex[0].data["solution"] + "xxxA", "xxH", ex[2].data["solution"] + "xxH"]
+    ev.help_preference(model, tok, task, ex, texts, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (6, 6) and all(t == 6 for _, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[0][0] <= 3
+
+
 @pytest.mark.parametrize("max_elements, forwards", [(43008, 1), (43007, 2)])
 def test_continuation_batches_count_logits_only_where_they_are_projected(max_elements, forwards):
     """16 rows of a 40-token prefix and a 2-token continuation, vocabulary 200, MLP width 64: a
@@ -817,8 +846,11 @@ def test_answered_locally_decodes_after_the_answer_opening(monkeypatch):
     calls.clear()
     model.config.max_position_embeddings = 4096
     ex5 = task.examples("test")[:4] + task.examples("train")[:1]
-    assert len(ev.answered_locally(model, tok, task, ex5, [splits[0]] * 5, 64, batch_size=2)) == 5
+    seen = []  # and report the rows decoded after each batch
+    assert len(ev.answered_locally(model, tok, task, ex5, [splits[0]] * 5, 64, batch_size=2,
+                                   progress=lambda d, t: seen.append((d, t)))) == 5
     assert [len(prompts) for prompts, _ in calls] == [2, 2, 1]
+    assert seen == [(2, 5), (4, 5), (5, 5)]
 
 
 def test_auroc_is_none_without_positives():
