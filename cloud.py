@@ -982,6 +982,7 @@ def prefill(args) -> int:
     settings = {name: getattr(args, name) for name in PREFILL_OPTIONS.get(args.backend, {})}
     cloud = make_cloud({"backend": args.backend, **settings}, cache_path=args.cache)
     cloud.check_cache()  # a cache holding another cloud's answers: no run could read it whole
+    check_appendable(args.cache)  # else the first answer fails, and the requests under way are lost
 
     examples = task.examples(args.split)[:args.limit]
     check = getattr(cloud.backend, "check_fits", None)  # the local one: its device and context

@@ -935,6 +935,34 @@ def test_prefill_cli_fills_the_cache(tmp_path, capsys):
     assert len(cache.read_text().splitlines()) == 5
 
 
+def test_prefill_cli_a_cache_that_cannot_be_appended_to_sends_nothing(endpoint, monkeypatch,
+                                                                       tmp_path):
+    """A read-only cache file failed at the first answer to arrive: every request under way
+    was paid for and lost (none could be cached), and asked again once fixed. Now the prefill
+    says so before it sends anything, as train.py and eval.py do."""
+    import builtins
+    import cloud
+    monkeypatch.setenv("TEST_CLOUD_KEY", "sk-x")
+    cache = tmp_path / "c.jsonl"
+    cache.write_text("")
+    real_open = builtins.open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+") and \
+                os.path.abspath(file) == str(cache):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    with pytest.raises(SystemExit) as e:
+        cloud.main(["--task", "tiny_countdown", "--limit", "6", "--backend", "http",
+                    "--base-url", endpoint.url, "--model", "m", "--api-key-env", "TEST_CLOUD_KEY",
+                    "--concurrency", "3", "--cache", str(cache)])
+    assert e.value.code == (f"cloud.py: cloud cache {cache} cannot be appended to (Permission "
+                            f"denied): make it writable, then run the same command again")
+    assert endpoint.requests == []
+
+
 @pytest.mark.parametrize("args, owner", [(["--base-url", "http://h", "--model", "m"], "http"),
                                          (["--backend", "http", "--path", "ckpt"], "local"),
                                          (["--backend", "local", "--seed", "3"], "oracle")])
