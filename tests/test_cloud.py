@@ -958,9 +958,9 @@ def test_prefill_cli_a_cache_that_cannot_be_appended_to_sends_nothing(endpoint, 
         cloud.main(["--task", "tiny_countdown", "--limit", "6", "--backend", "http",
                     "--base-url", endpoint.url, "--model", "m", "--api-key-env", "TEST_CLOUD_KEY",
                     "--concurrency", "3", "--cache", str(cache)])
+    assert endpoint.requests == []  # not one paid for
     assert e.value.code == (f"cloud.py: cloud cache {cache} cannot be appended to (Permission "
                             f"denied): make it writable, then run the same command again")
-    assert endpoint.requests == []
 
 
 @pytest.mark.parametrize("args, owner", [(["--base-url", "http://h", "--model", "m"], "http"),
