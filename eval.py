@@ -532,6 +532,11 @@ def load_run(path, device) -> Run:
             raise ValueError(f"{config}: {section}.{key}={v!r} is not allowed: an integer >= 1")
     task = make_task(**cfg["task"])
     cloud = make_cloud(dict(cfg["cloud"]), cache_path=os.path.join(path, "cloud_cache.jsonl"))
+    try:  # another cloud's answers in the run's cache: said now, not after the greedy decoding
+        cloud.check_cache()
+    except ValueError as e:
+        raise ValueError(f"{e}: set the cloud section of {config} back to what this run "
+                         f"used") from None
     cloud.failed = {}  # a prompt whose call failed keeps that verdict for the whole report
     return Run(path, cfg, task, cloud, torch.device(device))
 

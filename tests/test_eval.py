@@ -620,6 +620,27 @@ def no_evaluation(monkeypatch):
                         lambda *a, **k: pytest.fail("evaluation started despite bad input"))
 
 
+def test_a_cloud_section_edited_after_training_is_an_error_before_any_decoding(tmp_path,
+                                                                                no_evaluation):
+    """The run's cache holds the answers of the cloud it trained with; its config.yaml now names
+    another (p_correct 0.9 -> 0.5): refused at start, as train.py refuses it on resume, not at
+    the first cloud call after the whole greedy decoding."""
+    run = write_run(tmp_path, "edited", True, seed=0)
+    task = make_task("tiny_countdown", n_numbers=3, number_range=[1, 20], ops="+-*", n_train=60,
+                     n_test=30, seed=0)
+    trained_with = cloud_module.make_cloud({"backend": "oracle", "p_correct": 0.9, "seed": 0},
+                                           cache_path=os.path.join(run, "cloud_cache.jsonl"))
+    trained_with.ask(task, task.examples("test")[:2])
+    config = os.path.join(run, "config.yaml")
+    with open(config) as f:
+        text = f.read()
+    with open(config, "w") as f:
+        f.write(text.replace("p_correct: 0.9", "p_correct: 0.5"))
+    message = exit_message([run])
+    assert "holds answers of backend 'oracle', model 'oracle(p_correct=0.9,seed=0)'" in message
+    assert message.endswith(f"set the cloud section of {config} back to what this run used")
+
+
 def exit_message(args):
     """The SystemExit message of ev.main(args): one line, and an exit status other than 0."""
     with pytest.raises(SystemExit) as e:
