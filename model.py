@@ -832,9 +832,12 @@ class Tokenizer:
     for raw-text models), written by hand."""
 
     def __init__(self, tk, eos_ids, pad_id, bos_id=None, chat_format=None, default_system=None,
-                 special_tokens=None, generation=None):
+                 special_tokens=None, generation=None, chat_bos=None):
         self.tk, self.eos_ids, self.pad_id, self.bos_id = tk, list(eos_ids), pad_id, bos_id
         self.chat_format, self.default_system = chat_format, default_system
+        # the BOS text a ChatML template writes before the messages ({{ bos_token }}, as the
+        # Llama-3 Hermes finetunes' do); None: it writes none (Qwen2's, SmolLM2's)
+        self.chat_bos = chat_bos
         # tokenizer_config.json entries written back on save: the loaded file's (unk token,
         # tokenizer class, model_max_length, ...) with the special token strings and the
         # original chat template (so a saved checkpoint keeps e.g. SmolLM2's default system message)
@@ -880,7 +883,8 @@ class Tokenizer:
         if self.chat_format == "chatml":
             if messages[0]["role"] != "system" and self.default_system is not None:
                 messages = [{"role": "system", "content": self.default_system}] + messages
-            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            text = (self.chat_bos or "") + "".join(
+                f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
         if self.chat_format in ("llama3", "llama3.1"):
             text = "<|begin_of_text|>"
@@ -994,9 +998,14 @@ def load_tokenizer(path: str) -> Tokenizer:
                          if tc.get(k) is not None}}
     if template:
         specials["chat_template"] = template
+    # a ChatML template that opens with {{ bos_token }} renders the tokenizer's BOS first (with
+    # no bos_token named, transformers renders the undefined name as nothing: so do we)
+    chat_bos = bos_tok if fmt == "chatml" and re.search(r"\{\{-?\s*bos_token\b", template) \
+        else None
     return Tokenizer(tk, eos_ids, eos_ids[0] if pad_id is None else pad_id,
                      tk.token_to_id(bos_tok) if bos_tok else None, fmt,
-                     _default_system_message(template) if fmt == "chatml" else None, specials, gc)
+                     _default_system_message(template) if fmt == "chatml" else None, specials, gc,
+                     chat_bos or None)
 
 
 def build_char_tokenizer(alphabet: str) -> Tokenizer:

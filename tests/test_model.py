@@ -906,3 +906,28 @@ def test_llama3_rope_scaling_values_must_be_positive_numbers(key, value):
         ModelConfig(rope_scaling=dict(LLAMA3_ROPE, **{key: value}))
     ok = ModelConfig(rope_scaling=dict(LLAMA3_ROPE, **{key: 2}))  # integers are numbers too
     assert torch.isfinite(Transformer(ok).inv_freq).all()
+
+
+def test_a_chatml_template_opening_with_bos_token_gets_it_as_in_transformers(tmp_path):
+    """A ChatML template that writes {{bos_token}} before the messages (Hermes-2-Pro-Llama-3's,
+    a Llama-3 model): the prompt starts with that BOS, as transformers renders it; one that
+    writes none (Qwen2's, SmolLM2's) gets none, whatever bos_token the tokenizer names."""
+    tk = build_char_tokenizer("abcdefghijklmnopqrstuvwxyz\n ").tk
+    tk.add_special_tokens(["<|begin_of_text|>", "<|im_start|>", "<|im_end|>"])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    hermes = ("{{bos_token}}{% for message in messages %}{{'<|im_start|>' + message['role'] + "
+              "'\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    for template in (hermes, hermes.replace("{{bos_token}}", "")):
+        json.dump({"chat_template": template, "eos_token": "<|im_end|>",
+                   "bos_token": "<|begin_of_text|>"}, open(tmp_path / "tokenizer_config.json", "w"))
+        tok = load_tokenizer(str(tmp_path))
+        ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+        text = ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert text.startswith("<|begin_of_text|>") == (template == hermes)
+        assert tok.apply_chat(msgs) == text
+        assert tok.prompt_ids(msgs) == ref(text, add_special_tokens=False).input_ids
+        os.makedirs(tmp_path / "saved", exist_ok=True)
+        tok.save(str(tmp_path / "saved"))  # and so after a save
+        assert load_tokenizer(str(tmp_path / "saved")).apply_chat(msgs) == text
