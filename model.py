@@ -993,6 +993,14 @@ def load_tokenizer(path: str) -> Tokenizer:
                          "generation_config.json eos_token_id)")
     pad_tok = _token_str(tc.get("pad_token"))
     pad_id = tk.token_to_id(pad_tok) if pad_tok else None
+    if pad_id is None:  # no pad_token: generation_config.json's pad_token_id (or config.json's)
+        name, pad_id = next(((f, c["pad_token_id"]) for f, c in (("generation_config.json", gc),
+                            ("config.json", mc)) if c.get("pad_token_id") is not None), (None, None))
+        vocab = tk.get_vocab_size(with_added_tokens=True)
+        if pad_id is not None and not (isinstance(pad_id, int) and not isinstance(pad_id, bool)
+                                       and 0 <= pad_id < vocab):
+            raise ValueError(f"{os.path.join(path, name)}: pad_token_id={pad_id!r} is not a token "
+                             f"id of this tokenizer (0..{vocab - 1})")
     bos_tok = _token_str(tc.get("bos_token"))
     specials = {**tc, **{k: _token_str(tc[k]) for k in ("eos_token", "pad_token", "bos_token")
                          if tc.get(k) is not None}}

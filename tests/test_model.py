@@ -625,6 +625,26 @@ def test_load_tokenizer_falls_back_to_config_json_eos_and_pads_with_eos(tmp_path
     assert tok.eos_ids == [2, 1] and tok.pad_id == 2
 
 
+def test_load_tokenizer_reads_the_pad_id_of_generation_config_json(tmp_path):
+    """No pad_token in tokenizer_config.json: generation_config.json's pad_token_id pads (then
+    config.json's), not the first eos id; an id the tokenizer lacks is an error naming it."""
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))   # ids 0..4
+    json.dump({"eos_token": "<eos>"}, open(tmp_path / "tokenizer_config.json", "w"))
+    json.dump({"eos_token_id": 1, "pad_token_id": 3}, open(tmp_path / "config.json", "w"))
+    assert load_tokenizer(str(tmp_path)).pad_id == 3
+    json.dump({"pad_token_id": 4}, open(tmp_path / "generation_config.json", "w"))
+    assert load_tokenizer(str(tmp_path)).pad_id == 4
+    json.dump({"eos_token": "<eos>", "pad_token": "a"}, open(tmp_path / "tokenizer_config.json", "w"))
+    assert load_tokenizer(str(tmp_path)).pad_id == 2          # pad_token named: it wins
+    json.dump({"eos_token": "<eos>"}, open(tmp_path / "tokenizer_config.json", "w"))
+    for bad in (5, -1, "3", True):
+        json.dump({"pad_token_id": bad}, open(tmp_path / "generation_config.json", "w"))
+        with pytest.raises(ValueError, match=re.escape(
+                f"generation_config.json: pad_token_id={bad!r} is not a token id of this "
+                f"tokenizer (0..4)")):
+            load_tokenizer(str(tmp_path))
+
+
 def test_load_tokenizer_puts_the_eos_token_first_and_reads_bos(tmp_path):
     """Tokenizer_config.json's eos_token leads the eos ids even when
     generation_config.json lists others first (Llama-3.1 instruct: <|eot_id|> last); its
