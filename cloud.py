@@ -80,11 +80,14 @@ def prompt_digest(messages) -> str:
 
 
 def check_appendable(path) -> None:
-    """A ValueError now, before long work, if the cache file `path` exists but cannot be appended
-    to (the first new answer would fail to be cached)."""
+    """A ValueError now, before long work, if the cache file `path` cannot be appended to, or,
+    not there yet, cannot be made (the first new answer would fail to be cached)."""
+    if not os.path.exists(path):
+        from model import check_writable  # lazy, as below
+        check_writable(os.path.dirname(os.path.abspath(path)), "cloud cache directory")
+        return
     try:
-        if os.path.exists(path):
-            open(path, "ab").close()
+        open(path, "ab").close()
     except OSError as e:
         raise ValueError(f"cloud cache {path} cannot be appended to ({e.strerror}): make it "
                          f"writable, then run the same command again") from None

@@ -860,7 +860,7 @@ def fake_local_model(monkeypatch, answer, eos=True):
     monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(
         load_pretrained=load_pretrained, load_tokenizer=lambda path: CharTokenizer(),
         ModelConfig=model.ModelConfig, read_json=model.read_json, weights_dtype=model.weights_dtype,
-        resolve_device=model.resolve_device))
+        resolve_device=model.resolve_device, check_writable=model.check_writable))
     monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate))
     return calls
 
@@ -961,6 +961,22 @@ def test_prefill_cli_a_cache_that_cannot_be_appended_to_sends_nothing(endpoint, 
     assert endpoint.requests == []  # not one paid for
     assert e.value.code == (f"cloud.py: cloud cache {cache} cannot be appended to (Permission "
                             f"denied): make it writable, then run the same command again")
+
+
+def test_prefill_cli_a_cache_that_cannot_be_made_sends_nothing(endpoint, monkeypatch, tmp_path):
+    """A new cache file whose directory cannot be made (here a file stands where a parent
+    directory would go) failed at the first answer, every request under way lost with it."""
+    import cloud
+    monkeypatch.setenv("TEST_CLOUD_KEY", "sk-x")
+    (tmp_path / "blocker").write_text("")
+    cache = tmp_path / "blocker" / "runs" / "c.jsonl"
+    with pytest.raises(SystemExit) as e:
+        cloud.main(["--task", "tiny_countdown", "--limit", "6", "--backend", "http",
+                    "--base-url", endpoint.url, "--model", "m", "--api-key-env", "TEST_CLOUD_KEY",
+                    "--concurrency", "3", "--cache", str(cache)])
+    assert endpoint.requests == []
+    assert e.value.code == (f"cloud.py: cloud cache directory {str(cache.parent)!r} cannot be "
+                            f"written: {tmp_path / 'blocker'} is not a directory")
 
 
 @pytest.mark.parametrize("args, owner", [(["--base-url", "http://h", "--model", "m"], "http"),
