@@ -991,9 +991,10 @@ def prefill(args) -> int:
     check = getattr(cloud.backend, "check_fits", None)  # the local one: its device and context
     if check is not None:
         check(task, examples)
-    start = time.time()
+    start, shown = time.time(), []
 
     def progress(done, total):  # over the prompts not yet cached
+        shown.append(True)
         elapsed = time.time() - start
         line = (f"{done}/{total} asked  calls {cloud.calls_made}  cached {cloud.served_from_cache}  "
                 f"failures {cloud.failures}  elapsed {elapsed:.0f}s  "
@@ -1005,6 +1006,10 @@ def prefill(args) -> int:
         print(f"\ninterrupted: {cloud.calls_made - cloud.failures} new answers are cached in "
               f"{args.cache}; the same command asks the rest", file=sys.stderr)
         return 130
+    except (ValueError, OSError, CloudError):  # main() prints it: on a line of its own
+        if shown:
+            print(file=sys.stderr)
+        raise
     print(file=sys.stderr)
     cut = getattr(cloud.backend, "truncated", 0)
     print(f"task {task.name} split {args.split}: {len(examples)} prompts, calls made {cloud.calls_made}, "

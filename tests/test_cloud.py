@@ -1380,7 +1380,7 @@ def test_auth_error_keeps_the_answers_that_arrived(endpoint, task, tmp_path):
     assert CloudCache(path).get(task.name, examples[1].key) is None
 
 
-def test_prefill_cli_auth_error_is_one_line(endpoint, monkeypatch, tmp_path):
+def test_prefill_cli_auth_error_is_one_line(endpoint, monkeypatch, tmp_path, capsys):
     import cloud
     monkeypatch.setenv("TEST_CLOUD_KEY", "sk-secret-55")
     cache = tmp_path / "c.jsonl"
@@ -1393,6 +1393,9 @@ def test_prefill_cli_auth_error_is_one_line(endpoint, monkeypatch, tmp_path):
     assert isinstance(message, str) and "\n" not in message
     assert "HTTP 401" in message and "TEST_CLOUD_KEY" in message and "sk-secret-55" not in message
     assert [json.loads(line)["answer"] for line in _lines(cache)] == ["first answer"]
+    # the progress line shown before the error is ended, so the error gets a line of its own
+    err = capsys.readouterr().err
+    assert "1/3 asked" in err and err.endswith("\n")
 
 
 def test_prefill_cli_says_why_calls_failed(endpoint, monkeypatch, tmp_path, capsys):
