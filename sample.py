@@ -79,6 +79,34 @@ def monotone_cdf(cdf, shifted):
     return cdf.masked_fill_(shifted.isneginf(), 0).cummax(-1).values
 
 
+CDF_BLOCK = 128  # tokens per block of the CPU's two-level inverse CDF (draw_two_level)
+
+
+def draw_two_level(weights, generator, block: int = CDF_BLOCK):
+    """Inverse-CDF draw of one token per row from unnormalised weights [R, V] (V a multiple of
+    block), in two levels: the running total over blocks of `block` tokens picks a block, the
+    running total inside that block picks the token. On CPU a cumulative sum is a serial scan of
+    each row, so one over the whole vocabulary cost about as much as the exponentials before it;
+    block sums are vectorised and the scans are V / block and block long. Totals in float64.
+    Returns (token [R, 1], total weight [R, 1] float64)."""
+    R, V = weights.shape
+    blocks = weights.view(R, V // block, block)
+    cum = blocks.sum(-1).double().cumsum_(-1)                   # [R, V / block]
+    total = cum[:, -1:]
+    zero = torch.zeros((), dtype=torch.float64, device=weights.device)
+    # u < total, so the first block whose running total exceeds u has weight (a block of
+    # weight 0 has the running total of the block before it, never the first to exceed u)
+    u = torch.minimum(torch.rand(R, 1, generator=generator, dtype=torch.float64,
+                                 device=weights.device) * total, torch.nextafter(total, zero))
+    b = torch.searchsorted(cum, u, right=True)
+    inside = blocks.gather(1, b[:, :, None].expand(R, 1, block))[:, 0].double().cumsum_(-1)
+    before = cum.gather(1, (b - 1).clamp_min(0)).masked_fill_(b == 0, 0)
+    # the block's own running total may end a rounding step from its sum in cum: the target
+    # stays below its end, so the draw is the first token whose total exceeds it, one of weight
+    target = torch.minimum(u - before, torch.nextafter(inside[:, -1:], zero))
+    return b * block + torch.searchsorted(inside, target, right=True), total
+
+
 def sample_next(logits, temperature: float, top_k: int, top_p: float, generator, scratch=None):
     """Draw one token per row from softmax(logits / T) restricted to the top-k / top-p
     support (top-k keeps every token tied with the k-th largest logit, as transformers' top-k
@@ -103,9 +131,12 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator,
     # inverse-CDF sampling on the unnormalised cdf: one uniform per row (torch.multinomial draws
     # one exponential per vocabulary entry on CPU, which dominated the step). u < cdf[-1] and
     # right=True mean a token of probability 0 (cdf equal to its left neighbour's) is never the
-    # first entry with cdf > u.
+    # first entry with cdf > u. On CPU, in two levels (draw_two_level) where the vocabulary allows.
     shifted = logits.sub_(logits.amax(-1, keepdim=True))
     cdf = torch.exp(shifted, out=scratch if scratch is not None else torch.empty_like(shifted))
+    if cdf.device.type == "cpu" and cdf.shape[-1] % CDF_BLOCK == 0:
+        token, total = draw_two_level(cdf, generator)
+        return token[:, 0], (shifted.gather(-1, token) - total.log().float())[:, 0]
     cdf.cumsum_(-1)
     if cdf.device.type != "cpu":
         # the CPU's cumsum adds left to right (in double): already exact where it matters, so

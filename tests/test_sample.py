@@ -542,3 +542,49 @@ def test_numpy_and_fraction_arguments_sample_as_plain_numbers():
                      top_p=np.float64(0.9), seed=np.int64(3), stop_ids=np.array(7))
     assert torch.equal(plain.tokens, other.tokens)
     assert torch.equal(plain.logprobs, other.logprobs)
+
+
+def test_two_level_draw_follows_the_distribution_on_its_support():
+    """On CPU a vocabulary of whole 128-token blocks is drawn in two levels (block, then token):
+    a block without weight, weight only at a block's first and last token, and tokens of
+    probability 0 inside a block; frequencies follow the softmax, log-probs are its logs, a
+    token of probability 0 is never drawn, and the same seed draws the same tokens."""
+    from sample import CDF_BLOCK
+    assert CDF_BLOCK == 128
+    torch.manual_seed(0)
+    logits = torch.randn(384) * 2
+    logits[1:127] = float("-inf")            # block 0: weight at tokens 0 and 127 only
+    logits[0], logits[127] = 2.0, 1.0
+    logits[128:256] = float("-inf")          # block 1: none
+    logits[256::2] = float("-inf")           # block 2: every other token
+    probs = torch.softmax(logits, -1)
+    draws = 30000
+    many = logits.expand(draws, -1)
+    tok, lp = sample_next(many.clone(), 1.0, 0, 1.0, torch.Generator().manual_seed(1))
+    assert (probs[tok] > 0).all()
+    freq = torch.bincount(tok, minlength=384).float() / draws
+    assert ((freq - probs).abs() <= 4 * (probs * (1 - probs) / draws).sqrt() + 1e-3).all()
+    assert freq[0] > 0 and freq[127] > 0
+    assert torch.allclose(lp, torch.log_softmax(logits, -1)[tok], atol=1e-5)
+    again, _ = sample_next(many.clone(), 1.0, 0, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(again, tok)
+
+
+def test_two_level_draw_keeps_to_tokens_of_weight_when_sums_round_apart(monkeypatch):
+    """A block's sum (float32, as its level-one weight) can round above the running total of
+    its tokens in float64; a uniform at the top of the range then lands past the block's last
+    token: the draw must still be a token of weight in that block, never one after it."""
+    from sample import draw_two_level
+    g = torch.Generator().manual_seed(0)
+    for _ in range(1000):   # a block whose float32 sum exceeds its exact total
+        w = torch.rand(1, 128, generator=g)
+        w[0, 100:] = 0
+        if w.sum(-1).double().item() > w.double().sum().item():
+            break
+    else:
+        pytest.fail("no block found whose float32 sum rounds up")
+    top = 1 - 2 ** -53   # the largest value torch.rand draws in float64
+    monkeypatch.setattr(torch, "rand", lambda *a, dtype=None, **k: torch.full(a, top, dtype=dtype))
+    token, total = draw_two_level(w, None)
+    assert 0 <= token.item() < 100 and token.item() == 99   # the last token with weight
+    assert total.item() == w.sum(-1).double().item()
