@@ -13,7 +13,7 @@ Ctrl-C (or SIGTERM) during RL finishes the current step, saves a checkpoint and 
 The algorithm itself lives in algo.py; this file only wires it together (DESIGN.md).
 Run directory runs/<name>/: config.yaml, metrics.jsonl, samples.jsonl, cloud_cache.jsonl,
 final_eval.json, checkpoint/ (model.safetensors + config.json + tokenizer files +
-trainer_state.pt).
+trainer_state.pt), train.lock (held while a train.py trains the run: one at a time).
 """
 from __future__ import annotations
 
