@@ -112,8 +112,9 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator,
     support (top-k keeps every token tied with the k-th largest logit, as transformers' top-k
     does); return (token, its log-prob under that restricted distribution). T = 0: greedy,
     with the log-prob of the untempered softmax. logits [R, V] (fp32) is overwritten; scratch,
-    when given, is a tensor of its shape that receives the cumulative distribution (the
-    sampler's static buffers: fresh [R, V] temporaries every step are cold memory on CPU)."""
+    when given, is a tensor of its shape that receives the unnormalised probabilities (and,
+    off the CPU's two-level draw, their running total; the sampler's static buffers: fresh
+    [R, V] temporaries every step are cold memory on CPU)."""
     if temperature == 0:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
