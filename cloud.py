@@ -555,6 +555,8 @@ class HttpBackend:
                 try:
                     arrived.put((i, self.chat(messages, stop)))
                 except BaseException as e:  # a CloudError, or a bug: raised in the caller
+                    if isinstance(e, CloudBatchError):  # at once: this worker's next prompt
+                        stop.set()                      # went out before the caller could
                     arrived.put((i, e))
 
         # daemon threads: a second Ctrl-C need not wait for their connections to close
