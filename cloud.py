@@ -976,6 +976,7 @@ def main(argv=None) -> int:
 
 
 def prefill(args) -> int:
+    from model import status_line  # lazy: model.py needs torch, which an http prefill does not
     from tasks import make_task
     if args.task == "math":
         task = make_task("math", path_train=args.data_train, path_test=args.data_test, kind=args.math_kind)
@@ -1001,7 +1002,7 @@ def prefill(args) -> int:
         line = (f"{done}/{total} asked  calls {cloud.calls_made}  cached {cloud.served_from_cache}  "
                 f"failures {cloud.failures}  elapsed {elapsed:.0f}s  "
                 f"eta {elapsed / done * (total - done):.0f}s")
-        print("\r" + line.ljust(79), end="", file=sys.stderr, flush=True)
+        status_line(line, sys.stderr)
     try:
         correct = sum(a.correct for a in cloud.ask(task, examples, progress, chunk=args.chunk))
     except KeyboardInterrupt:

@@ -29,7 +29,6 @@ import os
 import pickle
 import platform
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -45,7 +44,8 @@ import yaml
 import algo
 from cloud import CloudError, NoCloud, check_appendable, make_cloud
 from model import (ConfigLoader, ModelConfig, Transformer, atomic_write, atomic_write_text,
-                   check_writable, load_pretrained, load_tokenizer, resolve_device)
+                   check_writable, load_pretrained, load_tokenizer, resolve_device,
+                   status_line)
 from sample import generate, left_pad
 from tasks import SPLITS, make_task, task_settings
 
@@ -549,12 +549,7 @@ class Progress:
 
     def __call__(self, stage, done=None, total=None):
         count = f" {done}/{total}" if total else ""
-        line = f"eval | {time.time() - self.start:6.1f}s | {stage}{count}"
-        # on a terminal, cut to its width: a line that wraps can no longer be overwritten
-        tty = self.stream.isatty()
-        width = shutil.get_terminal_size().columns - 1 if tty else 99
-        print("\r" + (line[:width] if tty else line).ljust(width), end="", file=self.stream,
-              flush=True)
+        status_line(f"eval | {time.time() - self.start:6.1f}s | {stage}{count}", self.stream)
         self.used = True
 
     def close(self):

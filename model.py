@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -653,6 +654,16 @@ def read_json(path: str):
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def status_line(text: str, stream=None):
+    """Overwrite the console's progress line on `stream` (default stdout) with text. On a
+    terminal the line is cut to its width, since a line that wraps can no longer be overwritten
+    by \\r; written to a log file it is kept whole."""
+    stream = sys.stdout if stream is None else stream
+    tty = stream.isatty()
+    width = shutil.get_terminal_size().columns - 1 if tty else 99
+    print("\r" + (text[:width] if tty else text).ljust(width), end="", file=stream, flush=True)
 
 
 def resolve_device(device=None, name: str = "--device") -> torch.device:

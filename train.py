@@ -50,7 +50,7 @@ from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the modu
 from cloud import CloudCache, CloudError, NoCloud, check_appendable, make_cloud
 from model import (ConfigDumper, ConfigLoader, ModelConfig, Transformer, atomic_write_text,
                    build_char_tokenizer, check_writable, load_pretrained, load_tokenizer,
-                   remove_dead_temps, reraise_naming, save_pretrained, temp_path)
+                   remove_dead_temps, reraise_naming, save_pretrained, status_line, temp_path)
 from reward import RewardConfig
 from tasks import TASKS, make_task, task_settings
 
@@ -503,7 +503,7 @@ class RunLog:
         elapsed = time.time() - self.start
         done = step - first_step
         eta = elapsed / done * (self.total - step) if done else 0
-        status(f"step {step}/{self.total} | {_clock(elapsed)} elapsed | ETA {_clock(eta)} | {text}")
+        status_line(f"step {step}/{self.total} | {_clock(elapsed)} elapsed | ETA {_clock(eta)} | {text}")
 
 
 def is_final_row(row: dict) -> bool:
@@ -575,14 +575,6 @@ def ctrl_c_flag():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def status(text: str):
-    """Overwrite the console's progress line (the step line, evaluation, cloud calls). On a
-    terminal the line is cut to its width: a line that wraps can no longer be overwritten."""
-    tty = sys.stdout.isatty()
-    width = shutil.get_terminal_size().columns - 1 if tty else 99
-    print("\r" + (text[:width] if tty else text).ljust(width), end="", flush=True)
 
 
 def _clock(seconds: float) -> str:
@@ -741,7 +733,7 @@ def warm_start(cfg: Config, task, device) -> str:
         opt.step()
         if step % 25 == 0 or step == ws.steps - 1:
             el = time.time() - start
-            status(f"warm start {step + 1}/{ws.steps} | {_clock(el)} elapsed | ETA "
+            status_line(f"warm start {step + 1}/{ws.steps} | {_clock(el)} elapsed | ETA "
                    f"{_clock(el / (step + 1) * (ws.steps - step - 1))} | loss {loss.item():.4f}")
     print()
     model.eval()
@@ -1165,7 +1157,7 @@ class Trainer:
                                               self.eval_examples, self.cloud, self.cfg.eval.budget,
                                               self.cfg.sampling.max_new_tokens,
                                               self.cfg.eval.batch_size,
-                                              lambda done, total: status(f"evaluation {done}/{total}"))
+                                              lambda done, total: status_line(f"evaluation {done}/{total}"))
         return metrics
 
     def save(self):
@@ -1368,7 +1360,7 @@ def run(argv: list[str]):
     try:
         final = trainer.train()
         answers = trainer.cloud.ask(trainer.task, trainer.eval_examples, progress=lambda done,
-                                    total: status(f"cloud only: {done}/{total} prompts asked"))
+                                    total: status_line(f"cloud only: {done}/{total} prompts asked"))
     except KeyboardInterrupt as e:
         print(f"\ninterrupted; continue with: {continue_command(trainer.run_dir)}",
               file=sys.stderr)

@@ -860,7 +860,8 @@ def fake_local_model(monkeypatch, answer, eos=True):
     monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(
         load_pretrained=load_pretrained, load_tokenizer=lambda path: CharTokenizer(),
         ModelConfig=model.ModelConfig, read_json=model.read_json, weights_dtype=model.weights_dtype,
-        resolve_device=model.resolve_device, check_writable=model.check_writable))
+        resolve_device=model.resolve_device, check_writable=model.check_writable,
+        status_line=model.status_line))
     monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate))
     return calls
 

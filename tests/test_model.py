@@ -1,8 +1,10 @@
 """model.py against transformers' own Llama / Qwen2 implementations (random small configs)."""
+import io
 import json
 import re
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from devices import DEVICES
 from hf_models import FAMILIES, make_hf_model
 from model import (ModelConfig, Tokenizer, Transformer, build_char_tokenizer, load_pretrained,
-                   load_tokenizer, save_pretrained)
+                   load_tokenizer, save_pretrained, status_line)
 
 transformers = pytest.importorskip("transformers")
 
@@ -951,3 +953,27 @@ def test_a_chatml_template_opening_with_bos_token_gets_it_as_in_transformers(tmp
         os.makedirs(tmp_path / "saved", exist_ok=True)
         tok.save(str(tmp_path / "saved"))  # and so after a save
         assert load_tokenizer(str(tmp_path / "saved")).apply_chat(msgs) == text
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_progress_line_fits_the_terminal_and_is_whole_in_a_log(monkeypatch):
+    """status_line, the progress line of train.py, eval.py and cloud.py's prefill. A line wider
+    than the terminal wraps, and \\r then overwrites only its last row: on a terminal (80
+    columns here) the line is cut to 79 characters; a log file keeps it whole."""
+    monkeypatch.setenv("COLUMNS", "80")
+    text = "step 12/400 | " + "x" * 120
+    for stream, shown in ((_Terminal(), text[:79]), (io.StringIO(), text)):
+        monkeypatch.setattr(sys, "stdout", stream)
+        status_line(text)
+        assert stream.getvalue() == "\r" + shown
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    status_line("short")   # padded, so it hides the tail of a longer line before it
+    assert terminal.getvalue() == "\r" + "short".ljust(79)
+    stderr = _Terminal()   # the stream named (eval and cloud write to stderr), not stdout
+    status_line(text, stderr)
+    assert stderr.getvalue() == "\r" + text[:79] and terminal.getvalue().count("\r") == 1

@@ -1835,26 +1835,6 @@ def test_run_log_appends_rows_and_holds_no_file_open(tmp_path):
     assert [s["response"] for s in samples] == ["a", "b\n"]
 
 
-class _Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_the_progress_line_fits_the_terminal_and_is_whole_in_a_log(monkeypatch):
-    """A line wider than the terminal wraps, and \\r then overwrites only its last row: on a
-    terminal (80 columns here) the line is cut to 79 characters; a log file keeps it whole."""
-    monkeypatch.setenv("COLUMNS", "80")
-    text = "step 12/400 | " + "x" * 120
-    for stream, shown in ((_Terminal(), text[:79]), (io.StringIO(), text)):
-        monkeypatch.setattr(train.sys, "stdout", stream)
-        train.status(text)
-        assert stream.getvalue() == "\r" + shown
-    terminal = _Terminal()
-    monkeypatch.setattr(train.sys, "stdout", terminal)
-    train.status("short")   # padded, so it hides the tail of a longer line before it
-    assert terminal.getvalue() == "\r" + "short".ljust(79)
-
-
 @pytest.mark.skipif(os.name == "nt", reason="runs are locked through fcntl (not on Windows)")
 def test_a_run_in_use_by_another_process_is_refused_untouched(tmp_path, capsys):
     """A second train.py on a run that another process is training (a requeued job) would delete
