@@ -804,10 +804,13 @@ def normalize_math_answer(s: str) -> str:
     apart: "3 1/2" is not 31/2) and a final period; \\dfrac/\\tfrac -> \\frac; bmatrix ->
     pmatrix; \\frac12 -> \\frac{1}{2}; \\sqrt2 -> \\sqrt{2}; \\sqrt[3]2 -> \\sqrt[3]{2};
     x^{2} -> x^2; an answer that is a/b of two integers -> \\frac{a}{b} (\\pi/2 stays as it is);
-    1,000, 1{,}000, 1\\,000 and 1 000 -> 1000; .5 -> 0.5; 2.50 -> 2.5; (C) -> C; the Unicode
+    1,000, 1{,}000, 1\\,000 and 1 000 -> 1000 (but "10, 100", a list, stays apart); .5 -> 0.5; 2.50 -> 2.5; (C) -> C; the Unicode
     minus sign -> "-"."""
     s = str(s).strip()
     s = s.replace("\n", " ").replace("\\displaystyle", "")
+    # "10, 100" lists two numbers: a comma the text follows with a blank groups no thousands
+    # (blanks go below, and "10,100" would then read as 10100); "10,\\!000" and "1{,}000" still do
+    listed = re.search(r",\s", s) is not None
     s = s.replace("\u2212", "-")  # the Unicode minus sign (as GSM8K's verifier reads it)
     s = _SPACING_RE.sub(_spacing, s)
     s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)  # but not \\leftarrow, \\rightarrow
@@ -837,7 +840,7 @@ def normalize_math_answer(s: str) -> str:
     m = re.fullmatch(r"(-?)([0-9]+)/([0-9]+)", s)
     if m:
         s = f"{m.group(1)}\\frac{{{m.group(2)}}}{{{m.group(3)}}}"
-    if re.fullmatch(r"-?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?", s):
+    if not listed and re.fullmatch(r"-?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?", s):
         s = s.replace(",", "")
     s = re.sub(r"^(-?)\.([0-9])", r"\g<1>0.\2", s)
     if re.fullmatch(r"-?[0-9]+\.[0-9]+", s):
@@ -924,11 +927,20 @@ _DECLARED_RE = re.compile(r"####\s*(?:(?:\*\*|\\?\$)[ \t]*)?((?:-\s*(?:\\?\$[ \t
 _NUMBER_GOES_ON_RE = re.compile(r"[^\S\n]*(?:(?:[eExX][+-]?|[^\s\w(])[^\S\n]*)?[0-9]")
 
 
+# what a comparison reads, once commas, blanks, dollar signs and backslashes are gone: a plain
+# decimal, or a/b (how _gsm8k_declared writes a boxed fraction). Not an exponent, which the
+# scorer never reads out of a text ("1e5" is 1, then 5), and which Fraction would expand: 1e999999999
+# is a billion-digit integer
+_PLAIN_NUMBER_RE = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+|[0-9]+/[0-9]+)")
+
+
 def _clean_number(token: str) -> str | None:
     token = re.sub(r"[,\s$\\]", "", token)  # "-$5" (a declared answer) is -5
+    if not _PLAIN_NUMBER_RE.fullmatch(token):
+        return None
     try:
         Fraction(token)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError):  # beyond Python's int-from-string digit limit; 3/0
         return None
     return token
 

@@ -474,6 +474,10 @@ MATH_CASES = [
     ("1 2", "12", False),
     ("3\\text{ or 4}", "3", False),  # a text with a digit is no unit: the hedge stays
     ("3\\text{ or 4}", "3or4", True),
+    ("10, 100", "10100", False),  # a comma and a space list two numbers; they group no thousands
+    ("10,100", "10100", True),
+    ("1, 000", "1000", False),
+    ("1,\\,000", "1000", True),  # a spacing command after the comma still groups thousands
 ]
 
 
@@ -548,6 +552,16 @@ def test_hostile_answers_are_wrong_not_a_crash(answer):
     assert math_answers_equal(answer, "5") is False and math_answers_equal("5", answer) is False
     assert gsm8k_answers_equal(gsm8k_final_number(answer), "5") is False
     assert gsm8k_answers_equal("1" * 400, "2") is False
+
+
+@pytest.mark.parametrize("number", ["1e999999999", "1E-999999999", "-1e999999999"])
+def test_gsm8k_comparison_reads_no_exponent(number):
+    """A comparison takes plain decimals (and a/b, the form a box's fraction is read in), as the
+    scorer reads numbers out of a text: "1e5" there is 1, then 5. Read as an exponent, 1e999999999
+    was a billion-digit integer (the call did not return)."""
+    assert gsm8k_answers_equal(number, "1") is False and gsm8k_answers_equal("1", number) is False
+    assert gsm8k_answers_equal("1e5", "100000") is False
+    assert gsm8k_answers_equal("-1/2", "-0.5") and gsm8k_answers_equal("3/0", "3") is False
 
 
 def _write(path, lines):
