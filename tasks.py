@@ -804,8 +804,8 @@ def normalize_math_answer(s: str) -> str:
     apart: "3 1/2" is not 31/2) and a final period; \\dfrac/\\tfrac -> \\frac; bmatrix ->
     pmatrix; \\frac12 -> \\frac{1}{2}; \\sqrt2 -> \\sqrt{2}; \\sqrt[3]2 -> \\sqrt[3]{2};
     x^{2} -> x^2; an answer that is a/b of two integers -> \\frac{a}{b} (\\pi/2 stays as it is);
-    1,000, 1{,}000, 1\\,000 and 1 000 -> 1000 (but "10, 100", a list, stays apart); .5 -> 0.5; 2.50 -> 2.5; (C) -> C; the Unicode
-    minus sign -> "-"."""
+    1,000, 1{,}000, 1\\,000 and 1 000 -> 1000 (but "10, 100", a list, stays apart); .5 -> 0.5;
+    2.50 -> 2.5; (C) -> C; the Unicode minus sign -> "-"."""
     s = str(s).strip()
     s = s.replace("\n", " ").replace("\\displaystyle", "")
     # "10, 100" lists two numbers: a comma the text follows with a blank groups no thousands
