@@ -185,6 +185,10 @@ class ModelConfig:
         rope.pop("partial_rotary_factor", None)
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
+        if hf.get("attention_dropout"):  # Llama and Qwen2 releases set 0.0
+            warnings.warn(f"config.json sets attention_dropout={hf['attention_dropout']}; this "
+                          f"Transformer has no dropout, so training here does not apply it "
+                          f"(inference, where dropout is off, is unchanged)", stacklevel=2)
         missing = [k for k in POSITIVE_INTS[:5] if hf.get(k) is None]
         if missing:
             raise ValueError(f"config.json lacks {missing}: a {model_type} config needs them")

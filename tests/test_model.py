@@ -200,6 +200,19 @@ def test_unsupported_config_is_an_error(change, message):
         ModelConfig.from_hf(hf)
 
 
+def test_attention_dropout_that_training_would_not_apply_is_a_warning():
+    """Released Llama / Qwen2 configs set attention_dropout 0.0; a config that trains with some
+    is read (inference is the same without it), with a warning that training here has none."""
+    import warnings
+    hf = ModelConfig().to_hf()
+    for value in (0.0, None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ModelConfig.from_hf({**hf, "attention_dropout": value})
+    with pytest.warns(UserWarning, match=r"attention_dropout=0.1; this Transformer has no dropout"):
+        assert ModelConfig.from_hf({**hf, "attention_dropout": 0.1}) == ModelConfig.from_hf(hf)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"tie_word_embeddings": "false"}, r"^tie_word_embeddings='false' is not allowed: true or "
                                        r"false$"),  # a truthy string would tie the embeddings
