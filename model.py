@@ -571,9 +571,25 @@ def remove_dead_temps(pattern: str) -> None:
                     os.remove(partial)
 
 
+def fsync_dir(path: str):
+    """fsync the directory `path`, so that a rename into it (or a file made in it) survives a
+    crash of the machine, not just of the process. Where a directory cannot be opened (Windows)
+    or fsynced (some network filesystems), nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, write):
-    """Write through a temp file in the same directory (temp_path), fsync, rename: never a
-    torn file. The temp files of writers of `path` killed meanwhile go first."""
+    """Write through a temp file in the same directory (temp_path), fsync, rename, fsync the
+    directory: never a torn file. The temp files of writers of `path` killed meanwhile go first."""
     remove_dead_temps(glob.escape(path))
     tmp = temp_path(path)
     try:
@@ -588,6 +604,7 @@ def atomic_write(path: str, write):
         if isinstance(e, OSError):
             reraise_naming(e, path)
         raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def reraise_naming(e: OSError, path):

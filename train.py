@@ -49,8 +49,9 @@ import algo
 from algo import DEFAULT_RHO  # by name: RLSection's field `algo` hides the module there
 from cloud import CloudCache, CloudError, NoCloud, check_appendable, make_cloud
 from model import (ConfigDumper, ConfigLoader, ModelConfig, Transformer, atomic_write_text,
-                   build_char_tokenizer, check_writable, load_pretrained, load_tokenizer,
-                   remove_dead_temps, reraise_naming, save_pretrained, status_line, temp_path)
+                   build_char_tokenizer, check_writable, fsync_dir, load_pretrained,
+                   load_tokenizer, remove_dead_temps, reraise_naming, save_pretrained,
+                   status_line, temp_path)
 from reward import RewardConfig
 from tasks import TASKS, make_task, task_settings
 
@@ -752,6 +753,7 @@ def warm_start(cfg: Config, task, device) -> str:
         raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    fsync_dir(os.path.dirname(os.path.abspath(out)))
     return out
 
 
@@ -1186,6 +1188,7 @@ class Trainer:
             self.remove_old(ckpt + ".old")
             os.replace(ckpt, ckpt + ".old")
         os.replace(tmp, ckpt)
+        fsync_dir(self.run_dir)  # the swap survives a crash of the machine, too
         self.saved_step = self.step
         self.remove_old(ckpt + ".old")
 

@@ -585,6 +585,17 @@ def test_weights_of_another_shape_than_config_json_says_are_an_error_naming_them
         load_pretrained(str(tmp_path))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads fds' paths from /proc")
+def test_atomic_write_makes_the_rename_durable(tmp_path, fsync_log):
+    """The file's data is flushed before the rename and its directory after it: otherwise a
+    crash of the machine can lose the rename (the old file, or none, comes back)."""
+    from model import atomic_write_text
+    log = fsync_log
+    atomic_write_text(str(tmp_path / "a.json"), "{}")
+    assert [event for event, _ in log] == ["fsync", "replace", "fsync"]
+    assert log[1:] == [("replace", str(tmp_path / "a.json")), ("fsync", str(tmp_path))]
+
+
 def test_atomic_write_removes_the_temp_files_of_killed_writers(tmp_path):
     """PATH.tmp.PID@HOST of a process of this host that no longer runs goes when PATH is written
     again (eval.py's report.md.tmp.PID stayed for ever), as does an older version's PATH.tmp.PID;

@@ -698,6 +698,18 @@ def test_ctrl_c_saves_after_the_current_step(tmp_path, straight, monkeypatch, ca
     assert_continued_exactly(run, straight)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads fds' paths from /proc")
+def test_each_checkpoint_swap_is_made_durable(tmp_path, straight, fsync_log):
+    """After checkpoint.tmp becomes the checkpoint, the run directory is fsynced: a crash of the
+    machine then cannot bring back the state before the swap (a checkpoint whose .old is gone)."""
+    log = fsync_log
+    train.main(crash_args(tmp_path, straight, "durable"))
+    run = str(tmp_path / "runs" / "durable")
+    swaps = [i for i, e in enumerate(log) if e == ("replace", os.path.join(run, "checkpoint"))]
+    assert len(swaps) == 2  # the saves of steps 2 and 4
+    assert all(log[i + 1] == ("fsync", run) for i in swaps)
+
+
 def test_a_crash_mid_save_never_loses_the_checkpoint(tmp_path, straight, monkeypatch):
     real_replace, swaps = os.replace, []
 
