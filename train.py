@@ -735,7 +735,7 @@ def warm_start(cfg: Config, task, device) -> str:
         if step % 25 == 0 or step == ws.steps - 1:
             el = time.time() - start
             status_line(f"warm start {step + 1}/{ws.steps} | {_clock(el)} elapsed | ETA "
-                   f"{_clock(el / (step + 1) * (ws.steps - step - 1))} | loss {loss.item():.4f}")
+                        f"{_clock(el / (step + 1) * (ws.steps - step - 1))} | loss {loss.item():.4f}")
     print()
     model.eval()
     n_stats = min(500, len(task.examples("test")))
@@ -1159,7 +1159,8 @@ class Trainer:
                                               self.eval_examples, self.cloud, self.cfg.eval.budget,
                                               self.cfg.sampling.max_new_tokens,
                                               self.cfg.eval.batch_size,
-                                              lambda done, total: status_line(f"evaluation {done}/{total}"))
+                                              lambda done, total: status_line(
+                                                  f"evaluation {done}/{total}"))
         return metrics
 
     def save(self):
