@@ -845,7 +845,8 @@ class Cloud:
     def _record(self, task, pending: dict, texts: list, answers: list) -> None:
         """Cache the backend's answers, then put CloudAnswers at their positions. A text None
         (never answered) is skipped. The answer given is the one the cache keeps: when another
-        process cached this prompt first, its answer, so a prompt has one answer everywhere."""
+        process cached this prompt first, its answer, so a prompt has one answer everywhere
+        (checked as a cached answer is: another cloud's, or another prompt's, is a ValueError)."""
         # JSON may escape half of a UTF-16 pair alone ("\ud83d"), json.loads keeps it, and no
         # UTF-8 file (the cache) can hold it: it becomes U+FFFD, as a decoder makes of a broken
         # character (whichever backend gave it)
@@ -855,7 +856,7 @@ class Cloud:
              "verdict": bool(task.cloud_correct(example, text)), "backend": self.backend_name,
              "model": self.model_name}
             for (example, digest, _), text in zip(pending.values(), texts) if isinstance(text, str)])
-        for (example, _, positions), text in zip(pending.values(), texts):
+        for (example, digest, positions), text in zip(pending.values(), texts):
             if text is None:
                 continue
             self.calls_made += 1
@@ -865,8 +866,8 @@ class Cloud:
                 self.first_error = self.first_error or answer.error
                 if self.failed is not None:
                     self.failed[(task.name, example.key)] = answer
-            else:
-                kept = self.cache.get(task.name, example.key)
+            else:  # checked as a cached answer is: another process's may be another cloud's
+                kept = self._cached(task, example, digest)
                 answer = CloudAnswer(kept["answer"], kept["verdict"], cached=False)
             answers[positions[0]] = answer
             for j in positions[1:]:  # a repeat within this call costs no new call

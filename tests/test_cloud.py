@@ -1615,3 +1615,24 @@ def test_http_no_part_of_the_key_reaches_an_error_message_where_the_body_is_cut(
         with pytest.raises(CloudError) as e:
             make_backend(endpoint.url).chat(MESSAGES)
         assert secret[:4] not in str(e.value), str(e.value)
+
+
+def test_an_answer_another_cloud_cached_meanwhile_is_not_served(task, tmp_path):
+    """Another process with another cloud (here: another oracle seed) caches the same prompt
+    while this one waits for its own answer: that answer is not this cloud's, so it is refused
+    as a cached one would be, never served as this cloud's answer."""
+    path = tmp_path / "cache.jsonl"
+    a = task.examples("train")[0]
+    other = Cloud(OracleBackend(seed=1), CloudCache(path), "oracle", OracleBackend(seed=1).model_name)
+
+    class Racing(CountingBackend):
+        def complete(self, task, examples):
+            other.cache.put_many([{"task": task.name, "key": a.key, "prompt_sha256": "",
+                                   "answer": "OTHER", "verdict": False, "backend": "oracle",
+                                   "model": other.model_name}])
+            return super().complete(task, examples)
+
+    backend = Racing()
+    mine = Cloud(backend, CloudCache(path), "oracle", backend.model_name)
+    with pytest.raises(ValueError, match="separate cache file"):
+        mine.ask(task, [a])
