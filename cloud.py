@@ -977,7 +977,7 @@ def main(argv=None) -> int:
 
 
 def prefill(args) -> int:
-    from model import status_line  # lazy: model.py needs torch, which an http prefill does not
+    from model import status_line  # lazy, as this module's other imports of model.py
     from tasks import make_task
     if args.task == "math":
         task = make_task("math", path_train=args.data_train, path_test=args.data_test, kind=args.math_kind)
