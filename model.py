@@ -952,9 +952,9 @@ class Tokenizer:
         # of the template just written, by load_tokenizer and by transformers: it is this one now
         jinja = os.path.join(path, "chat_template.jinja")
         if os.path.exists(jinja):
-            if conf.get("chat_template"):
+            if isinstance(conf.get("chat_template"), str) and conf["chat_template"]:
                 atomic_write_text(jinja, conf["chat_template"])
-            else:
+            else:  # none, or named templates, which tokenizer_config.json holds
                 os.remove(jinja)
         # every eos id, not only the first (Llama-3 instruct stops on several)
         atomic_write_text(os.path.join(path, "generation_config.json"),
@@ -1008,6 +1008,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     if os.path.exists(jinja):
         with open(jinja, encoding="utf-8") as f:
             template = f.read() or template
+    written = template  # what a save writes back: named templates all, not only the default
     if isinstance(template, list):  # named templates: use the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), "")
     fmt = tc.get("chat_format")
@@ -1037,7 +1038,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     specials = {**tc, **{k: _token_str(tc[k]) for k in ("eos_token", "pad_token", "bos_token")
                          if tc.get(k) is not None}}
     if template:
-        specials["chat_template"] = template
+        specials["chat_template"] = written
     # a ChatML template that opens with {{ bos_token }} renders the tokenizer's BOS first (with
     # no bos_token named, transformers renders the undefined name as nothing: so do we)
     chat_bos = bos_tok if fmt == "chatml" and re.search(r"\{\{-?\s*bos_token\b", template) \

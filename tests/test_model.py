@@ -694,6 +694,27 @@ def test_load_tokenizer_uses_the_default_of_named_templates(tmp_path):
     assert load_tokenizer(str(tmp_path)).chat_format == "chatml"
 
 
+def test_tokenizer_save_keeps_named_templates(tmp_path):
+    """Named chat templates (Hermes-2-Pro's default + tool_use): the default one gives the
+    format, and a save writes all of them back (the others were dropped), also over a
+    directory holding a chat_template.jinja (which would otherwise win on reading)."""
+    build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
+    named = [{"name": "default", "template": "{{ '<|im_start|>' }}"},
+             {"name": "tool_use", "template": "{{ '<|start_header_id|>' }}"}]
+    json.dump({"eos_token": "<eos>", "chat_template": named},
+              open(tmp_path / "tokenizer_config.json", "w"))
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "chat_template.jinja").write_text("{{ '<|start_header_id|>' }}")
+    load_tokenizer(str(tmp_path)).save(str(tmp_path / "saved"))
+    assert json.load(open(tmp_path / "saved" / "tokenizer_config.json"))["chat_template"] == named
+    assert load_tokenizer(str(tmp_path / "saved")).chat_format == "chatml"
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    msgs = [{"role": "user", "content": "a"}]
+    assert ref.apply_chat_template(msgs, tokenize=False) == "<|im_start|>"
+    assert ref.apply_chat_template(msgs, tokenize=False, chat_template="tool_use") == \
+        "<|start_header_id|>"
+
+
 def test_default_system_message_after_a_raw_newline(tmp_path):
     """SmolLM2's template has a raw newline after "system" (Qwen2.5's a "\\n" escape)."""
     build_char_tokenizer("abc").tk.save(str(tmp_path / "tokenizer.json"))
