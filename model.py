@@ -139,6 +139,9 @@ class ModelConfig:
     def from_hf(cls, hf: dict) -> "ModelConfig":
         """Parse an HF config.json dict, classic (rope_theta / rope_scaling) or newer
         (rope_parameters) style. Anything that would silently change the model is an error."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json holds a JSON {type(hf).__name__}; it must be an object "
+                             f"of the model's settings")
         model_type = hf.get("model_type")
         if model_type not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture: model_type={model_type!r}, architectures="
@@ -155,7 +158,11 @@ class ModelConfig:
         # pretraining_tp (Llama 2's tensor-parallel slicing of its linear layers) only reorders
         # the sums: the outputs are the same, so it is passed over, as transformers 5 does.
         # With both keys, transformers reads rope_scaling and ignores rope_parameters: so do we
-        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"config.json's rope section is {rope!r}; it must be an object "
+                             f"such as {{\"rope_type\": \"llama3\", \"factor\": 8.0, ...}}")
+        rope = dict(rope)
         # a default or llama3 section with another key (the per-layer-type form
         # {"full_attention": {...}}, say) would be read as plain RoPE, silently another model;
         # other types are refused by their type
@@ -974,13 +981,15 @@ def _default_system_message(template: str) -> str | None:
     '<|im_end|>', never matches), read with Jinja's own escapes; or in plain template text
     between two tags (Qwen2-VL). The newline after "system" is a "\\n" escape (Qwen2.5) or a raw
     one (SmolLM2)."""
-    m = re.search(r"(['\"])<\|im_start\|>system(?:\\n|\r?\n)((?:(?!\1)[^\\]|\\.)*?)<\|im_end\|>",
+    # Jinja reads a template's line breaks, \r\n included, as \n (in string literals too)
+    template = template.replace("\r\n", "\n").replace("\r", "\n")
+    m = re.search(r"(['\"])<\|im_start\|>system(?:\\n|\n)((?:(?!\1)[^\\]|\\.)*?)<\|im_end\|>",
                   template, flags=re.DOTALL)
     if m:  # decoded as Jinja's lexer decodes a string literal (an unknown escape such as \{
         with warnings.catch_warnings():  # keeps its backslash; Python warns of it)
             warnings.simplefilter("ignore", DeprecationWarning)
             return m.group(2).encode("ascii", "backslashreplace").decode("unicode-escape")
-    m = re.search(r"(?:%}|}}|^)<\|im_start\|>system\r?\n([^{}]*?)<\|im_end\|>", template)
+    m = re.search(r"(?:%}|}}|^)<\|im_start\|>system\n([^{}]*?)<\|im_end\|>", template)
     return m.group(1) if m else None
 
 

@@ -213,6 +213,11 @@ def test_attention_dropout_that_training_would_not_apply_is_a_warning():
         assert ModelConfig.from_hf({**hf, "attention_dropout": 0.1}) == ModelConfig.from_hf(hf)
 
 
+def test_a_config_json_that_is_no_object_is_an_error():
+    with pytest.raises(ValueError, match=r"^config.json holds a JSON list; it must be an object"):
+        ModelConfig.from_hf([{"model_type": "llama"}])  # an AttributeError before
+
+
 @pytest.mark.parametrize("change, message", [
     ({"tie_word_embeddings": "false"}, r"^tie_word_embeddings='false' is not allowed: true or "
                                        r"false$"),  # a truthy string would tie the embeddings
@@ -224,6 +229,9 @@ def test_attention_dropout_that_training_would_not_apply_is_a_warning():
     ({"num_attention_heads": None}, r"^config.json lacks \['num_attention_heads'\]"),
     ({"model_type": "qwen2", "mlp_bias": True}, r"^mlp_bias=true is not allowed for model_type "
                                                 r"'qwen2'"),
+    ({"rope_scaling": "linear"}, r"^config.json's rope section is 'linear'; it must be an "
+                                 r"object"),  # a bare ValueError from dict() before
+    ({"rope_parameters": [["rope_type", "llama3"]]}, r"rope section is \[\['rope_type'"),
 ])
 def test_config_values_of_the_wrong_kind_are_errors(change, message):
     hf = ModelConfig().to_hf()
@@ -733,6 +741,7 @@ def test_default_system_message_after_a_raw_newline(tmp_path):
     r"'<|im_start|>system\nSay \'hi\' then\tgo.<|im_end|>\n'",
     r"'<|im_start|>system\nUse \{braces\} and \d, caf\u00e9 \x41.<|im_end|>\n'",  # kept, decoded
     "'<|im_start|>system\nCafé: raw text.<|im_end|>\n'",
+    "'<|im_start|>system\r\nWindows\r\nline breaks.<|im_end|>\r\n'",  # Jinja reads them as \n
 ])
 def test_default_system_message_reads_the_literal_as_jinja_renders_it(literal):
     """Jinja's escapes (\\ for one backslash, \' in single quotes) and double-quoted literals
