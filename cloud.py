@@ -784,12 +784,13 @@ class Cloud:
                 pending[example.key][2].append(i)
                 continue
             digest = prompt_digest(task.cloud_messages(example))
-            record = self._cached(task, example, digest)
-            if record is not None:
+            # a failure kept for the process comes first: an answer another process cached for
+            # this prompt since then must not change a verdict eval.py has already counted
+            if self.failed is not None and (task.name, example.key) in self.failed:
+                answers[i] = self.failed[(task.name, example.key)]
+            elif (record := self._cached(task, example, digest)) is not None:
                 answers[i] = CloudAnswer(record["answer"], record["verdict"], cached=True)
                 self.served_from_cache += 1
-            elif self.failed is not None and (task.name, example.key) in self.failed:
-                answers[i] = self.failed[(task.name, example.key)]
             else:
                 pending[example.key] = (example, digest, [i])
         items = list(pending.items())

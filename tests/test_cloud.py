@@ -241,6 +241,23 @@ def test_kept_failures_are_served_again_not_retried(task):
     assert cloud.failures == 1 and cloud.calls_made == 2 and list(cloud.failed) == [(task.name, b.key)]
 
 
+def test_a_kept_failure_stands_when_another_process_caches_that_prompt_meanwhile(task, tmp_path):
+    """eval.py's report counts one verdict per prompt: a failure it kept is not replaced by an
+    answer that another process (train.py's evaluation, say) cached for that prompt later."""
+    path = tmp_path / "cache.jsonl"
+    a, b = task.examples("train")[:2]
+    flaky = CountingBackend(fail_keys={b.key})
+    cloud = Cloud(flaky, CloudCache(path), "oracle", flaky.model_name)
+    cloud.failed = {}
+    first = cloud.ask(task, [a, b])
+    healthy = CountingBackend()
+    Cloud(healthy, CloudCache(path), "oracle", healthy.model_name).ask(task, [b])  # the other process
+    assert len(CloudCache(path)) == 2
+    again = cloud.ask(task, [b])
+    assert again[0] == first[1] and again[0].error and again[0].correct is False
+    assert flaky.sent == [a.key, b.key]
+
+
 def test_cache_from_another_backend_is_refused(task, tmp_path):
     path = tmp_path / "cache.jsonl"
     ex = task.examples("train")[0]
