@@ -441,6 +441,8 @@ class Run:
     device: torch.device
     _model: object = None
     _tokenizer: object = None
+    note_step: object = None    # the checkpoint step _training_note named (an unfinished run)
+    loaded_step: object = None  # the step of the checkpoint model() loaded
 
     @property
     def name(self):
@@ -471,7 +473,16 @@ class Run:
         if self._model is None:
             dtype = torch.float32 if self.cfg.get("precision", "fp32") == "fp32" else torch.bfloat16
             self._model = load_pretrained(self.checkpoint, dtype=dtype, device=self.device).eval()
+            self.loaded_step = _checkpoint_step(self)
         return self._model
+
+    def newer_checkpoint_note(self) -> str | None:
+        """A note when train.py, still training this run, saved a newer checkpoint between the
+        training note and the model's loading: the report evaluated that one."""
+        if self.note_step is None or self.loaded_step in (None, self.note_step):
+            return None
+        return (f"{self.path}: train.py saved a newer checkpoint during this evaluation: the one "
+                f"evaluated is from step {self.loaded_step}, not step {self.note_step}")
 
     def tokenizer(self):
         if self._tokenizer is None:
@@ -590,7 +601,7 @@ def _training_note(run) -> str | None:
         pass
     steps = (run.cfg.get("rl") or {}).get("steps", "?")
     if not os.path.isfile(os.path.join(run.path, "final_eval.json")):
-        saved = _checkpoint_step(run)
+        saved = run.note_step = _checkpoint_step(run)
         return (f"{run.path} has not finished training (logged up to step {step} of {steps}); "
                 f"its last checkpoint{'' if saved is None else f', from step {saved},'} is "
                 "evaluated")
@@ -739,7 +750,8 @@ def evaluate_runs(paths, split="test", budget=None, n=None, task_tuned=None, rou
             raise ValueError("no run to evaluate")
         donor = policies[0]
         base_task = make_task(**{**donor.cfg["task"], "allow_help": False})
-        base = Run(donor.path, donor.cfg, base_task, donor.cloud, donor.device)
+        base = Run(donor.path, donor.cfg, base_task, donor.cloud, donor.device,
+                   note_step=donor.note_step)
         base_label = f"help disabled at decode time: {donor.name}"
         notes.append(f"no task-tuned run (task.allow_help=false) was given, so naive / router / "
                      f"oracle route the help-disabled decode of {donor.path}, which is NOT the "
@@ -779,6 +791,8 @@ def evaluate_baselines(res, base, base_label, base_role, examples, budget, route
     the router (labels from the base model's greedy answers on the train split), the oracle."""
     n, cap = len(examples), algo.cloud_cap(len(examples), budget)
     model, tok = base.model(), base.tokenizer()
+    if note := base.newer_checkpoint_note():
+        res.notes.append(note)
     max_new, batch = base.cfg["sampling"]["max_new_tokens"], base.cfg["eval"].get("batch_size", 256)
     res.settings["models"][base.path] = _describe(base, model)
     m, out = algo.evaluate_policy(model, tok, base.task, examples, NoCloud(), budget, max_new,
@@ -855,6 +869,8 @@ def evaluate_policy_run(res, run, examples, budget, progress, calls_before):
     """A trained policy: SPEC 7 metrics, its two curves (policy_curve, capped_curve) and its own
     point. calls_before: its cloud's calls_made when the evaluation began."""
     model, tok = run.model(), run.tokenizer()
+    if note := run.newer_checkpoint_note():
+        res.notes.append(note)
     res.settings["models"][run.path] = _describe(run, model)
     label = run.label if run.label not in res.curves else f"{run.label} [{run.path}]"
     max_new, batch = run.cfg["sampling"]["max_new_tokens"], run.cfg["eval"].get("batch_size", 256)

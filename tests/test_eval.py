@@ -404,7 +404,7 @@ def write_run(root, name, allow_help, seed, task="tiny_countdown", max_new_token
     return path
 
 
-def test_an_unfinished_run_is_evaluated_with_a_note(tmp_path, capsys):
+def test_an_unfinished_run_is_evaluated_with_a_note(tmp_path, capsys, monkeypatch):
     policy = write_run(tmp_path, "policy", True, seed=1)
     os.remove(os.path.join(policy, "final_eval.json"))      # stopped at step 7 of 240
     with open(os.path.join(policy, "metrics.jsonl"), "w") as f:
@@ -423,6 +423,20 @@ def test_an_unfinished_run_is_evaluated_with_a_note(tmp_path, capsys):
                os.path.join(policy, "checkpoint", "trainer_state.pt"))
     res = ev.main([policy, "--n", "4", "--router-n", "0"])
     assert f"{note}; its last checkpoint, from step 5, is evaluated" in res.notes
+    # still training: train.py saves its step-6 checkpoint after the note, before the loading
+    real_load = ev.load_pretrained
+
+    def saved_meanwhile(path, **kw):
+        torch.save({"step": 6, "dual": 0.0, "optimizer": {}}, os.path.join(path, "trainer_state.pt"))
+        return real_load(path, **kw)
+    monkeypatch.setattr(ev, "load_pretrained", saved_meanwhile)
+    res = ev.main([policy, "--n", "4", "--router-n", "0"])
+    monkeypatch.undo()
+    assert f"{note}; its last checkpoint, from step 5, is evaluated" in res.notes
+    assert (f"{policy}: train.py saved a newer checkpoint during this evaluation: the one "
+            f"evaluated is from step 6, not step 5") in res.notes
+    res = ev.main([policy, "--n", "4", "--router-n", "0"])  # no save meanwhile: no such note
+    assert not any("newer checkpoint" in n for n in res.notes)
     # finished, but early: rl.time_limit_min stopped it at step 7 (train.py then evaluates it)
     with open(os.path.join(policy, "final_eval.json"), "w") as f:
         json.dump({"acc_capped": 0.5}, f)
