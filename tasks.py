@@ -931,7 +931,7 @@ _NUMBER_GOES_ON_RE = re.compile(r"[^\S\n]*(?:(?:[eExX][+-]?|[^\s\w(])[^\S\n]*)?[
 # decimal, or a/b (how _gsm8k_declared writes a boxed fraction). Not an exponent, which the
 # scorer never reads out of a text ("1e5" is 1, then 5), and which Fraction would expand: 1e999999999
 # is a billion-digit integer
-_PLAIN_NUMBER_RE = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+|[0-9]+/[0-9]+)")
+_PLAIN_NUMBER_RE = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+|[0-9]+/[0-9]+)")
 
 
 def _clean_number(token: str) -> str | None:

@@ -562,6 +562,7 @@ def test_gsm8k_comparison_reads_no_exponent(number):
     assert gsm8k_answers_equal(number, "1") is False and gsm8k_answers_equal("1", number) is False
     assert gsm8k_answers_equal("1e5", "100000") is False
     assert gsm8k_answers_equal("-1/2", "-0.5") and gsm8k_answers_equal("3/0", "3") is False
+    assert gsm8k_answers_equal("+5", "5")  # a plain sign, as Fraction reads it
 
 
 def _write(path, lines):
