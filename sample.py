@@ -248,6 +248,9 @@ def _generate(model, prompts, *, n, max_new_tokens, temperature, top_k, top_p, s
         raise ValueError(f"top_p={top_p!r} is not allowed: use a number in (0, 1] (1: off)")
     # plain Python numbers from here (NumPy scalars and Fractions pass the checks above)
     seed, temperature, top_p = int(seed), float(temperature), float(top_p)
+    # (NumPy's narrow integers would overflow in sums below: n=np.uint8(200) * 2 prompts is 144)
+    n, max_new_tokens, top_k, pad_id, check_every = map(int, (n, max_new_tokens, top_k, pad_id,
+                                                              check_every))
     V = model.config.vocab_size
     if not 0 <= pad_id < V:
         raise ValueError(f"pad_id={pad_id} is not a token id of this model (0..{V - 1})")

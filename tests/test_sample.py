@@ -542,6 +542,12 @@ def test_numpy_and_fraction_arguments_sample_as_plain_numbers():
                      top_p=np.float64(0.9), seed=np.int64(3), stop_ids=np.array(7))
     assert torch.equal(plain.tokens, other.tokens)
     assert torch.equal(plain.logprobs, other.logprobs)
+    # NumPy's narrow integers overflowed in the sampler's own sums (200 samples of 2 prompts as
+    # a uint8 is 144 rows: a shape error building the cache)
+    wide = generate(model, PROMPTS[:2], n=200, max_new_tokens=3, seed=3, top_k=5, pad_id=1)
+    narrow = generate(model, PROMPTS[:2], n=np.uint8(200), max_new_tokens=np.uint8(3), seed=3,
+                      top_k=np.int8(5), pad_id=np.uint8(1), check_every=np.int8(8))
+    assert torch.equal(wide.tokens, narrow.tokens)
 
 
 def test_two_level_draw_follows_the_distribution_on_its_support():
