@@ -202,6 +202,8 @@ def _free_value(value: str, current, key: str):
 
 def _set(obj, path: list, value, key: str, from_cli: bool):
     name = path[0]
+    if not isinstance(name, str):  # a file's `yes:` or `1:` key
+        _no_name(key)
     if isinstance(obj, dict):
         if len(path) > 1:
             raise ConfigError(f"{key}: {name!r} is a plain value, it has no sub-keys")
@@ -235,6 +237,9 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
             pick = "backend" if name == "cloud" else "name"
             raise ConfigError(f"{key} is a section; give a mapping like {key}={{{pick}: ...}} or "
                               f"set one entry with {key}.<key>=...")
+        for k in value:
+            if not isinstance(k, str):
+                _no_name(f"{key}.{k}")
         setattr(obj, name, dict(value))
         return
     if dataclasses.is_dataclass(current) or isinstance(current, dict):
@@ -261,6 +266,11 @@ def _set(obj, path: list, value, key: str, from_cli: bool):
     if isinstance(value, list) and current and all(_number(c) for c in current):
         value = [_cast(v, 0.0, key) if isinstance(v, str) else v for v in value]  # [0.9, 1e-3]
     setattr(obj, name, value)
+
+
+def _no_name(key):
+    raise ConfigError(f"config key {key!r} is not a name: YAML reads yes/no/on/off/true/false as a "
+                      f"boolean, ~ as null and digits as a number; quote a key that reads so")
 
 
 def _did_you_mean(key: str, path: list, names: list) -> str:

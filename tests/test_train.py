@@ -503,6 +503,24 @@ def test_bad_files_and_help(tmp_path, capsys):
         assert "python train.py resume=runs/NAME" in capsys.readouterr().out
 
 
+
+@pytest.mark.parametrize("text, message", [
+    ("yes: 1\n", "config key True is not a name"),
+    ("rl: {1: 2}\n", "config key 'rl.1' is not a name"),
+    ("eval:\n  ~: 0.3\n", "config key 'eval.None' is not a name"),
+    ("task: {name: tiny_countdown, 3: x}\n", "config key 'task.3' is not a name"),
+    ("cloud: {backend: oracle, on: 1}\n", "config key 'cloud.True' is not a name"),
+])
+def test_a_files_key_that_yaml_reads_as_no_name_is_a_one_line_error(text, message, tmp_path):
+    """YAML reads a key like `yes:`, `on:`, `~:` or `1:` as a boolean, null or number: a one-line
+    error naming it, not a traceback (or a TypeError when the task is built)."""
+    (tmp_path / "a.yaml").write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        train.main(tiny_args(tmp_path, str(tmp_path / "a.yaml")))
+    assert str(exc.value.code).startswith(f"config error: {message}")
+    assert "\n" not in str(exc.value.code)
+    assert not (tmp_path / "runs").exists()
+
 # checkpoints at steps 2 and 4; no prompt filter, so that every step updates the weights (the
 # tiny config's filter keeps no prompt, and a resume that replayed or skipped a step would
 # still give the warm start's weights)
