@@ -706,6 +706,31 @@ def warm_start(cfg: Config, task, device) -> str:
     if os.path.exists(os.path.join(out, "warm_start.json")):
         print(f"warm start: reusing {out}")
         return out
+    # runs of one seed started side by side share this warm start: one trains it, the others
+    # wait for it (else each trained it, and the last to finish deleted and replaced the cache
+    # while an earlier one could be loading it)
+    os.makedirs(cfg.warm_start.cache_dir, exist_ok=True)
+    with open(out + ".lock", "a") as lock:
+        if fcntl is not None:
+            try:
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EACCES, errno.EAGAIN):  # else a filesystem without locks
+                    print(f"warm start: another process is training {out}; waiting for it",
+                          flush=True)
+                    fcntl.lockf(lock, fcntl.LOCK_EX)
+        try:
+            if os.path.exists(os.path.join(out, "warm_start.json")):  # saved meanwhile
+                print(f"warm start: reusing {out}")
+                return out
+            return _train_warm_start(cfg, task, device, out)
+        finally:  # a process waiting for the lock holds this file open: it goes on all the same
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(out + ".lock")
+
+
+def _train_warm_start(cfg: Config, task, device, out: str) -> str:
+    """warm_start's training and atomic save into `out`, under its lock."""
     others = glob.glob(os.path.join(glob.escape(cfg.warm_start.cache_dir), "*", "warm_start.json"))
     if others:  # say why minutes of training start although warm starts are cached
         print(f"warm start: none of the {len(others)} cached in {cfg.warm_start.cache_dir} has "

@@ -1544,6 +1544,36 @@ def test_a_warm_start_cache_miss_says_why(tmp_path, capsys):
     assert "warm start: reusing" in again and "none of the" not in again
 
 
+@pytest.mark.skipif(os.name == "nt", reason="warm starts are locked through fcntl (not on Windows)")
+def test_a_warm_start_another_process_is_training_is_waited_for_then_reused(tmp_path, straight,
+                                                                            capsys):
+    """Runs of one seed started side by side share a warm start: while another process holds
+    its lock (training it), this one waits, then reuses what that one saved, training nothing
+    (each trained it before, and the last to finish replaced the cache under the others)."""
+    import subprocess
+    import sys
+    cfg = train.load_config(tiny_args(tmp_path, "name=w"))
+    out = os.path.join(cfg.warm_start.cache_dir, train.warm_start_key(cfg, train.load_task(cfg)[0]))
+    (built,) = [p for p in (straight / "warm").iterdir() if (p / "warm_start.json").exists()]
+    os.makedirs(cfg.warm_start.cache_dir)
+    other = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, shutil, sys, time
+with open({out + ".lock"!r}, "a") as lock:
+    fcntl.lockf(lock, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(1)
+    shutil.copytree({str(built)!r}, {out!r})
+"""], stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline() == "locked\n"
+    try:
+        assert train.warm_start(cfg, train.load_task(cfg)[0], torch.device("cpu")) == out
+    finally:
+        other.wait()
+    said = capsys.readouterr().out
+    assert f"another process is training {out}; waiting for it" in said
+    assert f"warm start: reusing {out}" in said and "from scratch" not in said
+
+
 def pretrained_char_model(path, chat_format, max_positions):
     import string
 
