@@ -442,7 +442,7 @@ class Run:
     _model: object = None
     _tokenizer: object = None
     note_step: object = None    # the checkpoint step _training_note named (an unfinished run)
-    loaded_step: object = None  # the step of the checkpoint model() loaded
+    loaded_step: object = None  # the step of the checkpoint model() loaded (when note_step is set)
 
     @property
     def name(self):
@@ -473,13 +473,14 @@ class Run:
         if self._model is None:
             dtype = torch.float32 if self.cfg.get("precision", "fp32") == "fp32" else torch.bfloat16
             self._model = load_pretrained(self.checkpoint, dtype=dtype, device=self.device).eval()
-            self.loaded_step = _checkpoint_step(self)
+            if self.note_step is not None:  # a run still training may have saved again
+                self.loaded_step = _checkpoint_step(self)
         return self._model
 
     def newer_checkpoint_note(self) -> str | None:
         """A note when train.py, still training this run, saved a newer checkpoint between the
         training note and the model's loading: the report evaluated that one."""
-        if self.note_step is None or self.loaded_step in (None, self.note_step):
+        if self.loaded_step in (None, self.note_step):
             return None
         return (f"{self.path}: train.py saved a newer checkpoint during this evaluation: the one "
                 f"evaluated is from step {self.loaded_step}, not step {self.note_step}")
