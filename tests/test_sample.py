@@ -8,7 +8,8 @@ import torch
 
 from devices import CUDA, DEVICES
 from hf_models import make_hf_model
-from model import ModelConfig, Transformer, load_pretrained
+import sample
+from model import Linear, ModelConfig, Transformer, load_pretrained
 from sample import generate, sample_next
 
 transformers = pytest.importorskip("transformers")
@@ -182,6 +183,72 @@ def test_shared_prefill_equals_separate_prefills_when_sampling():
     assert torch.equal(shared.tokens, separate.tokens)
     assert torch.allclose(shared.logprobs, separate.logprobs, atol=1e-5)
     assert len({tuple(r) for r in shared.tokens[:4].tolist()}) > 1  # the samples do differ
+
+
+needs_packing = pytest.mark.skipif(not sample.can_pack(torch.device("cpu"), torch.float32),
+                                   reason="oneDNN weight packing: an x86-64 CPU, torch with oneDNN")
+
+
+@needs_packing
+def test_packed_decoding_equals_unpacked_decoding(monkeypatch):
+    """On an x86 CPU generate() multiplies through oneDNN-packed weights, with oneDNN turned off
+    through F.linear: the same tokens, greedy and sampled, and log-probs within rounding."""
+    model = tiny_model(seed=1)
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(m.packed is not None))
+    packed = {T: generate(model, PROMPTS, n=3, max_new_tokens=30, temperature=T, seed=4)
+              for T in (0, 1.0)}
+    assert len(seen) == 2 * 30 and all(seen)   # the prefill and every decode step
+    seen.clear()
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    for T, out in packed.items():
+        plain = generate(model, PROMPTS, n=3, max_new_tokens=30, temperature=T, seed=4)
+        assert torch.equal(out.tokens, plain.tokens)
+        assert torch.allclose(out.logprobs, plain.logprobs, atol=1e-5)
+    assert seen and not any(seen)
+
+
+@needs_packing
+def test_packed_weights_are_dropped_after_a_call_and_after_an_error(monkeypatch):
+    """A packed copy left behind would multiply by weights the optimizer has since changed."""
+    model = tiny_model()
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 7 * 2 + 1
+    generate(model, PROMPTS, n=2, max_new_tokens=4)
+    assert all(m.packed is None for m in linears)
+
+    def fail(*args, **kwargs):  # the first draw, after the packed prefill
+        assert all(m.packed is not None for m in linears)
+        raise RuntimeError("cut short")
+
+    monkeypatch.setattr(sample, "sample_next", fail)
+    with pytest.raises(RuntimeError, match="cut short"):
+        generate(model, PROMPTS, n=2, max_new_tokens=4)
+    assert all(m.packed is None for m in linears)
+
+
+@needs_packing
+def test_a_packed_linear_multiplies_by_its_weight_and_trains_through_the_weight():
+    """Without gradients a packed Linear multiplies through its packed copy; with gradients it
+    uses the weight itself (exact gradient), whatever the copy holds."""
+    torch.manual_seed(0)
+    lin = Linear(48, 40)
+    x = torch.randn(5, 3, 48)
+
+    def exact(x):
+        return (x.double() @ lin.weight.double().T + lin.bias.double()).float()
+
+    with sample.pack_weights(lin, rows=15):
+        with torch.no_grad():
+            assert torch.allclose(lin(x), exact(x), atol=1e-5)
+            lin.weight.mul_(2)                      # as an optimizer step would
+            assert not torch.allclose(lin(x), exact(x), atol=1e-2)  # the stale packed copy
+        y = lin(x)
+        assert torch.allclose(y, exact(x), atol=1e-5)
+        y.sum().backward()
+    assert torch.allclose(lin.weight.grad, x.sum((0, 1)).expand(40, 48), atol=1e-4)
+    assert torch.allclose(lin.bias.grad, torch.full((40,), 15.0))
+    assert lin.packed is None
 
 
 def test_caches_are_allocated_once_at_the_exact_size(monkeypatch):
