@@ -7,7 +7,9 @@ keys/values into one column of a static buffer allocated once at exactly max_new
 columns. Rows stop independently on a stop id; the only host sync in the loop is an "all
 finished?" check every `check_every` steps. On a GPU the decode step is replayed from recorded
 CUDA graphs (DecodeGraphs), since launching its many small kernels one by one from Python, not
-the GPU's work, is what bounds eager decoding there.
+the GPU's work, is what bounds eager decoding there. On an x86 CPU the linear layers multiply
+through copies of their weights packed for oneDNN (pack_weights), made once per call;
+`torch.backends.mkldnn.enabled = False` turns that off.
 """
 from __future__ import annotations
 
@@ -154,10 +156,12 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator,
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether decoding on `device` in `dtype` packs its weights for oneDNN (pack_weights): an
     x86-64 CPU, fp32 or bf16, torch built with oneDNN and not told to avoid it
-    (torch.backends.mkldnn.flags(enabled=False) turns packing off)."""
+    (`torch.backends.mkldnn.enabled = False`), and no CPU autocast (which F.linear obeys and the
+    packed product would not: an fp32 model's packed weights meet bf16 inputs there)."""
     return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
             and platform.machine().lower() in ("x86_64", "amd64")
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu"))
 
 
 @contextlib.contextmanager
