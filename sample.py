@@ -168,9 +168,9 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 def pack_weights(model: Transformer, rows: int):
     """Inside it every model.Linear of `model` multiplies through a copy of its weight that
     oneDNN has packed for products of `rows` rows (the decode batch); on exit, an error
-    included, the copies are dropped. torch's own fp32 product on CPU (MKL's, which on an AMD
-    EPYC runs AVX2 code) reached 72% of a large matmul's speed for the bench's decode products;
-    the packed ones about 100%, a quarter off a decode step there. It costs one pass over the
+    included, the copies are dropped. On a 2-core AMD EPYC (Zen 4) torch's own fp32 products
+    (MKL's) reached 66-72% of a large matmul's speed for the bench's decode products, the packed
+    ones about 100%: a quarter off a decode step there. It costs one pass over the
     weights per generate call (about 20 ms for 12M parameters) and a second copy of them while
     it lasts. The products round differently from F.linear's (log-probs ~2e-6 apart)."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
