@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
 import platform
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -162,6 +163,19 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             and platform.machine().lower() in ("x86_64", "amd64")
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and not torch.is_autocast_enabled("cpu"))
+
+
+def packed_copy_fits(model: Transformer) -> bool:
+    """Whether a second copy of the model's linear weights (what pack_weights holds while a call
+    lasts) takes at most half of the memory free now, so that packing a large model on a small
+    machine cannot exhaust its memory; where the free memory is unknown (not Linux), yes."""
+    need = sum(m.weight.numel() * m.weight.element_size()
+               for m in model.modules() if isinstance(m, Linear))
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return need <= free / 2
 
 
 @contextlib.contextmanager
@@ -321,7 +335,7 @@ def _generate(model, prompts, *, n, max_new_tokens, temperature, top_k, top_p, s
     banned = torch.tensor(sorted(banned_ids), dtype=torch.long, device=device)
 
     # on an x86 CPU the linear layers multiply through weights packed for oneDNN (pack_weights)
-    packed = not cuda_graphs and can_pack(device, dtype)
+    packed = not cuda_graphs and can_pack(device, dtype) and packed_copy_fits(model)
     with pack_weights(model, R) if packed else contextlib.nullcontext():
         # prefill each prompt once (not each sample); its n samples then share that cache (the
         # last sampled token is never fed back, so the per-row cache needs max_new_tokens - 1

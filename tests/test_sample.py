@@ -224,6 +224,21 @@ def test_cpu_autocast_decodes_without_packing(monkeypatch):
 
 
 @needs_packing
+def test_no_packing_where_the_copy_would_take_over_half_the_free_memory(monkeypatch):
+    model = tiny_model()
+    need = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, Linear))
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(m.packed is not None))
+    page = 4096
+    for free_pages, packs in ((need * 2 // page + 1, True), (need * 2 // page - 1, False)):
+        sizes = {"SC_AVPHYS_PAGES": free_pages, "SC_PAGE_SIZE": page}
+        monkeypatch.setattr(sample.os, "sysconf", sizes.__getitem__)
+        seen.clear()
+        generate(model, PROMPTS, n=2, max_new_tokens=3)
+        assert seen and all(x == packs for x in seen), (free_pages, seen)
+
+
+@needs_packing
 def test_packed_weights_are_dropped_after_a_call_and_after_an_error(monkeypatch):
     """A packed copy left behind would multiply by weights the optimizer has since changed."""
     model = tiny_model()
