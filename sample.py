@@ -165,12 +165,11 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
-def packed_copy_fits(model: Transformer) -> bool:
-    """Whether a second copy of the model's linear weights (what pack_weights holds while a call
+def packed_copy_fits(linears: list[Linear]) -> bool:
+    """Whether a second copy of these layers' weights (what pack_weights holds while a call
     lasts) takes at most half of the memory free now, so that packing a large model on a small
     machine cannot exhaust its memory; where the free memory is unknown (not Linux), yes."""
-    need = sum(m.weight.numel() * m.weight.element_size()
-               for m in model.modules() if isinstance(m, Linear))
+    need = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -186,12 +185,17 @@ def pack_weights(model: Transformer, rows: int):
     (MKL's) reached 66-72% of a large matmul's speed for the bench's decode products, the packed
     ones about 100%: a quarter off a decode step there. It costs one pass over the
     weights per generate call (about 20 ms for 12M parameters) and a second copy of them while
-    it lasts. The products round differently from F.linear's (log-probs ~2e-6 apart)."""
+    it lasts. The products round differently from F.linear's (log-probs ~2e-6 apart).
+    Packs only where can_pack and packed_copy_fits allow it, and yields whether it did."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
+    param = next(model.parameters())
+    if not (can_pack(param.device, param.dtype) and packed_copy_fits(linears)):
+        yield False
+        return
     try:
         for m in linears:
             m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
-        yield
+        yield True
     finally:
         for m in linears:
             m.packed = None
@@ -335,8 +339,7 @@ def _generate(model, prompts, *, n, max_new_tokens, temperature, top_k, top_p, s
     banned = torch.tensor(sorted(banned_ids), dtype=torch.long, device=device)
 
     # on an x86 CPU the linear layers multiply through weights packed for oneDNN (pack_weights)
-    packed = not cuda_graphs and can_pack(device, dtype) and packed_copy_fits(model)
-    with pack_weights(model, R) if packed else contextlib.nullcontext():
+    with pack_weights(model, R) as packed:
         # prefill each prompt once (not each sample); its n samples then share that cache (the
         # last sampled token is never fed back, so the per-row cache needs max_new_tokens - 1
         # columns)
