@@ -9,7 +9,8 @@
 Rates are generated tokens per second (median over alternating runs). "Model FLOP/s" counts the
 useful work alike for both: 2 * (matmul parameters) per prompt token once and per token the run
 generated, divided by its time (median over the runs); it is reported as a fraction of a large
-matmul's FLOP/s in the same dtype measured here (the machine's practical peak). Peak memory is
+matmul's FLOP/s in the same dtype measured here, the faster of torch's own product and, where
+generate() uses it, oneDNN's through packed weights (the machine's practical peak). Peak memory is
 measured in a fresh child process per implementation: growth of the peak resident set during one
 generate call on CPU (Linux), peak allocated bytes on CUDA.
 Imported by no other file but scripts/gpu_footprint.py (its architecture table and random
@@ -32,6 +33,7 @@ import torch
 
 from model import (ModelConfig, Transformer, load_pretrained, load_tokenizer, remove_dead_temps,
                    resolve_device, temp_path)
+import sample
 from sample import generate, left_pad
 
 
@@ -70,22 +72,34 @@ def random_model(arch: str, device, dtype=torch.bfloat16, **config) -> Transform
     return model.eval()
 
 
-def matmul_peak_flops(device, dtype=torch.float32, n: int = 2048, reps: int = 5) -> float:
+def matmul_peaks(device, dtype=torch.float32, n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """FLOP/s of a large square product, {path: rate}: torch's own `a @ b` and, where generate()
+    multiplies through weights packed for oneDNN (sample.can_pack), that packed product. The two
+    can differ by 2x or more: on a 2-core AMD EPYC (Zen 5) torch's fp32 `a @ b` (MKL) ran at
+    about 165 GFLOP/s and oneDNN's at about 380, so the faster is the machine's practical peak."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(2):
-        a @ b
+    products = {"torch a @ b": lambda: a @ b}
+    if sample.can_pack(torch.device(device), dtype):
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
+        products["oneDNN packed weights"] = lambda: torch.ops.mkldnn._linear_pointwise(
+            a, packed, None, "none", [], "")
     # a GPU does one such product in tens of microseconds: time 20 between syncs, so the launch
     # and the sync do not count as matmul time
     inner = 20 if torch.device(device).type == "cuda" else 1
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(inner):
-            a @ b
-        sync(device)
-        times.append((time.perf_counter() - t) / inner)
-    return 2 * n ** 3 / statistics.median(times)
+    rates = {}
+    for name, product in products.items():
+        for _ in range(2):
+            product()
+        times = []
+        for _ in range(reps):
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(inner):
+                product()
+            sync(device)
+            times.append((time.perf_counter() - t) / inner)
+        rates[name] = 2 * n ** 3 / statistics.median(times)
+    return rates
 
 
 def sync(device):
@@ -265,8 +279,11 @@ def bench_sample(args):
     print(f"model {args.model}: {ours.num_params() / 1e6:.1f}M parameters, {len(prompts)} prompts "
           f"({min(map(len, prompts))}-{max(map(len, prompts))} tokens) x n={n} x {new} new tokens, "
           f"temperature 1, {device}, {args.dtype}, {torch.get_num_threads()} threads", flush=True)
-    peak = matmul_peak_flops(device, dtype)
-    print(f"{args.dtype} matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peaks = matmul_peaks(device, dtype)
+    peak = max(peaks.values())
+    print(f"{args.dtype} matmul peak: {peak / 1e9:.1f} GFLOP/s (the faster of: "
+          + ", ".join(f"{name} {rate / 1e9:.1f}" for name, rate in peaks.items()) + ")",
+          flush=True)
     stop, pad = stops(args.model, path)
     # warm-up at the timed runs' own size: on CUDA transformers' first full-length generate
     # was 9x slower than its later ones, which a shorter warm-up left inside the timed runs

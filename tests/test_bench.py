@@ -73,7 +73,7 @@ def test_the_warm_up_runs_at_the_timed_size(monkeypatch, capsys):
     monkeypatch.setattr(bench, "load_pretrained", lambda *a, **k: fake_model)
     monkeypatch.setattr(bench, "load_hf", lambda *a, **k: fake_model)
     monkeypatch.setattr(bench, "matmul_params", lambda model: 10)
-    monkeypatch.setattr(bench, "matmul_peak_flops", lambda device, dtype: 1e9)
+    monkeypatch.setattr(bench, "matmul_peaks", lambda device, dtype: {"a @ b": 1e9})
     monkeypatch.setattr(bench, "peak_memory", lambda *a: 2**20)
     monkeypatch.setattr(bench, "run_ours", fake_run("ours"))
     monkeypatch.setattr(bench, "run_hf", fake_run("transformers"))
@@ -165,14 +165,29 @@ def test_model_flops_count_the_tokens_each_run_generated(monkeypatch, capsys):
     monkeypatch.setattr(bench, "load_pretrained", lambda *a, **k: fake_model)
     monkeypatch.setattr(bench, "load_hf", lambda *a, **k: fake_model)
     monkeypatch.setattr(bench, "matmul_params", lambda model: 10 ** 8)
-    monkeypatch.setattr(bench, "matmul_peak_flops", lambda device, dtype: 1e11)
+    monkeypatch.setattr(bench, "matmul_peaks",
+                        lambda device, dtype: {"a @ b": 1e11, "packed": 5e10})
     monkeypatch.setattr(bench, "peak_memory", lambda *a: 2**20)
     monkeypatch.setattr(bench, "run_ours", lambda *a: (1.0, 64))
     monkeypatch.setattr(bench, "run_hf", lambda *a: (1.0, 128))
     bench.main(["sample", "--reps", "1"])
     out = capsys.readouterr().out
+    # the peak is the faster product: fractions are of 100 GFLOP/s, not 50
+    assert "fp32 matmul peak: 100.0 GFLOP/s (the faster of: a @ b 100.0, packed 50.0)" in out
     assert "ours: 64 tok/s, model FLOP/s 52.8 G = 52.8% of matmul peak" in out
     assert "transformers: 128 tok/s, model FLOP/s 65.6 G = 65.6% of matmul peak" in out
+
+
+def test_the_peak_times_the_packed_product_exactly_where_generate_packs():
+    """The packed product is timed only where generate() would use it (sample.can_pack): off
+    through torch.backends.mkldnn, torch's own product alone."""
+    cpu = bench.torch.device("cpu")
+    rates = bench.matmul_peaks(cpu, n=64, reps=1)
+    want = {"torch a @ b"} | ({"oneDNN packed weights"}
+                              if bench.sample.can_pack(cpu, bench.torch.float32) else set())
+    assert set(rates) == want and all(r > 0 for r in rates.values())
+    with bench.torch.backends.mkldnn.flags(enabled=False):
+        assert set(bench.matmul_peaks(cpu, n=64, reps=1)) == {"torch a @ b"}
 
 
 @pytest.mark.parametrize("args, message", [
