@@ -33,8 +33,7 @@ import torch
 
 from model import (ModelConfig, Transformer, load_pretrained, load_tokenizer, remove_dead_temps,
                    resolve_device, temp_path)
-import sample
-from sample import generate, left_pad
+from sample import can_pack, generate, left_pad
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -79,7 +78,7 @@ def matmul_peaks(device, dtype=torch.float32, n: int = 2048, reps: int = 5) -> d
     about 165 GFLOP/s and oneDNN's at about 380, so the faster is the machine's practical peak."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     products = {"torch a @ b": lambda: a @ b}
-    if sample.can_pack(torch.device(device), dtype):
+    if can_pack(torch.device(device), dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
         products["oneDNN packed weights"] = lambda: torch.ops.mkldnn._linear_pointwise(
             a, packed, None, "none", [], "")

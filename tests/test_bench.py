@@ -184,7 +184,7 @@ def test_the_peak_times_the_packed_product_exactly_where_generate_packs(monkeypa
     cpu = bench.torch.device("cpu")
     rates = bench.matmul_peaks(cpu, n=64, reps=1)
     want = {"torch a @ b"} | ({"oneDNN packed weights"}
-                              if bench.sample.can_pack(cpu, bench.torch.float32) else set())
+                              if bench.can_pack(cpu, bench.torch.float32) else set())
     assert set(rates) == want and all(r > 0 for r in rates.values())
     monkeypatch.setattr(bench.torch.backends.mkldnn, "enabled", False)
     assert set(bench.matmul_peaks(cpu, n=64, reps=1)) == {"torch a @ b"}
