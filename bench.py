@@ -31,9 +31,9 @@ import time
 
 import torch
 
-from model import (ModelConfig, Transformer, load_pretrained, load_tokenizer, remove_dead_temps,
-                   resolve_device, temp_path)
-from sample import can_pack, generate, left_pad
+from model import (Linear, ModelConfig, Transformer, load_pretrained, load_tokenizer,
+                   remove_dead_temps, resolve_device, temp_path)
+from sample import generate, left_pad, pack_weights
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,31 +73,31 @@ def random_model(arch: str, device, dtype=torch.bfloat16, **config) -> Transform
 
 def matmul_peaks(device, dtype=torch.float32, n: int = 2048, reps: int = 5) -> dict[str, float]:
     """FLOP/s of a large square product, {path: rate}: torch's own `a @ b` and, where generate()
-    multiplies through weights packed for oneDNN (sample.can_pack), that packed product. The two
-    can differ by 2x or more: on a 2-core AMD EPYC (Zen 5) torch's fp32 `a @ b` (MKL) ran at
+    packs weights for oneDNN (sample.pack_weights), a model.Linear through its packed copy. The
+    two can differ by 2x or more: on a 2-core AMD EPYC (Zen 5) torch's fp32 `a @ b` (MKL) ran at
     about 165 GFLOP/s and oneDNN's at about 380, so the faster is the machine's practical peak."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    products = {"torch a @ b": lambda: a @ b}
-    if can_pack(torch.device(device), dtype):
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
-        products["oneDNN packed weights"] = lambda: torch.ops.mkldnn._linear_pointwise(
-            a, packed, None, "none", [], "")
+    linear = Linear(n, n, bias=False, device=device, dtype=dtype)
     # a GPU does one such product in tens of microseconds: time 20 between syncs, so the launch
     # and the sync do not count as matmul time
     inner = 20 if torch.device(device).type == "cuda" else 1
     rates = {}
-    for name, product in products.items():
-        for _ in range(2):
-            product()
-        times = []
-        for _ in range(reps):
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(inner):
+    with torch.no_grad(), pack_weights(linear, n) as packed:
+        products = {"torch a @ b": lambda: a @ b}
+        if packed:
+            products["oneDNN packed weights"] = lambda: linear(a)
+        for name, product in products.items():
+            for _ in range(2):
                 product()
-            sync(device)
-            times.append((time.perf_counter() - t) / inner)
-        rates[name] = 2 * n ** 3 / statistics.median(times)
+            times = []
+            for _ in range(reps):
+                sync(device)
+                t = time.perf_counter()
+                for _ in range(inner):
+                    product()
+                sync(device)
+                times.append((time.perf_counter() - t) / inner)
+            rates[name] = 2 * n ** 3 / statistics.median(times)
     return rates
 
 

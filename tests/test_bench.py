@@ -181,10 +181,11 @@ def test_model_flops_count_the_tokens_each_run_generated(monkeypatch, capsys):
 def test_the_peak_times_the_packed_product_exactly_where_generate_packs(monkeypatch):
     """The packed product is timed only where generate() would use it (sample.can_pack): off
     through torch.backends.mkldnn, torch's own product alone."""
+    import sample
     cpu = bench.torch.device("cpu")
     rates = bench.matmul_peaks(cpu, n=64, reps=1)
     want = {"torch a @ b"} | ({"oneDNN packed weights"}
-                              if bench.can_pack(cpu, bench.torch.float32) else set())
+                              if sample.can_pack(cpu, bench.torch.float32) else set())
     assert set(rates) == want and all(r > 0 for r in rates.values())
     monkeypatch.setattr(bench.torch.backends.mkldnn, "enabled", False)
     assert set(bench.matmul_peaks(cpu, n=64, reps=1)) == {"torch a @ b"}
